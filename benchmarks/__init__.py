@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print tables and ratios measured in the same run."""

@@ -1,0 +1,144 @@
+"""Image decoding and eval preprocessing, shared by training, serving and benchmarks.
+
+One function turns untrusted bytes into a bounded RGB image (`decode_image`), one turns an
+image into the CNN's input (`preprocess`). Both are numpy/Pillow only, so the serving path
+needs no torch. The constants come from timm's data config and travel in the bundle.
+"""
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+class InvalidImageError(ValueError):
+    """The bytes are not an image this service accepts; the message says why."""
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds applied to untrusted image bytes before and while decoding."""
+
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_side: int = 12_000
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Eval preprocessing: resize the short side to image_size / crop_pct, center-crop, normalise."""
+
+    image_size: int = 224
+    crop_pct: float = 0.875
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"
+    limits: DecodeLimits = field(default_factory=DecodeLimits)
+
+    def __post_init__(self) -> None:
+        if self.image_size < 16:
+            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
+        if not 0.1 <= self.crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in [0.1, 1], got {self.crop_pct}")
+        if self.interpolation not in _INTERPOLATION:
+            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATION)}, got {self.interpolation!r}")
+
+    @property
+    def scale_size(self) -> int:
+        return math.floor(self.image_size / self.crop_pct)
+
+    @classmethod
+    def from_timm(cls, model, image_size: int | None = None) -> "PreprocessConfig":
+        """Reads mean/std/crop/interpolation from the timm model's pretrained config."""
+        from timm.data import resolve_model_data_config
+
+        cfg = resolve_model_data_config(model)
+        size = image_size or cfg["input_size"][-1]
+        return cls(
+            image_size=size,
+            crop_pct=float(cfg.get("crop_pct", 0.875)),
+            mean=tuple(float(v) for v in cfg["mean"]),
+            std=tuple(float(v) for v in cfg["std"]),
+            interpolation=cfg.get("interpolation", "bicubic") if cfg.get("interpolation") in _INTERPOLATION else "bicubic",
+        )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("limits")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessConfig":
+        return cls(
+            image_size=int(d["image_size"]),
+            crop_pct=float(d["crop_pct"]),
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+            interpolation=d.get("interpolation", "bicubic"),
+        )
+
+
+def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size: int | None = None) -> Image.Image:
+    """Decodes untrusted bytes into an RGB image, or raises InvalidImageError.
+
+    The header is checked (format allow-list, dimensions, pixel count) before any pixel is
+    decoded, so decompression bombs are refused cheaply. With ``draft_size`` a JPEG is
+    decoded at the smallest DCT scale that still covers that size.
+    """
+    if not data:
+        raise InvalidImageError("image is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise InvalidImageError(f"image is {len(data)} bytes; the limit is {limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=list(limits.formats))
+    except UnidentifiedImageError:
+        raise InvalidImageError(
+            f"bytes are not a decodable image in an accepted format ({', '.join(limits.formats)})"
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InvalidImageError(f"image refused as a decompression bomb: {e}") from None
+    except Exception as e:  # Pillow raises many types on hostile headers
+        raise InvalidImageError(f"cannot read image header (truncated or corrupt): {e}") from None
+    width, height = img.size
+    if width < 1 or height < 1 or max(width, height) > limits.max_side:
+        raise InvalidImageError(f"image is {width}x{height}; each side must be 1..{limits.max_side} px")
+    if width * height > limits.max_pixels:
+        raise InvalidImageError(f"image has {width * height} pixels; the limit is {limits.max_pixels}")
+    try:
+        if draft_size and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+        return img.convert("RGB")
+    except Exception as e:
+        raise InvalidImageError(f"image data is truncated or corrupt ({img.format}): {e}") from None
+
+
+def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """RGB image -> float32 CHW array, matching timm's eval transform for the same config."""
+    w, h = img.size
+    scale = cfg.scale_size / min(w, h)
+    new_w, new_h = max(cfg.scale_size, round(w * scale)), max(cfg.scale_size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), _INTERPOLATION[cfg.interpolation])
+    left = int(round((new_w - cfg.image_size) / 2.0))
+    top = int(round((new_h - cfg.image_size) / 2.0))
+    img = img.crop((left, top, left + cfg.image_size, top + cfg.image_size))
+    x = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)
+    x = (x - np.asarray(cfg.mean, dtype=np.float32)) / np.asarray(cfg.std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def load_and_preprocess(data: bytes, cfg: PreprocessConfig) -> np.ndarray:
+    """Bytes -> CNN input, decoding JPEGs in draft mode at the resize target."""
+    return preprocess(decode_image(data, cfg.limits, draft_size=cfg.scale_size), cfg)

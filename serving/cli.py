@@ -1,0 +1,172 @@
+"""The `catcascade` command line: serve, classify, demo, build-demo, serve-vlm."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_BUNDLE = Path("artifacts/demo-bundle")
+
+
+class CliError(Exception):
+    """A user-facing error: printed without a traceback, exit code 2."""
+
+
+def _serve(args) -> int:
+    import asyncio
+
+    from pydantic import ValidationError
+
+    from cnn_stage.bundle import BundleError
+    from serving.app import serve_forever
+    from serving.config import ServeConfig
+
+    try:
+        overrides = {"bundle": args.bundle, "host": args.host, "port": args.port}
+        if args.config:
+            cfg = ServeConfig.from_yaml(args.config, **overrides)
+        else:
+            cfg = ServeConfig(bundle=args.bundle or DEFAULT_BUNDLE, host=args.host or "127.0.0.1",
+                              port=args.port if args.port is not None else 50051,
+                              vlm={"urls": args.vlm_url or [], "model": args.vlm_model})
+        asyncio.run(serve_forever(cfg))
+    except ValidationError as e:
+        raise CliError(f"invalid configuration:\n{e}") from None
+    except BundleError as e:
+        raise CliError(str(e)) from None
+    return 0
+
+
+def _classify(args) -> int:
+    import grpc
+
+    from serving.client import CatcascadeClient, results_table
+
+    paths = [Path(p) for p in args.images]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise CliError(f"no such image file(s): {', '.join(missing)}")
+    rows, failed = [], 0
+    with CatcascadeClient(args.target, timeout_s=args.timeout) as client:
+        for p in paths:
+            try:
+                r = client.classify(p, top_k=args.top_k, mode=args.mode)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                    raise CliError(f"cannot reach a catcascade server at {args.target}: {e.details()}") from None
+                print(f"{p}: {e.code().name}: {e.details()}", file=sys.stderr)
+                failed += 1
+                continue
+            rows.append((str(p), r))
+    if args.json:
+        from google.protobuf.json_format import MessageToDict
+
+        for name, r in rows:
+            print(json.dumps({"image": name, **MessageToDict(r, preserving_proto_field_name=True)}))
+    elif rows:
+        from rich.console import Console
+
+        Console(width=200).print(results_table(rows))
+    return 1 if failed else 0
+
+
+def _demo(args) -> int:
+    from serving.demo import run_demo
+
+    images = [Path(p) for p in args.images] if args.images else None
+    return run_demo(Path(args.bundle), use_vlm=not args.no_vlm, images=images, mode=args.mode)
+
+
+def _build_demo(args) -> int:
+    from training.demo_bundle import build_demo_bundle
+
+    build_demo_bundle(Path(args.out))
+    return 0
+
+
+def _serve_vlm(args) -> int:
+    import signal
+    import time
+
+    from cnn_stage.bundle import load_bundle
+    from vlm_stage.vllm_server import VllmServer, VllmServerConfig
+
+    bundle = load_bundle(args.bundle)
+    spec = bundle.manifest.vlm
+    if spec is None:
+        raise CliError(f"bundle {args.bundle} has no vlm section")
+    adapters = {spec.adapter_name: str(bundle.vlm_adapter_path())} if spec.adapter_dir else {}
+    server = VllmServer(VllmServerConfig(model=bundle.vlm_base_path(), served_model_name=spec.served_model_name,
+                                         lora_modules=adapters, max_model_len=spec.max_model_len,
+                                         host=args.host, port=args.port), log_path=args.log)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with server:
+        print(f"vLLM serving {spec.served_model_name} (adapters: {list(adapters) or 'none'}) at {server.url}", flush=True)
+        try:
+            while server.process and server.process.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="catcascade", description="Two-stage cat breed classification (CNN + VLM) over gRPC.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the gRPC server")
+    s.add_argument("--config", type=Path, help="YAML ServeConfig (flags override it)")
+    s.add_argument("--bundle", type=Path)
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--vlm-url", action="append", help="vLLM base URL (repeatable); none = CNN only")
+    s.add_argument("--vlm-model", help="vLLM model name (default: the bundle's adapter)")
+    s.set_defaults(func=_serve)
+
+    c = sub.add_parser("classify", help="classify image files through a running server")
+    c.add_argument("images", nargs="+")
+    c.add_argument("--target", default="127.0.0.1:50051", help="host:port of the server")
+    c.add_argument("--top-k", type=int, default=0)
+    c.add_argument("--mode", choices=["auto", "never", "always"], default="auto")
+    c.add_argument("--timeout", type=float, default=30.0, help="per-request deadline in seconds")
+    c.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    c.set_defaults(func=_classify)
+
+    d = sub.add_parser("demo", help="build the default bundle if needed, serve it with vLLM, classify a few images")
+    d.add_argument("--bundle", default=str(DEFAULT_BUNDLE))
+    d.add_argument("--no-vlm", action="store_true", help="skip the vLLM server (CNN only)")
+    d.add_argument("--mode", choices=["auto", "never", "always"], default="auto")
+    d.add_argument("images", nargs="*", help="images to classify (default: a few held-out + real photos)")
+    d.set_defaults(func=_demo)
+
+    b = sub.add_parser("build-demo", help="build the embedded default bundle")
+    b.add_argument("--out", default=str(DEFAULT_BUNDLE))
+    b.set_defaults(func=_build_demo)
+
+    v = sub.add_parser("serve-vlm", help="run vLLM's OpenAI server for a bundle's VLM and adapter")
+    v.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--log", type=Path, default=Path("artifacts/logs/vllm.log"))
+    v.set_defaults(func=_serve_vlm)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except CliError as e:
+        print(f"catcascade: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The cascade for one request: decode -> batched CNN -> calibrate -> policy -> VLM -> blend.
+
+Stages are injected (a CNN batcher, a verifier, a policy, a blender), so tests and other
+deployments can rewire them; the pipeline itself holds no model code.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from cnn_stage.preprocessing import PreprocessConfig, decode_image, preprocess
+from cnn_stage.topk import TopK, softmax, top_k
+from ensemble.blender import LogLinearBlender
+from ensemble.escalation_policy import EscalationDecision, EscalationMode, EscalationPolicy, EscalationReason
+from serving.batcher import DynamicBatcher
+from vlm_stage.scoring import CandidateScores, ScoringError
+
+log = logging.getLogger(__name__)
+
+
+class Verifier(Protocol):
+    async def verify(self, image: Image.Image, candidates: tuple[str, ...]) -> CandidateScores: ...
+
+
+class VlmUnavailable(Exception):
+    """Raised by verifiers that cannot answer; the pipeline answers CNN-only instead."""
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    decode_ms: float = 0.0
+    cnn_queue_ms: float = 0.0
+    cnn_ms: float = 0.0
+    vlm_ms: float = 0.0
+    blend_ms: float = 0.0
+    total_ms: float = 0.0
+    cnn_batch_size: int = 0
+
+
+@dataclass(frozen=True)
+class CascadeResult:
+    labels: TopK
+    cnn: TopK
+    vlm: CandidateScores | None
+    escalated: bool
+    reason: EscalationReason
+    detail: str
+    timings: StageTimings
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    default_top_k: int = 3
+    candidates: int = 3
+    """How many CNN candidates the VLM is asked about."""
+    vlm_min_budget_ms: float = 50.0
+    """Below this much remaining deadline, the VLM is skipped (reason DEADLINE)."""
+    decode_threads: int = 2
+
+
+class CascadePipeline:
+    def __init__(self, labels: list[str], preprocess_config: PreprocessConfig, cnn: DynamicBatcher,
+                 policy: EscalationPolicy, blender: LogLinearBlender, verifier: Verifier | None = None,
+                 temperature: float = 1.0, config: PipelineConfig = PipelineConfig()):
+        self.labels = labels
+        self.preprocess_config = preprocess_config
+        self.cnn = cnn
+        self.policy = policy
+        self.blender = blender
+        self.verifier = verifier
+        self.temperature = temperature
+        self.config = config
+        self._decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
+        self.vlm_calls = 0
+
+    def close(self) -> None:
+        self._decode_pool.shutdown(wait=False)
+
+    def _decode(self, data: bytes) -> tuple[Image.Image, np.ndarray]:
+        cfg = self.preprocess_config
+        img = decode_image(data, cfg.limits, draft_size=cfg.scale_size)
+        return img, preprocess(img, cfg)
+
+    async def classify(self, data: bytes, k: int | None = None, mode: EscalationMode = EscalationMode.AUTO,
+                       deadline: float | None = None) -> CascadeResult:
+        """Classifies encoded image bytes. ``deadline`` is a time.monotonic() instant or None.
+
+        Raises InvalidImageError for bad bytes and QueueFullError when the CNN queue is full.
+        """
+        t0 = time.perf_counter()
+        k = k or self.config.default_top_k
+        loop = asyncio.get_running_loop()
+        img, x = await loop.run_in_executor(self._decode_pool, self._decode, data)
+        t_decode = time.perf_counter()
+        res = await self.cnn.submit(x)
+        t_cnn = time.perf_counter()
+        probs = softmax(res.output, self.temperature)
+        cnn_top = top_k(probs, self.labels, max(k, self.config.candidates))
+        decision = self.policy.decide(probs, mode)
+        final, vlm_scores, vlm_ms, blend_ms = probs, None, 0.0, 0.0
+        if decision.escalate:
+            decision, vlm_scores, vlm_ms = await self._ask_vlm(img, cnn_top, decision, deadline)
+            if vlm_scores is not None:
+                tb = time.perf_counter()
+                cand = cnn_top.indices[: len(vlm_scores.probabilities)]
+                final = self.blender.blend(probs, cand, np.asarray(vlm_scores.probabilities))
+                blend_ms = (time.perf_counter() - tb) * 1000.0
+        timings = StageTimings(
+            decode_ms=(t_decode - t0) * 1000.0, cnn_queue_ms=res.queue_ms, cnn_ms=res.compute_ms, vlm_ms=vlm_ms,
+            blend_ms=blend_ms, total_ms=(time.perf_counter() - t0) * 1000.0, cnn_batch_size=res.batch_size)
+        cnn_k = TopK(cnn_top.indices[:k], cnn_top.labels[:k], cnn_top.probabilities[:k])
+        return CascadeResult(top_k(final, self.labels, k), cnn_k, vlm_scores, vlm_scores is not None,
+                             decision.reason, decision.detail, timings)
+
+    async def _ask_vlm(self, img: Image.Image, cnn_top: TopK, decision: EscalationDecision,
+                       deadline: float | None) -> tuple[EscalationDecision, CandidateScores | None, float]:
+        if self.verifier is None:
+            return EscalationDecision(False, EscalationReason.VLM_DISABLED, decision.confidence,
+                                      "no VLM stage is configured on this server"), None, 0.0
+        timeout = None
+        if deadline is not None:
+            remaining_ms = (deadline - time.monotonic()) * 1000.0
+            if remaining_ms < self.config.vlm_min_budget_ms:
+                return EscalationDecision(False, EscalationReason.DEADLINE, decision.confidence,
+                                          f"{remaining_ms:.0f} ms left of the deadline; the VLM needs "
+                                          f"{self.config.vlm_min_budget_ms:.0f} ms"), None, 0.0
+            timeout = (remaining_ms - self.config.vlm_min_budget_ms / 2) / 1000.0
+        candidates = cnn_top.labels[: self.config.candidates]
+        t = time.perf_counter()
+        try:
+            self.vlm_calls += 1
+            scores = await asyncio.wait_for(self.verifier.verify(img, candidates), timeout)
+        except asyncio.TimeoutError:
+            return EscalationDecision(False, EscalationReason.DEADLINE, decision.confidence,
+                                      "the VLM did not answer within the client's deadline"), None, (time.perf_counter() - t) * 1000.0
+        except (VlmUnavailable, ScoringError, RuntimeError, OSError) as e:
+            log.warning("VLM unavailable, answering CNN-only: %s", e)
+            return EscalationDecision(False, EscalationReason.VLM_UNAVAILABLE, decision.confidence,
+                                      f"VLM unavailable: {e}"[:300]), None, (time.perf_counter() - t) * 1000.0
+        return decision, scores, (time.perf_counter() - t) * 1000.0

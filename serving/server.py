@@ -1,0 +1,168 @@
+"""The grpc.aio server: CatClassifier plus the standard health and reflection services.
+
+The servicer is thin: it validates the request, calls the pipeline and maps results and
+errors to protobuf and gRPC status codes.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cnn_stage.preprocessing import InvalidImageError
+from ensemble.escalation_policy import EscalationMode
+from serving.api import cascade_pb2 as pb
+from serving.api import cascade_pb2_grpc as pb_grpc
+from serving.batcher import QueueFullError
+from serving.pipeline import CascadePipeline, CascadeResult
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CatClassifier"].full_name
+VLM_HEALTH_NAME = SERVICE_NAME + ".vlm"
+MAX_REQUEST_ID = 128
+MAX_TOP_K = 100
+
+
+def _scores(labels, probs) -> list[pb.LabelScore]:
+    return [pb.LabelScore(label=l, probability=float(p)) for l, p in zip(labels, probs)]
+
+
+def result_to_proto(request_id: str, r: CascadeResult, versions: pb.ModelVersions) -> pb.ClassifyResponse:
+    t = r.timings
+    resp = pb.ClassifyResponse(
+        request_id=request_id,
+        labels=_scores(r.labels.labels, r.labels.probabilities),
+        cnn_top_k=_scores(r.cnn.labels, r.cnn.probabilities),
+        escalated=r.escalated,
+        escalation_reason=int(r.reason),
+        escalation_detail=r.detail,
+        timings=pb.StageTimings(decode_ms=t.decode_ms, cnn_queue_ms=t.cnn_queue_ms, cnn_ms=t.cnn_ms, vlm_ms=t.vlm_ms,
+                                blend_ms=t.blend_ms, total_ms=t.total_ms, cnn_batch_size=t.cnn_batch_size),
+        versions=versions,
+    )
+    if r.vlm is not None:
+        resp.vlm.CopyFrom(pb.VlmScores(candidates=_scores(r.vlm.candidates, r.vlm.probabilities),
+                                       none_probability=r.vlm.none_probability, model=r.vlm.model,
+                                       scoring_mode=r.vlm.mode))
+    return resp
+
+
+class RequestError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class CatClassifierServicer(pb_grpc.CatClassifierServicer):
+    def __init__(self, pipeline: CascadePipeline, versions: pb.ModelVersions, model_info: pb.ModelInfo):
+        self.pipeline = pipeline
+        self.versions = versions
+        self.model_info = model_info
+
+    def _validate(self, request: pb.ClassifyRequest) -> tuple[str, int, EscalationMode]:
+        if len(request.request_id) > MAX_REQUEST_ID:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request_id longer than {MAX_REQUEST_ID} characters")
+        if request.top_k > min(MAX_TOP_K, len(self.pipeline.labels)):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"top_k={request.top_k} exceeds the {len(self.pipeline.labels)} known labels")
+        if request.escalation not in pb.EscalationMode.values():
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown escalation mode {request.escalation}")
+        if not request.image:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "image is empty: send the encoded JPEG/PNG/WebP bytes")
+        return request.request_id or uuid.uuid4().hex, request.top_k, EscalationMode(request.escalation)
+
+    async def _classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+        request_id, k, mode = self._validate(request)
+        try:
+            result = await self.pipeline.classify(request.image, k or None, mode, deadline)
+        except InvalidImageError as e:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        except QueueFullError as e:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {e}") from None
+        log.info("classified request_id=%s escalated=%s reason=%s total_ms=%.1f", request_id, result.escalated,
+                 result.reason.name, result.timings.total_ms)
+        return result_to_proto(request_id, result, self.versions)
+
+    async def Classify(self, request, context: grpc.aio.ServicerContext):
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        try:
+            return await self._classify(request, deadline)
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+        except Exception:
+            log.exception("internal error on request_id=%s", request.request_id)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged on the server)")
+
+    async def ClassifyStream(self, request_iterator, context: grpc.aio.ServicerContext):
+        queue: asyncio.Queue = asyncio.Queue(maxsize=64)
+
+        async def one(req):
+            try:
+                resp = await self._classify(req, None)
+            except RequestError as e:
+                resp = pb.ClassifyResponse(request_id=req.request_id,
+                                           error=pb.RequestError(code=e.code.name, message=e.message))
+            except Exception as e:  # keep the stream alive
+                log.exception("internal error in stream request_id=%s", req.request_id)
+                resp = pb.ClassifyResponse(request_id=req.request_id,
+                                           error=pb.RequestError(code="INTERNAL", message=str(e)[:200]))
+            await queue.put(resp)
+
+        async def reader():
+            tasks = set()
+            async for req in request_iterator:
+                task = asyncio.create_task(one(req))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                while len(tasks) >= 32:  # bound in-flight work per stream
+                    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if tasks:
+                await asyncio.wait(tasks)
+            await queue.put(None)
+
+        reader_task = asyncio.create_task(reader())
+        try:
+            while (item := await queue.get()) is not None:
+                yield item
+        finally:
+            reader_task.cancel()
+
+    async def GetModelInfo(self, request, context):
+        return self.model_info
+
+
+@contextlib.asynccontextmanager
+async def run_server(servicer: CatClassifierServicer, host: str = "127.0.0.1", port: int = 0,
+                     max_message_bytes: int = 21 * 1024 * 1024, grace_s: float = 5.0):
+    """Serves on ``host:port`` (0 picks a free port) and yields ``(server, bound_port, health)``."""
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", 4 * 1024 * 1024),
+    ])
+    pb_grpc.add_CatClassifierServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC server to {host}:{port}")
+    await server.start()
+    serving = health_pb2.HealthCheckResponse.SERVING
+    await health_servicer.set("", serving)
+    await health_servicer.set(SERVICE_NAME, serving)
+    await health_servicer.set(VLM_HEALTH_NAME, serving if servicer.pipeline.verifier else
+                              health_pb2.HealthCheckResponse.NOT_SERVING)
+    try:
+        yield server, bound, health_servicer
+    finally:
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace_s)

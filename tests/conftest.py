@@ -1,0 +1,118 @@
+"""Shared fixtures: one demo bundle, one real vLLM server and one real gRPC server per session."""
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DATA = REPO.parent / "shared" / "data" / "oxford-pet-cats-sample"
+
+
+def jpeg_bytes(size=(120, 90), color=(200, 120, 40), seed: int | None = None, fmt: str = "JPEG") -> bytes:
+    if seed is None:
+        img = Image.new("RGB", size, color)
+    else:
+        arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        img = Image.fromarray(arr)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def sample_data() -> Path:
+    if not SAMPLE_DATA.is_dir():
+        pytest.skip(f"real cat photos not found at {SAMPLE_DATA} (shared data folder absent)")
+    return SAMPLE_DATA
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory) -> Path:
+    """The embedded default bundle, built once (about 20 s on 2 cores)."""
+    from training.demo_bundle import DemoBundleConfig, build_demo_bundle
+
+    return build_demo_bundle(tmp_path_factory.mktemp("bundle") / "demo", DemoBundleConfig(), progress=False)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(demo_bundle, tmp_path_factory):
+    """The real vLLM OpenAI server serving the bundle's tiny VLM with its LoRA adapter."""
+    from cnn_stage.bundle import load_bundle
+    from vlm_stage.vllm_server import VllmServer, VllmServerConfig
+
+    bundle = load_bundle(demo_bundle)
+    spec = bundle.manifest.vlm
+    cfg = VllmServerConfig(model=bundle.vlm_base_path(), served_model_name=spec.served_model_name,
+                           lora_modules={spec.adapter_name: str(bundle.vlm_adapter_path())},
+                           max_model_len=spec.max_model_len)
+    server = VllmServer(cfg, log_path=tmp_path_factory.mktemp("logs") / "vllm.log").start()
+    yield server
+    server.stop()
+
+
+class GrpcServerThread:
+    """Runs build_service + run_server on an event loop in a background thread."""
+
+    def __init__(self, config):
+        self.config = config
+        self.port: int | None = None
+        self.servicer = None
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self):
+        from serving.app import build_service
+        from serving.server import run_server
+
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            async with build_service(self.config) as servicer:
+                async with run_server(servicer, self.config.host, 0, grace_s=2.0) as (_, port, health):
+                    self.servicer, self.port, self.health = servicer, port, health
+                    self._ready.set()
+                    await self._stop.wait()
+        except BaseException as e:  # surfaced to the test that started us
+            self._error = e
+            self._ready.set()
+
+    def start(self) -> "GrpcServerThread":
+        self._thread.start()
+        self._ready.wait(180)
+        if self._error:
+            raise self._error
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+
+@pytest.fixture(scope="session")
+def grpc_server(demo_bundle, vllm_server):
+    from serving.config import ServeConfig
+
+    server = GrpcServerThread(ServeConfig(bundle=demo_bundle, port=0, vlm={"urls": [vllm_server.url]})).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(grpc_server):
+    from serving.client import CatcascadeClient
+
+    with CatcascadeClient(grpc_server.target, timeout_s=60) as c:
+        yield c

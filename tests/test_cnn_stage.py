@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    import torch
+
+    from cnn_stage.model import create_convnext
+    from cnn_stage.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = create_convnext("convnext_atto", num_classes=5)
+    path = tmp_path_factory.mktemp("onnx") / "cnn.onnx"
+    diff = export_onnx(model, path, image_size=64)
+    return model, path, diff
+
+
+def test_onnx_matches_torch_for_any_batch_size(tiny_onnx):
+    import torch
+
+    from cnn_stage.onnx_runtime import OnnxClassifier
+    from cnn_stage.topk import softmax
+
+    model, path, diff = tiny_onnx
+    assert diff < 1e-4
+    clf = OnnxClassifier(path, intra_op_threads=1)
+    for n in (1, 5):
+        x = torch.randn(n, 3, 64, 64)
+        with torch.inference_mode():
+            ref = softmax(model(x).numpy())
+        got = softmax(clf.run(x.numpy()))
+        assert got.shape == (n, 5) and np.abs(ref - got).max() < 1e-4
+
+
+def test_onnx_rejects_non_nchw(tiny_onnx):
+    from cnn_stage.onnx_runtime import OnnxClassifier
+
+    with pytest.raises(ValueError, match="NCHW"):
+        OnnxClassifier(tiny_onnx[1]).run(np.zeros((3, 64, 64), np.float32))
+
+
+def test_top_k_orders_and_labels():
+    from cnn_stage.topk import softmax, top_k
+
+    p = softmax(np.array([1.0, 3.0, 2.0, 0.0]))
+    t = top_k(p, ["a", "b", "c", "d"], 3)
+    assert t.labels == ("b", "c", "a") and t.indices == (1, 2, 0)
+    assert t.probabilities[0] > t.probabilities[1] > t.probabilities[2]
+
+
+def test_checkpoint_must_be_safetensors(tmp_path):
+    from cnn_stage.model import create_convnext
+
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(b"x")
+    with pytest.raises(ValueError, match="safetensors"):
+        create_convnext("convnext_atto", 3, checkpoint=bad)
+    with pytest.raises(ValueError, match="ConvNeXt"):
+        create_convnext("resnet50", 3)
+
+
+def test_bundle_refuses_tampered_model(tiny_onnx, tmp_path):
+    import shutil
+
+    from cnn_stage.bundle import Bundle, BundleError, BundleManifest, CnnSpec, load_bundle, sha256_file
+    from cnn_stage.preprocessing import PreprocessConfig
+
+    shutil.copy(tiny_onnx[1], tmp_path / "cnn.onnx")
+    manifest = BundleManifest(name="t", version="1", labels=list("abcde"),
+                              preprocess=PreprocessConfig(image_size=64).to_dict(),
+                              cnn=CnnSpec(architecture="convnext_atto", sha256=sha256_file(tmp_path / "cnn.onnx")))
+    Bundle(tmp_path, manifest).save()
+    assert load_bundle(tmp_path).labels == list("abcde")
+    with open(tmp_path / "cnn.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match="sha256"):
+        load_bundle(tmp_path)
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    data["labels"] = ["a", "a"]
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="labels"):
+        load_bundle(tmp_path)
+    with pytest.raises(BundleError, match="no manifest.json"):
+        load_bundle(tmp_path / "nowhere")

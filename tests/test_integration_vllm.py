@@ -1,0 +1,73 @@
+"""The VLM stage against the real vLLM server: adapter by name, both scoring modes, constraint."""
+from __future__ import annotations
+
+import asyncio
+import math
+
+import httpx
+import pytest
+from PIL import Image
+
+from vlm_stage.prompts import build_multiple_choice
+from vlm_stage.vllm_client import VlmClientConfig, VllmVerifier, image_to_data_url
+
+pytestmark = pytest.mark.integration
+CANDIDATES = ("Persian", "British_Shorthair", "Siamese")
+
+
+def _verify(url: str, model: str, mode: str = "multiple_choice"):
+    async def go():
+        v = VllmVerifier(VlmClientConfig(urls=[url], model=model, scoring_mode=mode))
+        try:
+            return await v.verify(Image.new("RGB", (90, 70), (180, 90, 30)), CANDIDATES)
+        finally:
+            await v.aclose()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("mode,requests", [("multiple_choice", 1), ("yes_no", 3)])
+def test_scoring_modes(vllm_server, mode, requests):
+    s = _verify(vllm_server.url, "cats", mode)
+    assert s.mode == mode and s.requests == requests
+    assert s.candidates == CANDIDATES
+    assert math.isclose(sum(s.probabilities) + s.none_probability, 1.0, abs_tol=1e-6)
+    assert all(0 <= p <= 1 for p in s.probabilities)
+
+
+def test_adapter_is_chosen_by_model_name(vllm_server):
+    adapter = _verify(vllm_server.url, "cats")
+    base = _verify(vllm_server.url, "catcascade-vlm")
+    assert adapter.model == "cats" and base.model == "catcascade-vlm"
+    assert max(abs(a - b) for a, b in zip(adapter.probabilities, base.probabilities)) > 1e-4
+
+
+def test_answer_constraint_fires(vllm_server):
+    """structured_outputs must restrict the sampled answer to the option letters (older
+    guided_* fields were silently ignored)."""
+    prompt = build_multiple_choice(CANDIDATES)
+    body = {
+        "model": "cats", "max_tokens": 1, "temperature": 0.0, "logprobs": True, "top_logprobs": 10,
+        "messages": prompt.messages({"type": "image_url", "image_url": {"url": image_to_data_url(Image.new("RGB", (64, 64)))}}),
+        "structured_outputs": {"choice": list(prompt.choices)},
+    }
+    for _ in range(3):
+        r = httpx.post(f"{vllm_server.url}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"].strip() in prompt.choices
+        body["temperature"] = 1.0
+
+
+def test_unreachable_server_raises_clear_error():
+    from vlm_stage.vllm_client import VlmUnavailableError
+    from vlm_stage.vllm_server import free_port
+
+    async def go():
+        v = VllmVerifier(VlmClientConfig(urls=[f"http://127.0.0.1:{free_port()}"], max_retries=1, backoff_s=0.01))
+        try:
+            await v.verify(Image.new("RGB", (32, 32)), CANDIDATES)
+        finally:
+            await v.aclose()
+
+    with pytest.raises(VlmUnavailableError, match="after 2 attempts"):
+        asyncio.run(go())

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnn_stage.preprocessing import DecodeLimits, InvalidImageError, PreprocessConfig, decode_image, preprocess
+from tests.conftest import jpeg_bytes
+
+
+def test_matches_timm_eval_transform():
+    import timm
+    import torch
+    from timm.data import create_transform, resolve_model_data_config
+
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=3)
+    cfg = PreprocessConfig.from_timm(model, image_size=96)
+    data_cfg = resolve_model_data_config(model)
+    tf = create_transform(input_size=(3, 96, 96), crop_pct=data_cfg["crop_pct"], mean=data_cfg["mean"],
+                          std=data_cfg["std"], interpolation=data_cfg["interpolation"])
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (150, 211, 3), dtype=np.uint8))
+    ours = preprocess(img, cfg)
+    ref = tf(img).numpy()
+    assert ours.shape == ref.shape == (3, 96, 96)
+    assert np.abs(ours - ref).max() < 0.02  # 8-bit rounding inside torchvision's pipeline
+
+
+def test_output_is_normalised_float_chw():
+    x = preprocess(decode_image(jpeg_bytes((300, 200))), PreprocessConfig(image_size=64))
+    assert x.dtype == np.float32 and x.shape == (3, 64, 64) and x.flags["C_CONTIGUOUS"]
+
+
+def test_draft_mode_decodes_large_jpeg_smaller():
+    img = decode_image(jpeg_bytes((2000, 1600), seed=1), draft_size=146)
+    assert 146 <= min(img.size) < 800
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("data,match", [
+    (b"", "empty"),
+    (b"hello, I am text", "not a decodable image"),
+    (jpeg_bytes((200, 200), seed=2)[:3000], "truncated or corrupt"),
+    (jpeg_bytes((200, 200), seed=2)[:300], "truncated or corrupt"),
+    (_png_header_only(60000, 60000), "pixels|each side|bomb"),
+    (jpeg_bytes(fmt="GIF"), "not a decodable image"),
+    (jpeg_bytes(fmt="BMP"), "not a decodable image"),
+])
+def test_bad_inputs_raise_clear_errors(data, match):
+    with pytest.raises(InvalidImageError, match=match):
+        decode_image(data)
+
+
+def test_size_limit():
+    with pytest.raises(InvalidImageError, match="bytes; the limit"):
+        decode_image(jpeg_bytes(), DecodeLimits(max_bytes=100))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="crop_pct"):
+        PreprocessConfig(crop_pct=2.0)
+    cfg = PreprocessConfig(image_size=80)
+    assert PreprocessConfig.from_dict(cfg.to_dict()) == cfg

@@ -1,0 +1,64 @@
+"""Turns answer-token logprobs into one probability per candidate (plus "none")."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+class ScoringError(RuntimeError):
+    """The model's answer carried no usable scores for the options."""
+
+
+@dataclass(frozen=True)
+class CandidateScores:
+    """The VLM's probabilities for each candidate (CNN rank order) and for "none of these"."""
+
+    candidates: tuple[str, ...]
+    probabilities: tuple[float, ...]
+    none_probability: float
+    model: str
+    mode: str
+    latency_ms: float = 0.0
+    requests: int = 1
+
+
+def _normalise_token(token: str) -> str:
+    return token.strip().lstrip("Ġ▁").strip()
+
+
+def letter_distribution(top_logprobs: list[tuple[str, float]], letters: list[str] | tuple[str, ...]) -> dict[str, float]:
+    """Renormalises the probabilities of the allowed letters found among the top logprobs.
+
+    Letters absent from the list get probability 0; several tokens that normalise to one
+    letter (" A" and "A") are summed. Raises ScoringError when no letter is present.
+    """
+    allowed = {letter.lower(): letter for letter in letters}
+    mass = {letter: 0.0 for letter in letters}
+    for token, logprob in top_logprobs:
+        key = _normalise_token(token).lower()
+        if key in allowed and logprob is not None and math.isfinite(logprob):
+            mass[allowed[key]] += math.exp(logprob)
+    total = sum(mass.values())
+    if total <= 0.0:
+        seen = [t for t, _ in top_logprobs][:10]
+        raise ScoringError(f"none of the options {list(letters)} among the answer's top logprobs {seen}")
+    return {k: v / total for k, v in mass.items()}
+
+
+def scores_from_letter_logprobs(top_logprobs, candidates, letters, include_none: bool, model: str) -> CandidateScores:
+    dist = letter_distribution(top_logprobs, letters)
+    probs = tuple(dist[letter] for letter in letters[: len(candidates)])
+    none = dist[letters[len(candidates)]] if include_none else 0.0
+    return CandidateScores(tuple(candidates), probs, none, model, "multiple_choice")
+
+
+def scores_from_yes_probs(yes_probs: list[float], candidates, model: str) -> CandidateScores:
+    """Independent yes/no verdicts -> one distribution: candidate c gets P(yes_c), "none"
+    gets prod(1 - P(yes_c)), then everything is renormalised."""
+    if len(yes_probs) != len(candidates):
+        raise ValueError(f"{len(candidates)} candidates but {len(yes_probs)} yes/no answers")
+    none = math.prod(1.0 - p for p in yes_probs)
+    total = sum(yes_probs) + none
+    if total <= 0:
+        raise ScoringError("yes/no answers carry no probability mass")
+    return CandidateScores(tuple(candidates), tuple(p / total for p in yes_probs), none / total, model, "yes_no")

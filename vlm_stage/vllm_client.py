@@ -1,0 +1,147 @@
+"""The one class that talks to vLLM's OpenAI-compatible chat API.
+
+Candidate verification: either one multiple-choice request per image (answer constrained to
+the option letters with ``structured_outputs``; scores from ``top_logprobs``), or one yes/no
+request per candidate sharing the image prefix. Requests go to the least-loaded of several
+server URLs, with a timeout and bounded, jittered retries on transient errors.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import random
+import time
+from dataclasses import dataclass, field
+
+import httpx
+from PIL import Image
+
+from vlm_stage.prompts import Prompt, ScoringMode, build_multiple_choice, build_yes_no
+from vlm_stage.scoring import CandidateScores, ScoringError, letter_distribution, scores_from_letter_logprobs, scores_from_yes_probs
+
+
+class VlmUnavailableError(RuntimeError):
+    """No server answered usefully within the timeout and retries."""
+
+
+_TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+@dataclass
+class VlmClientConfig:
+    urls: list[str]
+    model: str = "cats"
+    """vLLM model name: the LoRA adapter's name, or the base model's served name."""
+    scoring_mode: ScoringMode = ScoringMode.MULTIPLE_CHOICE
+    include_none: bool = True
+    timeout_s: float = 10.0
+    max_retries: int = 2
+    backoff_s: float = 0.05
+    max_image_side: int = 448
+    jpeg_quality: int = 90
+    max_connections: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.urls:
+            raise ValueError("at least one vLLM server URL is required")
+        self.urls = [u.rstrip("/") for u in self.urls]
+        self.scoring_mode = ScoringMode(self.scoring_mode)
+
+
+def image_to_data_url(img: Image.Image, max_side: int = 448, quality: int = 90) -> str:
+    """Re-encodes a (possibly large) image as a bounded JPEG data URL, bounding image tokens."""
+    if max(img.size) > max_side:
+        img = img.copy()
+        img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@dataclass
+class _Endpoint:
+    url: str
+    outstanding: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+class VllmVerifier:
+    """Scores an image's candidate breeds with a VLM behind one or more vLLM servers."""
+
+    def __init__(self, config: VlmClientConfig):
+        self.config = config
+        self._endpoints = [_Endpoint(u) for u in config.urls]
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(config.timeout_s, connect=min(2.0, config.timeout_s)),
+            limits=httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections),
+        )
+        self.requests_sent = 0
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _pick(self) -> _Endpoint:
+        low = min(e.outstanding for e in self._endpoints)
+        return random.choice([e for e in self._endpoints if e.outstanding == low])
+
+    async def _chat(self, prompt: Prompt, image_url: str, top_logprobs: int) -> list[tuple[str, float]]:
+        """One constrained, one-token chat completion; returns the answer's top logprobs."""
+        body = {
+            "model": self.config.model,
+            "messages": prompt.messages({"type": "image_url", "image_url": {"url": image_url}}),
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": True,
+            "top_logprobs": top_logprobs,
+            "structured_outputs": {"choice": list(prompt.choices)},
+        }
+        last_error: Exception | None = None
+        for attempt in range(self.config.max_retries + 1):
+            endpoint = self._pick()
+            endpoint.outstanding += 1
+            t0 = time.perf_counter()
+            try:
+                resp = await self._client.post(f"{endpoint.url}/v1/chat/completions", json=body)
+                if resp.status_code in _TRANSIENT_STATUS:
+                    raise httpx.HTTPStatusError(f"HTTP {resp.status_code}", request=resp.request, response=resp)
+                if resp.status_code != 200:
+                    raise VlmUnavailableError(f"vLLM at {endpoint.url} answered HTTP {resp.status_code}: {resp.text[:300]}")
+                self.requests_sent += 1
+                content = resp.json()["choices"][0]["logprobs"]["content"]
+                if not content:
+                    raise ScoringError("vLLM returned no logprobs for the answer token")
+                return [(t["token"], t["logprob"]) for t in content[0]["top_logprobs"]]
+            except (httpx.TransportError, httpx.HTTPStatusError) as e:
+                last_error = e
+                if attempt < self.config.max_retries:
+                    await asyncio.sleep(self.config.backoff_s * (2**attempt) * (0.5 + random.random()))
+            finally:
+                endpoint.outstanding -= 1
+                endpoint.latencies_ms.append((time.perf_counter() - t0) * 1000.0)
+                del endpoint.latencies_ms[:-1000]
+        raise VlmUnavailableError(f"vLLM unavailable after {self.config.max_retries + 1} attempts: {last_error!r}")
+
+    async def verify(self, image: Image.Image, candidates: list[str] | tuple[str, ...]) -> CandidateScores:
+        """Probabilities for each candidate (in the given order) and for "none of these"."""
+        t0 = time.perf_counter()
+        url = image_to_data_url(image, self.config.max_image_side, self.config.jpeg_quality)
+        if self.config.scoring_mode == ScoringMode.MULTIPLE_CHOICE:
+            prompt = build_multiple_choice(candidates, self.config.include_none)
+            top = await self._chat(prompt, url, top_logprobs=min(20, len(prompt.choices) + 2))
+            scores = scores_from_letter_logprobs(top, candidates, prompt.choices, self.config.include_none, self.config.model)
+            n_requests = 1
+        else:
+            prompts = [build_yes_no(c) for c in candidates]
+            tops = await asyncio.gather(*(self._chat(p, url, top_logprobs=4) for p in prompts))
+            yes = [letter_distribution(top, p.choices)[p.choices[0]] for top, p in zip(tops, prompts)]
+            scores = scores_from_yes_probs(yes, candidates, self.config.model)
+            n_requests = len(prompts)
+        return CandidateScores(scores.candidates, scores.probabilities, scores.none_probability, scores.model,
+                               scores.mode, (time.perf_counter() - t0) * 1000.0, n_requests)
+
+    async def warm_up(self, candidates: tuple[str, ...]) -> None:
+        """The first request per prompt shape makes vLLM compile the answer grammar (seconds on
+        a CPU): pay that before serving, not on a user's request."""
+        img = Image.new("RGB", (64, 64), (128, 128, 128))
+        await self.verify(img, candidates)

