@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 
 from cnn_stage.bundle import Bundle, load_bundle
 from cnn_stage.onnx_runtime import OnnxClassifier
+from cnn_stage.preprocessing import DecodeLimits
 from ensemble.blender import LogLinearBlender
 from ensemble.escalation_policy import EscalationPolicy
 from serving.api import cascade_pb2 as pb
 from serving.batcher import BatcherConfig, DynamicBatcher
+from serving.circuit_breaker import BreakerConfig, CircuitBreaker
+from serving.metrics import ServiceMetrics
 from serving.config import ServeConfig
 from serving.pipeline import CascadePipeline, PipelineConfig
 from serving.server import CatClassifierServicer, run_server
@@ -34,24 +38,47 @@ def _verifier(bundle: Bundle, cfg: ServeConfig):
                                         timeout_s=cfg.vlm.timeout_s, max_retries=cfg.vlm.max_retries))
 
 
+async def warm_up(verifier, candidates: tuple[str, ...], timeout_s: float = 180.0) -> bool:
+    """One request with a generous timeout: vLLM's first constrained request compiles the
+    answer grammar (seconds on a CPU), which must not land on a user's request."""
+    from vlm_stage.vllm_client import VllmVerifier
+
+    probe = VllmVerifier(dataclasses.replace(verifier.config, timeout_s=timeout_s, max_retries=0))
+    try:
+        await probe.warm_up(candidates)
+        return True
+    except Exception as e:  # the CNN path serves regardless; escalations report VLM_UNAVAILABLE
+        log.warning("VLM warm-up failed (%s); serving CNN answers until it recovers", e)
+        return False
+    finally:
+        await probe.aclose()
+
+
 @contextlib.asynccontextmanager
-async def build_service(cfg: ServeConfig):
+async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None):
     """Loads the bundle, starts the batcher and yields a servicer; closes everything after."""
     bundle = load_bundle(cfg.bundle)
     m = bundle.manifest
+    metrics = metrics or ServiceMetrics()
     onnx = OnnxClassifier(bundle.cnn_path, intra_op_threads=cfg.cnn_threads)
-    batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump()))
+    batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump()), on_batch=metrics.batch_size.observe)
+    metrics.queue_depth.set_function(lambda: batcher.depth)
     await batcher.start()
+    lim = cfg.limits
+    preprocess_config = dataclasses.replace(bundle.preprocess, limits=DecodeLimits(
+        max_bytes=lim.max_message_bytes, max_pixels=lim.max_pixels, max_side=lim.max_side))
     verifier = _verifier(bundle, cfg)
     if verifier is not None:
-        try:
-            await verifier.warm_up(tuple(m.labels[: m.cascade.top_k]))
-        except Exception as e:  # the CNN path serves regardless; escalations report VLM_UNAVAILABLE
-            log.warning("VLM warm-up failed (%s); serving CNN answers until it recovers", e)
+        await warm_up(verifier, tuple(m.labels[: m.cascade.top_k]))
+    breaker = CircuitBreaker(BreakerConfig(**cfg.breaker.model_dump()),
+                             on_change=lambda state: metrics.breaker_state.set(int(state)))
     pipeline = CascadePipeline(
-        labels=m.labels, preprocess_config=bundle.preprocess, cnn=batcher,
+        labels=m.labels, preprocess_config=preprocess_config, cnn=batcher,
         policy=EscalationPolicy(m.cascade.escalation), blender=LogLinearBlender(m.cascade.blend),
-        verifier=verifier, temperature=m.cnn.temperature, config=PipelineConfig(candidates=m.cascade.top_k))
+        verifier=verifier, temperature=m.cnn.temperature, breaker=breaker if verifier else None, metrics=metrics,
+        config=PipelineConfig(candidates=m.cascade.top_k, vlm_min_budget_ms=lim.vlm_min_budget_ms,
+                              max_concurrent_escalations=lim.max_concurrent_escalations))
+    metrics.inflight_escalations.set_function(lambda: pipeline.inflight_escalations)
     vlm_name = getattr(getattr(verifier, "config", None), "model", "") or ""
     versions = pb.ModelVersions(bundle=bundle.version_string, cnn=f"{m.cnn.architecture}@{m.cnn.sha256[:12]}",
                                 vlm=(f"{m.vlm.base_model}+{vlm_name}" if m.vlm and verifier else ""))
@@ -59,7 +86,7 @@ async def build_service(cfg: ServeConfig):
                         escalation_threshold=m.cascade.escalation.threshold,
                         escalation_metric=m.cascade.escalation.metric, blend_weight=m.cascade.blend.weight,
                         vlm_enabled=verifier is not None)
-    servicer = CatClassifierServicer(pipeline, versions, info)
+    servicer = CatClassifierServicer(pipeline, versions, info, metrics, max_inflight=lim.max_inflight_requests)
     try:
         yield servicer
     finally:
@@ -69,17 +96,30 @@ async def build_service(cfg: ServeConfig):
             await verifier.aclose()
 
 
+@contextlib.asynccontextmanager
+async def running_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None):
+    """The whole service per ``cfg`` (limits, TLS, auth included); yields (servicer, port, health)."""
+    async with build_service(cfg, metrics) as servicer:
+        async with run_server(servicer, cfg.host, cfg.port, max_message_bytes=cfg.limits.max_message_bytes,
+                              grace_s=cfg.grace_s, tls=cfg.tls, tokens=cfg.auth.tokens()) as (_, port, health):
+            yield servicer, port, health
+
+
 async def serve_forever(cfg: ServeConfig, ready=None) -> None:
     """Serves until SIGINT/SIGTERM, then drains in-flight requests within ``grace_s``."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with build_service(cfg) as servicer:
-        async with run_server(servicer, cfg.host, cfg.port, grace_s=cfg.grace_s) as (_, port, _health):
-            log.info("catcascade serving on %s:%d (VLM: %s)", cfg.host, port, cfg.vlm.urls or "off")
-            print(f"catcascade serving on {cfg.host}:{port}", flush=True)
-            if ready:
-                ready(port)
-            await stop.wait()
-            print("shutting down: draining in-flight requests", flush=True)
+    metrics = ServiceMetrics()
+    if cfg.metrics_port is not None:
+        http_server, _ = metrics.serve_http(cfg.metrics_port, cfg.host)
+        print(f"Prometheus metrics on http://{cfg.host}:{http_server.server_port}/metrics", flush=True)
+    async with running_service(cfg, metrics) as (_, port, _health):
+        log.info("catcascade serving on %s:%d (VLM: %s)", cfg.host, port, cfg.vlm.urls or "off")
+        print(f"catcascade serving on {cfg.host}:{port} ({'TLS' if cfg.tls else 'plaintext'}"
+              f"{', auth' if cfg.auth.tokens() else ''})", flush=True)
+        if ready:
+            ready(port)
+        await stop.wait()
+        print("shutting down: draining in-flight requests", flush=True)

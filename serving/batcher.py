@@ -49,9 +49,11 @@ class _Item:
 
 
 class DynamicBatcher:
-    def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], config: BatcherConfig = BatcherConfig()):
+    def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], config: BatcherConfig = BatcherConfig(),
+                 on_batch: Callable[[int], None] | None = None):
         self.run_batch = run_batch
         self.config = config
+        self.on_batch = on_batch
         self._queue: asyncio.Queue[_Item] | None = None
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnn")
@@ -117,6 +119,8 @@ class DynamicBatcher:
             compute_ms = (time.perf_counter() - start) * 1000.0
             self.batch_sizes.append(len(items))
             del self.batch_sizes[:-10000]
+            if self.on_batch:
+                self.on_batch(len(items))
             for i, it in enumerate(items):
                 if not it.future.done():
                     it.future.set_result(BatchResult(out[i], (start - it.enqueued) * 1000.0, compute_ms, len(items)))

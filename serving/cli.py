@@ -4,10 +4,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 DEFAULT_BUNDLE = Path("artifacts/demo-bundle")
+
+# Modules that add their own subcommands: each has `register(subparsers)`, which adds a
+# parser with `set_defaults(func=...)`; func(args) returns an exit code or raises CliError.
+# Imported lazily so `catcascade --help` stays fast; add one line per feature module.
+COMMAND_REGISTRARS: list[str] = [
+]
 
 
 class CliError(Exception):
@@ -31,6 +38,9 @@ def _serve(args) -> int:
             cfg = ServeConfig(bundle=args.bundle or DEFAULT_BUNDLE, host=args.host or "127.0.0.1",
                               port=args.port if args.port is not None else 50051,
                               vlm={"urls": args.vlm_url or [], "model": args.vlm_model})
+        from serving.log_format import configure_logging
+
+        configure_logging(cfg.log_format, logging.DEBUG if args.verbose else logging.INFO)
         asyncio.run(serve_forever(cfg))
     except ValidationError as e:
         raise CliError(f"invalid configuration:\n{e}") from None
@@ -49,13 +59,17 @@ def _classify(args) -> int:
     if missing:
         raise CliError(f"no such image file(s): {', '.join(missing)}")
     rows, failed = [], 0
-    with CatcascadeClient(args.target, timeout_s=args.timeout) as client:
+    token = args.token or os.environ.get("CATCASCADE_TOKEN")
+    with CatcascadeClient(args.target, timeout_s=args.timeout, token=token, tls_ca=args.tls_ca,
+                          tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
         for p in paths:
             try:
                 r = client.classify(p, top_k=args.top_k, mode=args.mode)
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.UNAVAILABLE:
                     raise CliError(f"cannot reach a catcascade server at {args.target}: {e.details()}") from None
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise CliError(f"{args.target} refused the credentials: {e.details()}") from None
                 print(f"{p}: {e.code().name}: {e.details()}", file=sys.stderr)
                 failed += 1
                 continue
@@ -133,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mode", choices=["auto", "never", "always"], default="auto")
     c.add_argument("--timeout", type=float, default=30.0, help="per-request deadline in seconds")
     c.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    c.add_argument("--token", help="bearer token (default: $CATCASCADE_TOKEN)")
+    c.add_argument("--tls-ca", help="CA certificate: connect with TLS")
+    c.add_argument("--tls-cert", help="client certificate (mutual TLS)")
+    c.add_argument("--tls-key", help="client private key (mutual TLS)")
     c.set_defaults(func=_classify)
 
     d = sub.add_parser("demo", help="build the default bundle if needed, serve it with vLLM, classify a few images")
@@ -152,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--log", type=Path, default=Path("artifacts/logs/vllm.log"))
     v.set_defaults(func=_serve_vlm)
+
+    import importlib
+
+    for module in COMMAND_REGISTRARS:
+        importlib.import_module(module).register(sub)
     return p
 
 

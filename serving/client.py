@@ -12,20 +12,36 @@ MODES = {"auto": pb.ESCALATION_MODE_AUTO, "never": pb.ESCALATION_MODE_NEVER, "al
 
 
 class CatcascadeClient:
-    def __init__(self, target: str, timeout_s: float | None = 30.0):
+    """Blocking client. ``tls_ca`` switches to TLS (``tls_cert``/``tls_key`` add a client
+    certificate for mutual TLS); ``token`` is sent as ``authorization: Bearer <token>``."""
+
+    def __init__(self, target: str, timeout_s: float | None = 30.0, token: str | None = None,
+                 tls_ca: str | Path | None = None, tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
+                 server_name: str | None = None):
         self.target = target
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 32 * 1024 * 1024)])
+        options = [("grpc.max_send_message_length", 32 * 1024 * 1024)]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        if tls_ca:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=Path(tls_ca).read_bytes(),
+                private_key=Path(tls_key).read_bytes() if tls_key else None,
+                certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None)
+            self.channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.stub = pb_grpc.CatClassifierStub(self.channel)
 
     def classify(self, image: bytes | str | Path, top_k: int = 0, mode: str = "auto",
                  request_id: str = "") -> pb.ClassifyResponse:
         data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
         req = pb.ClassifyRequest(image=data, top_k=top_k, escalation=MODES[mode], request_id=request_id)
-        return self.stub.Classify(req, timeout=self.timeout_s)
+        return self.stub.Classify(req, timeout=self.timeout_s, metadata=self.metadata)
 
     def model_info(self) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s)
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s, metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()

@@ -33,6 +33,56 @@ class VlmEndpointConfig(BaseModel):
         return urls
 
 
+class LimitsConfig(BaseModel):
+    """Bounds that keep a burst or a hostile client from taking the server down."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_message_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="largest accepted request")
+    max_pixels: int = Field(40_000_000, ge=1, description="decoded width*height limit (decompression bombs)")
+    max_side: int = Field(12_000, ge=16)
+    max_inflight_requests: int = Field(512, ge=1, description="beyond this, RESOURCE_EXHAUSTED")
+    max_concurrent_escalations: int = Field(32, ge=0, description="VLM calls in flight; beyond, escalations are shed")
+    vlm_min_budget_ms: float = Field(50.0, ge=0, description="skip the VLM when less deadline than this remains")
+
+
+class BreakerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    failure_threshold: int = Field(3, ge=1)
+    cooldown_s: float = Field(5.0, gt=0)
+
+
+class TlsConfig(BaseModel):
+    """Server TLS; with client_ca_file, clients must present a certificate signed by it (mTLS)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+    @field_validator("cert_file", "key_file", "client_ca_file")
+    @classmethod
+    def _exists(cls, p: Path | None) -> Path | None:
+        if p is not None and not Path(p).is_file():
+            raise ValueError(f"file not found: {p}")
+        return p
+
+
+class AuthConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bearer_tokens: list[str] = Field(default_factory=list, description="accepted tokens; empty = no auth")
+    bearer_tokens_env: str | None = Field(None, description="or: an environment variable holding comma-separated tokens")
+
+    def tokens(self) -> list[str]:
+        import os
+
+        extra = os.environ.get(self.bearer_tokens_env, "") if self.bearer_tokens_env else ""
+        return [t for t in self.bearer_tokens + extra.split(",") if t.strip()]
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -42,7 +92,13 @@ class ServeConfig(BaseModel):
     cnn_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads; default all cores")
     batching: BatchingConfig = BatchingConfig()
     vlm: VlmEndpointConfig = VlmEndpointConfig()
-    grace_s: float = Field(5.0, ge=0)
+    limits: LimitsConfig = LimitsConfig()
+    breaker: BreakerSettings = BreakerSettings()
+    tls: TlsConfig | None = None
+    auth: AuthConfig = AuthConfig()
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; None = off")
+    log_format: Literal["text", "json"] = "text"
+    grace_s: float = Field(5.0, ge=0, description="drain time for in-flight requests on shutdown")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "ServeConfig":

@@ -72,16 +72,14 @@ def run_demo(bundle_dir: Path, use_vlm: bool = True, images: list[Path] | None =
 
 
 async def _serve_and_classify(cfg, images: list[Path], mode: str):
-    from serving.app import build_service
+    from serving.app import running_service
     from serving.client import CatcascadeClient
-    from serving.server import run_server
 
-    async with build_service(cfg) as servicer:
-        async with run_server(servicer, cfg.host, 0) as (_, port, _health):
-            def work():
-                with CatcascadeClient(f"{cfg.host}:{port}") as client:
-                    client.classify(images[0], mode="never")  # warm the CNN path
-                    return [(f"{p.parent.name}/{p.name}", client.classify(p, mode=mode)) for p in images]
+    async with running_service(cfg) as (_, port, _health):
+        def work():
+            with CatcascadeClient(f"{cfg.host}:{port}") as client:
+                client.classify(images[0], mode="never")  # warm the CNN path
+                return [(f"{p.parent.name}/{p.name}", client.classify(p, mode=mode)) for p in images]
 
-            return await asyncio.to_thread(work)
+        return await asyncio.to_thread(work)
 

@@ -20,17 +20,15 @@ from cnn_stage.topk import TopK, softmax, top_k
 from ensemble.blender import LogLinearBlender
 from ensemble.escalation_policy import EscalationDecision, EscalationMode, EscalationPolicy, EscalationReason
 from serving.batcher import DynamicBatcher
-from vlm_stage.scoring import CandidateScores, ScoringError
+from serving.circuit_breaker import CircuitBreaker
+from serving.metrics import ServiceMetrics
+from vlm_stage.scoring import CandidateScores
 
 log = logging.getLogger(__name__)
 
 
 class Verifier(Protocol):
     async def verify(self, image: Image.Image, candidates: tuple[str, ...]) -> CandidateScores: ...
-
-
-class VlmUnavailable(Exception):
-    """Raised by verifiers that cannot answer; the pipeline answers CNN-only instead."""
 
 
 @dataclass(frozen=True)
@@ -62,13 +60,16 @@ class PipelineConfig:
     """How many CNN candidates the VLM is asked about."""
     vlm_min_budget_ms: float = 50.0
     """Below this much remaining deadline, the VLM is skipped (reason DEADLINE)."""
+    max_concurrent_escalations: int = 32
+    """VLM calls in flight at once; beyond it escalations are shed (CNN-only, reason SHED)."""
     decode_threads: int = 2
 
 
 class CascadePipeline:
     def __init__(self, labels: list[str], preprocess_config: PreprocessConfig, cnn: DynamicBatcher,
                  policy: EscalationPolicy, blender: LogLinearBlender, verifier: Verifier | None = None,
-                 temperature: float = 1.0, config: PipelineConfig = PipelineConfig()):
+                 temperature: float = 1.0, config: PipelineConfig = PipelineConfig(),
+                 breaker: CircuitBreaker | None = None, metrics: ServiceMetrics | None = None):
         self.labels = labels
         self.preprocess_config = preprocess_config
         self.cnn = cnn
@@ -77,8 +78,11 @@ class CascadePipeline:
         self.verifier = verifier
         self.temperature = temperature
         self.config = config
+        self.breaker = breaker
+        self.metrics = metrics
         self._decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
         self.vlm_calls = 0
+        self.inflight_escalations = 0
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False)
@@ -119,29 +123,53 @@ class CascadePipeline:
         return CascadeResult(top_k(final, self.labels, k), cnn_k, vlm_scores, vlm_scores is not None,
                              decision.reason, decision.detail, timings)
 
+    def _skip(self, reason: EscalationReason, decision: EscalationDecision, detail: str, vlm_ms: float = 0.0):
+        return EscalationDecision(False, reason, decision.confidence, detail), None, vlm_ms
+
     async def _ask_vlm(self, img: Image.Image, cnn_top: TopK, decision: EscalationDecision,
                        deadline: float | None) -> tuple[EscalationDecision, CandidateScores | None, float]:
+        """Asks the VLM unless something says not to; every skip comes with its reason."""
         if self.verifier is None:
-            return EscalationDecision(False, EscalationReason.VLM_DISABLED, decision.confidence,
-                                      "no VLM stage is configured on this server"), None, 0.0
+            return self._skip(EscalationReason.VLM_DISABLED, decision, "no VLM stage is configured on this server")
         timeout = None
         if deadline is not None:
             remaining_ms = (deadline - time.monotonic()) * 1000.0
             if remaining_ms < self.config.vlm_min_budget_ms:
-                return EscalationDecision(False, EscalationReason.DEADLINE, decision.confidence,
-                                          f"{remaining_ms:.0f} ms left of the deadline; the VLM needs "
-                                          f"{self.config.vlm_min_budget_ms:.0f} ms"), None, 0.0
+                return self._skip(EscalationReason.DEADLINE, decision, f"{remaining_ms:.0f} ms left of the deadline; "
+                                  f"the VLM needs {self.config.vlm_min_budget_ms:.0f} ms")
             timeout = (remaining_ms - self.config.vlm_min_budget_ms / 2) / 1000.0
+        if self.inflight_escalations >= self.config.max_concurrent_escalations:
+            return self._skip(EscalationReason.SHED, decision, f"VLM saturated ({self.inflight_escalations} calls "
+                              "in flight); escalation shed")
+        if self.breaker is not None and not self.breaker.allow():
+            return self._skip(EscalationReason.VLM_UNAVAILABLE, decision,
+                              "VLM circuit breaker is open after repeated failures")
         candidates = cnn_top.labels[: self.config.candidates]
         t = time.perf_counter()
+        self.vlm_calls += 1
+        self.inflight_escalations += 1
         try:
-            self.vlm_calls += 1
             scores = await asyncio.wait_for(self.verifier.verify(img, candidates), timeout)
         except asyncio.TimeoutError:
-            return EscalationDecision(False, EscalationReason.DEADLINE, decision.confidence,
-                                      "the VLM did not answer within the client's deadline"), None, (time.perf_counter() - t) * 1000.0
-        except (VlmUnavailable, ScoringError, RuntimeError, OSError) as e:
+            self._vlm_failed("deadline", count_for_breaker=False)
+            return self._skip(EscalationReason.DEADLINE, decision, "the VLM did not answer within the client's deadline",
+                              (time.perf_counter() - t) * 1000.0)
+        except (RuntimeError, OSError, ValueError) as e:  # VlmUnavailableError, ScoringError, transport errors
+            self._vlm_failed(type(e).__name__)
             log.warning("VLM unavailable, answering CNN-only: %s", e)
-            return EscalationDecision(False, EscalationReason.VLM_UNAVAILABLE, decision.confidence,
-                                      f"VLM unavailable: {e}"[:300]), None, (time.perf_counter() - t) * 1000.0
+            return self._skip(EscalationReason.VLM_UNAVAILABLE, decision, f"VLM unavailable: {e}"[:300],
+                              (time.perf_counter() - t) * 1000.0)
+        finally:
+            self.inflight_escalations -= 1
+        if self.breaker is not None:
+            self.breaker.record_success()
         return decision, scores, (time.perf_counter() - t) * 1000.0
+
+    def _vlm_failed(self, kind: str, count_for_breaker: bool = True) -> None:
+        if self.metrics is not None:
+            self.metrics.vlm_errors.labels(kind).inc()
+        if self.breaker is not None:
+            if count_for_breaker:
+                self.breaker.record_failure()
+            else:  # a client's deadline says nothing about the VLM's health
+                self.breaker.record_no_verdict()

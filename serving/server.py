@@ -19,7 +19,9 @@ from cnn_stage.preprocessing import InvalidImageError
 from ensemble.escalation_policy import EscalationMode
 from serving.api import cascade_pb2 as pb
 from serving.api import cascade_pb2_grpc as pb_grpc
+from serving.auth import BearerTokenInterceptor
 from serving.batcher import QueueFullError
+from serving.metrics import ServiceMetrics
 from serving.pipeline import CascadePipeline, CascadeResult
 
 log = logging.getLogger(__name__)
@@ -61,10 +63,15 @@ class RequestError(Exception):
 
 
 class CatClassifierServicer(pb_grpc.CatClassifierServicer):
-    def __init__(self, pipeline: CascadePipeline, versions: pb.ModelVersions, model_info: pb.ModelInfo):
+    def __init__(self, pipeline: CascadePipeline, versions: pb.ModelVersions, model_info: pb.ModelInfo,
+                 metrics: ServiceMetrics | None = None, max_inflight: int = 512):
         self.pipeline = pipeline
         self.versions = versions
         self.model_info = model_info
+        self.metrics = metrics or ServiceMetrics()
+        self.max_inflight = max_inflight
+        self.inflight = 0
+        self.metrics.inflight.set_function(lambda: self.inflight)
 
     def _validate(self, request: pb.ClassifyRequest) -> tuple[str, int, EscalationMode]:
         if len(request.request_id) > MAX_REQUEST_ID:
@@ -80,26 +87,54 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
 
     async def _classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
         request_id, k, mode = self._validate(request)
+        if self.inflight >= self.max_inflight:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"server overloaded: {self.inflight} requests in flight (limit {self.max_inflight})")
+        self.inflight += 1
         try:
             result = await self.pipeline.classify(request.image, k or None, mode, deadline)
         except InvalidImageError as e:
+            log.info("invalid image request_id=%s: %s", request_id, e, extra={"request_id": request_id})
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except QueueFullError as e:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {e}") from None
+        finally:
+            self.inflight -= 1
+        self._observe(result)
         log.info("classified request_id=%s escalated=%s reason=%s total_ms=%.1f", request_id, result.escalated,
-                 result.reason.name, result.timings.total_ms)
+                 result.reason.name, result.timings.total_ms,
+                 extra={"request_id": request_id, "escalation_reason": result.reason.name,
+                        "total_ms": round(result.timings.total_ms, 2)})
         return result_to_proto(request_id, result, self.versions)
+
+    def _observe(self, r: CascadeResult) -> None:
+        m, t = self.metrics, r.timings
+        for stage, ms in (("decode", t.decode_ms), ("cnn_queue", t.cnn_queue_ms), ("cnn", t.cnn_ms),
+                          ("total", t.total_ms)):
+            m.stage_ms.labels(stage).observe(ms)
+        if r.escalated:
+            m.stage_ms.labels("vlm").observe(t.vlm_ms)
+            m.stage_ms.labels("blend").observe(t.blend_ms)
+        m.escalations.labels(r.reason.name).inc()
 
     async def Classify(self, request, context: grpc.aio.ServicerContext):
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         try:
-            return await self._classify(request, deadline)
+            response = await self._classify(request, deadline)
         except RequestError as e:
+            self.metrics.requests.labels("Classify", e.code.name).inc()
             await context.abort(e.code, e.message)
+        except asyncio.CancelledError:
+            self.metrics.requests.labels("Classify", "CANCELLED").inc()
+            raise
         except Exception:
             log.exception("internal error on request_id=%s", request.request_id)
+            self.metrics.requests.labels("Classify", "INTERNAL").inc()
             await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged on the server)")
+        else:
+            self.metrics.requests.labels("Classify", "OK").inc()
+            return response
 
     async def ClassifyStream(self, request_iterator, context: grpc.aio.ServicerContext):
         queue: asyncio.Queue = asyncio.Queue(maxsize=64)
@@ -114,6 +149,7 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
                 log.exception("internal error in stream request_id=%s", req.request_id)
                 resp = pb.ClassifyResponse(request_id=req.request_id,
                                            error=pb.RequestError(code="INTERNAL", message=str(e)[:200]))
+            self.metrics.requests.labels("ClassifyStream", resp.error.code or "OK").inc()
             await queue.put(resp)
 
         async def reader():
@@ -139,12 +175,25 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
         return self.model_info
 
 
+def server_credentials(tls) -> grpc.ServerCredentials:
+    """TLS from a serving.config.TlsConfig; a client CA turns on mutual TLS."""
+    key, cert = tls.key_file.read_bytes(), tls.cert_file.read_bytes()
+    ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
 @contextlib.asynccontextmanager
 async def run_server(servicer: CatClassifierServicer, host: str = "127.0.0.1", port: int = 0,
-                     max_message_bytes: int = 21 * 1024 * 1024, grace_s: float = 5.0):
-    """Serves on ``host:port`` (0 picks a free port) and yields ``(server, bound_port, health)``."""
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", max_message_bytes),
+                     max_message_bytes: int = 21 * 1024 * 1024, grace_s: float = 5.0, tls=None,
+                     tokens: list[str] | None = None):
+    """Serves on ``host:port`` (0 picks a free port) and yields ``(server, bound_port, health)``.
+
+    On exit, health flips to NOT_SERVING, new calls are refused and in-flight calls get
+    ``grace_s`` seconds to finish.
+    """
+    interceptors = [BearerTokenInterceptor(tokens)] if tokens else []
+    server = grpc.aio.server(interceptors=interceptors, options=[
+        ("grpc.max_receive_message_length", max_message_bytes + 64 * 1024),
         ("grpc.max_send_message_length", 4 * 1024 * 1024),
     ])
     pb_grpc.add_CatClassifierServicer_to_server(servicer, server)
@@ -152,17 +201,49 @@ async def run_server(servicer: CatClassifierServicer, host: str = "127.0.0.1", p
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, server_credentials(tls)) if tls else server.add_insecure_port(address)
     if bound == 0:
-        raise OSError(f"cannot bind gRPC server to {host}:{port}")
+        raise OSError(f"cannot bind gRPC server to {address}")
     await server.start()
     serving = health_pb2.HealthCheckResponse.SERVING
     await health_servicer.set("", serving)
     await health_servicer.set(SERVICE_NAME, serving)
-    await health_servicer.set(VLM_HEALTH_NAME, serving if servicer.pipeline.verifier else
-                              health_pb2.HealthCheckResponse.NOT_SERVING)
+    tracker = VlmHealthTracker(health_servicer, servicer.pipeline)
+    await tracker.update()
+    watcher = asyncio.create_task(tracker.watch())
     try:
         yield server, bound, health_servicer
     finally:
+        watcher.cancel()
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace_s)
+
+
+class VlmHealthTracker:
+    """Publishes the VLM's state as its own health service name, so a VLM outage shows as
+    degraded without taking the CNN path (the main service name) out of rotation."""
+
+    def __init__(self, health_servicer, pipeline: CascadePipeline, period_s: float = 0.5):
+        self.health = health_servicer
+        self.pipeline = pipeline
+        self.period_s = period_s
+        self._last = None
+
+    def status(self):
+        from serving.circuit_breaker import BreakerState
+
+        ok = self.pipeline.verifier is not None and (
+            self.pipeline.breaker is None or self.pipeline.breaker.state != BreakerState.OPEN)
+        return health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def update(self) -> None:
+        status = self.status()
+        if status != self._last:
+            self._last = status
+            await self.health.set(VLM_HEALTH_NAME, status)
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.period_s)
+            await self.update()

@@ -69,17 +69,15 @@ class GrpcServerThread:
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
 
     async def _main(self):
-        from serving.app import build_service
-        from serving.server import run_server
+        from serving.app import running_service
 
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         try:
-            async with build_service(self.config) as servicer:
-                async with run_server(servicer, self.config.host, 0, grace_s=2.0) as (_, port, health):
-                    self.servicer, self.port, self.health = servicer, port, health
-                    self._ready.set()
-                    await self._stop.wait()
+            async with running_service(self.config) as (servicer, port, health):
+                self.servicer, self.port, self.health = servicer, port, health
+                self._ready.set()
+                await self._stop.wait()
         except BaseException as e:  # surfaced to the test that started us
             self._error = e
             self._ready.set()
@@ -96,6 +94,8 @@ class GrpcServerThread:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
         if self._stop is not None:
             self.loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(30)
@@ -116,3 +116,12 @@ def client(grpc_server):
 
     with CatcascadeClient(grpc_server.target, timeout_s=60) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> Path:
+    """A tiny LLaVA (random weights) built from a config, for VLM unit tests (under a second)."""
+    from training.synthetic_data import DEMO_LABELS
+    from vlm_stage.tiny_model import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-vlm") / "base", DEMO_LABELS, seed=0)

@@ -1,0 +1,30 @@
+"""Prometheus metrics for the service, on their own registry (served over HTTP when enabled)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_MS_BUCKETS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 250, 500, 1000, 2500, 5000, 10000)
+
+
+class ServiceMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("catcascade_requests", "Classify requests by final gRPC status code",
+                                ["method", "code"], registry=r)
+        self.stage_ms = Histogram("catcascade_stage_milliseconds", "Time per stage of a request",
+                                  ["stage"], buckets=_MS_BUCKETS, registry=r)
+        self.escalations = Counter("catcascade_escalation_decisions", "Escalation decisions by reason",
+                                   ["reason"], registry=r)
+        self.batch_size = Histogram("catcascade_cnn_batch_size", "Images per CNN batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.queue_depth = Gauge("catcascade_cnn_queue_depth", "Images waiting for the CNN", registry=r)
+        self.inflight = Gauge("catcascade_inflight_requests", "Requests being processed", registry=r)
+        self.inflight_escalations = Gauge("catcascade_inflight_escalations", "VLM calls in flight", registry=r)
+        self.vlm_errors = Counter("catcascade_vlm_errors", "VLM calls that failed, by kind", ["kind"], registry=r)
+        self.breaker_state = Gauge("catcascade_vlm_breaker_state", "VLM circuit breaker: 0 closed, 1 open, 2 half-open",
+                                   registry=r)
+
+    def serve_http(self, port: int, host: str = "127.0.0.1"):
+        """Starts the /metrics HTTP endpoint; returns (server, thread)."""
+        return start_http_server(port, addr=host, registry=self.registry)

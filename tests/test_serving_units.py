@@ -1,0 +1,101 @@
+"""Unit tests of serving parts: circuit breaker, config validation, auth interceptor shapes."""
+from __future__ import annotations
+
+import pytest
+
+from serving.circuit_breaker import BreakerConfig, BreakerState, CircuitBreaker
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_breaker_opens_after_threshold_and_probes_after_cooldown():
+    clock, changes = FakeClock(), []
+    b = CircuitBreaker(BreakerConfig(failure_threshold=2, cooldown_s=5), clock, on_change=changes.append)
+    assert b.allow()
+    b.record_failure()
+    assert b.state == BreakerState.CLOSED and b.allow()
+    b.record_failure()
+    assert b.state == BreakerState.OPEN and not b.allow()
+    clock.t = 5.0
+    assert b.state == BreakerState.HALF_OPEN
+    assert b.allow() and not b.allow()  # one probe at a time
+    b.record_failure()  # the probe failed: open again for a full cooldown
+    assert b.state == BreakerState.OPEN
+    clock.t = 10.0
+    assert b.allow()
+    b.record_success()
+    assert b.state == BreakerState.CLOSED and b.allow()
+    assert changes == [BreakerState.OPEN, BreakerState.HALF_OPEN, BreakerState.OPEN, BreakerState.HALF_OPEN,
+                       BreakerState.CLOSED]
+
+
+def test_breaker_probe_released_without_verdict():
+    clock = FakeClock()
+    b = CircuitBreaker(BreakerConfig(failure_threshold=1, cooldown_s=1), clock)
+    b.record_failure()
+    clock.t = 1.0
+    assert b.allow()
+    b.record_no_verdict()
+    assert b.allow()
+
+
+def test_serve_config_validation_messages(tmp_path):
+    from pydantic import ValidationError
+
+    from serving.config import ServeConfig
+
+    with pytest.raises(ValidationError, match="http"):
+        ServeConfig(bundle=tmp_path, vlm={"urls": ["localhost:8000"]})
+    with pytest.raises(ValidationError, match="file not found"):
+        ServeConfig(bundle=tmp_path, tls={"cert_file": tmp_path / "nope.pem", "key_file": tmp_path / "nope.key"})
+    with pytest.raises(ValidationError, match="extra"):
+        ServeConfig(bundle=tmp_path, prot=1)
+    path = tmp_path / "service.yaml"
+    path.write_text("bundle: /b\nport: 0\nlimits: {max_concurrent_escalations: 2}\nauth: {bearer_tokens: [s3cret]}\n")
+    cfg = ServeConfig.from_yaml(path)
+    assert cfg.limits.max_concurrent_escalations == 2 and cfg.auth.tokens() == ["s3cret"]
+
+
+def test_tokens_from_environment(monkeypatch, tmp_path):
+    from serving.config import ServeConfig
+
+    monkeypatch.setenv("CATS_TOKENS", "a,b")
+    assert ServeConfig(bundle=tmp_path, auth={"bearer_tokens_env": "CATS_TOKENS"}).auth.tokens() == ["a", "b"]
+
+
+def test_decode_fuzz_with_atheris(tmp_path):
+    """Coverage-guided fuzzing of the decode path for a bounded number of inputs: anything
+    but InvalidImageError escaping decode_image is a crash atheris reports."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("atheris")
+    script = tmp_path / "fuzz_decode.py"
+    script.write_text(
+        "import sys, atheris\n"
+        "with atheris.instrument_imports():\n"
+        "    from cnn_stage.preprocessing import decode_image, InvalidImageError, DecodeLimits\n"
+        "LIMITS = DecodeLimits(max_pixels=4_000_000, max_side=4000)\n"
+        "def one(data):\n"
+        "    try:\n"
+        "        decode_image(data, LIMITS, draft_size=64)\n"
+        "    except InvalidImageError:\n"
+        "        pass\n"
+        "atheris.Setup(sys.argv, one)\n"
+        "atheris.Fuzz()\n")
+    seeds = tmp_path / "corpus"
+    seeds.mkdir()
+    from tests.conftest import jpeg_bytes
+
+    for i, fmt in enumerate(("JPEG", "PNG", "WEBP")):
+        (seeds / f"seed{i}").write_bytes(jpeg_bytes((24, 16), seed=i, fmt=fmt))
+    proc = subprocess.run([sys.executable, str(script), "-runs=3000", "-max_len=4096", "-rss_limit_mb=2048",
+                           str(seeds)], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Done 3000 runs" in proc.stderr
