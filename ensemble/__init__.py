@@ -1,10 +1,15 @@
-"""Ensemble: calibration (temperature), the escalation policy and the CNN+VLM blender."""
-from ensemble.blender import LogLinearBlender
-from ensemble.config import BlendConfig, CascadeConfig, EscalationConfig
+"""Ensemble: calibration (temperature), the escalation policy and the CNN+VLM blenders, their
+fitting on held-out data, score files and offline evaluation."""
+from ensemble.blender import LogLinearBlender, make_blender
+from ensemble.config import BlendConfig, CascadeConfig, EscalationConfig, StackingParams
 from ensemble.escalation_policy import EscalationDecision, EscalationMode, EscalationPolicy, EscalationReason
+from ensemble.policy_fitting import fit_escalation
+from ensemble.score_files import ScoreFileError, ScoreSet
+from ensemble.stacking import StackingBlender
 from ensemble.temperature import TemperatureScaler
 
 __all__ = [
-    "LogLinearBlender", "BlendConfig", "CascadeConfig", "EscalationConfig", "EscalationDecision",
-    "EscalationMode", "EscalationPolicy", "EscalationReason", "TemperatureScaler",
+    "LogLinearBlender", "make_blender", "BlendConfig", "CascadeConfig", "EscalationConfig", "StackingParams",
+    "EscalationDecision", "EscalationMode", "EscalationPolicy", "EscalationReason", "fit_escalation",
+    "ScoreFileError", "ScoreSet", "StackingBlender", "TemperatureScaler",
 ]

@@ -10,7 +10,7 @@ import signal
 from cnn_stage.bundle import Bundle, load_bundle
 from cnn_stage.onnx_runtime import OnnxClassifier
 from cnn_stage.preprocessing import DecodeLimits
-from ensemble.blender import LogLinearBlender
+from ensemble.blender import make_blender
 from ensemble.escalation_policy import EscalationPolicy
 from serving.api import cascade_pb2 as pb
 from serving.batcher import BatcherConfig, DynamicBatcher
@@ -74,7 +74,7 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
                              on_change=lambda state: metrics.breaker_state.set(int(state)))
     pipeline = CascadePipeline(
         labels=m.labels, preprocess_config=preprocess_config, cnn=batcher,
-        policy=EscalationPolicy(m.cascade.escalation), blender=LogLinearBlender(m.cascade.blend),
+        policy=EscalationPolicy(m.cascade.escalation), blender=make_blender(m.cascade.blend),
         verifier=verifier, temperature=m.cnn.temperature, breaker=breaker if verifier else None, metrics=metrics,
         config=PipelineConfig(candidates=m.cascade.top_k, vlm_min_budget_ms=lim.vlm_min_budget_ms,
                               max_concurrent_escalations=lim.max_concurrent_escalations))

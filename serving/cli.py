@@ -14,6 +14,8 @@ DEFAULT_BUNDLE = Path("artifacts/demo-bundle")
 # parser with `set_defaults(func=...)`; func(args) returns an exit code or raises CliError.
 # Imported lazily so `catcascade --help` stays fast; add one line per feature module.
 COMMAND_REGISTRARS: list[str] = [
+    "ensemble.cli_commands",
+    "benchmarks.latency",
 ]
 
 

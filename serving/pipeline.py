@@ -17,7 +17,6 @@ from PIL import Image
 
 from cnn_stage.preprocessing import PreprocessConfig, decode_image, preprocess
 from cnn_stage.topk import TopK, softmax, top_k
-from ensemble.blender import LogLinearBlender
 from ensemble.escalation_policy import EscalationDecision, EscalationMode, EscalationPolicy, EscalationReason
 from serving.batcher import DynamicBatcher
 from serving.circuit_breaker import CircuitBreaker
@@ -29,6 +28,12 @@ log = logging.getLogger(__name__)
 
 class Verifier(Protocol):
     async def verify(self, image: Image.Image, candidates: tuple[str, ...]) -> CandidateScores: ...
+
+
+class Blender(Protocol):
+    """ensemble.blender.LogLinearBlender or ensemble.stacking.StackingBlender."""
+
+    def blend(self, cnn_probs: np.ndarray, candidates, vlm_probs: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,7 @@ class PipelineConfig:
 
 class CascadePipeline:
     def __init__(self, labels: list[str], preprocess_config: PreprocessConfig, cnn: DynamicBatcher,
-                 policy: EscalationPolicy, blender: LogLinearBlender, verifier: Verifier | None = None,
+                 policy: EscalationPolicy, blender: Blender, verifier: Verifier | None = None,
                  temperature: float = 1.0, config: PipelineConfig = PipelineConfig(),
                  breaker: CircuitBreaker | None = None, metrics: ServiceMetrics | None = None):
         self.labels = labels

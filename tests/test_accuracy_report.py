@@ -1,0 +1,95 @@
+"""The accuracy benchmark: report + plots from score files, the CLI commands, and (integration)
+`catcascade score` / `bench-accuracy` end to end on the real cat photos with the real vLLM."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks.accuracy import PLOTS, render_report
+from ensemble.config import CascadeConfig
+from ensemble.offline_eval import OfflineEvalConfig, evaluate_offline
+from ensemble.score_files import ScoreSet
+from ensemble.synthetic_scores import SyntheticScoreConfig, synthetic_score_set
+from serving.cli import main as cli
+
+
+def _assert_real_png(path):
+    assert path.is_file() and path.stat().st_size > 0
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.width > 100 and img.height > 100
+        lo, hi = img.convert("L").getextrema()
+        assert hi - lo > 50  # something is drawn, not a blank canvas
+
+
+def test_report_renders_table_and_pngs(tmp_path):
+    scores = synthetic_score_set(SyntheticScoreConfig(n=600, seed=4))
+    result = evaluate_offline(scores, OfflineEvalConfig())
+    report = render_report(result, tmp_path, {"source": "synthetic"})
+    text = report.read_text()
+    for name in ("cnn-only", "cascade@0%", "cascade@5%", "cascade@30%", "cascade@100%", "vlm-always"):
+        assert f"| {name} |" in text
+    for png in PLOTS:
+        assert f"]({png})" in text
+        _assert_real_png(tmp_path / png)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert len(data["systems"]) == 9 and data["context"]["source"] == "synthetic"
+    assert data["minority_classes"]  # imbalanced synthetic classes
+
+
+def test_bench_accuracy_and_fit_cascade_from_score_files(tmp_path, capsys):
+    path = synthetic_score_set(SyntheticScoreConfig(n=800, seed=5)).save(tmp_path / "val.npz")
+    out = tmp_path / "bench"
+    assert cli(["bench-accuracy", "--scores", str(path), "--out", str(out), "--budgets", "0,20,100",
+                "--blender", "stacking", "--minority-boost", "1.5"]) == 0
+    rows = [s["name"] for s in json.loads((out / "results.json").read_text())["systems"]]
+    assert rows == ["cnn-only", "cascade@0%", "cascade@20%", "cascade@100%", "vlm-always"]
+    for png in PLOTS:
+        _assert_real_png(out / png)
+    cfg_path = tmp_path / "cascade.json"
+    assert cli(["fit-cascade", str(path), "--budget", "25", "--out", str(cfg_path)]) == 0
+    cfg = CascadeConfig.model_validate_json(cfg_path.read_text())
+    assert cfg.escalation.fit_summary["budget"] == 0.25 and 0 < cfg.blend.weight <= 1
+
+
+def test_cli_reports_bad_inputs_without_traceback(tmp_path, capsys):
+    assert cli(["bench-accuracy", "--scores", str(tmp_path / "nope.npz"), "--out", str(tmp_path)]) == 2
+    assert "score file not found" in capsys.readouterr().err
+    assert cli(["score", str(tmp_path / "no-data"), "--bundle", str(tmp_path / "no-bundle")]) == 2
+    assert "manifest.json" in capsys.readouterr().err
+    path = synthetic_score_set(SyntheticScoreConfig(n=100, seed=6)).save(tmp_path / "s.npz")
+    assert cli(["fit-cascade", str(path), "--budget", "150"]) == 2
+    assert "budget" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(["bench-accuracy", "--scores", str(path), "--budgets", "10,abc"])
+
+
+@pytest.mark.integration
+@pytest.mark.needs_sample_data
+def test_score_and_bench_accuracy_on_real_photos(demo_bundle, vllm_server, sample_data, tmp_path):
+    """End to end: ONNX CNN + real vLLM over the 120 Oxford cat photos. The demo CNN is trained
+    on synthetic images, so accuracy is near chance: this checks structure, not accuracy."""
+    cnn_only = tmp_path / "cnn.npz"
+    assert cli(["score", str(sample_data), "--bundle", str(demo_bundle), "--out", str(cnn_only),
+                "--limit", "24", "--no-progress"]) == 0
+    s = ScoreSet.load(cnn_only)
+    assert len(s) == 24 and len(set(s.labels.tolist())) == 12 and not s.has_vlm.any()
+    assert (s.vlm_candidates == -1).all() and np.isnan(s.vlm_scores).all()
+
+    out = tmp_path / "bench"
+    assert cli(["bench-accuracy", "--data", str(sample_data), "--bundle", str(demo_bundle),
+                "--vlm-url", vllm_server.url, "--out", str(out), "--no-progress"]) == 0
+    scores = ScoreSet.load(out / "scores.npz")
+    n_images = sum(1 for p in sample_data.rglob("*.jpg"))
+    assert len(scores) == n_images and scores.has_vlm.mean() > 0.95
+    assert np.isclose(np.nansum(scores.vlm_scores, axis=1) + scores.vlm_none, 1.0, atol=1e-3)[scores.has_vlm].all()
+    assert (scores.vlm_candidates[:, 0] == scores.cnn_logits.argmax(1)).all()  # the VLM saw the CNN's top-3
+    data = json.loads((out / "results.json").read_text())
+    names = [r["name"] for r in data["systems"]]
+    assert names[0] == "cnn-only" and "cascade@30%" in names and names[-1] == "vlm-always"
+    for r in data["systems"]:
+        assert 0.0 <= r["balanced_accuracy"] <= 1.0 and 0.0 <= r["escalation_rate"] <= 1.0
+    for png in PLOTS:
+        _assert_real_png(out / png)
