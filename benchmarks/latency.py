@@ -395,7 +395,7 @@ def main(args: argparse.Namespace) -> int:
     }
     (out_dir / "latency.json").write_text(json.dumps(results, indent=1))
     plots(all_runs, out_dir)
-    console.print(report(results, out_dir))
+    console.print(report(results, out_dir), markup=False)
     console.print(f"written: {out_dir}/latency.json, latency.md, latency_vs_concurrency.png, latency_cdf.png")
     return 0
 
