@@ -43,9 +43,9 @@ test-unit: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration"
 
 # Latency over gRPC (224 px convnext_atto, NEVER mode) with ORT's own time beside it;
-# writes artifacts/bench/latency/latency.md (the README's results table) and PNG plots.
+# writes docs/bench/latency/ (JSON, Markdown, PNG plots) and the README's results table.
 bench: $(STAMP)
-	$(BIN)/catcascade bench-latency --out artifacts/bench/latency
+	$(BIN)/catcascade bench-latency --out docs/bench/latency --update-readme README.md
 
 # Balanced accuracy of CNN-only vs the cascade at escalation budgets, on the shared photos.
 bench-accuracy: $(STAMP)

@@ -314,6 +314,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads in the server (default: all)")
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--out", type=Path, default=Path("artifacts/bench/latency"))
+    p.add_argument("--update-readme", type=Path, default=None,
+                   help="replace the table between the bench:latency markers in this README")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -397,7 +399,23 @@ def main(args: argparse.Namespace) -> int:
     plots(all_runs, out_dir)
     console.print(report(results, out_dir), markup=False)
     console.print(f"written: {out_dir}/latency.json, latency.md, latency_vs_concurrency.png, latency_cdf.png")
+    if args.update_readme:
+        update_readme(args.update_readme, out_dir / "latency.md", out_dir)
     return 0
+
+
+def update_readme(readme: Path, report_md: Path, out_dir: Path) -> None:
+    """Swaps the text between the bench:latency markers for the new report (images linked)."""
+    start, end = "<!-- bench:latency:start -->", "<!-- bench:latency:end -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme} has no {start} ... {end} markers")
+    body = report_md.read_text().split("\n", 2)[2]  # drop the report's own title
+    rel = os.path.relpath(out_dir, readme.parent)
+    body = body.replace("](latency_vs_concurrency.png)", f"]({rel}/latency_vs_concurrency.png)")
+    body = body.replace("](latency_cdf.png)", f"]({rel}/latency_cdf.png)")
+    head, rest = text.split(start, 1)
+    readme.write_text(head + start + "\n" + body.strip() + "\n" + end + rest.split(end, 1)[1])
 
 
 def _write_config(out_dir: Path, args) -> Path:

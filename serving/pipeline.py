@@ -68,6 +68,8 @@ class PipelineConfig:
     max_concurrent_escalations: int = 32
     """VLM calls in flight at once; beyond it escalations are shed (CNN-only, reason SHED)."""
     decode_threads: int = 2
+    vlm_image_side: int = 448
+    """Longest side of the copy kept for the VLM (bounds memory and image tokens)."""
 
 
 class CascadePipeline:
@@ -92,10 +94,18 @@ class CascadePipeline:
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False)
 
-    def _decode(self, data: bytes) -> tuple[Image.Image, np.ndarray]:
+    def _decode(self, data: bytes, keep_for_vlm: bool) -> tuple[Image.Image | None, np.ndarray]:
+        """Decode + preprocess; keeps at most a ``vlm_image_side`` copy for the VLM, so the
+        memory a request holds while it waits on the VLM is bounded whatever was uploaded."""
         cfg = self.preprocess_config
         img = decode_image(data, cfg.limits, draft_size=cfg.scale_size)
-        return img, preprocess(img, cfg)
+        x = preprocess(img, cfg)
+        if not keep_for_vlm:
+            return None, x
+        side = self.config.vlm_image_side
+        if max(img.size) > side:
+            img.thumbnail((side, side), Image.Resampling.BICUBIC)
+        return img, x
 
     async def classify(self, data: bytes, k: int | None = None, mode: EscalationMode = EscalationMode.AUTO,
                        deadline: float | None = None) -> CascadeResult:
@@ -106,10 +116,10 @@ class CascadePipeline:
         t0 = time.perf_counter()
         k = k or self.config.default_top_k
         loop = asyncio.get_running_loop()
-        img, x = await loop.run_in_executor(self._decode_pool, self._decode, data)
+        keep = mode != EscalationMode.NEVER and self.verifier is not None
+        img, x = await loop.run_in_executor(self._decode_pool, self._decode, data, keep)
         t_decode = time.perf_counter()
         res = await self.cnn.submit(x)
-        t_cnn = time.perf_counter()
         probs = softmax(res.output, self.temperature)
         cnn_top = top_k(probs, self.labels, max(k, self.config.candidates))
         decision = self.policy.decide(probs, mode)
