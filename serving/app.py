@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import signal
 
-from cnn_stage.bundle import Bundle, load_bundle
+from cnn_stage.bundle import Bundle, BundleError, load_bundle
 from cnn_stage.onnx_runtime import OnnxClassifier
 from cnn_stage.preprocessing import DecodeLimits
 from ensemble.blender import make_blender
@@ -24,16 +24,24 @@ log = logging.getLogger(__name__)
 
 
 def _verifier(bundle: Bundle, cfg: ServeConfig):
-    if not cfg.vlm.urls:
+    """The VLM stage the config asks for: vLLM over HTTP, the bundle's VLM in-process, or none."""
+    backend = cfg.vlm.backend
+    if backend == "none":
         return None
+    spec = bundle.manifest.vlm
+    if spec is None and (backend == "transformers" or cfg.vlm.model is None):
+        raise ValueError(f"bundle {bundle.root} has no vlm section: set vlm.model, or serve CNN-only")
+    mode = cfg.vlm.scoring_mode or (spec.scoring_mode if spec else "multiple_choice")
+    if backend == "transformers":
+        from vlm_stage.transformers_backend import TransformersBackendConfig, TransformersVerifier
+
+        adapter = bundle.vlm_adapter_path()
+        return TransformersVerifier(TransformersBackendConfig(
+            model=bundle.vlm_base_path(), adapter=str(adapter) if adapter else None,
+            name=spec.adapter_name or spec.served_model_name, scoring_mode=mode))
     from vlm_stage.vllm_client import VlmClientConfig, VllmVerifier
 
-    spec = bundle.manifest.vlm
-    model = cfg.vlm.model or (spec.adapter_name if spec and spec.adapter_name else
-                              spec.served_model_name if spec else None)
-    if model is None:
-        raise ValueError("no VLM model name: set vlm.model, or give the bundle a vlm section")
-    mode = cfg.vlm.scoring_mode or (spec.scoring_mode if spec else "multiple_choice")
+    model = cfg.vlm.model or spec.adapter_name or spec.served_model_name
     return VllmVerifier(VlmClientConfig(urls=cfg.vlm.urls, model=model, scoring_mode=mode,
                                         timeout_s=cfg.vlm.timeout_s, max_retries=cfg.vlm.max_retries))
 
@@ -43,6 +51,9 @@ async def warm_up(verifier, candidates: tuple[str, ...], timeout_s: float = 180.
     answer grammar (seconds on a CPU), which must not land on a user's request."""
     from vlm_stage.vllm_client import VllmVerifier
 
+    if not isinstance(verifier, VllmVerifier):
+        await verifier.warm_up(candidates)
+        return True
     probe = VllmVerifier(dataclasses.replace(verifier.config, timeout_s=timeout_s, max_retries=0))
     try:
         await probe.warm_up(candidates)
@@ -60,7 +71,13 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
     bundle = load_bundle(cfg.bundle)
     m = bundle.manifest
     metrics = metrics or ServiceMetrics()
-    onnx = OnnxClassifier(bundle.cnn_path, intra_op_threads=cfg.cnn_threads)
+    cnn_file = bundle.cnn_path
+    if cfg.cnn_precision == "int8":
+        if bundle.cnn_int8_path is None:
+            raise BundleError(f"cnn_precision int8, but bundle {bundle.root} has no INT8 model "
+                              "(train with `catcascade train-cnn --int8`)")
+        cnn_file = bundle.cnn_int8_path
+    onnx = OnnxClassifier(cnn_file, intra_op_threads=cfg.cnn_threads)
     batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump()), on_batch=metrics.batch_size.observe)
     metrics.queue_depth.set_function(lambda: batcher.depth)
     await batcher.start()
@@ -79,8 +96,11 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
         config=PipelineConfig(candidates=m.cascade.top_k, vlm_min_budget_ms=lim.vlm_min_budget_ms,
                               max_concurrent_escalations=lim.max_concurrent_escalations))
     metrics.inflight_escalations.set_function(lambda: pipeline.inflight_escalations)
-    vlm_name = getattr(getattr(verifier, "config", None), "model", "") or ""
-    versions = pb.ModelVersions(bundle=bundle.version_string, cnn=f"{m.cnn.architecture}@{m.cnn.sha256[:12]}",
+    vlm_name = (getattr(verifier.config, "model", "") if cfg.vlm.backend == "vllm" else
+                getattr(verifier.config, "name", "")) if verifier else ""
+    cnn_sha = m.cnn.int8_sha256 if cfg.cnn_precision == "int8" else m.cnn.sha256
+    versions = pb.ModelVersions(bundle=bundle.version_string,
+                                cnn=f"{m.cnn.architecture}:{cfg.cnn_precision}@{cnn_sha[:12]}",
                                 vlm=(f"{m.vlm.base_model}+{vlm_name}" if m.vlm and verifier else ""))
     info = pb.ModelInfo(labels=m.labels, versions=versions, image_size=bundle.preprocess.image_size,
                         escalation_threshold=m.cascade.escalation.threshold,

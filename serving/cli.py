@@ -14,6 +14,8 @@ DEFAULT_BUNDLE = Path("artifacts/demo-bundle")
 # parser with `set_defaults(func=...)`; func(args) returns an exit code or raises CliError.
 # Imported lazily so `catcascade --help` stays fast; add one line per feature module.
 COMMAND_REGISTRARS: list[str] = [
+    "training.train_cnn_command",
+    "training.train_vlm_command",
     "ensemble.cli_commands",
     "benchmarks.latency",
 ]
@@ -33,13 +35,14 @@ def _serve(args) -> int:
     from serving.config import ServeConfig
 
     try:
-        overrides = {"bundle": args.bundle, "host": args.host, "port": args.port}
+        overrides = {"bundle": args.bundle, "host": args.host, "port": args.port, "cnn_precision": args.precision}
         if args.config:
             cfg = ServeConfig.from_yaml(args.config, **overrides)
         else:
             cfg = ServeConfig(bundle=args.bundle or DEFAULT_BUNDLE, host=args.host or "127.0.0.1",
                               port=args.port if args.port is not None else 50051,
-                              vlm={"urls": args.vlm_url or [], "model": args.vlm_model})
+                              cnn_precision=args.precision or "fp32",
+                              vlm={"urls": args.vlm_url or [], "model": args.vlm_model, "backend": args.vlm_backend})
         from serving.log_format import configure_logging
 
         configure_logging(cfg.log_format, logging.DEBUG if args.verbose else logging.INFO)
@@ -138,8 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bundle", type=Path)
     s.add_argument("--host")
     s.add_argument("--port", type=int)
+    s.add_argument("--precision", choices=["fp32", "int8"], help="CNN model file to serve (default fp32)")
     s.add_argument("--vlm-url", action="append", help="vLLM base URL (repeatable); none = CNN only")
     s.add_argument("--vlm-model", help="vLLM model name (default: the bundle's adapter)")
+    s.add_argument("--vlm-backend", choices=["vllm", "transformers", "none"],
+                   help="default: vllm with --vlm-url, else none; transformers runs the bundle's VLM in-process")
     s.set_defaults(func=_serve)
 
     c = sub.add_parser("classify", help="classify image files through a running server")
@@ -194,4 +200,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m serving.cli` runs this file as __main__; delegate to the imported module so
+    # registrar modules and this entry point share one CliError class.
+    from serving.cli import main as _main
+
+    sys.exit(_main())

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class BatchingConfig(BaseModel):
@@ -18,7 +18,10 @@ class BatchingConfig(BaseModel):
 class VlmEndpointConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    urls: list[str] = Field(default_factory=list, description="vLLM OpenAI-compatible base URLs; empty = no VLM")
+    urls: list[str] = Field(default_factory=list, description="vLLM OpenAI-compatible base URLs")
+    backend: Literal["vllm", "transformers", "none"] | None = Field(
+        None, description="vllm (needs urls); transformers = the bundle's VLM in-process (no vLLM server); "
+                          "none = CNN only. Default: vllm when urls are given, else none")
     model: str | None = Field(None, description="vLLM model name; default: the bundle's adapter name")
     scoring_mode: Literal["multiple_choice", "yes_no"] | None = None
     timeout_s: float = Field(10.0, gt=0)
@@ -31,6 +34,14 @@ class VlmEndpointConfig(BaseModel):
             if not u.startswith(("http://", "https://")):
                 raise ValueError(f"VLM URL must start with http:// or https://, got {u!r}")
         return urls
+
+    @model_validator(mode="after")
+    def _backend(self) -> "VlmEndpointConfig":
+        if self.backend is None:
+            self.backend = "vllm" if self.urls else "none"
+        if self.backend == "vllm" and not self.urls:
+            raise ValueError("backend 'vllm' needs at least one URL in vlm.urls")
+        return self
 
 
 class LimitsConfig(BaseModel):
@@ -90,6 +101,7 @@ class ServeConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
     cnn_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads; default all cores")
+    cnn_precision: Literal["fp32", "int8"] = Field("fp32", description="int8 serves the bundle's cnn.int8.onnx")
     batching: BatchingConfig = BatchingConfig()
     vlm: VlmEndpointConfig = VlmEndpointConfig()
     limits: LimitsConfig = LimitsConfig()

@@ -71,3 +71,55 @@ def test_unreachable_server_raises_clear_error():
 
     with pytest.raises(VlmUnavailableError, match="after 2 attempts"):
         asyncio.run(go())
+
+
+def test_adapter_trained_this_session_is_served_by_name(demo_bundle, vllm_server):
+    """The demo bundle's adapter is trained in this session by train_lora (TRL + PEFT, CPU):
+    its logged loss falls, vLLM serves the saved folder by name, and the adapter's scores
+    differ from the base model's (one image, several candidate lists)."""
+    import json
+
+    summary = json.loads((demo_bundle / "manifest.json").read_text())["provenance"]["vlm_train"]
+    losses = summary["losses"]
+    assert len(losses) >= 6 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    assert (demo_bundle / "vlm" / "adapter" / "adapter_model.safetensors").is_file()
+    models = {m["id"] for m in httpx.get(f"{vllm_server.url}/v1/models", timeout=10).json()["data"]}
+    assert {"cats", "catcascade-vlm"} <= models
+    adapter, base = _verify(vllm_server.url, "cats"), _verify(vllm_server.url, "catcascade-vlm")
+    assert max(abs(a - b) for a, b in zip(adapter.probabilities + (adapter.none_probability,),
+                                          base.probabilities + (base.none_probability,))) > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["multiple_choice", "yes_no"])
+@pytest.mark.parametrize("served", ["cats", "catcascade-vlm"])
+def test_in_process_backend_matches_vllm(demo_bundle, vllm_server, mode, served):
+    """One code path: the transformers backend (base + the saved adapter folder) gives the
+    scores and prompt token counts vLLM gives, so vLLM serves exactly the trained adapter."""
+    import base64
+    import io
+
+    from vlm_stage.transformers_backend import TransformersBackendConfig, TransformersVerifier
+
+    image = Image.new("RGB", (90, 70), (180, 90, 30))
+    remote = _verify(vllm_server.url, served, mode)
+    adapter = str(demo_bundle / "vlm" / "adapter") if served == "cats" else None
+    local = TransformersVerifier(TransformersBackendConfig(model=str(demo_bundle / "vlm" / "base"), adapter=adapter,
+                                                           scoring_mode=mode, name=served))
+    sent = Image.open(io.BytesIO(base64.b64decode(image_to_data_url(image).split(",", 1)[1]))).convert("RGB")
+    mine = asyncio.run(local.verify(sent, CANDIDATES))
+    assert mine.requests == remote.requests and mine.prompt_tokens == remote.prompt_tokens > 0
+    assert mine.probabilities == pytest.approx(remote.probabilities, abs=2e-3)
+    assert mine.none_probability == pytest.approx(remote.none_probability, abs=2e-3)
+
+
+def test_usage_and_prefix_cache_for_yes_no(vllm_server):
+    """Mode (b) sends one request per candidate, all sharing the image prefix: about twice
+    mode (a)'s prompt tokens in three requests, and vLLM's prefix cache is consulted."""
+    from vlm_stage.vllm_client import prefix_cache_counters
+
+    before = prefix_cache_counters(vllm_server.url)
+    a = _verify(vllm_server.url, "cats", "multiple_choice")
+    b = _verify(vllm_server.url, "cats", "yes_no")
+    assert a.requests == 1 and b.requests == 3
+    assert 1.5 * a.prompt_tokens < b.prompt_tokens < 3 * a.prompt_tokens
+    assert prefix_cache_counters(vllm_server.url)["queries"] >= before["queries"] + b.prompt_tokens

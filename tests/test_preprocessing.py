@@ -70,3 +70,16 @@ def test_config_validation():
         PreprocessConfig(crop_pct=2.0)
     cfg = PreprocessConfig(image_size=80)
     assert PreprocessConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("hw", [(150, 211), (211, 150), (375, 500), (500, 375), (256, 300), (100, 90), (1200, 1600)])
+@pytest.mark.parametrize("size", [64, 224])
+def test_matches_torchvision_resize_and_crop_for_many_shapes(hw, size):
+    """Short side truncation and crop offsets as torchvision's Resize(int) + CenterCrop."""
+    from timm.data import create_transform
+
+    tf = create_transform(input_size=(3, size, size), crop_pct=0.875, interpolation="bicubic")
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (*hw, 3), dtype=np.uint8))
+    ours = preprocess(img, PreprocessConfig(image_size=size))
+    assert ours.flags["C_CONTIGUOUS"] and ours.dtype == np.float32
+    assert np.abs(ours - tf(img).numpy()).max() < 0.02

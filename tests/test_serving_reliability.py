@@ -238,3 +238,14 @@ def test_graceful_shutdown_drains_in_flight_requests(make_server):
         with pytest.raises(grpc.RpcError) as err:
             late.classify(jpeg_bytes(), mode="never")
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_in_process_transformers_backend_when_no_vllm_server(make_server):
+    """Machines without a vLLM server can still escalate, to the bundle's VLM in-process."""
+    server = make_server(vlm={"backend": "transformers"})
+    with CatcascadeClient(server.target) as c:
+        r = c.classify(jpeg_bytes(seed=4), mode="always")
+        info = c.model_info()
+    assert r.escalated and r.escalation_reason == pb.ESCALATION_REASON_REQUESTED_ALWAYS
+    assert r.vlm.model == "cats" and len(r.vlm.candidates) == 3
+    assert info.vlm_enabled and "+cats" in info.versions.vlm

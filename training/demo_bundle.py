@@ -24,6 +24,9 @@ class DemoBundleConfig:
     per_class: int = 30
     phase_epochs: tuple[int, ...] = (1, 2)
     vlm_train_steps: int = 12
+    vlm_batch_size: int = 8
+    vlm_lr: float = 2e-3
+    vlm_eval_examples: int = 24
     threshold: float = 0.6
     blend_weight: float = 0.5
     seed: int = 0
@@ -43,17 +46,15 @@ def _versions() -> dict:
 
 def build_demo_bundle(out_dir: str | Path, cfg: DemoBundleConfig = DemoBundleConfig(), progress: bool = True) -> Path:
     """Writes a complete bundle to ``out_dir`` (CNN + tiny VLM + adapter) and returns it."""
-    from cnn_stage.bundle import Bundle, BundleManifest, CnnSpec, VlmSpec, sha256_file
-    from cnn_stage.onnx_export import export_onnx
-    from cnn_stage.preprocessing import PreprocessConfig
+    from cnn_stage.bundle import Bundle, BundleManifest, VlmSpec
     from ensemble.config import BlendConfig, CascadeConfig, EscalationConfig
-    from ensemble.metrics import expected_calibration_error
     from ensemble.temperature import TemperatureScaler
+    from training.cnn_bundle import calibrate_and_export
     from training.image_folder import scan_image_folder, stratified_split
     from training.synthetic_data import DEMO_LABELS, write_synthetic_dataset
     from training.train_cnn import CnnTrainConfig, train_cnn
     from training.train_vlm import VlmTrainConfig, train_lora
-    from training.verification_data import make_example
+    from training.verification_data import cnn_top_k, examples_from_top_k
     from vlm_stage.tiny_model import build_tiny_llava
 
     out = Path(out_dir)
@@ -72,35 +73,43 @@ def build_demo_bundle(out_dir: str | Path, cfg: DemoBundleConfig = DemoBundleCon
     train_cfg = CnnTrainConfig(model="convnext_atto", image_size=cfg.image_size, phase_epochs=cfg.phase_epochs,
                                seed=cfg.seed, progress=progress, patience=10)
     result = train_cnn(train_cfg, train, val, labels, metrics_path=out / "cnn_metrics.jsonl")
-    scaler = TemperatureScaler().fit(result.val_logits, result.val_labels)
-    ece_before = expected_calibration_error(TemperatureScaler(1.0).predict_proba(result.val_logits), result.val_labels)
-    ece_after = expected_calibration_error(scaler.predict_proba(result.val_logits), result.val_labels)
-    pp = PreprocessConfig.from_timm(result.model, cfg.image_size)
-    parity = export_onnx(result.model, out / "cnn.onnx", cfg.image_size)
+    cnn = calibrate_and_export(result, out, "convnext_atto", cfg.image_size)
+    pp, cal = cnn.preprocess, cnn.report
+    scaler = TemperatureScaler(cal["temperature"])
 
     say("[3/4] building the tiny VLM and training its LoRA adapter")
     build_tiny_llava(out / "vlm" / "base", labels, seed=cfg.seed)
+    # Hard negatives are the exported CNN's own confusions (its top-3 on each image). Only as
+    # many training images as the steps consume (a random, all-class sample) plus a held-out
+    # slice of val for the before/after accuracy.
     rng = random.Random(cfg.seed)
-    examples = [make_example(str(s.path), labels[s.label], labels, rng) for s in train]
+    vlm_train = rng.sample(train, min(len(train), cfg.vlm_train_steps * cfg.vlm_batch_size))
+    vlm_eval = rng.sample(val, min(len(val), cfg.vlm_eval_examples))
+    vlm_part = vlm_train + vlm_eval
+    top3 = cnn_top_k(out / "cnn.onnx", pp, labels, [s.path for s in vlm_part], k=3,
+                     temperature=scaler.temperature_, progress=False)
+    examples = examples_from_top_k([(str(s.path), labels[s.label]) for s in vlm_part], labels, top3, seed=cfg.seed)
     vlm_summary = train_lora(VlmTrainConfig(base_model=str(out / "vlm" / "base"), max_steps=cfg.vlm_train_steps,
-                                            seed=cfg.seed), examples, out / "vlm" / "adapter",
-                             work_dir=out / "vlm" / "sft-work")
+                                            batch_size=cfg.vlm_batch_size, lr=cfg.vlm_lr, seed=cfg.seed),
+                             examples[: len(vlm_train)], out / "vlm" / "adapter", work_dir=out / "vlm" / "sft-work",
+                             eval_examples=examples[len(vlm_train):], progress=progress)
 
     say("[4/4] writing the manifest")
     manifest = BundleManifest(
         name="catcascade-demo", version=time.strftime("%Y%m%d-%H%M%S"), labels=labels, preprocess=pp.to_dict(),
-        cnn=CnnSpec(architecture="convnext_atto", sha256=sha256_file(out / "cnn.onnx"), temperature=scaler.temperature_),
+        cnn=cnn.spec,
         cascade=CascadeConfig(escalation=EscalationConfig(threshold=cfg.threshold),
                               blend=BlendConfig(weight=cfg.blend_weight)),
         vlm=VlmSpec(base_model="vlm/base", adapter_dir="vlm/adapter", adapter_name="cats"),
         provenance={
             "versions": _versions(), "demo_config": asdict(cfg), "cnn_train_config": asdict(train_cfg),
-            "val_balanced_accuracy": result.best_val_balanced_accuracy, "ece_before": ece_before,
-            "ece_after": ece_after, "onnx_max_prob_diff": parity, "vlm_train": vlm_summary,
+            "val_balanced_accuracy": result.best_val_balanced_accuracy, "ece_before": cal["ece_before"],
+            "ece_after": cal["ece_after"], "onnx_max_prob_diff": cal["onnx_max_prob_diff"], "vlm_train": vlm_summary,
             "build_seconds": round(time.perf_counter() - t0, 1),
         },
     )
     Bundle(out, manifest).save()
     say(f"bundle ready in {time.perf_counter() - t0:.0f} s: {out} (val balanced accuracy "
-        f"{result.best_val_balanced_accuracy:.3f}, T={scaler.temperature_:.2f}, ECE {ece_before:.3f} -> {ece_after:.3f})")
+        f"{result.best_val_balanced_accuracy:.3f}, T={cal['temperature']:.2f}, ECE {cal['ece_before']:.3f} -> "
+        f"{cal['ece_after']:.3f})")
     return out

@@ -29,20 +29,68 @@ def trainable_blocks(phase: int) -> tuple[str, ...]:
     return CONVNEXT_BLOCKS[: min(phase + 1, len(CONVNEXT_BLOCKS))]
 
 
+def norm_parameter_names(model) -> set[str]:
+    """Names of the parameters owned by normalisation layers (LayerNorm, LayerNorm2d, GroupNorm, BatchNorm)."""
+    from torch import nn
+
+    norm_types = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+    names = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, norm_types):
+            names.update(f"{module_name}.{p}" if module_name else p for p, _ in module.named_parameters(recurse=False))
+    return names
+
+
 def apply_phase(model, phase: int, train_norm: bool = True) -> list[str]:
     """Sets requires_grad for ``phase``; returns the names of the trainable parameters.
 
-    With ``train_norm=False`` LayerNorm parameters stay frozen in every phase (BatchNorm
-    backbones would also keep their running stats in eval mode; ConvNeXt has none).
+    With ``train_norm=False`` the backbone's normalisation parameters stay frozen in every
+    phase (the head's own norm still trains: it is new for the new classes).
     """
     blocks = set(trainable_blocks(phase))
+    norms = set() if train_norm else norm_parameter_names(model)
     names = []
     for name, p in model.named_parameters():
-        is_norm = ".norm" in name or name.startswith("norm") or "stem.1" in name
-        p.requires_grad = block_of(name) in blocks and (train_norm or not is_norm or block_of(name) == "head")
+        block = block_of(name)
+        p.requires_grad = block in blocks and (block == "head" or name not in norms)
         if p.requires_grad:
             names.append(name)
     return names
+
+
+def freeze_batchnorm_stats(model) -> int:
+    """Puts every BatchNorm whose parameters are all frozen in eval mode; call after ``model.train()``.
+
+    A frozen BatchNorm must not keep updating its running statistics from fine-tuning batches
+    (the pretrained statistics are part of what is frozen). ConvNeXt has none (LayerNorm only);
+    this keeps the trainer honest for backbones that do. Returns how many were switched.
+    """
+    from torch import nn
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in module.parameters(recurse=False)):
+            module.eval()
+            n += 1
+    return n
+
+
+def epoch_plan(phase_epochs: tuple[int, ...] | list[int], unfreeze_all_last: bool = True) -> list[tuple[int, int]]:
+    """(phase, unfreeze depth) for every epoch of the run, in order.
+
+    Phase k trains the head and the top k stages (depth k); with ``unfreeze_all_last`` the last
+    phase (when there is more than one) trains every block. A pure function, so a resumed run
+    knows which phase its next epoch belongs to.
+    """
+    if not phase_epochs or any(int(e) < 0 for e in phase_epochs):
+        raise ValueError(f"phase_epochs must be non-negative epoch counts, got {tuple(phase_epochs)}")
+    last = len(phase_epochs) - 1
+    plan = []
+    for phase, epochs in enumerate(phase_epochs):
+        depth = len(CONVNEXT_BLOCKS) - 1 if (unfreeze_all_last and phase == last and phase > 0) else phase
+        plan.extend((phase, depth) for _ in range(int(epochs)))
+    return plan
 
 
 def layer_decay_groups(model, lr: float, layer_decay: float, weight_decay: float) -> list[dict]:

@@ -20,6 +20,8 @@ class CandidateScores:
     mode: str
     latency_ms: float = 0.0
     requests: int = 1
+    prompt_tokens: int = 0
+    """Prompt tokens the backend processed for this image (vLLM's ``usage`` field)."""
 
 
 def _normalise_token(token: str) -> str:

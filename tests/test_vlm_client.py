@@ -1,0 +1,155 @@
+"""Routing, retries and usage accounting of VllmVerifier. The network is replaced by
+httpx.MockTransport (a fake of what the client calls); vLLM itself is exercised in
+test_integration_vllm.py."""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import httpx
+import pytest
+from PIL import Image
+
+from vlm_stage.vllm_client import VlmClientConfig, VllmVerifier, VlmUnavailableError
+
+CANDIDATES = ("Persian", "Siamese", "Bengal")
+IMAGE = Image.new("RGB", (40, 30), (10, 200, 30))
+
+
+def _completion(request: httpx.Request, prompt_tokens: int = 70) -> httpx.Response:
+    """A vLLM-shaped answer: top_logprobs over the allowed choices, usage with prompt_tokens."""
+    choices = json.loads(request.content)["structured_outputs"]["choice"]
+    top = [{"token": c, "logprob": math.log(1.0 / len(choices))} for c in choices]
+    return httpx.Response(200, json={
+        "choices": [{"message": {"content": choices[0]}, "logprobs": {"content": [{"token": choices[0], "top_logprobs": top}]}}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 1},
+    })
+
+
+def _run(coro_fn, config: VlmClientConfig, handler):
+    async def go():
+        v = VllmVerifier(config, transport=httpx.MockTransport(handler))
+        try:
+            return await coro_fn(v), v
+        finally:
+            await v.aclose()
+
+    return asyncio.run(go())
+
+
+def test_least_outstanding_server_gets_the_next_request():
+    """While a call is held open on server a, every new call goes to the idle server b."""
+    seen: list[str] = []
+    release = asyncio.Event()
+
+    async def handler(request: httpx.Request):
+        seen.append(request.url.host)
+        if request.url.host == "a":
+            await release.wait()
+        return _completion(request)
+
+    async def scenario(v: VllmVerifier):
+        a, b = v._endpoints
+        b.outstanding = 1  # steer the first call to a
+        slow = asyncio.create_task(v.verify(IMAGE, CANDIDATES))
+        while not seen:
+            await asyncio.sleep(0.001)
+        b.outstanding = 0
+        assert a.outstanding == 1
+        fast = [await v.verify(IMAGE, CANDIDATES) for _ in range(4)]
+        release.set()
+        await slow
+        return fast
+
+    cfg = VlmClientConfig(urls=["http://a:1", "http://b:1"])
+    fast, v = _run(scenario, cfg, handler)
+    assert seen == ["a", "b", "b", "b", "b"]
+    assert all(math.isclose(sum(s.probabilities) + s.none_probability, 1.0) for s in fast)
+    assert [e.outstanding for e in v._endpoints] == [0, 0]
+
+
+def test_pick_prefers_the_fewest_outstanding_and_avoids_failed_servers():
+    v = VllmVerifier(VlmClientConfig(urls=["http://a:1", "http://b:1", "http://c:1"]))
+    try:
+        a, b, c = v._endpoints
+        a.outstanding, b.outstanding, c.outstanding = 3, 1, 2
+        assert all(v._pick() is b for _ in range(20))
+        assert all(v._pick(avoid={"http://b:1"}) is c for _ in range(20))
+        assert v._pick(avoid={e.url for e in v._endpoints}) is b  # all failed: fall back to the least loaded
+    finally:
+        asyncio.run(v.aclose())
+
+
+@pytest.mark.parametrize("failure", ["status_503", "connect_error"])
+def test_transient_errors_are_retried_on_another_server(failure):
+    calls: list[str] = []
+
+    def handler(request: httpx.Request):
+        calls.append(request.url.host)
+        if request.url.host == "bad":
+            if failure == "status_503":
+                return httpx.Response(503, text="overloaded")
+            raise httpx.ConnectError("refused", request=request)
+        return _completion(request, prompt_tokens=81)
+
+    cfg = VlmClientConfig(urls=["http://bad:1", "http://good:1"], max_retries=2, backoff_s=0.001)
+    scores, v = _run(lambda v: asyncio.gather(*(v.verify(IMAGE, CANDIDATES) for _ in range(6))), cfg, handler)
+    assert len(scores) == 6 and all(s.requests == 1 and s.prompt_tokens == 81 for s in scores)
+    assert calls.count("good") == 6  # every image answered by the healthy server
+    assert v.requests_sent == 6 and v.prompt_tokens == 6 * 81
+    assert len(v.latencies_ms()["http://bad:1"]) == calls.count("bad")  # failed calls are timed too
+
+
+def test_retries_are_bounded_and_the_error_names_the_attempts():
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        return httpx.Response(502, text="bad gateway")
+
+    cfg = VlmClientConfig(urls=["http://x:1"], max_retries=3, backoff_s=0.001)
+    with pytest.raises(VlmUnavailableError, match="after 4 attempts"):
+        _run(lambda v: v.verify(IMAGE, CANDIDATES), cfg, handler)
+    assert len(calls) == 4
+
+
+def test_client_errors_are_not_retried():
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        return httpx.Response(400, json={"error": "The model `nope` does not exist."})
+
+    with pytest.raises(VlmUnavailableError, match="HTTP 400.*does not exist"):
+        _run(lambda v: v.verify(IMAGE, CANDIDATES), VlmClientConfig(urls=["http://x:1"], max_retries=3), handler)
+    assert len(calls) == 1
+
+
+def test_timeouts_are_transient():
+    calls = []
+
+    async def handler(request):
+        calls.append(1)
+        if len(calls) == 1:
+            raise httpx.ReadTimeout("slow", request=request)
+        return _completion(request)
+
+    cfg = VlmClientConfig(urls=["http://x:1"], max_retries=1, backoff_s=0.001, timeout_s=0.5)
+    s, _ = _run(lambda v: v.verify(IMAGE, CANDIDATES), cfg, handler)
+    assert len(calls) == 2 and s.probabilities == pytest.approx((0.25, 0.25, 0.25))
+
+
+def test_yes_no_mode_sends_one_request_per_candidate_and_sums_usage():
+    bodies = []
+
+    def handler(request):
+        bodies.append(json.loads(request.content))
+        return _completion(request, prompt_tokens=50)
+
+    cfg = VlmClientConfig(urls=["http://x:1"], scoring_mode="yes_no")
+    s, v = _run(lambda v: v.verify(IMAGE, CANDIDATES), cfg, handler)
+    assert s.requests == 3 and s.prompt_tokens == 150 and v.requests_sent == 3
+    assert [b["structured_outputs"]["choice"] for b in bodies] == [["yes", "no"]] * 3
+    # All three share the instruction + image prefix (prefix caching); only the question differs.
+    assert len({json.dumps(b["messages"][0]["content"][:2]) for b in bodies}) == 1
