@@ -313,6 +313,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads in the server (default: all)")
     p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--no-spinning", action="store_true", help="serve with ONNX Runtime thread spinning off")
     p.add_argument("--out", type=Path, default=Path("artifacts/bench/latency"))
     p.add_argument("--update-readme", type=Path, default=None,
                    help="replace the table between the bench:latency markers in this README")
@@ -424,6 +425,8 @@ def _write_config(out_dir: Path, args) -> Path:
     cfg = {"bundle": str(args.bundle), "batching": {"max_batch_size": args.max_batch_size}}
     if args.threads:
         cfg["cnn_threads"] = args.threads
+    if args.no_spinning:
+        cfg["cnn_spinning"] = False
     path = out_dir / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

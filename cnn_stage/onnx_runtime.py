@@ -18,7 +18,8 @@ def _import_ort():
 class OnnxClassifier:
     """Runs an exported classifier: float32 NCHW in, logits out."""
 
-    def __init__(self, path: str | Path, intra_op_threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, path: str | Path, intra_op_threads: int | None = None, providers: list[str] | None = None,
+                 allow_spinning: bool = True):
         ort = _import_ort()
         self.path = Path(path)
         opts = ort.SessionOptions()
@@ -26,6 +27,9 @@ class OnnxClassifier:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.intra_op_num_threads = intra_op_threads or os.cpu_count() or 1
         opts.inter_op_num_threads = 1
+        # ORT's pool threads spin while waiting for work; in a server that shares the cores
+        # with decoding and gRPC that spinning steals the CPU they need.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         if providers is None:
             available = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]

@@ -77,7 +77,7 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
             raise BundleError(f"cnn_precision int8, but bundle {bundle.root} has no INT8 model "
                               "(train with `catcascade train-cnn --int8`)")
         cnn_file = bundle.cnn_int8_path
-    onnx = OnnxClassifier(cnn_file, intra_op_threads=cfg.cnn_threads)
+    onnx = OnnxClassifier(cnn_file, intra_op_threads=cfg.cnn_threads, allow_spinning=cfg.cnn_spinning)
     batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump()), on_batch=metrics.batch_size.observe)
     metrics.queue_depth.set_function(lambda: batcher.depth)
     await batcher.start()

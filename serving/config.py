@@ -102,6 +102,8 @@ class ServeConfig(BaseModel):
     port: int = Field(50051, ge=0, le=65535)
     cnn_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads; default all cores")
     cnn_precision: Literal["fp32", "int8"] = Field("fp32", description="int8 serves the bundle's cnn.int8.onnx")
+    cnn_spinning: bool = Field(True, description="let ONNX Runtime's threads spin between batches: lower latency "
+                               "when idle, less CPU left for decoding under load")
     batching: BatchingConfig = BatchingConfig()
     vlm: VlmEndpointConfig = VlmEndpointConfig()
     limits: LimitsConfig = LimitsConfig()
