@@ -183,15 +183,12 @@ def main(args: argparse.Namespace) -> int:
             from cnn_stage.bundle import load_bundle
             from vlm_stage.vllm_server import VllmServer, VllmServerConfig
 
-            bundle = load_bundle(args.bundle)
-            spec = bundle.manifest.vlm
-            if spec is None:
-                raise SystemExit(f"--start-vlm: bundle {args.bundle} has no vlm section")
-            adapters = {spec.adapter_name: str(bundle.vlm_adapter_path())} if spec.adapter_dir else {}
+            try:
+                vcfg = VllmServerConfig.for_bundle(load_bundle(args.bundle))
+            except ValueError as e:
+                raise SystemExit(f"--start-vlm: {e}") from None
             print("starting vLLM for the bundle's VLM (about a minute on a CPU)", flush=True)
-            vllm = VllmServer(VllmServerConfig(model=bundle.vlm_base_path(), served_model_name=spec.served_model_name,
-                                               lora_modules=adapters, max_model_len=spec.max_model_len),
-                              log_path=out / "vllm.log").start()
+            vllm = VllmServer(vcfg, log_path=out / "vllm.log").start()
             args.vlm_url = [*args.vlm_url, vllm.url]
         run_cfg = ScoreRunConfig(vlm_urls=tuple(args.vlm_url), vlm_model=args.vlm_model, limit=args.limit,
                                  progress=not args.no_progress)

@@ -349,10 +349,7 @@ def main(args: argparse.Namespace) -> int:
     if args.vlm:
         from vlm_stage.vllm_server import VllmServer, VllmServerConfig
 
-        spec = bundle.manifest.vlm
-        vllm = VllmServer(VllmServerConfig(model=bundle.vlm_base_path(), served_model_name=spec.served_model_name,
-                                           lora_modules={spec.adapter_name: str(bundle.vlm_adapter_path())}),
-                          log_path=out_dir / "vllm.log").start()
+        vllm = VllmServer(VllmServerConfig.for_bundle(bundle), log_path=out_dir / "vllm.log").start()
     extra = ["--config", str(_write_config(out_dir, args))]
     server = ServerProcess(args.bundle, free_port(), vllm.url if vllm else None, out_dir / "server.log", extra)
     all_runs: dict[str, list[RunStats]] = {}

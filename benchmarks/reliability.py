@@ -176,9 +176,7 @@ def main(args: argparse.Namespace) -> int:
 
         build_demo_bundle(bundle_dir)
     bundle = load_bundle(bundle_dir)
-    spec = bundle.manifest.vlm
-    vcfg = VllmServerConfig(model=bundle.vlm_base_path(), served_model_name=spec.served_model_name,
-                            lora_modules={spec.adapter_name: str(bundle.vlm_adapter_path())})
+    vcfg = VllmServerConfig.for_bundle(bundle)
     rows = []
     with VllmServer(vcfg, log_path="artifacts/logs/vllm-reliability.log") as vllm:
         print("vLLM ready; running scenarios", flush=True)

@@ -50,7 +50,21 @@ def true_class_nll(probs: np.ndarray, y: np.ndarray) -> float:
     return float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
 
 
-class LogLinearBlender:
+class BatchBlender:
+    """Shared by the blenders: one image's ``blend`` is a batch of one through ``blend_batch``."""
+
+    def blend_batch(self, cnn_probs: np.ndarray, candidates: np.ndarray, vlm_scores: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def blend(self, cnn_probs: np.ndarray, candidates: tuple[int, ...] | list[int], vlm_probs: np.ndarray) -> np.ndarray:
+        cnn_probs = np.asarray(cnn_probs, dtype=np.float64)
+        vlm = np.asarray(vlm_probs, dtype=np.float64)
+        if vlm.shape != np.asarray(candidates).shape:
+            raise ValueError(f"{len(candidates)} candidates but {vlm.shape[0]} VLM scores")
+        return self.blend_batch(cnn_probs[None, :], np.asarray(candidates)[None, :], vlm[None, :])[0]
+
+
+class LogLinearBlender(BatchBlender):
     """Weighted log-linear pool inside the CNN's top-k; mass outside the top-k stays the CNN's.
 
     Within the candidates: q_c ∝ (p_cnn(c)^(1-w) * p_vlm(c)^w)^(1/T), rescaled to the CNN's total
@@ -78,13 +92,6 @@ class LogLinearBlender:
         if has.any():
             out[has] = self._pool(p[has], idx[has], vlm[has], self.config.weight, self.config.temperature)
         return out
-
-    def blend(self, cnn_probs: np.ndarray, candidates: tuple[int, ...] | list[int], vlm_probs: np.ndarray) -> np.ndarray:
-        cnn_probs = np.asarray(cnn_probs, dtype=np.float64)
-        vlm = np.asarray(vlm_probs, dtype=np.float64)
-        if vlm.shape != np.asarray(candidates).shape:
-            raise ValueError(f"{len(candidates)} candidates but {vlm.shape[0]} VLM scores")
-        return self.blend_batch(cnn_probs[None, :], np.asarray(candidates)[None, :], vlm[None, :])[0]
 
     def fit(self, cnn_probs: np.ndarray, candidates: np.ndarray, vlm_scores: np.ndarray, y: np.ndarray,
             fit_temperature: bool = True) -> "LogLinearBlender":

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ensemble.blender import _EPS, check_batch, normalised_vlm, place_in_candidates, true_class_nll
+from ensemble.blender import _EPS, BatchBlender, check_batch, normalised_vlm, place_in_candidates, true_class_nll
 from ensemble.config import BlendConfig, StackingParams
 from ensemble.escalation_policy import confidence_scores
 
@@ -39,7 +39,7 @@ def candidate_features(cnn_probs: np.ndarray, idx: np.ndarray, vlm: np.ndarray) 
     return np.stack(cols, axis=-1)
 
 
-class StackingBlender:
+class StackingBlender(BatchBlender):
     """Same ``blend``/``blend_batch`` interface as LogLinearBlender; ``fit`` first."""
 
     def __init__(self, C: float = 1.0, params: StackingParams | None = None):
@@ -71,13 +71,6 @@ class StackingBlender:
             z = self._scores(p[has], idx[has], vlm[has], params)
             out[has] = place_in_candidates(p[has], idx[has], z / params.temperature)
         return out
-
-    def blend(self, cnn_probs: np.ndarray, candidates: tuple[int, ...] | list[int], vlm_probs: np.ndarray) -> np.ndarray:
-        cnn_probs = np.asarray(cnn_probs, dtype=np.float64)
-        vlm = np.asarray(vlm_probs, dtype=np.float64)
-        if vlm.shape != np.asarray(candidates).shape:
-            raise ValueError(f"{len(candidates)} candidates but {vlm.shape[0]} VLM scores")
-        return self.blend_batch(cnn_probs[None, :], np.asarray(candidates)[None, :], vlm[None, :])[0]
 
     def fit(self, cnn_probs: np.ndarray, candidates: np.ndarray, vlm_scores: np.ndarray, y: np.ndarray) -> "StackingBlender":
         from scipy.optimize import minimize_scalar

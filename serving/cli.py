@@ -112,17 +112,15 @@ def _serve_vlm(args) -> int:
     from cnn_stage.bundle import load_bundle
     from vlm_stage.vllm_server import VllmServer, VllmServerConfig
 
-    bundle = load_bundle(args.bundle)
-    spec = bundle.manifest.vlm
-    if spec is None:
-        raise CliError(f"bundle {args.bundle} has no vlm section")
-    adapters = {spec.adapter_name: str(bundle.vlm_adapter_path())} if spec.adapter_dir else {}
-    server = VllmServer(VllmServerConfig(model=bundle.vlm_base_path(), served_model_name=spec.served_model_name,
-                                         lora_modules=adapters, max_model_len=spec.max_model_len,
-                                         host=args.host, port=args.port), log_path=args.log)
+    try:
+        cfg = VllmServerConfig.for_bundle(load_bundle(args.bundle), host=args.host, port=args.port)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    server = VllmServer(cfg, log_path=args.log)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     with server:
-        print(f"vLLM serving {spec.served_model_name} (adapters: {list(adapters) or 'none'}) at {server.url}", flush=True)
+        print(f"vLLM serving {cfg.served_model_name} (adapters: {list(cfg.lora_modules) or 'none'}) at {server.url}",
+              flush=True)
         try:
             while server.process and server.process.poll() is None:
                 time.sleep(1)
@@ -190,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # bitsandbytes (imported by peft) warns at import on CPU-only machines about optional kernels.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except CliError as e:

@@ -52,11 +52,8 @@ def run_demo(bundle_dir: Path, use_vlm: bool = True, images: list[Path] | None =
     if use_vlm and bundle.manifest.vlm is not None:
         from vlm_stage.vllm_server import VllmServer, VllmServerConfig
 
-        spec = bundle.manifest.vlm
-        adapters = {spec.adapter_name: str(bundle.vlm_adapter_path())} if spec.adapter_dir else {}
         console.print("[bold]Starting the vLLM server[/bold] (about a minute on a CPU)...")
-        vllm = VllmServer(VllmServerConfig(model=bundle.vlm_base_path(), served_model_name=spec.served_model_name,
-                                           lora_modules=adapters, max_model_len=spec.max_model_len),
+        vllm = VllmServer(VllmServerConfig.for_bundle(bundle),
                           log_path=bundle_dir.parent / "logs" / "vllm-demo.log").start()
         console.print(f"vLLM ready at {vllm.url}")
     try:

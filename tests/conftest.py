@@ -46,11 +46,7 @@ def vllm_server(demo_bundle, tmp_path_factory):
     from cnn_stage.bundle import load_bundle
     from vlm_stage.vllm_server import VllmServer, VllmServerConfig
 
-    bundle = load_bundle(demo_bundle)
-    spec = bundle.manifest.vlm
-    cfg = VllmServerConfig(model=bundle.vlm_base_path(), served_model_name=spec.served_model_name,
-                           lora_modules={spec.adapter_name: str(bundle.vlm_adapter_path())},
-                           max_model_len=spec.max_model_len)
+    cfg = VllmServerConfig.for_bundle(load_bundle(demo_bundle))
     server = VllmServer(cfg, log_path=tmp_path_factory.mktemp("logs") / "vllm.log").start()
     yield server
     server.stop()

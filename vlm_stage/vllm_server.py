@@ -60,6 +60,18 @@ class VllmServerConfig:
             if not (Path(path) / "adapter_config.json").is_file():
                 raise ValueError(f"LoRA module {name!r}: no adapter_config.json in {path} (expected a PEFT adapter folder)")
 
+    @classmethod
+    def for_bundle(cls, bundle, **overrides) -> "VllmServerConfig":
+        """Serves a bundle's VLM (cnn_stage.bundle.Bundle) with its LoRA adapter under its name."""
+        spec = bundle.manifest.vlm
+        if spec is None:
+            raise ValueError(f"bundle {bundle.root} has no vlm section")
+        adapter = bundle.vlm_adapter_path()
+        kwargs = {"model": bundle.vlm_base_path(), "served_model_name": spec.served_model_name,
+                  "lora_modules": {spec.adapter_name: str(adapter)} if adapter and spec.adapter_name else {},
+                  "max_model_len": spec.max_model_len}
+        return cls(**{**kwargs, **overrides})
+
     def lora_rank(self) -> int:
         """--max-lora-rank: the configured value, raised to fit the largest adapter's rank."""
         ranks = [int(json.loads((Path(p) / "adapter_config.json").read_text()).get("r", 0))
