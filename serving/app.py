@@ -51,10 +51,9 @@ async def warm_up(verifier, candidates: tuple[str, ...], timeout_s: float = 180.
     answer grammar (seconds on a CPU), which must not land on a user's request."""
     from vlm_stage.vllm_client import VllmVerifier
 
-    if not isinstance(verifier, VllmVerifier):
-        await verifier.warm_up(candidates)
-        return True
-    probe = VllmVerifier(dataclasses.replace(verifier.config, timeout_s=timeout_s, max_retries=0))
+    probe = verifier
+    if isinstance(verifier, VllmVerifier):
+        probe = VllmVerifier(dataclasses.replace(verifier.config, timeout_s=timeout_s, max_retries=0))
     try:
         await probe.warm_up(candidates)
         return True
@@ -62,7 +61,16 @@ async def warm_up(verifier, candidates: tuple[str, ...], timeout_s: float = 180.
         log.warning("VLM warm-up failed (%s); serving CNN answers until it recovers", e)
         return False
     finally:
-        await probe.aclose()
+        if probe is not verifier:
+            await probe.aclose()
+
+
+async def keep_warming_up(verifier, candidates: tuple[str, ...], period_s: float = 5.0) -> None:
+    """The VLM was not up at start (e.g. vLLM still loading): warm it up once it is, so the
+    first escalated user request does not pay the grammar compilation."""
+    while not await warm_up(verifier, candidates):
+        await asyncio.sleep(period_s)
+    log.info("VLM warm-up done")
 
 
 @contextlib.asynccontextmanager
@@ -85,8 +93,9 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
     preprocess_config = dataclasses.replace(bundle.preprocess, limits=DecodeLimits(
         max_bytes=lim.max_message_bytes, max_pixels=lim.max_pixels, max_side=lim.max_side))
     verifier = _verifier(bundle, cfg)
-    if verifier is not None:
-        await warm_up(verifier, tuple(m.labels[: m.cascade.top_k]))
+    warm_task = None
+    if verifier is not None and not await warm_up(verifier, tuple(m.labels[: m.cascade.top_k])):
+        warm_task = asyncio.create_task(keep_warming_up(verifier, tuple(m.labels[: m.cascade.top_k])))
     breaker = CircuitBreaker(BreakerConfig(**cfg.breaker.model_dump()),
                              on_change=lambda state: metrics.breaker_state.set(int(state)))
     pipeline = CascadePipeline(
@@ -110,6 +119,8 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
     try:
         yield servicer
     finally:
+        if warm_task is not None:
+            warm_task.cancel()
         await batcher.stop()
         pipeline.close()
         if verifier is not None:

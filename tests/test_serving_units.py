@@ -99,3 +99,22 @@ def test_decode_fuzz_with_atheris(tmp_path):
                            str(seeds)], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Done 3000 runs" in proc.stderr
+
+
+def test_vlm_warm_up_is_retried_until_the_vlm_answers():
+    """A VLM that is still loading when the server starts gets warmed up once it is up."""
+    import asyncio
+
+    from serving.app import keep_warming_up
+
+    class LoadingVlm:  # stands in for the VLM the unit calls
+        calls = 0
+
+        async def warm_up(self, candidates):
+            self.calls += 1
+            if self.calls < 3:
+                raise ConnectionError("not up yet")
+
+    vlm = LoadingVlm()
+    asyncio.run(asyncio.wait_for(keep_warming_up(vlm, ("a", "b", "c"), period_s=0.01), 5))
+    assert vlm.calls == 3
