@@ -25,6 +25,26 @@ class CliError(Exception):
     """A user-facing error: printed without a traceback, exit code 2."""
 
 
+def serve_config_from_args(args):
+    """ServeConfig from --config YAML (if any) with the command-line flags layered on top."""
+    import yaml
+
+    from serving.config import ServeConfig
+
+    data = (yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
+    data.setdefault("bundle", str(DEFAULT_BUNDLE))
+    for key, value in (("bundle", args.bundle), ("host", args.host), ("port", args.port),
+                       ("cnn_precision", args.precision)):
+        if value is not None:
+            data[key] = str(value) if isinstance(value, Path) else value
+    vlm = dict(data.get("vlm") or {})
+    for key, value in (("urls", args.vlm_url), ("model", args.vlm_model), ("backend", args.vlm_backend)):
+        if value:
+            vlm[key] = value
+    data["vlm"] = vlm
+    return ServeConfig.model_validate(data)
+
+
 def _serve(args) -> int:
     import asyncio
 
@@ -32,24 +52,15 @@ def _serve(args) -> int:
 
     from cnn_stage.bundle import BundleError
     from serving.app import serve_forever
-    from serving.config import ServeConfig
+    from serving.log_format import configure_logging
 
     try:
-        overrides = {"bundle": args.bundle, "host": args.host, "port": args.port, "cnn_precision": args.precision}
-        if args.config:
-            cfg = ServeConfig.from_yaml(args.config, **overrides)
-        else:
-            cfg = ServeConfig(bundle=args.bundle or DEFAULT_BUNDLE, host=args.host or "127.0.0.1",
-                              port=args.port if args.port is not None else 50051,
-                              cnn_precision=args.precision or "fp32",
-                              vlm={"urls": args.vlm_url or [], "model": args.vlm_model, "backend": args.vlm_backend})
-        from serving.log_format import configure_logging
-
+        cfg = serve_config_from_args(args)
         configure_logging(cfg.log_format, logging.DEBUG if args.verbose else logging.INFO)
         asyncio.run(serve_forever(cfg))
     except ValidationError as e:
         raise CliError(f"invalid configuration:\n{e}") from None
-    except BundleError as e:
+    except (BundleError, OSError, ValueError) as e:
         raise CliError(str(e)) from None
     return 0
 

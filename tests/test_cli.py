@@ -50,3 +50,17 @@ def test_usage_errors_exit_2(argv):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
+
+
+def test_serve_flags_layer_over_the_yaml_config(tmp_path):
+    from serving.cli import build_parser, serve_config_from_args
+
+    cfg = tmp_path / "service.yaml"
+    cfg.write_text("bundle: /b\nport: 6000\nvlm: {urls: ['http://a:1'], timeout_s: 3}\nlimits: {max_inflight_requests: 7}\n")
+    args = build_parser().parse_args(["serve", "--config", str(cfg), "--port", "7000",
+                                      "--vlm-url", "http://b:2", "--precision", "int8"])
+    c = serve_config_from_args(args)
+    assert c.port == 7000 and c.vlm.urls == ["http://b:2"] and c.vlm.timeout_s == 3
+    assert c.limits.max_inflight_requests == 7 and c.cnn_precision == "int8" and str(c.bundle) == "/b"
+    plain = serve_config_from_args(build_parser().parse_args(["serve"]))
+    assert plain.port == 50051 and plain.vlm.backend == "none"
