@@ -118,3 +118,21 @@ def test_vlm_warm_up_is_retried_until_the_vlm_answers():
     vlm = LoadingVlm()
     asyncio.run(asyncio.wait_for(keep_warming_up(vlm, ("a", "b", "c"), period_s=0.01), 5))
     assert vlm.calls == 3
+
+
+def test_json_logs_carry_request_ids(capsys):
+    import json
+    import logging
+
+    from serving.log_format import configure_logging
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        configure_logging("json")
+        logging.getLogger("serving.server").info("classified", extra={"request_id": "r-42", "total_ms": 3.5})
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+    finally:
+        root.handlers[:], _ = saved[0], root.setLevel(saved[1])
+    record = json.loads(line)
+    assert record["request_id"] == "r-42" and record["message"] == "classified" and record["level"] == "INFO"
