@@ -217,7 +217,7 @@ class SlowVerifier:
     async def verify(self, image, candidates):
         from vlm_stage.scoring import CandidateScores
 
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.5)
         n = len(candidates)
         return CandidateScores(tuple(candidates), tuple([0.9 / n] * n), 0.1, "slow", "multiple_choice")
 
@@ -230,7 +230,10 @@ def test_graceful_shutdown_drains_in_flight_requests(make_server):
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(lambda i=i: CatcascadeClient(server.target).classify(jpeg_bytes(seed=i), mode="always"))
                    for i in range(4)]
-        time.sleep(0.5)  # all four are waiting on the slow VLM
+        deadline = time.monotonic() + 20
+        while server.servicer.pipeline.inflight_escalations < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)  # wait until all four are waiting on the slow VLM
+        assert server.servicer.pipeline.inflight_escalations == 4
         server.stop()
         results = [f.result(timeout=15) for f in futures]
     assert all(r.escalated and r.vlm.model == "slow" for r in results)
