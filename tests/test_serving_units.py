@@ -136,3 +136,12 @@ def test_json_logs_carry_request_ids(capsys):
         root.handlers[:], _ = saved[0], root.setLevel(saved[1])
     record = json.loads(line)
     assert record["request_id"] == "r-42" and record["message"] == "classified" and record["level"] == "INFO"
+
+
+def test_example_service_config_is_valid():
+    from pathlib import Path
+
+    from serving.config import ServeConfig
+
+    cfg = ServeConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "service.example.yaml")
+    assert cfg.vlm.backend == "vllm" and cfg.metrics_port == 9090 and cfg.log_format == "json"
