@@ -11,7 +11,6 @@ import argparse
 import functools
 import io
 import threading
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field

@@ -34,7 +34,7 @@ def run_demo(bundle_dir: Path, use_vlm: bool = True, images: list[Path] | None =
 
     from cnn_stage.bundle import load_bundle
     from serving.config import ServeConfig, VlmEndpointConfig
-    from serving.client import CatcascadeClient, results_table
+    from serving.client import results_table
 
     console = Console(width=200)
     t0 = time.perf_counter()

@@ -32,7 +32,7 @@ MAX_TOP_K = 100
 
 
 def _scores(labels, probs) -> list[pb.LabelScore]:
-    return [pb.LabelScore(label=l, probability=float(p)) for l, p in zip(labels, probs)]
+    return [pb.LabelScore(label=name, probability=float(p)) for name, p in zip(labels, probs)]
 
 
 def result_to_proto(request_id: str, r: CascadeResult, versions: pb.ModelVersions) -> pb.ClassifyResponse:

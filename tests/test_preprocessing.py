@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 
@@ -14,7 +13,6 @@ from tests.conftest import jpeg_bytes
 
 def test_matches_timm_eval_transform():
     import timm
-    import torch
     from timm.data import create_transform, resolve_model_data_config
 
     model = timm.create_model("convnext_atto", pretrained=False, num_classes=3)
