@@ -160,13 +160,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Runs every fault scenario against freshly started real servers and prints the table."""
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from cnn_stage.bundle import load_bundle
     from serving.config import ServeConfig
-    from tests.conftest import GrpcServerThread
+    from serving.service_thread import ServiceThread
     from vlm_stage.vllm_server import VllmServer, VllmServerConfig
 
     bundle_dir = Path(args.bundle)
@@ -179,18 +177,18 @@ def main(args: argparse.Namespace) -> int:
     rows = []
     with VllmServer(vcfg, log_path="artifacts/logs/vllm-reliability.log") as vllm:
         print("vLLM ready; running scenarios", flush=True)
-        shed = GrpcServerThread(ServeConfig(bundle=bundle_dir, port=0, vlm={"urls": [vllm.url]},
+        shed = ServiceThread(ServeConfig(bundle=bundle_dir, port=0, vlm={"urls": [vllm.url]},
                                             limits={"max_concurrent_escalations": 1})).start()
         rows.append(run_load(shed.target, random_jpegs(16), args.requests, args.concurrency, "always")
                     .row(f"VLM saturated: 1 escalation slot, {args.concurrency} callers, ALWAYS"))
         shed.stop()
-        refuse = GrpcServerThread(ServeConfig(bundle=bundle_dir, port=0, vlm={"urls": [vllm.url]},
+        refuse = ServiceThread(ServeConfig(bundle=bundle_dir, port=0, vlm={"urls": [vllm.url]},
                                               limits={"max_concurrent_escalations": 1, "max_inflight_requests": 4},
                                               batching={"max_queue_size": 4})).start()
         rows.append(run_load(refuse.target, random_jpegs(16), args.requests, 32, "always")
                     .row("overload: 32 callers, 4 requests in flight allowed, ALWAYS"))
         refuse.stop()
-        server = GrpcServerThread(ServeConfig(bundle=bundle_dir, port=0, vlm={"urls": [vllm.url]},
+        server = ServiceThread(ServeConfig(bundle=bundle_dir, port=0, vlm={"urls": [vllm.url]},
                                               breaker={"cooldown_s": 1.0})).start()
         from serving.client import CatcascadeClient
 

@@ -77,8 +77,10 @@ def _load_items(bundle_dir: Path, n: int):
     bundle = load_bundle(bundle_dir)
     split = bundle_dir / "data" / "split.json"
     if split.is_file():
-        names = [*json.loads(split.read_text())["test"], *json.loads(split.read_text())["val"]]
-        paths = [bundle_dir / "data" / p for p in names]
+        from training.datasets import load_split
+
+        held_out = load_split(split, bundle_dir / "data")
+        paths = [s.path for s in (*held_out.test, *held_out.val)]
     else:
         paths = sorted(p for p in (bundle_dir / "data").rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
     if not paths:

@@ -77,6 +77,23 @@ class BundleManifest(BaseModel):
         return self
 
 
+PROVENANCE_DISTRIBUTIONS = ("torch", "timm", "onnx", "onnxruntime", "accelerate", "safetensors",
+                            "transformers", "peft", "trl")
+
+
+def library_versions(dists: tuple[str, ...] = PROVENANCE_DISTRIBUTIONS) -> dict:
+    """Installed versions of the libraries that shaped a bundle (for its provenance)."""
+    import importlib.metadata as md
+
+    out = {}
+    for dist in dists:
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

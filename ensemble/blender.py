@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cnn_stage.topk import softmax
 from ensemble.config import BlendConfig
 
 _EPS = 1e-6
@@ -38,8 +39,7 @@ def normalised_vlm(vlm: np.ndarray) -> np.ndarray:
 def place_in_candidates(cnn_probs: np.ndarray, idx: np.ndarray, log_q: np.ndarray) -> np.ndarray:
     """Candidate log-scores -> full distributions: softmax within the candidates, scaled to the
     CNN's mass on them; every other class keeps its CNN probability."""
-    q = np.exp(log_q - log_q.max(axis=1, keepdims=True))
-    q /= q.sum(axis=1, keepdims=True)
+    q = softmax(log_q)
     rows = np.arange(len(idx))[:, None]
     out = cnn_probs.copy()
     out[rows, idx] = q * cnn_probs[rows, idx].sum(axis=1, keepdims=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cnn_stage.topk import softmax
 from ensemble.score_files import ScoreSet
 
 
@@ -39,8 +40,7 @@ def synthetic_score_set(cfg: SyntheticScoreConfig = SyntheticScoreConfig()) -> S
     cand = np.argsort(-logits, axis=1, kind="stable")[:, : cfg.top_k]
     vlm_logits = rng.normal(0.0, 1.0, (cfg.n, cfg.top_k + 1)) + cfg.vlm_signal * np.concatenate(
         [cand == y[:, None], (cand != y[:, None]).all(axis=1, keepdims=True)], axis=1)
-    vlm = np.exp(vlm_logits - vlm_logits.max(axis=1, keepdims=True))
-    vlm /= vlm.sum(axis=1, keepdims=True)
+    vlm = softmax(vlm_logits)
     return ScoreSet(ids=[f"synthetic/{i:06d}" for i in range(cfg.n)], labels=y,
                     label_names=[f"class_{c:02d}" for c in range(cfg.num_classes)], cnn_logits=logits,
                     temperature=1.0, vlm_candidates=cand, vlm_scores=vlm[:, : cfg.top_k], vlm_none=vlm[:, cfg.top_k],

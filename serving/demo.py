@@ -6,8 +6,6 @@ prints a table and shuts everything down.
 """
 from __future__ import annotations
 
-import asyncio
-import json
 import random
 import time
 from pathlib import Path
@@ -20,9 +18,10 @@ def demo_images(bundle_dir: Path, n_synthetic: int = 6, n_real: int = 4, seed: i
     images: list[Path] = []
     split = bundle_dir / "data" / "split.json"
     if split.is_file():
-        test = json.loads(split.read_text())["test"]
-        rng = random.Random(seed)
-        images += [bundle_dir / "data" / p for p in rng.sample(test, min(n_synthetic, len(test)))]
+        from training.datasets import load_split
+
+        test = [s.path for s in load_split(split, bundle_dir / "data").test]
+        images += random.Random(seed).sample(test, min(n_synthetic, len(test)))
     if SAMPLE_DATA.is_dir():
         real = sorted(SAMPLE_DATA.glob("*/*.jpg"))
         images += random.Random(seed).sample(real, min(n_real, len(real)))
@@ -33,8 +32,9 @@ def run_demo(bundle_dir: Path, use_vlm: bool = True, images: list[Path] | None =
     from rich.console import Console
 
     from cnn_stage.bundle import load_bundle
+    from serving.client import CatcascadeClient, results_table
     from serving.config import ServeConfig, VlmEndpointConfig
-    from serving.client import results_table
+    from serving.service_thread import ServiceThread
 
     console = Console(width=200)
     t0 = time.perf_counter()
@@ -58,7 +58,9 @@ def run_demo(bundle_dir: Path, use_vlm: bool = True, images: list[Path] | None =
         console.print(f"vLLM ready at {vllm.url}")
     try:
         cfg = ServeConfig(bundle=bundle_dir, port=0, vlm=VlmEndpointConfig(urls=[vllm.url] if vllm else []))
-        rows = asyncio.run(_serve_and_classify(cfg, images, mode))
+        with ServiceThread(cfg) as server, CatcascadeClient(server.target) as client:
+            client.classify(images[0], mode="never")  # warm the CNN path
+            rows = [(f"{p.parent.name}/{p.name}", client.classify(p, mode=mode)) for p in images]
     finally:
         if vllm:
             vllm.stop()
@@ -66,17 +68,4 @@ def run_demo(bundle_dir: Path, use_vlm: bool = True, images: list[Path] | None =
     escalated = sum(r.escalated for _, r in rows)
     console.print(f"{escalated}/{len(rows)} escalated to the VLM; finished in {time.perf_counter() - t0:.0f} s")
     return 0
-
-
-async def _serve_and_classify(cfg, images: list[Path], mode: str):
-    from serving.app import running_service
-    from serving.client import CatcascadeClient
-
-    async with running_service(cfg) as (_, port, _health):
-        def work():
-            with CatcascadeClient(f"{cfg.host}:{port}") as client:
-                client.classify(images[0], mode="never")  # warm the CNN path
-                return [(f"{p.parent.name}/{p.name}", client.classify(p, mode=mode)) for p in images]
-
-        return await asyncio.to_thread(work)
 

@@ -81,8 +81,6 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
                                f"top_k={request.top_k} exceeds the {len(self.pipeline.labels)} known labels")
         if request.escalation not in pb.EscalationMode.values():
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown escalation mode {request.escalation}")
-        if not request.image:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "image is empty: send the encoded JPEG/PNG/WebP bytes")
         return request.request_id or uuid.uuid4().hex, request.top_k, EscalationMode(request.escalation)
 
     async def _classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:

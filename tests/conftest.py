@@ -1,14 +1,14 @@
 """Shared fixtures: one demo bundle, one real vLLM server and one real gRPC server per session."""
 from __future__ import annotations
 
-import asyncio
 import io
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from serving.service_thread import ServiceThread as GrpcServerThread  # noqa: F401 - tests import it from here
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO.parent / "shared" / "data" / "oxford-pet-cats-sample"
@@ -50,51 +50,6 @@ def vllm_server(demo_bundle, tmp_path_factory):
     server = VllmServer(cfg, log_path=tmp_path_factory.mktemp("logs") / "vllm.log").start()
     yield server
     server.stop()
-
-
-class GrpcServerThread:
-    """Runs build_service + run_server on an event loop in a background thread."""
-
-    def __init__(self, config):
-        self.config = config
-        self.port: int | None = None
-        self.servicer = None
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-
-    async def _main(self):
-        from serving.app import running_service
-
-        self.loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        try:
-            async with running_service(self.config) as (servicer, port, health):
-                self.servicer, self.port, self.health = servicer, port, health
-                self._ready.set()
-                await self._stop.wait()
-        except BaseException as e:  # surfaced to the test that started us
-            self._error = e
-            self._ready.set()
-
-    def start(self) -> "GrpcServerThread":
-        self._thread.start()
-        self._ready.wait(180)
-        if self._error:
-            raise self._error
-        return self
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if not self._thread.is_alive():
-            return
-        if self._stop is not None:
-            self.loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -32,24 +31,13 @@ class DemoBundleConfig:
     seed: int = 0
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for dist in ("torch", "timm", "onnx", "onnxruntime", "transformers", "peft", "trl"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def build_demo_bundle(out_dir: str | Path, cfg: DemoBundleConfig = DemoBundleConfig(), progress: bool = True) -> Path:
     """Writes a complete bundle to ``out_dir`` (CNN + tiny VLM + adapter) and returns it."""
-    from cnn_stage.bundle import Bundle, BundleManifest, VlmSpec
+    from cnn_stage.bundle import Bundle, BundleManifest, VlmSpec, library_versions
     from ensemble.config import BlendConfig, CascadeConfig, EscalationConfig
     from ensemble.temperature import TemperatureScaler
     from training.cnn_bundle import calibrate_and_export
+    from training.datasets import DatasetSplit, save_split
     from training.image_folder import scan_image_folder, stratified_split
     from training.synthetic_data import DEMO_LABELS, write_synthetic_dataset
     from training.train_cnn import CnnTrainConfig, train_cnn
@@ -65,9 +53,7 @@ def build_demo_bundle(out_dir: str | Path, cfg: DemoBundleConfig = DemoBundleCon
     data_dir = write_synthetic_dataset(out / "data", DEMO_LABELS, cfg.per_class, size=96, seed=cfg.seed, progress=progress)
     samples, labels = scan_image_folder(data_dir)
     train, val, test = stratified_split(samples, seed=cfg.seed)
-    (out / "data" / "split.json").write_text(json.dumps(
-        {name: [str(s.path.relative_to(data_dir)) for s in part] for name, part in
-         (("train", train), ("val", val), ("test", test))}, indent=1))
+    save_split(DatasetSplit(labels, train, val, test), data_dir / "split.json", data_dir, seed=cfg.seed)
 
     say("[2/4] fine-tuning convnext_atto (progressive unfreezing)")
     train_cfg = CnnTrainConfig(model="convnext_atto", image_size=cfg.image_size, phase_epochs=cfg.phase_epochs,
@@ -102,7 +88,7 @@ def build_demo_bundle(out_dir: str | Path, cfg: DemoBundleConfig = DemoBundleCon
                               blend=BlendConfig(weight=cfg.blend_weight)),
         vlm=VlmSpec(base_model="vlm/base", adapter_dir="vlm/adapter", adapter_name="cats"),
         provenance={
-            "versions": _versions(), "demo_config": asdict(cfg), "cnn_train_config": asdict(train_cfg),
+            "versions": library_versions(), "demo_config": asdict(cfg), "cnn_train_config": asdict(train_cfg),
             "val_balanced_accuracy": result.best_val_balanced_accuracy, "ece_before": cal["ece_before"],
             "ece_after": cal["ece_after"], "onnx_max_prob_diff": cal["onnx_max_prob_diff"], "vlm_train": vlm_summary,
             "build_seconds": round(time.perf_counter() - t0, 1),

@@ -57,24 +57,12 @@ class TrainCnnRun:
         return d
 
 
-def library_versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for dist in ("torch", "timm", "onnx", "onnxruntime", "accelerate", "safetensors"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def run_train_cnn(run: TrainCnnRun) -> Path:
     """Trains and writes the bundle to ``run.out``; returns that folder."""
     import yaml
     from accelerate import PartialState
 
-    from cnn_stage.bundle import Bundle, BundleManifest
+    from cnn_stage.bundle import Bundle, BundleManifest, library_versions
     from training.cnn_bundle import calibrate_and_export
     from training.datasets import resolve_split
     from training.train_cnn import train_cnn

@@ -1,0 +1,59 @@
+"""Runs the gRPC service in a background thread, for synchronous callers."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from serving.config import ServeConfig
+
+
+class ServiceThread:
+    """The whole service (``running_service``) on its own event loop in a background thread,
+    for callers that are synchronous: tests, benchmarks and the demo."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.port: int | None = None
+        self.servicer = None
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self):
+        from serving.app import running_service
+
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            async with running_service(self.config) as (servicer, port, health):
+                self.servicer, self.port, self.health = servicer, port, health
+                self._ready.set()
+                await self._stop.wait()
+        except BaseException as e:  # re-raised in the thread that called start()
+            self._error = e
+            self._ready.set()
+
+    def start(self) -> "ServiceThread":
+        self._thread.start()
+        self._ready.wait(180)
+        if self._error:
+            raise self._error
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        if self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    def __enter__(self) -> "ServiceThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
