@@ -29,6 +29,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-inprocess", action="store_true", help="measure vLLM only")
     parser.add_argument("--block-size", type=int, help="vLLM KV block size (CPU default 128: prompts shorter "
                                                         "than a block never hit the prefix cache)")
+    parser.add_argument("--no-grammar-rows", action="store_true",
+                        help="skip the extra concurrency-1 rows with the structured-output grammar constraint")
     parser.add_argument("--vlm-size", choices=["bundle", "small"], default="bundle",
                         help="bundle: the bundle's VLM and adapter; small: a ~40M-parameter random LLaVA "
                              "(base model only), to see how the comparison moves with compute per token")
@@ -91,12 +93,12 @@ def _load_items(bundle_dir: Path, n: int):
 
 
 def _markdown(rows: list[dict], ratios: dict) -> str:
-    head = ("| backend | mode | concurrency | requests/img | prompt tokens/img | prefix cache hits | p50 ms | p95 ms "
-            "| img/s |")
-    lines = [head, "|" + " --- |" * 9]
+    head = ("| backend | mode | constraint | concurrency | requests/img | prompt tokens/img | prefix cache hits "
+            "| p50 ms | p95 ms | img/s |")
+    lines = [head, "|" + " --- |" * 10]
     for r in rows:
         hits = f"{r['prefix_cache_hit_rate']:.0%}" if "prefix_cache_hit_rate" in r else "n/a"
-        lines.append(f"| {r['backend']} | {r['mode']} | {r['concurrency']} | {r['requests_per_image']:.1f} | "
+        lines.append(f"| {r['backend']} | {r['mode']} | {r['constraint']} | {r['concurrency']} | {r['requests_per_image']:.1f} | "
                      f"{r['prompt_tokens_per_image']:.0f} | {hits} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
                      f"{r['images_per_s']:.1f} |")
     lines += ["", "| ratio | value | target |", "| --- | --- | --- |"]
@@ -113,7 +115,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    names = [f"{r['backend']}\n{r['mode']}\nc={r['concurrency']}" for r in rows]
+    names = [f"{r['backend']}\n{r['mode']}\n{r['constraint']}\nc={r['concurrency']}" for r in rows]
     ax1.bar(names, [r["images_per_s"] for r in rows], color="tab:blue")
     ax1.set_ylabel("images / s")
     ax1.set_title("throughput")
@@ -175,9 +177,14 @@ def main(args: argparse.Namespace) -> dict:
         def reset_cache():
             httpx.post(f"{server.url}/reset_prefix_cache", timeout=30).raise_for_status()
 
+        runs = [("yes_no", [1], "allowed_tokens"), ("multiple_choice", args.concurrency, "allowed_tokens")]
+        if not args.no_grammar_rows:
+            runs += [("yes_no", [1], "grammar"), ("multiple_choice", [1], "grammar")]
+
         async def measure_vllm():
-            for mode, levels in (("yes_no", [1]), ("multiple_choice", args.concurrency)):
-                v = VllmVerifier(VlmClientConfig(urls=[server.url], model=model, scoring_mode=mode, timeout_s=60))
+            for mode, levels, constraint in runs:
+                v = VllmVerifier(VlmClientConfig(urls=[server.url], model=model, scoring_mode=mode, timeout_s=60,
+                                                 constraint=constraint))
                 try:
                     for c in levels:
                         holder = {}
@@ -187,8 +194,9 @@ def main(args: argparse.Namespace) -> dict:
                         after = prefix_cache_counters(server.url)
                         queries = after["queries"] - before["queries"]
                         r["prefix_cache_hit_rate"] = (after["hits"] - before["hits"]) / queries if queries else 0.0
-                        rows.append({"backend": "vllm", "mode": mode, **r})
-                        print(f"vllm {mode} c={c}: {r['images_per_s']:.1f} img/s, p50 {r['p50_ms']:.1f} ms")
+                        rows.append({"backend": "vllm", "mode": mode, "constraint": constraint, **r})
+                        print(f"vllm {mode} ({constraint}) c={c}: {r['images_per_s']:.1f} img/s, "
+                              f"p50 {r['p50_ms']:.1f} ms")
                 finally:
                     await v.aclose()
 
@@ -199,13 +207,14 @@ def main(args: argparse.Namespace) -> dict:
         async def measure_local():
             for c in args.concurrency:
                 r = await _run(local, items, c, args.warmup)
-                rows.append({"backend": "transformers", "mode": "multiple_choice", **r})
+                rows.append({"backend": "transformers", "mode": "multiple_choice", "constraint": "logits mask", **r})
                 print(f"transformers multiple_choice c={c}: {r['images_per_s']:.1f} img/s, p50 {r['p50_ms']:.1f} ms")
 
         asyncio.run(measure_local())
 
-    def find(backend, mode, c):
-        return next((r for r in rows if (r["backend"], r["mode"], r["concurrency"]) == (backend, mode, c)), None)
+    def find(backend, mode, c, constraint="allowed_tokens"):
+        return next((r for r in rows if (r["backend"], r["mode"], r["concurrency"]) == (backend, mode, c)
+                     and r["constraint"] in (constraint, "logits mask")), None)
 
     ratios = {}
     a1, b1 = find("vllm", "multiple_choice", 1), find("vllm", "yes_no", 1)
@@ -213,6 +222,11 @@ def main(args: argparse.Namespace) -> dict:
         ratios["mode_a_requests_per_image"] = a1["requests_per_image"]
         ratios["mode_a_p50_over_mode_b_p50"] = a1["p50_ms"] / b1["p50_ms"]
         ratios["mode_b_prompt_tokens_over_mode_a"] = b1["prompt_tokens_per_image"] / a1["prompt_tokens_per_image"]
+    a1g, b1g = find("vllm", "multiple_choice", 1, "grammar"), find("vllm", "yes_no", 1, "grammar")
+    if a1 and a1g:
+        ratios["mode_a_p50_allowed_tokens_over_grammar"] = a1["p50_ms"] / a1g["p50_ms"]
+    if a1g and b1g:
+        ratios["mode_a_p50_over_mode_b_p50_with_grammar"] = a1g["p50_ms"] / b1g["p50_ms"]
     top = max(args.concurrency)
     v_top, t_top, t_one = find("vllm", "multiple_choice", top), find("transformers", "multiple_choice", top), \
         find("transformers", "multiple_choice", 1)

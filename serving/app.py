@@ -43,17 +43,19 @@ def _verifier(bundle: Bundle, cfg: ServeConfig):
 
     model = cfg.vlm.model or spec.adapter_name or spec.served_model_name
     return VllmVerifier(VlmClientConfig(urls=cfg.vlm.urls, model=model, scoring_mode=mode,
-                                        timeout_s=cfg.vlm.timeout_s, max_retries=cfg.vlm.max_retries))
+                                        timeout_s=cfg.vlm.timeout_s, max_retries=cfg.vlm.max_retries,
+                                        constraint=cfg.vlm.constraint))
 
 
 async def warm_up(verifier, candidates: tuple[str, ...], timeout_s: float = 180.0) -> bool:
-    """One request with a generous timeout: vLLM's first constrained request compiles the
-    answer grammar (seconds on a CPU), which must not land on a user's request."""
+    """One request with a generous timeout: the first request per option set tokenizes the
+    options (and, with the grammar constraint, compiles the grammar: seconds on a CPU), which
+    must not land on a user's request."""
     from vlm_stage.vllm_client import VllmVerifier
 
     probe = verifier
     if isinstance(verifier, VllmVerifier):
-        probe = VllmVerifier(dataclasses.replace(verifier.config, timeout_s=timeout_s, max_retries=0))
+        probe = verifier.probe(timeout_s)
     try:
         await probe.warm_up(candidates)
         return True
@@ -67,7 +69,7 @@ async def warm_up(verifier, candidates: tuple[str, ...], timeout_s: float = 180.
 
 async def keep_warming_up(verifier, candidates: tuple[str, ...], period_s: float = 5.0) -> None:
     """The VLM was not up at start (e.g. vLLM still loading): warm it up once it is, so the
-    first escalated user request does not pay the grammar compilation."""
+    first escalated user request does not pay for it."""
     while not await warm_up(verifier, candidates):
         await asyncio.sleep(period_s)
     log.info("VLM warm-up done")

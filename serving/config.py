@@ -24,6 +24,10 @@ class VlmEndpointConfig(BaseModel):
                           "none = CNN only. Default: vllm when urls are given, else none")
     model: str | None = Field(None, description="vLLM model name; default: the bundle's adapter name")
     scoring_mode: Literal["multiple_choice", "yes_no"] | None = None
+    constraint: Literal["allowed_tokens", "grammar"] = Field(
+        "allowed_tokens", description="allowed_tokens: a token mask, needs vLLM started with --logprobs-mode "
+                                      "processed_logprobs (catcascade serve-vlm does); grammar: structured outputs, "
+                                      "for servers started without it (slower)")
     timeout_s: float = Field(10.0, gt=0)
     max_retries: int = Field(2, ge=0, le=10)
 

@@ -15,9 +15,9 @@ pytestmark = pytest.mark.integration
 CANDIDATES = ("Persian", "British_Shorthair", "Siamese")
 
 
-def _verify(url: str, model: str, mode: str = "multiple_choice"):
+def _verify(url: str, model: str, mode: str = "multiple_choice", constraint: str = "allowed_tokens"):
     async def go():
-        v = VllmVerifier(VlmClientConfig(urls=[url], model=model, scoring_mode=mode))
+        v = VllmVerifier(VlmClientConfig(urls=[url], model=model, scoring_mode=mode, constraint=constraint))
         try:
             return await v.verify(Image.new("RGB", (90, 70), (180, 90, 30)), CANDIDATES)
         finally:
@@ -56,6 +56,40 @@ def test_answer_constraint_fires(vllm_server):
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"].strip() in prompt.choices
         body["temperature"] = 1.0
+
+
+def test_allowed_token_ids_give_the_options_distribution(vllm_server):
+    """With --logprobs-mode processed_logprobs, top_logprobs come after the allowed_token_ids
+    mask: only the option letters, carrying all the mass, and the sampled answer is one of them."""
+    async def ids():
+        v = VllmVerifier(VlmClientConfig(urls=[vllm_server.url], model="cats"))
+        try:
+            return await v._option_token_ids(prompt.choices)
+        finally:
+            await v.aclose()
+
+    prompt = build_multiple_choice(CANDIDATES)
+    body = {
+        "model": "cats", "max_tokens": 1, "temperature": 0.0, "logprobs": True, "top_logprobs": len(prompt.choices),
+        "messages": prompt.messages({"type": "image_url", "image_url": {"url": image_to_data_url(Image.new("RGB", (64, 64)))}}),
+        "allowed_token_ids": asyncio.run(ids()),
+    }
+    r = httpx.post(f"{vllm_server.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    answer = r.json()["choices"][0]
+    assert answer["message"]["content"].strip() in prompt.choices
+    top = answer["logprobs"]["content"][0]["top_logprobs"]
+    assert sorted(t["token"].strip() for t in top) == sorted(prompt.choices)
+    assert math.isclose(sum(math.exp(t["logprob"]) for t in top), 1.0, abs_tol=1e-4)
+
+
+def test_token_mask_and_grammar_constraints_give_the_same_scores(vllm_server):
+    """Single-token options (the letters): both constraints give the same distribution. (For
+    yes/no the grammar also admits partial spellings such as "y", so it can only approximate.)"""
+    mode = "multiple_choice"
+    mask, grammar = _verify(vllm_server.url, "cats", mode), _verify(vllm_server.url, "cats", mode, "grammar")
+    assert mask.probabilities == pytest.approx(grammar.probabilities, abs=1e-4)
+    assert mask.none_probability == pytest.approx(grammar.none_probability, abs=1e-4)
 
 
 def test_unreachable_server_raises_clear_error():

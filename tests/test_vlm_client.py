@@ -17,14 +17,36 @@ CANDIDATES = ("Persian", "Siamese", "Bengal")
 IMAGE = Image.new("RGB", (40, 30), (10, 200, 30))
 
 
+VOCAB = {"A": 11, "B": 12, "C": 13, "D": 14, "yes": 21, "no": 22}
+
+
 def _completion(request: httpx.Request, prompt_tokens: int = 70) -> httpx.Response:
-    """A vLLM-shaped answer: top_logprobs over the allowed choices, usage with prompt_tokens."""
-    choices = json.loads(request.content)["structured_outputs"]["choice"]
+    """A vLLM-shaped answer: /tokenize from a small vocabulary; chat completions with
+    top_logprobs over the allowed choices and usage with prompt_tokens."""
+    body = json.loads(request.content)
+    if request.url.path == "/tokenize":
+        return httpx.Response(200, json={"tokens": [VOCAB[body["prompt"]]], "count": 1})
+    if "structured_outputs" in body:
+        choices = body["structured_outputs"]["choice"]
+    else:
+        by_id = {i: t for t, i in VOCAB.items()}
+        choices = [by_id[i] for i in body["allowed_token_ids"]]
     top = [{"token": c, "logprob": math.log(1.0 / len(choices))} for c in choices]
     return httpx.Response(200, json={
         "choices": [{"message": {"content": choices[0]}, "logprobs": {"content": [{"token": choices[0], "top_logprobs": top}]}}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 1},
     })
+
+
+def _chat_only(handler):
+    """Answers /tokenize itself, so ``handler`` sees (and counts) chat completions only."""
+    async def wrapped(request: httpx.Request):
+        if request.url.path == "/tokenize":
+            return _completion(request)
+        out = handler(request)
+        return await out if asyncio.iscoroutine(out) else out
+
+    return wrapped
 
 
 def _run(coro_fn, config: VlmClientConfig, handler):
@@ -44,6 +66,8 @@ def test_least_outstanding_server_gets_the_next_request():
     release = asyncio.Event()
 
     async def handler(request: httpx.Request):
+        if request.url.path == "/tokenize":
+            return _completion(request)
         seen.append(request.url.host)
         if request.url.host == "a":
             await release.wait()
@@ -83,10 +107,10 @@ def test_pick_prefers_the_fewest_outstanding_and_avoids_failed_servers():
 
 @pytest.mark.parametrize("failure", ["status_503", "connect_error"])
 def test_transient_errors_are_retried_on_another_server(failure):
-    calls: list[str] = []
+    calls: list[tuple[str, str]] = []
 
     def handler(request: httpx.Request):
-        calls.append(request.url.host)
+        calls.append((request.url.host, request.url.path))
         if request.url.host == "bad":
             if failure == "status_503":
                 return httpx.Response(503, text="overloaded")
@@ -96,9 +120,10 @@ def test_transient_errors_are_retried_on_another_server(failure):
     cfg = VlmClientConfig(urls=["http://bad:1", "http://good:1"], max_retries=2, backoff_s=0.001)
     scores, v = _run(lambda v: asyncio.gather(*(v.verify(IMAGE, CANDIDATES) for _ in range(6))), cfg, handler)
     assert len(scores) == 6 and all(s.requests == 1 and s.prompt_tokens == 81 for s in scores)
-    assert calls.count("good") == 6  # every image answered by the healthy server
+    assert calls.count(("good", "/v1/chat/completions")) == 6  # every image answered by the healthy server
     assert v.requests_sent == 6 and v.prompt_tokens == 6 * 81
-    assert len(v.latencies_ms()["http://bad:1"]) == calls.count("bad")  # failed calls are timed too
+    bad = sum(host == "bad" for host, _ in calls)
+    assert bad >= 1 and len(v.latencies_ms()["http://bad:1"]) == bad  # failed calls are timed too
 
 
 def test_retries_are_bounded_and_the_error_names_the_attempts():
@@ -136,7 +161,7 @@ def test_timeouts_are_transient():
         return _completion(request)
 
     cfg = VlmClientConfig(urls=["http://x:1"], max_retries=1, backoff_s=0.001, timeout_s=0.5)
-    s, _ = _run(lambda v: v.verify(IMAGE, CANDIDATES), cfg, handler)
+    s, _ = _run(lambda v: v.verify(IMAGE, CANDIDATES), cfg, _chat_only(handler))
     assert len(calls) == 2 and s.probabilities == pytest.approx((0.25, 0.25, 0.25))
 
 
@@ -148,8 +173,59 @@ def test_yes_no_mode_sends_one_request_per_candidate_and_sums_usage():
         return _completion(request, prompt_tokens=50)
 
     cfg = VlmClientConfig(urls=["http://x:1"], scoring_mode="yes_no")
-    s, v = _run(lambda v: v.verify(IMAGE, CANDIDATES), cfg, handler)
+    s, v = _run(lambda v: v.verify(IMAGE, CANDIDATES), cfg, _chat_only(handler))
     assert s.requests == 3 and s.prompt_tokens == 150 and v.requests_sent == 3
-    assert [b["structured_outputs"]["choice"] for b in bodies] == [["yes", "no"]] * 3
+    assert [b["allowed_token_ids"] for b in bodies] == [[VOCAB["yes"], VOCAB["no"]]] * 3
+    assert all("structured_outputs" not in b for b in bodies)
     # All three share the instruction + image prefix (prefix caching); only the question differs.
     assert len({json.dumps(b["messages"][0]["content"][:2]) for b in bodies}) == 1
+
+
+def test_options_are_tokenized_once_per_option_set_and_sent_as_allowed_token_ids():
+    paths, bodies = [], []
+
+    def handler(request):
+        paths.append(request.url.path)
+        if request.url.path != "/tokenize":
+            bodies.append(json.loads(request.content))
+        return _completion(request)
+
+    s, _ = _run(lambda v: asyncio.gather(*(v.verify(IMAGE, CANDIDATES) for _ in range(3))),
+                VlmClientConfig(urls=["http://x:1"]), handler)
+    assert paths.count("/tokenize") <= 2 * 4  # concurrent first calls may race; later ones hit the cache
+    assert paths[-1] == "/v1/chat/completions" and paths.count("/v1/chat/completions") == 3
+    assert all(b["allowed_token_ids"] == [VOCAB[x] for x in "ABCD"] and b["top_logprobs"] == 4 for b in bodies)
+    paths.clear()
+    _run(lambda v: v.verify(IMAGE, CANDIDATES), VlmClientConfig(urls=["http://x:1"]), handler)
+    assert paths == ["/tokenize"] * 4 + ["/v1/chat/completions"]
+
+
+def test_grammar_constraint_sends_structured_outputs_instead():
+    bodies = []
+
+    def handler(request):
+        bodies.append(json.loads(request.content))
+        return _completion(request)
+
+    _run(lambda v: v.verify(IMAGE, CANDIDATES), VlmClientConfig(urls=["http://x:1"], constraint="grammar"), handler)
+    assert len(bodies) == 1 and bodies[0]["structured_outputs"] == {"choice": ["A", "B", "C", "D"]}
+    assert bodies[0]["top_logprobs"] == 6
+    assert "allowed_token_ids" not in bodies[0]
+    with pytest.raises(ValueError, match="constraint"):
+        VlmClientConfig(urls=["http://x:1"], constraint="regex")
+
+
+def test_unconstrained_logprobs_are_refused_with_the_server_flag_to_fix_it():
+    """A server started without --logprobs-mode processed_logprobs returns the raw distribution,
+    where the letters hold only part of the mass: that must not be renormalised silently."""
+    def handler(request):
+        if request.url.path == "/tokenize":
+            return _completion(request)
+        top = [{"token": t, "logprob": math.log(0.1)} for t in "ABCD"]
+        return httpx.Response(200, json={"choices": [{"message": {"content": "A"}, "logprobs": {
+            "content": [{"token": "A", "top_logprobs": top}]}}], "usage": {"prompt_tokens": 5}})
+
+    from vlm_stage.scoring import ScoringError
+
+    with pytest.raises(ScoringError, match="processed_logprobs"):
+        _run(lambda v: v.verify(IMAGE, CANDIDATES), VlmClientConfig(urls=["http://x:1"]), handler)

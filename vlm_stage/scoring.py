@@ -47,6 +47,32 @@ def letter_distribution(top_logprobs: list[tuple[str, float]], letters: list[str
     return {k: v / total for k, v in mass.items()}
 
 
+def first_token_ids(choices: tuple[str, ...] | list[str], encodings: list[list[int]]) -> list[int]:
+    """The first token of each option's encoding (the token the model emits right after the
+    generation prompt); options must differ in it, or one token could not tell them apart."""
+    ids = []
+    for choice, tokens in zip(choices, encodings, strict=True):
+        if not tokens:
+            raise ValueError(f"option {choice!r} encodes to no token")
+        ids.append(int(tokens[0]))
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"options {list(choices)} share a first token ({ids}); they cannot be scored by one token")
+    return ids
+
+
+def check_constrained(top_logprobs: list[tuple[str, float]], letters, tolerance: float = 1e-3) -> None:
+    """Raises ScoringError unless the options carry all the probability mass, which is what a
+    server that restricts the answer to the options' tokens returns."""
+    wanted = {x.lower() for x in letters}
+    mass = sum(math.exp(lp) for t, lp in top_logprobs
+               if lp is not None and math.isfinite(lp) and _normalise_token(t).lower() in wanted)
+    if abs(mass - 1.0) > tolerance:
+        raise ScoringError(
+            f"the options {list(letters)} carry {mass:.4f} of the answer's probability, not 1: the vLLM server "
+            "returns unconstrained logprobs. Start it with --logprobs-mode processed_logprobs (catcascade serve-vlm "
+            "does), or set the client's constraint to 'grammar'")
+
+
 def scores_from_letter_logprobs(top_logprobs, candidates, letters, include_none: bool, model: str) -> CandidateScores:
     dist = letter_distribution(top_logprobs, letters)
     probs = tuple(dist[letter] for letter in letters[: len(candidates)])

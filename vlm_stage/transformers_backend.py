@@ -3,7 +3,7 @@
 Same prompts (prompts.py), same parser (scoring.py) and the same ``async verify(image,
 candidates) -> CandidateScores`` as VllmVerifier, so serving and evaluation can use either.
 The answer is one token: its logits are restricted to the options' tokens (the letters, or
-yes/no) before the softmax, which is what vLLM's structured-output constraint does.
+yes/no) before the softmax, which is what VllmVerifier asks vLLM for (``allowed_token_ids``).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from vlm_stage.prompts import Prompt, ScoringMode, build_multiple_choice, build_yes_no
-from vlm_stage.scoring import CandidateScores, letter_distribution, scores_from_letter_logprobs, scores_from_yes_probs
+from vlm_stage.scoring import CandidateScores, first_token_ids, letter_distribution, scores_from_letter_logprobs, scores_from_yes_probs
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +45,8 @@ class TransformersBackendConfig:
 
 
 def option_token_ids(tokenizer, choices: tuple[str, ...] | list[str]) -> list[int]:
-    """The first token of each option as the model would emit it right after the generation
-    prompt; options must differ in that token, or one token could not tell them apart."""
-    ids = []
-    for choice in choices:
-        tokens = tokenizer.encode(choice, add_special_tokens=False)
-        if not tokens:
-            raise ValueError(f"option {choice!r} encodes to no token")
-        ids.append(tokens[0])
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"options {list(choices)} share a first token ({ids}); they cannot be scored by one token")
-    return ids
+    """The first token of each option as the model would emit it right after the generation prompt."""
+    return first_token_ids(choices, [tokenizer.encode(c, add_special_tokens=False) for c in choices])
 
 
 class TransformersVerifier:

@@ -1,24 +1,30 @@
 """The one class that talks to vLLM's OpenAI-compatible chat API.
 
-Candidate verification: either one multiple-choice request per image (answer constrained to
-the option letters with ``structured_outputs``; scores from ``top_logprobs``), or one yes/no
-request per candidate sharing the image prefix. Requests go to the least-loaded of several
+Candidate verification: either one multiple-choice request per image, or one yes/no request
+per candidate sharing the image prefix. The one-token answer is constrained to the options'
+tokens with ``allowed_token_ids`` (a logits mask: no grammar to compile or advance), and the
+server, started with ``--logprobs-mode processed_logprobs``, returns the logprobs after that
+mask, i.e. the distribution over the options. ``constraint="grammar"`` uses
+``structured_outputs`` instead, for servers started without that flag. Requests go to the least-loaded of several
 server URLs, with a timeout and bounded, jittered retries on transient errors.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import httpx
 from PIL import Image
 
 from vlm_stage.prompts import Prompt, ScoringMode, build_multiple_choice, build_yes_no
-from vlm_stage.scoring import CandidateScores, ScoringError, letter_distribution, scores_from_letter_logprobs, scores_from_yes_probs
+from vlm_stage.scoring import (CandidateScores, ScoringError, check_constrained, first_token_ids, letter_distribution,
+                               scores_from_letter_logprobs, scores_from_yes_probs)
 
 
 class VlmUnavailableError(RuntimeError):
@@ -41,8 +47,13 @@ class VlmClientConfig:
     max_image_side: int = 448
     jpeg_quality: int = 90
     max_connections: int = 64
+    constraint: Literal["allowed_tokens", "grammar"] = "allowed_tokens"
+    """How the answer is restricted to the options: a token mask (needs the server's
+    ``--logprobs-mode processed_logprobs``) or vLLM's structured-output grammar."""
 
     def __post_init__(self) -> None:
+        if self.constraint not in ("allowed_tokens", "grammar"):
+            raise ValueError(f"constraint must be 'allowed_tokens' or 'grammar', got {self.constraint!r}")
         if not self.urls:
             raise ValueError("at least one vLLM server URL is required")
         self.urls = [u.rstrip("/") for u in self.urls]
@@ -92,10 +103,18 @@ class VllmVerifier:
         self.requests_sent = 0
         self.prompt_tokens = 0
         """Prompt tokens over all answered requests, from vLLM's ``usage`` field."""
+        self._option_ids: dict[tuple[str, ...], list[int]] = {}
 
     def latencies_ms(self) -> dict[str, list[float]]:
         """Recent per-call latencies (the last 1,000 per server URL), retries included."""
         return {e.url: list(e.latencies_ms) for e in self._endpoints}
+
+    def probe(self, timeout_s: float) -> "VllmVerifier":
+        """A verifier for start-up checks (one attempt, a long timeout) that shares this one's
+        option tokens, so what the warm-up learns serves the first user request."""
+        probe = VllmVerifier(dataclasses.replace(self.config, timeout_s=timeout_s, max_retries=0))
+        probe._option_ids = self._option_ids
+        return probe
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -107,18 +126,46 @@ class VllmVerifier:
         low = min(e.outstanding for e in pool)
         return random.choice([e for e in pool if e.outstanding == low])
 
-    async def _chat(self, prompt: Prompt, image_url: str, top_logprobs: int) -> tuple[list[tuple[str, float]], int]:
-        """One constrained, one-token chat completion; returns the answer's top logprobs and
-        the prompt's token count."""
+    async def _option_token_ids(self, choices: tuple[str, ...]) -> list[int]:
+        """The options' first tokens, from the server's own tokenizer (``/tokenize``), once per
+        option set: every server behind one model name shares a tokenizer."""
+        if choices not in self._option_ids:
+            encodings = [(await self._post("/tokenize", {"model": self.config.model, "prompt": c,
+                                                          "add_special_tokens": False}))["tokens"] for c in choices]
+            self._option_ids[choices] = first_token_ids(choices, encodings)
+        return self._option_ids[choices]
+
+    async def _chat(self, prompt: Prompt, image_url: str) -> tuple[list[tuple[str, float]], int]:
+        """One constrained, one-token chat completion; returns the options' logprobs and the
+        prompt's token count."""
         body = {
             "model": self.config.model,
             "messages": prompt.messages({"type": "image_url", "image_url": {"url": image_url}}),
             "max_tokens": 1,
             "temperature": 0.0,
             "logprobs": True,
-            "top_logprobs": top_logprobs,
-            "structured_outputs": {"choice": list(prompt.choices)},
+            "top_logprobs": len(prompt.choices),
         }
+        if self.config.constraint == "grammar":
+            # The grammar admits every first token of every option's spellings ("y", "ye",
+            # "yes"): look a little further and renormalise over the whole-option tokens.
+            body["structured_outputs"] = {"choice": list(prompt.choices)}
+            body["top_logprobs"] = min(20, len(prompt.choices) + 2)
+        else:
+            body["allowed_token_ids"] = await self._option_token_ids(prompt.choices)
+        payload = await self._post("/v1/chat/completions", body)
+        prompt_tokens = int((payload.get("usage") or {}).get("prompt_tokens") or 0)
+        self.prompt_tokens += prompt_tokens
+        content = payload["choices"][0]["logprobs"]["content"]
+        if not content:
+            raise ScoringError("vLLM returned no logprobs for the answer token")
+        top = [(t["token"], t["logprob"]) for t in content[0]["top_logprobs"]]
+        if self.config.constraint == "allowed_tokens":
+            check_constrained(top, prompt.choices)
+        return top, prompt_tokens
+
+    async def _post(self, path: str, body: dict) -> dict:
+        """POST to the least-loaded server, retrying transient failures on another one."""
         last_error: Exception | None = None
         failed: set[str] = set()
         for attempt in range(self.config.max_retries + 1):
@@ -126,19 +173,14 @@ class VllmVerifier:
             endpoint.outstanding += 1
             t0 = time.perf_counter()
             try:
-                resp = await self._client.post(f"{endpoint.url}/v1/chat/completions", json=body)
+                resp = await self._client.post(f"{endpoint.url}{path}", json=body)
                 if resp.status_code in _TRANSIENT_STATUS:
                     raise httpx.HTTPStatusError(f"HTTP {resp.status_code}", request=resp.request, response=resp)
                 if resp.status_code != 200:
                     raise VlmUnavailableError(f"vLLM at {endpoint.url} answered HTTP {resp.status_code}: {resp.text[:300]}")
-                self.requests_sent += 1
-                payload = resp.json()
-                prompt_tokens = int((payload.get("usage") or {}).get("prompt_tokens") or 0)
-                self.prompt_tokens += prompt_tokens
-                content = payload["choices"][0]["logprobs"]["content"]
-                if not content:
-                    raise ScoringError("vLLM returned no logprobs for the answer token")
-                return [(t["token"], t["logprob"]) for t in content[0]["top_logprobs"]], prompt_tokens
+                if path == "/v1/chat/completions":
+                    self.requests_sent += 1
+                return resp.json()
             except (httpx.TransportError, httpx.HTTPStatusError) as e:
                 last_error = e
                 failed.add(endpoint.url)
@@ -156,12 +198,12 @@ class VllmVerifier:
         url = image_to_data_url(image, self.config.max_image_side, self.config.jpeg_quality)
         if self.config.scoring_mode == ScoringMode.MULTIPLE_CHOICE:
             prompt = build_multiple_choice(candidates, self.config.include_none)
-            top, n_tokens = await self._chat(prompt, url, top_logprobs=min(20, len(prompt.choices) + 2))
+            top, n_tokens = await self._chat(prompt, url)
             scores = scores_from_letter_logprobs(top, candidates, prompt.choices, self.config.include_none, self.config.model)
             n_requests = 1
         else:
             prompts = [build_yes_no(c) for c in candidates]
-            answers = await asyncio.gather(*(self._chat(p, url, top_logprobs=4) for p in prompts))
+            answers = await asyncio.gather(*(self._chat(p, url) for p in prompts))
             yes = [letter_distribution(top, p.choices)[p.choices[0]] for (top, _), p in zip(answers, prompts)]
             scores = scores_from_yes_probs(yes, candidates, self.config.model)
             n_requests, n_tokens = len(prompts), sum(n for _, n in answers)
@@ -169,7 +211,8 @@ class VllmVerifier:
                                scores.mode, (time.perf_counter() - t0) * 1000.0, n_requests, n_tokens)
 
     async def warm_up(self, candidates: tuple[str, ...]) -> None:
-        """The first request per prompt shape makes vLLM compile the answer grammar (seconds on
-        a CPU): pay that before serving, not on a user's request."""
+        """The first request per option set tokenizes the options (and, with the grammar
+        constraint, makes vLLM compile the grammar: seconds on a CPU): pay that before serving,
+        not on a user's request."""
         img = Image.new("RGB", (64, 64), (128, 128, 128))
         await self.verify(img, candidates)

@@ -96,6 +96,8 @@ class VllmServerConfig:
             "--limit-mm-per-prompt", '{"image": 1}',
             "--enable-prefix-caching" if self.prefix_caching else "--no-enable-prefix-caching",
             "--uvicorn-log-level", "warning",
+            # top_logprobs after the allowed_token_ids mask: the distribution over the options
+            "--logprobs-mode", "processed_logprobs",
         ]
         if self.lora_modules:
             cmd += ["--enable-lora", "--max-lora-rank", str(self.lora_rank()),
