@@ -31,9 +31,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                                                         "than a block never hit the prefix cache)")
     parser.add_argument("--no-grammar-rows", action="store_true",
                         help="skip the extra concurrency-1 rows with the structured-output grammar constraint")
-    parser.add_argument("--vlm-size", choices=["bundle", "small"], default="bundle",
-                        help="bundle: the bundle's VLM and adapter; small: a ~40M-parameter random LLaVA "
-                             "(base model only), to see how the comparison moves with compute per token")
+    parser.add_argument("--vlm-size", choices=["bundle", "small", "medium"], default="bundle",
+                        help="bundle: the bundle's VLM and adapter; small / medium: a ~40M / ~200M-parameter "
+                             "random LLaVA (base model only), to see how the comparison moves with compute per token")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="the same dtype for both backends (auto: float32 on a CPU)")
 
 
 def _percentiles(values: list[float]) -> dict:
@@ -167,7 +169,7 @@ def main(args: argparse.Namespace) -> dict:
 
     server_cfg = VllmServerConfig(model=base, served_model_name=spec.served_model_name,
                                   lora_modules={spec.adapter_name: adapter} if adapter else {},
-                                  max_model_len=spec.max_model_len,
+                                  max_model_len=spec.max_model_len, dtype=args.dtype,
                                   extra_args=["--block-size", str(args.block_size)] if args.block_size else [])
     print(f"starting vLLM for {base} (+{model})")
     # Dev mode exposes POST /reset_prefix_cache: each configuration starts from a cold cache
@@ -202,7 +204,8 @@ def main(args: argparse.Namespace) -> dict:
 
         asyncio.run(measure_vllm())
     if not args.skip_inprocess:  # measured after vLLM has stopped, so the two never share the CPU
-        local = TransformersVerifier(TransformersBackendConfig(model=base, adapter=adapter, name=model))
+        local = TransformersVerifier(TransformersBackendConfig(model=base, adapter=adapter, name=model,
+                                                               dtype=args.dtype))
 
         async def measure_local():
             for c in args.concurrency:
@@ -234,10 +237,12 @@ def main(args: argparse.Namespace) -> dict:
         ratios[f"vllm_c{top}_over_inprocess_c{top}_throughput"] = v_top["images_per_s"] / t_top["images_per_s"]
     if v_top and t_one:
         ratios[f"vllm_c{top}_over_inprocess_c1_throughput"] = v_top["images_per_s"] / t_one["images_per_s"]
-    result = {"bundle": str(args.bundle), "vlm": base, "adapter": adapter, "model": model, "images": len(items),
+    result = {"bundle": str(args.bundle), "vlm": base, "adapter": adapter, "model": model, "dtype": args.dtype,
+              "images": len(items),
               "rows": rows, "ratios": ratios}
     stem = args.out / ("vlm_speed" + ("" if args.vlm_size == "bundle" else f"_{args.vlm_size}")
-                       + (f"_block{args.block_size}" if args.block_size else ""))
+                       + (f"_block{args.block_size}" if args.block_size else "")
+                       + ("" if args.dtype == "auto" else f"_{args.dtype}"))
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     md = _markdown(rows, ratios)
     stem.with_suffix(".md").write_text(md)

@@ -124,7 +124,7 @@ def _serve_vlm(args) -> int:
     from vlm_stage.vllm_server import VllmServer, VllmServerConfig
 
     try:
-        cfg = VllmServerConfig.for_bundle(load_bundle(args.bundle), host=args.host, port=args.port)
+        cfg = VllmServerConfig.for_bundle(load_bundle(args.bundle), host=args.host, port=args.port, dtype=args.dtype)
     except ValueError as e:
         raise CliError(str(e)) from None
     server = VllmServer(cfg, log_path=args.log)
@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--log", type=Path, default=Path("artifacts/logs/vllm.log"))
+    v.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto: float32 on a CPU, vLLM's choice on CUDA; bfloat16 is much faster on CPUs with "
+                        "AVX-512 BF16/AMX (scores then differ from the float32 in-process backend by ~1e-2)")
     v.set_defaults(func=_serve_vlm)
 
     import importlib

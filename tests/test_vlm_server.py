@@ -30,6 +30,19 @@ def test_command_carries_prefix_caching_lora_length_and_one_image(tmp_path):
     assert _flag(cmd, "--max-model-len") == "768" and _flag(cmd, "--port") == "8123"
     assert "--enable-lora" in cmd and _flag(cmd, "--max-lora-rank") == "16"
     assert _flag(cmd, "--lora-modules") == f"cats={tmp_path / 'a'}"
+    # top_logprobs after the allowed_token_ids mask, which the client's default constraint needs
+    assert _flag(cmd, "--logprobs-mode") == "processed_logprobs"
+
+
+def test_dtype_is_float32_on_a_cpu_unless_asked(monkeypatch):
+    import vlm_stage.vllm_server as vs
+
+    monkeypatch.setattr(vs, "_has_cuda", lambda: False)
+    assert _flag(VllmServerConfig(model="/m").command(1), "--dtype") == "float32"
+    assert _flag(VllmServerConfig(model="/m", dtype="bfloat16").command(1), "--dtype") == "bfloat16"
+    monkeypatch.setattr(vs, "_has_cuda", lambda: True)
+    assert "--dtype" not in VllmServerConfig(model="/m").command(1)
+    assert _flag(VllmServerConfig(model="/m", dtype="bfloat16").command(1), "--dtype") == "bfloat16"
 
 
 def test_max_lora_rank_is_raised_to_fit_the_largest_adapter(tmp_path):
@@ -48,6 +61,7 @@ def test_no_adapters_no_lora_flags_and_prefix_caching_can_be_turned_off():
 @pytest.mark.parametrize("kwargs,message", [
     ({"max_lora_rank": 12}, "max_lora_rank must be one of"),
     ({"max_model_len": 8}, "max_model_len"),
+    ({"dtype": "int4"}, "dtype must be"),
     ({"lora_modules": {"cats": "/nonexistent/adapter"}}, "no adapter_config.json"),
 ])
 def test_bad_server_config_is_refused(kwargs, message):

@@ -67,6 +67,9 @@ SIZES = {
     # ~40M parameters: enough compute per token for batching to matter in speed comparisons.
     "small": TinyLlavaSize(hidden=768, layers=6, heads=12, kv_heads=4, intermediate=2048, vision_hidden=128,
                            vision_layers=4),
+    # ~200M parameters: closer to where a real VLM's compute per token puts the comparison.
+    "medium": TinyLlavaSize(hidden=1024, layers=12, heads=16, kv_heads=4, intermediate=4096, vision_hidden=256,
+                            vision_layers=4),
 }
 
 

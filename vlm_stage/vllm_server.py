@@ -49,9 +49,14 @@ class VllmServerConfig:
     max_num_seqs: int = 16
     startup_timeout_s: float = 300.0
     cpu_kv_cache_gb: int = 1
+    dtype: str = "auto"
+    """auto: vLLM's choice on CUDA, float32 on a CPU (the in-process backend's CPU default, so
+    the two agree to 2e-3); bfloat16 uses AVX-512 BF16 / AMX on CPUs that have them."""
     extra_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.max_model_len < 64:
             raise ValueError(f"max_model_len must be >= 64, got {self.max_model_len}")
         if self.max_lora_rank not in VLLM_LORA_RANKS:
@@ -104,7 +109,9 @@ class VllmServerConfig:
                     "--max-loras", str(max(1, len(self.lora_modules))), "--lora-modules"]
             cmd += [f"{name}={path}" for name, path in self.lora_modules.items()]
         if not _has_cuda():
-            cmd += ["--dtype", "float32", "--enforce-eager"]
+            cmd += ["--dtype", "float32" if self.dtype == "auto" else self.dtype, "--enforce-eager"]
+        elif self.dtype != "auto":
+            cmd += ["--dtype", self.dtype]
         return cmd + list(self.extra_args)
 
 
