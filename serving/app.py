@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 
 from cnn_stage.bundle import Bundle, BundleError, load_bundle
@@ -87,7 +88,8 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
             raise BundleError(f"cnn_precision int8, but bundle {bundle.root} has no INT8 model "
                               "(train with `catcascade train-cnn --int8`)")
         cnn_file = bundle.cnn_int8_path
-    onnx = OnnxClassifier(cnn_file, intra_op_threads=cfg.cnn_threads, allow_spinning=cfg.cnn_spinning)
+    threads = cfg.cnn_threads or max(1, (os.cpu_count() or 1) // cfg.batching.instances)
+    onnx = OnnxClassifier(cnn_file, intra_op_threads=threads, allow_spinning=cfg.cnn_spinning)
     batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump()), on_batch=metrics.batch_size.observe)
     metrics.queue_depth.set_function(lambda: batcher.depth)
     await batcher.start()

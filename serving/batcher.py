@@ -1,9 +1,12 @@
 """Dynamic micro-batching for the CNN, in the manner of Triton's dynamic batcher.
 
-Requests queue on the event loop; one worker takes the first waiting item, then waits up to
+Requests queue on the event loop; a worker takes the first waiting item, then waits up to
 ``max_queue_delay_ms`` for more (never past ``max_batch_size``), and runs the whole batch in
-a worker thread so ONNX Runtime never blocks the loop. The queue is bounded: a full queue
-refuses new work at once instead of letting latency grow without limit.
+a worker thread so ONNX Runtime never blocks the loop. With ``instances`` > 1 (Triton's
+instance_group count) that many workers share the queue, each with a thread of its own, so
+several batches run at once: on a CPU, two single-threaded runs get more images per second out
+of two cores than one run split over both. The queue is bounded: a full queue refuses new work
+at once instead of letting latency grow without limit.
 """
 from __future__ import annotations
 
@@ -25,9 +28,10 @@ class BatcherConfig:
     max_batch_size: int = 16
     max_queue_delay_ms: float = 0.0
     max_queue_size: int = 256
+    instances: int = 1
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay_ms < 0:
+        if self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay_ms < 0 or self.instances < 1:
             raise ValueError(f"invalid batcher config {self}")
 
 
@@ -55,19 +59,20 @@ class DynamicBatcher:
         self.config = config
         self.on_batch = on_batch
         self._queue: asyncio.Queue[_Item] | None = None
-        self._worker: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnn")
+        self._workers: list[asyncio.Task] = []
+        self._executor = ThreadPoolExecutor(max_workers=config.instances, thread_name_prefix="cnn")
         self.batch_sizes: list[int] = []
 
     async def start(self) -> None:
         self._queue = asyncio.Queue(self.config.max_queue_size)
-        self._worker = asyncio.create_task(self._loop(), name="cnn-batcher")
+        self._workers = [asyncio.create_task(self._loop(), name=f"cnn-batcher-{i}") for i in range(self.config.instances)]
 
     async def stop(self) -> None:
-        if self._worker:
-            self._worker.cancel()
+        for worker in self._workers:
+            worker.cancel()
+        for worker in self._workers:
             try:
-                await self._worker
+                await worker
             except asyncio.CancelledError:
                 pass
         self._executor.shutdown(wait=True)

@@ -70,3 +70,40 @@ def test_failed_batch_fails_its_requests_but_not_the_worker():
         return ok
 
     assert asyncio.run(go()).output.tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+def test_instances_run_that_many_batches_at_once(instances):
+    """Each batch waits until `instances` batches are running together (or times out): with
+    one instance they never overlap, with two they do, and every request gets its own row."""
+    lock = threading.Lock()
+    state = {"running": 0, "peak": 0}
+    barrier = threading.Barrier(instances, timeout=0.3)
+
+    def run(batch):
+        with lock:
+            state["running"] += 1
+            state["peak"] = max(state["peak"], state["running"])
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            pass
+        with lock:
+            state["running"] -= 1
+        return batch * 2
+
+    async def go():
+        b = DynamicBatcher(run, BatcherConfig(max_batch_size=2, instances=instances))
+        await b.start()
+        res = await asyncio.gather(*(b.submit(np.full(1, i, dtype=np.float32)) for i in range(8)))
+        await b.stop()
+        return res
+
+    res = asyncio.run(go())
+    assert [float(r.output[0]) for r in res] == [2.0 * i for i in range(8)]
+    assert state["peak"] == instances
+
+
+def test_instances_must_be_positive():
+    with pytest.raises(ValueError):
+        BatcherConfig(instances=0)

@@ -252,3 +252,19 @@ def test_in_process_transformers_backend_when_no_vllm_server(make_server):
     assert r.escalated and r.escalation_reason == pb.ESCALATION_REASON_REQUESTED_ALWAYS
     assert r.vlm.model == "cats" and len(r.vlm.candidates) == 3
     assert info.vlm_enabled and "+cats" in info.versions.vlm
+
+
+def test_two_cnn_instances_answer_like_one(make_server, client):
+    """batching.instances=2 runs two ONNX Runtime batches at once on one session: the answers
+    under concurrent load are the ones the single-instance server gives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = make_server(batching={"instances": 2, "max_batch_size": 2}, cnn_threads=1)
+    images = random_jpegs(8)
+    expected = [client.classify(img, mode="never") for img in images]
+    with CatcascadeClient(server.target) as c, ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda img: c.classify(img, mode="never"), images * 3))
+    for i, r in enumerate(got):
+        want = expected[i % len(images)]
+        assert [x.label for x in r.labels] == [x.label for x in want.labels]
+        assert [x.probability for x in r.labels] == pytest.approx([x.probability for x in want.labels], abs=1e-5)
