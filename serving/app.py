@@ -9,7 +9,7 @@ import os
 import signal
 
 from cnn_stage.bundle import Bundle, BundleError, load_bundle
-from cnn_stage.onnx_runtime import OnnxClassifier
+from cnn_stage.onnx_runtime import OnnxClassifier, OverlapAwareClassifier, cuda_available
 from cnn_stage.preprocessing import DecodeLimits
 from ensemble.blender import make_blender
 from ensemble.escalation_policy import EscalationPolicy
@@ -88,8 +88,11 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
             raise BundleError(f"cnn_precision int8, but bundle {bundle.root} has no INT8 model "
                               "(train with `catcascade train-cnn --int8`)")
         cnn_file = bundle.cnn_int8_path
-    threads = cfg.cnn_threads or max(1, (os.cpu_count() or 1) // cfg.batching.instances)
-    onnx = OnnxClassifier(cnn_file, intra_op_threads=threads, allow_spinning=cfg.cnn_spinning)
+    if cfg.batching.instances > 1 and cfg.cnn_threads is None and not cuda_available():
+        onnx = OverlapAwareClassifier(cnn_file, allow_spinning=cfg.cnn_spinning)
+    else:
+        threads = cfg.cnn_threads or max(1, (os.cpu_count() or 1) // cfg.batching.instances)
+        onnx = OnnxClassifier(cnn_file, intra_op_threads=threads, allow_spinning=cfg.cnn_spinning)
     batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump()), on_batch=metrics.batch_size.observe)
     metrics.queue_depth.set_function(lambda: batcher.depth)
     await batcher.start()

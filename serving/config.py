@@ -13,8 +13,9 @@ class BatchingConfig(BaseModel):
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_queue_delay_ms: float = Field(0.0, ge=0, le=1000, description="0 = batch what is already queued (Triton default)")
     max_queue_size: int = Field(256, ge=1)
-    instances: int = Field(1, ge=1, le=64, description="batches run at once, each on its own thread (Triton's "
-                           "instance_group count); ONNX Runtime threads per batch default to cores / instances")
+    instances: int = Field(2, ge=1, le=64, description="batches run at once, each on its own thread (Triton's "
+                           "instance_group count). On a CPU without cnn_threads, a lone batch uses every core and "
+                           "overlapping batches one thread each")
 
 
 class VlmEndpointConfig(BaseModel):

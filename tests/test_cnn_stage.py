@@ -44,6 +44,40 @@ def test_onnx_rejects_non_nchw(tiny_onnx):
         OnnxClassifier(tiny_onnx[1]).run(np.zeros((3, 64, 64), np.float32))
 
 
+def test_overlap_aware_runs_a_lone_batch_wide_and_overlapping_ones_narrow(tiny_onnx):
+    """The wide (all cores) and narrow (one thread) sessions give the same logits; which one a
+    batch gets depends only on whether another batch is running (the sessions' run methods are
+    replaced by gated wrappers to make the overlap deterministic)."""
+    import threading
+
+    from cnn_stage.onnx_runtime import OverlapAwareClassifier
+
+    clf = OverlapAwareClassifier(tiny_onnx[1], wide_threads=2)
+    x = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    assert np.abs(clf.wide.run(x) - clf.narrow.run(x)).max() < 1e-5
+    used, gate, started = [], threading.Event(), threading.Event()
+    for name in ("wide", "narrow"):
+        session = getattr(clf, name)
+        real = session.run
+
+        def gated(batch, _name=name, _real=real):
+            used.append(_name)
+            started.set()
+            if _name == "wide":
+                gate.wait(5)
+            return _real(batch)
+
+        session.run = gated
+    first = threading.Thread(target=clf.run, args=(x,))
+    first.start()
+    assert started.wait(5)
+    clf.run(x)  # overlaps the gated wide run
+    gate.set()
+    first.join()
+    clf.run(x)  # alone again
+    assert used == ["wide", "narrow", "wide"] and clf.runs == {"wide": 2, "narrow": 1}
+
+
 def test_top_k_orders_and_labels():
     from cnn_stage.topk import softmax, top_k
 
