@@ -1,7 +1,9 @@
-"""ONNX Runtime inference for the CNN: one session, deliberate options, CUDA when present."""
+"""ONNX Runtime inference for the CNN: deliberate session options, CUDA when present, and a
+pair of sessions for servers that run several batches at once on a CPU."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +60,6 @@ class OverlapAwareClassifier:
     """
 
     def __init__(self, path: str | Path, wide_threads: int | None = None, allow_spinning: bool = True):
-        import threading
-
         self.wide = OnnxClassifier(path, intra_op_threads=wide_threads, allow_spinning=allow_spinning)
         self.narrow = OnnxClassifier(path, intra_op_threads=1, allow_spinning=allow_spinning)
         self.path, self.input_name, self.providers = self.wide.path, self.wide.input_name, self.wide.providers

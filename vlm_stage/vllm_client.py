@@ -5,8 +5,9 @@ per candidate sharing the image prefix. The one-token answer is constrained to t
 tokens with ``allowed_token_ids`` (a logits mask: no grammar to compile or advance), and the
 server, started with ``--logprobs-mode processed_logprobs``, returns the logprobs after that
 mask, i.e. the distribution over the options. ``constraint="grammar"`` uses
-``structured_outputs`` instead, for servers started without that flag. Requests go to the least-loaded of several
-server URLs, with a timeout and bounded, jittered retries on transient errors.
+``structured_outputs`` instead, for servers started without that flag. Requests go to the
+least-loaded of several server URLs, with a timeout and bounded, jittered retries on
+transient errors.
 """
 from __future__ import annotations
 
@@ -154,6 +155,7 @@ class VllmVerifier:
         else:
             body["allowed_token_ids"] = await self._option_token_ids(prompt.choices)
         payload = await self._post("/v1/chat/completions", body)
+        self.requests_sent += 1
         prompt_tokens = int((payload.get("usage") or {}).get("prompt_tokens") or 0)
         self.prompt_tokens += prompt_tokens
         content = payload["choices"][0]["logprobs"]["content"]
@@ -178,8 +180,6 @@ class VllmVerifier:
                     raise httpx.HTTPStatusError(f"HTTP {resp.status_code}", request=resp.request, response=resp)
                 if resp.status_code != 200:
                     raise VlmUnavailableError(f"vLLM at {endpoint.url} answered HTTP {resp.status_code}: {resp.text[:300]}")
-                if path == "/v1/chat/completions":
-                    self.requests_sent += 1
                 return resp.json()
             except (httpx.TransportError, httpx.HTTPStatusError) as e:
                 last_error = e
