@@ -37,6 +37,41 @@ def test_draft_mode_decodes_large_jpeg_smaller():
     assert 146 <= min(img.size) < 800
 
 
+def _pillow_decode(data: bytes, draft_size: int | None = None) -> np.ndarray:
+    import io
+
+    img = Image.open(io.BytesIO(data))
+    if draft_size:
+        img.draft("RGB", (draft_size, draft_size))
+    return np.asarray(img.convert("RGB"))
+
+
+@pytest.mark.parametrize("size,draft_size", [((500, 375), 256), ((320, 240), None), ((2000, 1600), 256)])
+def test_jpeg_pixels_are_pillows_whichever_decoder_runs(size, draft_size):
+    """Small JPEGs go through simplejpeg (libjpeg-turbo), large ones through Pillow's draft
+    mode: either way the pixels are exactly what Pillow alone would produce."""
+    data = jpeg_bytes(size, seed=3)
+    assert np.array_equal(np.asarray(decode_image(data, draft_size=draft_size)), _pillow_decode(data, draft_size))
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "L"])
+def test_jpegs_simplejpeg_declines_still_decode_like_pillow(mode):
+    import io
+
+    buf = io.BytesIO()
+    Image.new(mode, (64, 48), 90 if mode == "L" else (10, 80, 160, 20)).save(buf, format="JPEG")
+    img = decode_image(buf.getvalue(), draft_size=32)
+    assert img.mode == "RGB" and np.array_equal(np.asarray(img), _pillow_decode(buf.getvalue(), 32))
+
+
+def test_without_simplejpeg_pillow_decodes(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "simplejpeg", None)  # import fails as if not installed
+    data = jpeg_bytes((120, 90), seed=4)
+    assert np.array_equal(np.asarray(decode_image(data)), _pillow_decode(data))
+
+
 def _png_header_only(width: int, height: int) -> bytes:
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
