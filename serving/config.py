@@ -107,7 +107,9 @@ class ServeConfig(BaseModel):
     bundle: Path
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
-    cnn_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads; default all cores")
+    cnn_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads per batch; default: "
+                                    "cores / batching.instances, or on a CPU with several instances, all cores "
+                                    "for a lone batch and one thread per batch when batches overlap")
     cnn_precision: Literal["fp32", "int8"] = Field("fp32", description="int8 serves the bundle's cnn.int8.onnx")
     cnn_spinning: bool = Field(True, description="let ONNX Runtime's threads spin between batches: lower latency "
                                "when idle, less CPU left for decoding under load")
