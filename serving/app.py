@@ -95,6 +95,7 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
         onnx = OnnxClassifier(cnn_file, intra_op_threads=threads, allow_spinning=cfg.cnn_spinning)
     batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump()), on_batch=metrics.batch_size.observe)
     metrics.queue_depth.set_function(lambda: batcher.depth)
+    metrics.batches_running.set_function(lambda: batcher.running)
     await batcher.start()
     lim = cfg.limits
     preprocess_config = dataclasses.replace(bundle.preprocess, limits=DecodeLimits(

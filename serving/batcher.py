@@ -62,6 +62,8 @@ class DynamicBatcher:
         self._workers: list[asyncio.Task] = []
         self._executor = ThreadPoolExecutor(max_workers=config.instances, thread_name_prefix="cnn")
         self.batch_sizes: list[int] = []
+        self.running = 0
+        """Batches in the model right now (at most ``instances``)."""
 
     async def start(self) -> None:
         self._queue = asyncio.Queue(self.config.max_queue_size)
@@ -114,6 +116,7 @@ class DynamicBatcher:
             if not items:
                 continue
             start = time.perf_counter()
+            self.running += 1
             try:
                 out = await loop.run_in_executor(self._executor, self.run_batch, np.stack([it.x for it in items]))
             except Exception as e:  # a failed batch fails its requests, never the worker
@@ -121,6 +124,8 @@ class DynamicBatcher:
                     if not it.future.done():
                         it.future.set_exception(e)
                 continue
+            finally:
+                self.running -= 1
             compute_ms = (time.perf_counter() - start) * 1000.0
             self.batch_sizes.append(len(items))
             del self.batch_sizes[:-10000]

@@ -19,6 +19,8 @@ class ServiceMetrics:
         self.batch_size = Histogram("catcascade_cnn_batch_size", "Images per CNN batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.queue_depth = Gauge("catcascade_cnn_queue_depth", "Images waiting for the CNN", registry=r)
+        self.batches_running = Gauge("catcascade_cnn_batches_running",
+                                     "CNN batches in the model now (at most batching.instances)", registry=r)
         self.inflight = Gauge("catcascade_inflight_requests", "Requests being processed", registry=r)
         self.inflight_escalations = Gauge("catcascade_inflight_escalations", "VLM calls in flight", registry=r)
         self.vlm_errors = Counter("catcascade_vlm_errors", "VLM calls that failed, by kind", ["kind"], registry=r)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -88,20 +89,28 @@ def test_instances_run_that_many_batches_at_once(instances):
             barrier.wait()
         except threading.BrokenBarrierError:
             pass
+        time.sleep(0.01)  # long enough for the event loop to see the batch running
         with lock:
             state["running"] -= 1
         return batch * 2
 
+    seen_running = []
+
     async def go():
         b = DynamicBatcher(run, BatcherConfig(max_batch_size=2, instances=instances))
         await b.start()
-        res = await asyncio.gather(*(b.submit(np.full(1, i, dtype=np.float32)) for i in range(8)))
+        pending = asyncio.gather(*(b.submit(np.full(1, i, dtype=np.float32)) for i in range(8)))
+        while not pending.done():
+            seen_running.append(b.running)  # what the catcascade_cnn_batches_running gauge reads
+            await asyncio.sleep(0.001)
+        res = await pending
+        assert b.running == 0
         await b.stop()
         return res
 
     res = asyncio.run(go())
     assert [float(r.output[0]) for r in res] == [2.0 * i for i in range(8)]
-    assert state["peak"] == instances
+    assert state["peak"] == instances and max(seen_running) == instances
 
 
 def test_instances_must_be_positive():

@@ -206,7 +206,8 @@ def test_prometheus_metrics(grpc_server, client):
                    'catcascade_requests_total{code="INVALID_ARGUMENT",method="Classify"}',
                    'catcascade_stage_milliseconds_bucket{le="5.0",stage="cnn"}',
                    'catcascade_escalation_decisions_total{reason="REQUESTED_ALWAYS"}',
-                   "catcascade_cnn_batch_size_count", "catcascade_cnn_queue_depth", "catcascade_vlm_breaker_state"):
+                   "catcascade_cnn_batch_size_count", "catcascade_cnn_queue_depth", "catcascade_vlm_breaker_state",
+                   "catcascade_cnn_batches_running 0.0"):
         assert needle in text, needle
 
 
