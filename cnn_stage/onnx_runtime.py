@@ -62,7 +62,6 @@ class OverlapAwareClassifier:
     def __init__(self, path: str | Path, wide_threads: int | None = None, allow_spinning: bool = True):
         self.wide = OnnxClassifier(path, intra_op_threads=wide_threads, allow_spinning=allow_spinning)
         self.narrow = OnnxClassifier(path, intra_op_threads=1, allow_spinning=allow_spinning)
-        self.path, self.input_name, self.providers = self.wide.path, self.wide.input_name, self.wide.providers
         self._lock = threading.Lock()
         self._running = 0
         self.runs = {"wide": 0, "narrow": 0}

@@ -6,6 +6,7 @@ needs no torch. The constants come from timm's data config and travel in the bun
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import warnings
@@ -128,15 +129,24 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size:
         raise InvalidImageError(f"image data is truncated or corrupt ({img.format}): {e}") from None
 
 
+@functools.cache
+def _simplejpeg():
+    """The simplejpeg module, or None when it is not installed (looked up once, not per image)."""
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
+    return simplejpeg
+
+
 def _decode_jpeg_turbo(data: bytes) -> Image.Image | None:
     """Full-scale JPEG decode with simplejpeg (libjpeg-turbo straight into an RGB array): the
     same pixels as Pillow's decoder (checked bit for bit on the sample photos), about 20% less
     time. Used for RGB and greyscale JPEGs where Pillow's draft mode would not shrink the image
     anyway (CMYK converts differently); returns None for whatever it does not decode cleanly
     (damaged files), so that Pillow decides those."""
-    try:
-        import simplejpeg
-    except ImportError:  # optional speed-up; Pillow decodes the same pixels
+    simplejpeg = _simplejpeg()
+    if simplejpeg is None:  # optional speed-up; Pillow decodes the same pixels
         return None
     try:
         return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True), mode="RGB")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 
@@ -67,7 +68,10 @@ def test_jpegs_simplejpeg_declines_still_decode_like_pillow(mode):
 def test_without_simplejpeg_pillow_decodes(monkeypatch):
     import sys
 
+    from cnn_stage import preprocessing
+
     monkeypatch.setitem(sys.modules, "simplejpeg", None)  # import fails as if not installed
+    monkeypatch.setattr(preprocessing, "_simplejpeg", functools.cache(preprocessing._simplejpeg.__wrapped__))
     data = jpeg_bytes((120, 90), seed=4)
     assert np.array_equal(np.asarray(decode_image(data)), _pillow_decode(data))
 
