@@ -176,11 +176,11 @@ def main(args: argparse.Namespace) -> int:
     out: Path = args.out
     t0 = time.perf_counter()
     if args.data is not None:
-        from ensemble.score_runner import ScoreRunConfig, score_image_folder
+        from training.score_runner import ScoreRunConfig, score_image_folder
 
         vllm = None
         if getattr(args, "start_vlm", False):
-            from cnn_stage.bundle import load_bundle
+            from ensemble.bundle import load_bundle
             from vlm_stage.vllm_server import VllmServer, VllmServerConfig
 
             try:
@@ -230,6 +230,19 @@ def main(args: argparse.Namespace) -> int:
         console.print(f"note: {n}")
     print(f"report: {report}")
     return 0
+
+
+def register(subparsers) -> None:
+    from ensemble.cli_commands import user_errors
+
+    def run(args) -> int:
+        with user_errors():
+            return main(args)
+
+    b = subparsers.add_parser("bench-accuracy", help="offline balanced-accuracy benchmark: CNN only, the cascade at "
+                                                     "escalation budgets, VLM always (Markdown report + PNG plots)")
+    add_cli_args(b)
+    b.set_defaults(func=run)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench/cnn_speed"))
+    parser.add_argument("--profile", action="store_true",
+                        help="write ONNX Runtime profiles (chrome://tracing JSON) under OUT/profiles/")
 
 
 def _time_interleaved(fns: dict, warmup: int, seconds: float, min_iters: int, chunk: int = 2) -> dict:
@@ -133,6 +135,8 @@ def main(args: argparse.Namespace) -> int:
     from cnn_stage.quantization import QuantizationConfig, agreement, load_images, quantize_int8, run_batched
     from cnn_stage.topk import softmax
 
+    profile_dir = args.out / "profiles" if args.profile else None
+
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     variants = [v.strip() for v in args.quant_variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in QUANT_VARIANTS]
@@ -169,7 +173,7 @@ def main(args: argparse.Namespace) -> int:
     x_calib, _ = load_images(calib_files, pp)
     x_eval, _ = load_images(eval_files, pp)
 
-    fp32 = OnnxClassifier(fp32_path, intra_op_threads=args.threads)
+    fp32 = OnnxClassifier(fp32_path, intra_op_threads=args.threads, profile_dir=profile_dir)
     fp32_logits = run_batched(fp32, x_eval)
     top2 = np.sort(softmax(fp32_logits), axis=1)[:, -2:]
     margin = float(np.median(top2[:, 1] - top2[:, 0]))  # near-ties flip under any perturbation
@@ -179,7 +183,7 @@ def main(args: argparse.Namespace) -> int:
         path = out / f"{args.model}.int8.{name}.onnx"
         t = time.perf_counter()
         quantize_int8(fp32_path, path, x_calib, qcfg)
-        clf = OnnxClassifier(path, intra_op_threads=args.threads)
+        clf = OnnxClassifier(path, intra_op_threads=args.threads, profile_dir=profile_dir)
         agree = agreement(fp32_logits, run_batched(clf, x_eval))
         x8 = x_eval[np.arange(8) % len(x_eval)]
         t8 = _time_interleaved({"fp32": lambda: fp32.run(x8), "int8": lambda: clf.run(x8)},
@@ -196,7 +200,8 @@ def main(args: argparse.Namespace) -> int:
 
     backends = {"torch eager": None, "ORT fp32": fp32}
     if chosen:
-        backends[f"ORT int8 ({chosen['variant']})"] = OnnxClassifier(chosen["path"], intra_op_threads=args.threads)
+        backends[f"ORT int8 ({chosen['variant']})"] = OnnxClassifier(chosen["path"], intra_op_threads=args.threads,
+                                                                           profile_dir=profile_dir)
     rows = []
     for b in batch_sizes:
         x = x_eval[np.arange(b) % len(x_eval)]

@@ -203,7 +203,7 @@ def make_speed_bundle(out: Path, image_size: int = 224, model: str = "convnext_a
     """A CNN-only bundle at full resolution (random weights: speed does not depend on them)."""
     import torch
 
-    from cnn_stage.bundle import Bundle, BundleManifest, CnnSpec, sha256_file
+    from ensemble.bundle import Bundle, BundleManifest, CnnSpec, sha256_file
     from cnn_stage.model import create_convnext
     from cnn_stage.onnx_export import export_onnx
     from cnn_stage.preprocessing import PreprocessConfig
@@ -224,7 +224,7 @@ class ServerProcess:
     """`catcascade serve` in its own process, as deployed."""
 
     def __init__(self, bundle: Path, port: int, vlm_url: str | None, log: Path, extra: list[str] | None = None):
-        cmd = [sys.executable, "-m", "serving.cli", "serve", "--bundle", str(bundle), "--port", str(port)]
+        cmd = [sys.executable, "-m", "catcascade", "serve", "--bundle", str(bundle), "--port", str(port)]
         if vlm_url:
             cmd += ["--vlm-url", vlm_url]
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -373,7 +373,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from cnn_stage.bundle import load_bundle
+    from ensemble.bundle import load_bundle
     from serving.api import cascade_pb2 as pb
     from vlm_stage.vllm_server import free_port
 

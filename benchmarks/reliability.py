@@ -162,7 +162,7 @@ def main(args: argparse.Namespace) -> int:
     """Runs every fault scenario against freshly started real servers and prints the table."""
     from pathlib import Path
 
-    from cnn_stage.bundle import load_bundle
+    from ensemble.bundle import load_bundle
     from serving.config import ServeConfig
     from serving.service_thread import ServiceThread
     from vlm_stage.vllm_server import VllmServer, VllmServerConfig

@@ -75,7 +75,7 @@ async def _run(verifier, items, concurrency: int, warmup: int, after_warmup=None
 def _load_items(bundle_dir: Path, n: int):
     from PIL import Image
 
-    from cnn_stage.bundle import load_bundle
+    from ensemble.bundle import load_bundle
     from training.verification_data import bundle_top_k
 
     bundle = load_bundle(bundle_dir)

@@ -26,7 +26,7 @@ class OnnxClassifier:
     """Runs an exported classifier: float32 NCHW in, logits out."""
 
     def __init__(self, path: str | Path, intra_op_threads: int | None = None, providers: list[str] | None = None,
-                 allow_spinning: bool = True):
+                 allow_spinning: bool = True, profile_dir: str | Path | None = None):
         ort = _import_ort()
         self.path = Path(path)
         opts = ort.SessionOptions()
@@ -37,6 +37,10 @@ class OnnxClassifier:
         # ORT's pool threads spin while waiting for work; in a server that shares the cores
         # with decoding and gRPC that spinning steals the CPU they need.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+        if profile_dir is not None:  # ORT writes onnxruntime_profile_<time>.json into the cwd by default
+            Path(profile_dir).mkdir(parents=True, exist_ok=True)
+            opts.enable_profiling = True
+            opts.profile_file_prefix = str(Path(profile_dir) / "onnxruntime_profile")
         if providers is None:
             available = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]

@@ -1,6 +1,7 @@
 """Ensemble: calibration (temperature), the escalation policy and the CNN+VLM blenders, their
 fitting on held-out data, score files and offline evaluation."""
-from ensemble.blender import LogLinearBlender, make_blender
+from ensemble.blender import LogLinearBlender
+from ensemble.blender_registry import make_blender
 from ensemble.config import BlendConfig, CascadeConfig, EscalationConfig, StackingParams
 from ensemble.escalation_policy import EscalationDecision, EscalationMode, EscalationPolicy, EscalationReason
 from ensemble.policy_fitting import fit_escalation

@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 
 from ensemble.blender import LogLinearBlender
+from ensemble.blender_registry import BlenderName, make_fitted_blender
 from ensemble.config import BlendConfig, CascadeConfig
 from ensemble.escalation_policy import EscalationPolicy
 from ensemble.metrics import ClassificationSummary, minority_classes, summarize
@@ -21,7 +22,6 @@ from ensemble.policy_fitting import Objective, fit_escalation
 from ensemble.score_files import ScoreSet
 from ensemble.temperature import TemperatureScaler
 
-BlenderName = Literal["log_linear", "stacking"]
 DEFAULT_BUDGETS = (0.0, 0.05, 0.10, 0.20, 0.30, 0.50, 1.0)
 
 
@@ -84,16 +84,6 @@ class OfflineEvalResult:
 
 def cascade_name(budget: float) -> str:
     return f"cascade@{budget * 100:g}%"
-
-
-def make_fitted_blender(name: BlenderName, cnn_probs, candidates, vlm_scores, y):
-    if name == "stacking":
-        from ensemble.stacking import StackingBlender
-
-        return StackingBlender().fit(cnn_probs, candidates, vlm_scores, y)
-    if name == "log_linear":
-        return LogLinearBlender().fit(cnn_probs, candidates, vlm_scores, y)
-    raise ValueError(f"unknown blender {name!r} (expected log_linear or stacking)")
 
 
 def _folds(y: np.ndarray, k: int, seed: int) -> list[np.ndarray]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ensemble.blender import _EPS, BatchBlender, check_batch, normalised_vlm, place_in_candidates, true_class_nll
+from ensemble.blending import _EPS, Blender, check_batch, normalised_vlm, place_in_candidates, true_class_nll
 from ensemble.config import BlendConfig, StackingParams
 from ensemble.escalation_policy import confidence_scores
 
@@ -39,7 +39,7 @@ def candidate_features(cnn_probs: np.ndarray, idx: np.ndarray, vlm: np.ndarray) 
     return np.stack(cols, axis=-1)
 
 
-class StackingBlender(BatchBlender):
+class StackingBlender(Blender):
     """Same ``blend``/``blend_batch`` interface as LogLinearBlender; ``fit`` first."""
 
     def __init__(self, C: float = 1.0, params: StackingParams | None = None):

@@ -8,10 +8,10 @@ import logging
 import os
 import signal
 
-from cnn_stage.bundle import Bundle, BundleError, load_bundle
+from ensemble.bundle import Bundle, BundleError, load_bundle
 from cnn_stage.onnx_runtime import OnnxClassifier, OverlapAwareClassifier, cuda_available
 from cnn_stage.preprocessing import DecodeLimits
-from ensemble.blender import make_blender
+from ensemble.blender_registry import make_blender
 from ensemble.escalation_policy import EscalationPolicy
 from serving.api import cascade_pb2 as pb
 from serving.batcher import BatcherConfig, DynamicBatcher

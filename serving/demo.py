@@ -31,7 +31,7 @@ def demo_images(bundle_dir: Path, n_synthetic: int = 6, n_real: int = 4, seed: i
 def run_demo(bundle_dir: Path, use_vlm: bool = True, images: list[Path] | None = None, mode: str = "auto") -> int:
     from rich.console import Console
 
-    from cnn_stage.bundle import load_bundle
+    from ensemble.bundle import load_bundle
     from serving.client import CatcascadeClient, results_table
     from serving.config import ServeConfig, VlmEndpointConfig
     from serving.service_thread import ServiceThread

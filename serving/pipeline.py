@@ -17,6 +17,7 @@ from PIL import Image
 
 from cnn_stage.preprocessing import PreprocessConfig, decode_image, preprocess
 from cnn_stage.topk import TopK, softmax, top_k
+from ensemble.blending import Blender
 from ensemble.escalation_policy import EscalationDecision, EscalationMode, EscalationPolicy, EscalationReason
 from serving.batcher import DynamicBatcher
 from serving.circuit_breaker import CircuitBreaker
@@ -28,12 +29,6 @@ log = logging.getLogger(__name__)
 
 class Verifier(Protocol):
     async def verify(self, image: Image.Image, candidates: tuple[str, ...]) -> CandidateScores: ...
-
-
-class Blender(Protocol):
-    """ensemble.blender.LogLinearBlender or ensemble.stacking.StackingBlender."""
-
-    def blend(self, cnn_probs: np.ndarray, candidates, vlm_probs: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)

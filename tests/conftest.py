@@ -43,7 +43,7 @@ def demo_bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def vllm_server(demo_bundle, tmp_path_factory):
     """The real vLLM OpenAI server serving the bundle's tiny VLM with its LoRA adapter."""
-    from cnn_stage.bundle import load_bundle
+    from ensemble.bundle import load_bundle
     from vlm_stage.vllm_server import VllmServer, VllmServerConfig
 
     cfg = VllmServerConfig.for_bundle(load_bundle(demo_bundle))

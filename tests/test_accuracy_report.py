@@ -13,7 +13,7 @@ from ensemble.config import CascadeConfig
 from ensemble.offline_eval import OfflineEvalConfig, evaluate_offline
 from ensemble.score_files import ScoreSet
 from ensemble.synthetic_scores import SyntheticScoreConfig, synthetic_score_set
-from serving.cli import main as cli
+from catcascade.cli import main as cli
 
 
 def _assert_real_png(path):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from serving.cli import COMMAND_REGISTRARS, build_parser, main
+from catcascade.cli import COMMAND_REGISTRARS, build_parser, main
 
 
 def test_every_registered_subcommand_builds():
@@ -17,7 +17,7 @@ def test_every_registered_subcommand_builds():
 
 
 def test_console_script_help_runs():
-    out = subprocess.run([sys.executable, "-m", "serving.cli", "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "catcascade", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "classify" in out.stdout
 
 
@@ -53,7 +53,8 @@ def test_usage_errors_exit_2(argv):
 
 
 def test_serve_flags_layer_over_the_yaml_config(tmp_path):
-    from serving.cli import build_parser, serve_config_from_args
+    from catcascade.cli import build_parser
+    from serving.commands import serve_config_from_args
 
     cfg = tmp_path / "service.yaml"
     cfg.write_text("bundle: /b\nport: 6000\nvlm: {urls: ['http://a:1'], timeout_s: 3}\nlimits: {max_inflight_requests: 7}\n")

@@ -65,7 +65,7 @@ def test_quantization_rejects_bad_inputs(fp32_model, tmp_path):
 def test_bundle_verifies_the_optional_int8_file(fp32_model, jpeg_files, tmp_path):
     import shutil
 
-    from cnn_stage.bundle import Bundle, BundleError, BundleManifest, CnnSpec, load_bundle, sha256_file
+    from ensemble.bundle import Bundle, BundleError, BundleManifest, CnnSpec, load_bundle, sha256_file
     from cnn_stage.preprocessing import PreprocessConfig
     from cnn_stage.quantization import load_images, quantize_int8
 

@@ -101,7 +101,7 @@ def test_checkpoint_must_be_safetensors(tmp_path):
 def test_bundle_refuses_tampered_model(tiny_onnx, tmp_path):
     import shutil
 
-    from cnn_stage.bundle import Bundle, BundleError, BundleManifest, CnnSpec, load_bundle, sha256_file
+    from ensemble.bundle import Bundle, BundleError, BundleManifest, CnnSpec, load_bundle, sha256_file
     from cnn_stage.preprocessing import PreprocessConfig
 
     shutil.copy(tiny_onnx[1], tmp_path / "cnn.onnx")

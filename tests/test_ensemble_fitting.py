@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ensemble.blender import LogLinearBlender, make_blender
+from ensemble.blender import LogLinearBlender
+from ensemble.blender_registry import make_blender
 from ensemble.config import BlendConfig, CascadeConfig, EscalationConfig
 from ensemble.escalation_policy import EscalationPolicy, EscalationReason, confidence_score, confidence_scores
 from ensemble.metrics import (aurc, balanced_accuracy, brier_score, confusion, expected_calibration_error, macro_f1,

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.fixture(scope="module")
 def trained_bundle(sample_data, tmp_path_factory):
     """convnext_atto at 64 px, one head-only epoch + one full epoch, INT8 included (about 40 s)."""
-    from serving.cli import main
+    from catcascade.cli import main
 
     out = tmp_path_factory.mktemp("train-cnn") / "bundle"
     code = main(["train-cnn", "--data", str(sample_data), "--out", str(out), "--image-size", "64",
@@ -27,7 +27,7 @@ def trained_bundle(sample_data, tmp_path_factory):
 def test_train_cnn_writes_a_loadable_calibrated_bundle(trained_bundle, sample_data):
     import yaml
 
-    from cnn_stage.bundle import load_bundle
+    from ensemble.bundle import load_bundle
     from cnn_stage.onnx_runtime import OnnxClassifier
     from cnn_stage.preprocessing import load_and_preprocess
 
@@ -123,7 +123,7 @@ def test_training_options_run_and_select_on_balanced_accuracy(tiny_dataset, opti
 
 
 def test_cli_rejects_pickle_checkpoints_and_missing_data(tmp_path, capsys):
-    from serving.cli import main
+    from catcascade.cli import main
 
     assert main(["train-cnn", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--pretrained", "w.pth"]) == 2
     assert "safetensors" in capsys.readouterr().err

@@ -110,7 +110,7 @@ def test_invalid_json_and_empty_files(tmp_path):
 def test_cnn_top_k_from_the_bundle_supplies_the_negatives(demo_bundle):
     """The bundle's ONNX CNN ranks its own training images: the true label is almost always in
     its top-3, and the other two are what the VLM sees as hard negatives."""
-    from cnn_stage.bundle import load_bundle
+    from ensemble.bundle import load_bundle
     from training.image_folder import scan_image_folder
     from training.verification_data import bundle_top_k
 

@@ -118,7 +118,7 @@ def test_bad_training_config_is_refused(kwargs, message):
 def test_qlora_without_cuda_is_a_clear_error(tiny_vlm, tmp_path):
     import torch
 
-    from serving.cli import main
+    from catcascade.cli import main
     from training.train_vlm import load_base_model
 
     if torch.cuda.is_available():
@@ -133,7 +133,7 @@ def test_qlora_without_cuda_is_a_clear_error(tiny_vlm, tmp_path):
 def test_train_vlm_command_on_llava_format_data(tiny_vlm, examples, tmp_path, capsys):
     """`catcascade train-vlm` on LLaVA-style conversations: adapter folder out, held-out
     accuracy before and after, options passed through (MLP target, gradient checkpointing)."""
-    from serving.cli import main
+    from catcascade.cli import main
 
     lines = []
     for e in examples:
@@ -155,7 +155,7 @@ def test_train_vlm_command_on_llava_format_data(tiny_vlm, examples, tmp_path, ca
 
 
 def test_train_vlm_command_refuses_missing_inputs(tmp_path, capsys):
-    from serving.cli import main
+    from catcascade.cli import main
 
     assert main(["train-vlm", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "a")]) == 2
     assert "verification data not found" in capsys.readouterr().err
@@ -166,7 +166,7 @@ def test_train_vlm_command_refuses_missing_inputs(tmp_path, capsys):
 @pytest.mark.integration
 def test_vlm_data_then_train_vlm_from_the_bundle(demo_bundle, tmp_path, capsys):
     """The documented workflow: CNN confusions -> JSONL -> LoRA adapter with held-out accuracy."""
-    from serving.cli import main
+    from catcascade.cli import main
 
     assert main(["vlm-data", "--images", str(demo_bundle / "data"), "--bundle", str(demo_bundle),
                  "--out", str(tmp_path / "vd"), "--eval-fraction", "0.1"]) == 0

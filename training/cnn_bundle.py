@@ -22,7 +22,7 @@ CNN_INT8_FILE = "cnn.int8.onnx"
 
 @dataclass
 class CnnExport:
-    spec: object  # cnn_stage.bundle.CnnSpec
+    spec: object  # ensemble.bundle.CnnSpec
     preprocess: object  # cnn_stage.preprocessing.PreprocessConfig
     report: dict = field(default_factory=dict)
 
@@ -43,7 +43,7 @@ def calibrate_and_export(result, out_dir: str | Path, architecture: str, image_s
     lists of `Sample` (real images; decoded through the serving path). The returned report
     holds the temperature, ECE before/after, ONNX parity and, with INT8, the agreement.
     """
-    from cnn_stage.bundle import CnnSpec, sha256_file
+    from ensemble.bundle import CnnSpec, sha256_file
     from cnn_stage.onnx_export import export_onnx
     from cnn_stage.preprocessing import PreprocessConfig
     from ensemble.metrics import expected_calibration_error

@@ -33,7 +33,7 @@ class DemoBundleConfig:
 
 def build_demo_bundle(out_dir: str | Path, cfg: DemoBundleConfig = DemoBundleConfig(), progress: bool = True) -> Path:
     """Writes a complete bundle to ``out_dir`` (CNN + tiny VLM + adapter) and returns it."""
-    from cnn_stage.bundle import Bundle, BundleManifest, VlmSpec, library_versions
+    from ensemble.bundle import Bundle, BundleManifest, VlmSpec, library_versions
     from ensemble.config import BlendConfig, CascadeConfig, EscalationConfig
     from ensemble.temperature import TemperatureScaler
     from training.cnn_bundle import calibrate_and_export

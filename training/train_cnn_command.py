@@ -62,7 +62,7 @@ def run_train_cnn(run: TrainCnnRun) -> Path:
     import yaml
     from accelerate import PartialState
 
-    from cnn_stage.bundle import Bundle, BundleManifest, library_versions
+    from ensemble.bundle import Bundle, BundleManifest, library_versions
     from training.cnn_bundle import calibrate_and_export
     from training.datasets import resolve_split
     from training.train_cnn import train_cnn
@@ -281,15 +281,15 @@ def run_from_args(args) -> TrainCnnRun:
 
 
 def _command(args) -> int:
-    from serving.cli import CliError
+    from catcascade.errors import CommandError
 
     try:
         run = run_from_args(args)
     except (ValueError, TypeError, FileNotFoundError) as e:
-        raise CliError(str(e)) from None
+        raise CommandError(str(e)) from None
     logging.getLogger("training").setLevel(logging.INFO)
     try:
         run_train_cnn(run)
     except (ValueError, OSError) as e:  # bad data, missing files, hub unreachable
-        raise CliError(str(e)) from None
+        raise CommandError(str(e)) from None
     return 0

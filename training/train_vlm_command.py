@@ -11,13 +11,13 @@ from training.train_vlm import DEFAULT_BASE_MODEL, TARGET_PARTS
 
 
 def _cli_error(message: str):
-    from serving.cli import CliError
+    from catcascade.errors import CommandError
 
-    return CliError(message)
+    return CommandError(message)
 
 
 def _vlm_data(args) -> int:
-    from cnn_stage.bundle import BundleError
+    from ensemble.bundle import BundleError
     from training.image_folder import scan_image_folder, stratified_split
     from training.verification_data import bundle_top_k, examples_from_top_k, write_jsonl
 

@@ -104,7 +104,7 @@ def cnn_top_k(onnx_path: str | Path, preprocess_config, labels: list[str], image
 
 def bundle_top_k(bundle_dir: str | Path, image_paths: list[str | Path], k: int = 3, progress: bool = True):
     """``cnn_top_k`` with the model, preprocessing, labels and temperature of a bundle."""
-    from cnn_stage.bundle import load_bundle
+    from ensemble.bundle import load_bundle
 
     b = load_bundle(bundle_dir)
     return cnn_top_k(b.cnn_path, b.preprocess, b.labels, image_paths, k, b.manifest.cnn.temperature, progress=progress)

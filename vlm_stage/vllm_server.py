@@ -67,7 +67,7 @@ class VllmServerConfig:
 
     @classmethod
     def for_bundle(cls, bundle, **overrides) -> "VllmServerConfig":
-        """Serves a bundle's VLM (cnn_stage.bundle.Bundle) with its LoRA adapter under its name."""
+        """Serves a bundle's VLM (ensemble.bundle.Bundle) with its LoRA adapter under its name."""
         spec = bundle.manifest.vlm
         if spec is None:
             raise ValueError(f"bundle {bundle.root} has no vlm section")

@@ -1,28 +1,15 @@
-"""The `catcascade` command line: serve, classify, demo, build-demo, serve-vlm."""
+"""The serving layer's commands: serve, classify, demo, build-demo, serve-vlm."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 
+from catcascade.errors import CommandError
+
 DEFAULT_BUNDLE = Path("artifacts/demo-bundle")
-
-# Modules that add their own subcommands: each has `register(subparsers)`, which adds a
-# parser with `set_defaults(func=...)`; func(args) returns an exit code or raises CliError.
-# Imported lazily so `catcascade --help` stays fast; add one line per feature module.
-COMMAND_REGISTRARS: list[str] = [
-    "training.train_cnn_command",
-    "training.train_vlm_command",
-    "ensemble.cli_commands",
-    "benchmarks.latency",
-]
-
-
-class CliError(Exception):
-    """A user-facing error: printed without a traceback, exit code 2."""
 
 
 def serve_config_from_args(args):
@@ -50,7 +37,7 @@ def _serve(args) -> int:
 
     from pydantic import ValidationError
 
-    from cnn_stage.bundle import BundleError
+    from ensemble.bundle import BundleError
     from serving.app import serve_forever
     from serving.log_format import configure_logging
 
@@ -59,9 +46,9 @@ def _serve(args) -> int:
         configure_logging(cfg.log_format, logging.DEBUG if args.verbose else logging.INFO)
         asyncio.run(serve_forever(cfg))
     except ValidationError as e:
-        raise CliError(f"invalid configuration:\n{e}") from None
+        raise CommandError(f"invalid configuration:\n{e}") from None
     except (BundleError, OSError, ValueError) as e:
-        raise CliError(str(e)) from None
+        raise CommandError(str(e)) from None
     return 0
 
 
@@ -73,7 +60,7 @@ def _classify(args) -> int:
     paths = [Path(p) for p in args.images]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise CliError(f"no such image file(s): {', '.join(missing)}")
+        raise CommandError(f"no such image file(s): {', '.join(missing)}")
     rows, failed = [], 0
     token = args.token or os.environ.get("CATCASCADE_TOKEN")
     with CatcascadeClient(args.target, timeout_s=args.timeout, token=token, tls_ca=args.tls_ca,
@@ -83,9 +70,9 @@ def _classify(args) -> int:
                 r = client.classify(p, top_k=args.top_k, mode=args.mode)
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.UNAVAILABLE:
-                    raise CliError(f"cannot reach a catcascade server at {args.target}: {e.details()}") from None
+                    raise CommandError(f"cannot reach a catcascade server at {args.target}: {e.details()}") from None
                 if e.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    raise CliError(f"{args.target} refused the credentials: {e.details()}") from None
+                    raise CommandError(f"{args.target} refused the credentials: {e.details()}") from None
                 print(f"{p}: {e.code().name}: {e.details()}", file=sys.stderr)
                 failed += 1
                 continue
@@ -120,13 +107,13 @@ def _serve_vlm(args) -> int:
     import signal
     import time
 
-    from cnn_stage.bundle import load_bundle
+    from ensemble.bundle import load_bundle
     from vlm_stage.vllm_server import VllmServer, VllmServerConfig
 
     try:
         cfg = VllmServerConfig.for_bundle(load_bundle(args.bundle), host=args.host, port=args.port, dtype=args.dtype)
     except ValueError as e:
-        raise CliError(str(e)) from None
+        raise CommandError(str(e)) from None
     server = VllmServer(cfg, log_path=args.log)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     with server:
@@ -140,11 +127,8 @@ def _serve_vlm(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="catcascade", description="Two-stage cat breed classification (CNN + VLM) over gRPC.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def register(sub) -> None:
+    """Adds this layer's subcommands to the ``catcascade`` parser."""
     s = sub.add_parser("serve", help="run the gRPC server")
     s.add_argument("--config", type=Path, help="YAML ServeConfig (flags override it)")
     s.add_argument("--bundle", type=Path)
@@ -190,32 +174,3 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: float32 on a CPU, vLLM's choice on CUDA; bfloat16 is much faster on CPUs with "
                         "AVX-512 BF16/AMX (scores then differ from the float32 in-process backend by ~1e-2)")
     v.set_defaults(func=_serve_vlm)
-
-    import importlib
-
-    for module in COMMAND_REGISTRARS:
-        importlib.import_module(module).register(sub)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # bitsandbytes (imported by peft) warns at import on CPU-only machines about optional kernels.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    try:
-        return args.func(args)
-    except CliError as e:
-        print(f"catcascade: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    # `python -m serving.cli` runs this file as __main__; delegate to the imported module so
-    # registrar modules and this entry point share one CliError class.
-    from serving.cli import main as _main
-
-    sys.exit(_main())

@@ -130,7 +130,7 @@ async def _vlm_pass(bundle, paths, candidates, cfg: ScoreRunConfig, model: str):
 
 def score_image_folder(bundle_dir: str | Path, data_dir: str | Path, cfg: ScoreRunConfig = ScoreRunConfig()) -> ScoreSet:
     """Scores ``data_dir/<label>/<image>`` with the bundle's CNN (and VLM when URLs are given)."""
-    from cnn_stage.bundle import load_bundle
+    from ensemble.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest

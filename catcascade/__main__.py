@@ -1,0 +1,6 @@
+"""``python -m catcascade`` is the ``catcascade`` command."""
+import sys
+
+from catcascade.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Versioned bundles in a repository: load, verify, warm, swap, canary and shadow."""

@@ -1,0 +1,1 @@
+"""What operators see: tracing and drift signals (metrics and logs live beside them)."""
