@@ -20,6 +20,8 @@ from serving.metrics import ServiceMetrics
 from serving.config import ServeConfig
 from serving.pipeline import CascadePipeline, PipelineConfig
 from serving.server import CatClassifierServicer, run_server
+from serving.traffic.admission import AdmissionConfig, AdmissionController
+from serving.traffic.vlm_watchdog import VlmWatchdog, WatchdogConfig
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,16 @@ async def keep_warming_up(verifier, candidates: tuple[str, ...], period_s: float
     log.info("VLM warm-up done")
 
 
+def _watchdog_probe(verifier, cfg: ServeConfig):
+    """A probe client of its own for the VLM watchdog (vLLM backend, health_period_s > 0):
+    one attempt, its own timeout, and its requests kept out of the verifier's counters."""
+    from vlm_stage.vllm_client import VllmVerifier
+
+    if not isinstance(verifier, VllmVerifier) or cfg.breaker.health_period_s <= 0:
+        return None
+    return verifier.probe(cfg.breaker.health_timeout_s)
+
+
 @contextlib.asynccontextmanager
 async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None):
     """Loads the bundle, starts the batcher and yields a servicer; closes everything after."""
@@ -104,15 +116,28 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
     warm_task = None
     if verifier is not None and not await warm_up(verifier, tuple(m.labels[: m.cascade.top_k])):
         warm_task = asyncio.create_task(keep_warming_up(verifier, tuple(m.labels[: m.cascade.top_k])))
-    breaker = CircuitBreaker(BreakerConfig(**cfg.breaker.model_dump()),
+    b = cfg.breaker
+    watchdog_probe = _watchdog_probe(verifier, cfg)
+    breaker = CircuitBreaker(BreakerConfig(failure_threshold=b.failure_threshold, cooldown_s=b.cooldown_s,
+                                           probe_timeout_s=b.probe_timeout_s,
+                                           probe_with_requests=watchdog_probe is None),
                              on_change=lambda state: metrics.breaker_state.set(int(state)))
     pipeline = CascadePipeline(
         labels=m.labels, preprocess_config=preprocess_config, cnn=batcher,
         policy=EscalationPolicy(m.cascade.escalation), blender=make_blender(m.cascade.blend),
         verifier=verifier, temperature=m.cnn.temperature, breaker=breaker if verifier else None, metrics=metrics,
         config=PipelineConfig(candidates=m.cascade.top_k, vlm_min_budget_ms=lim.vlm_min_budget_ms,
-                              max_concurrent_escalations=lim.max_concurrent_escalations))
+                              max_concurrent_escalations=lim.max_concurrent_escalations,
+                              vlm_call_budget_s=cfg.vlm.call_budget_s))
     metrics.inflight_escalations.set_function(lambda: pipeline.inflight_escalations)
+    watchdog_task = None
+    if watchdog_probe is not None:
+        candidates = tuple(m.labels[: m.cascade.top_k])
+        watchdog = VlmWatchdog(lambda: watchdog_probe.warm_up(candidates), breaker,
+                               WatchdogConfig(period_s=b.health_period_s, timeout_s=b.health_timeout_s),
+                               on_failure=lambda kind: metrics.vlm_errors.labels(kind).inc())
+        watchdog_task = asyncio.create_task(watchdog.run(), name="vlm-watchdog")
+    admission = AdmissionController(AdmissionConfig(**cfg.admission.model_dump()))
     vlm_name = (getattr(verifier.config, "model", "") if cfg.vlm.backend == "vllm" else
                 getattr(verifier.config, "name", "")) if verifier else ""
     cnn_sha = m.cnn.int8_sha256 if cfg.cnn_precision == "int8" else m.cnn.sha256
@@ -123,12 +148,16 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
                         escalation_threshold=m.cascade.escalation.threshold,
                         escalation_metric=m.cascade.escalation.metric, blend_weight=m.cascade.blend.weight,
                         vlm_enabled=verifier is not None)
-    servicer = CatClassifierServicer(pipeline, versions, info, metrics, max_inflight=lim.max_inflight_requests)
+    servicer = CatClassifierServicer(pipeline, versions, info, metrics, max_inflight=lim.max_inflight_requests,
+                                     admission=admission)
     try:
         yield servicer
     finally:
-        if warm_task is not None:
-            warm_task.cancel()
+        for task in (warm_task, watchdog_task):
+            if task is not None:
+                task.cancel()
+        if watchdog_probe is not None:
+            await watchdog_probe.aclose()
         await batcher.stop()
         pipeline.close()
         if verifier is not None:

@@ -31,8 +31,11 @@ class VlmEndpointConfig(BaseModel):
         "allowed_tokens", description="allowed_tokens: a token mask, needs vLLM started with --logprobs-mode "
                                       "processed_logprobs (catcascade serve-vlm does); grammar: structured outputs, "
                                       "for servers started without it (slower)")
-    timeout_s: float = Field(10.0, gt=0)
+    timeout_s: float = Field(10.0, gt=0, description="HTTP timeout of one attempt")
     max_retries: int = Field(2, ge=0, le=10)
+    call_budget_s: float = Field(5.0, gt=0, description="the server's own bound on one escalation's VLM call, "
+                                 "retries included: past it the call counts as a VLM failure for the breaker, "
+                                 "whatever the client's deadline (a hung VLM is caught even under long deadlines)")
 
     @field_validator("urls")
     @classmethod
@@ -69,6 +72,29 @@ class BreakerSettings(BaseModel):
 
     failure_threshold: int = Field(3, ge=1)
     cooldown_s: float = Field(5.0, gt=0)
+    probe_timeout_s: float = Field(10.0, gt=0, description="a half-open probe not settled within this counts as "
+                                   "failed (the breaker re-opens; it never stays half-open)")
+    health_period_s: float = Field(1.0, ge=0, description="background VLM health probe (a tiny scoring request) "
+                                   "whenever no escalation succeeded for this long; 0 = off (then user requests "
+                                   "probe a half-open breaker)")
+    health_timeout_s: float = Field(3.0, gt=0, description="a health probe not answered within this opens the "
+                                    "breaker: a hung VLM is detected whatever the clients' deadlines")
+
+
+class AdmissionSettings(BaseModel):
+    """Queue-delay admission (serving/traffic/admission.py): refuse with RESOURCE_EXHAUSTED at
+    once when the estimated queue wait would miss the request's deadline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    safety_factor: float = Field(1.5, ge=1.0, description="multiplies the estimated wait")
+    slack_ms: float = Field(30.0, ge=0, description="time kept for what follows the CNN (answer, jitter)")
+    max_queue_wait_ms: float = Field(10_000.0, gt=0, description="longest estimated wait admitted for requests "
+                                     "without a deadline")
+    initial_service_ms: float = Field(20.0, gt=0, description="cost per request assumed before any is measured")
+    halflife_s: float = Field(0.5, gt=0, description="how fast the measured cost per request adapts, in "
+                              "seconds of busy time")
 
 
 class TlsConfig(BaseModel):
@@ -117,6 +143,7 @@ class ServeConfig(BaseModel):
     vlm: VlmEndpointConfig = VlmEndpointConfig()
     limits: LimitsConfig = LimitsConfig()
     breaker: BreakerSettings = BreakerSettings()
+    admission: AdmissionSettings = AdmissionSettings()
     tls: TlsConfig | None = None
     auth: AuthConfig = AuthConfig()
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; None = off")

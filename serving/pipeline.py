@@ -10,7 +10,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 from PIL import Image
@@ -20,7 +20,7 @@ from cnn_stage.topk import TopK, softmax, top_k
 from ensemble.blending import Blender
 from ensemble.escalation_policy import EscalationDecision, EscalationMode, EscalationPolicy, EscalationReason
 from serving.batcher import DynamicBatcher
-from serving.circuit_breaker import CircuitBreaker
+from serving.circuit_breaker import BreakerState, CircuitBreaker
 from serving.metrics import ServiceMetrics
 from vlm_stage.scoring import CandidateScores
 
@@ -65,6 +65,11 @@ class PipelineConfig:
     decode_threads: int = 2
     vlm_image_side: int = 448
     """Longest side of the copy kept for the VLM (bounds memory and image tokens)."""
+    vlm_call_budget_s: float = 5.0
+    """The server's own bound on one escalation's VLM call (retries included): past it the call
+    counts as a VLM failure for the breaker, whatever the client's deadline."""
+    reply_margin_ms: float = 25.0
+    """Kept back from the client's deadline after the VLM to blend and send the answer."""
 
 
 class CascadePipeline:
@@ -103,8 +108,9 @@ class CascadePipeline:
         return img, x
 
     async def classify(self, data: bytes, k: int | None = None, mode: EscalationMode = EscalationMode.AUTO,
-                       deadline: float | None = None) -> CascadeResult:
-        """Classifies encoded image bytes. ``deadline`` is a time.monotonic() instant or None.
+                       deadline: float | None = None, on_cnn_done: Callable[[], None] | None = None) -> CascadeResult:
+        """Classifies encoded image bytes. ``deadline`` is a time.monotonic() instant or None;
+        ``on_cnn_done`` is called once the CNN has answered (admission control's completions).
 
         Raises InvalidImageError for bad bytes and QueueFullError when the CNN queue is full.
         """
@@ -115,6 +121,8 @@ class CascadePipeline:
         img, x = await loop.run_in_executor(self._decode_pool, self._decode, data, keep)
         t_decode = time.perf_counter()
         res = await self.cnn.submit(x)
+        if on_cnn_done is not None:
+            on_cnn_done()
         probs = softmax(res.output, self.temperature)
         cnn_top = top_k(probs, self.labels, max(k, self.config.candidates))
         decision = self.policy.decide(probs, mode)
@@ -138,22 +146,35 @@ class CascadePipeline:
 
     async def _ask_vlm(self, img: Image.Image, cnn_top: TopK, decision: EscalationDecision,
                        deadline: float | None) -> tuple[EscalationDecision, CandidateScores | None, float]:
-        """Asks the VLM unless something says not to; every skip comes with its reason."""
+        """Asks the VLM unless something says not to; every skip comes with its reason.
+
+        The call is bounded by the client's deadline and by the server's own VLM budget
+        (``vlm_call_budget_s``). Only the budget running out counts against the VLM in the
+        breaker: the client's deadline says nothing about the VLM's health, but a VLM that
+        cannot answer within the server's budget is failing whatever the clients ask for.
+        """
         if self.verifier is None:
             return self._skip(EscalationReason.VLM_DISABLED, decision, "no VLM stage is configured on this server")
-        timeout = None
+        client_timeout = None
         if deadline is not None:
             remaining_ms = (deadline - time.monotonic()) * 1000.0
             if remaining_ms < self.config.vlm_min_budget_ms:
                 return self._skip(EscalationReason.DEADLINE, decision, f"{remaining_ms:.0f} ms left of the deadline; "
                                   f"the VLM needs {self.config.vlm_min_budget_ms:.0f} ms")
-            timeout = (remaining_ms - self.config.vlm_min_budget_ms / 2) / 1000.0
+            client_timeout = (remaining_ms - self._reply_margin_ms()) / 1000.0
         if self.inflight_escalations >= self.config.max_concurrent_escalations:
             return self._skip(EscalationReason.SHED, decision, f"VLM saturated ({self.inflight_escalations} calls "
                               "in flight); escalation shed")
-        if self.breaker is not None and not self.breaker.allow():
-            return self._skip(EscalationReason.VLM_UNAVAILABLE, decision,
-                              "VLM circuit breaker is open after repeated failures")
+        lease = None
+        if self.breaker is not None:
+            lease = self.breaker.acquire()
+            if lease is None:
+                state = "half-open (a probe is checking the VLM)" if self.breaker.state == BreakerState.HALF_OPEN \
+                    else "open after repeated failures"
+                return self._skip(EscalationReason.VLM_UNAVAILABLE, decision, f"VLM circuit breaker is {state}")
+        budget = self.config.vlm_call_budget_s
+        client_bound = client_timeout is not None and client_timeout < budget
+        timeout = client_timeout if client_bound else budget
         candidates = cnn_top.labels[: self.config.candidates]
         t = time.perf_counter()
         self.vlm_calls += 1
@@ -161,25 +182,38 @@ class CascadePipeline:
         try:
             scores = await asyncio.wait_for(self.verifier.verify(img, candidates), timeout)
         except asyncio.TimeoutError:
-            self._vlm_failed("deadline", count_for_breaker=False)
-            return self._skip(EscalationReason.DEADLINE, decision, "the VLM did not answer within the client's deadline",
+            elapsed = (time.perf_counter() - t) * 1000.0
+            if client_bound:  # no verdict on the VLM: the lease is released below
+                self._count_error("deadline")
+                return self._skip(EscalationReason.DEADLINE, decision,
+                                  "the VLM did not answer within the client's deadline", elapsed)
+            self._vlm_failed(lease, "budget")
+            log.warning("VLM did not answer within its %.1f s budget, answering CNN-only", budget)
+            return self._skip(EscalationReason.VLM_UNAVAILABLE, decision,
+                              f"VLM did not answer within the server's {budget:g} s budget", elapsed)
+        except Exception as e:  # VlmUnavailableError, ScoringError, transport errors, and whatever else
+            self._vlm_failed(lease, type(e).__name__)
+            log.warning("VLM unavailable, answering CNN-only: %s", str(e) or type(e).__name__)
+            return self._skip(EscalationReason.VLM_UNAVAILABLE, decision, f"VLM unavailable: {str(e) or type(e).__name__}"[:300],
                               (time.perf_counter() - t) * 1000.0)
-        except (RuntimeError, OSError, ValueError) as e:  # VlmUnavailableError, ScoringError, transport errors
-            self._vlm_failed(type(e).__name__)
-            log.warning("VLM unavailable, answering CNN-only: %s", e)
-            return self._skip(EscalationReason.VLM_UNAVAILABLE, decision, f"VLM unavailable: {e}"[:300],
-                              (time.perf_counter() - t) * 1000.0)
-        finally:
+        else:
+            if lease is not None:
+                lease.success()
+        finally:  # also on cancellation (the client went away): the probe slot is given back
             self.inflight_escalations -= 1
-        if self.breaker is not None:
-            self.breaker.record_success()
+            if lease is not None:
+                lease.release()
         return decision, scores, (time.perf_counter() - t) * 1000.0
 
-    def _vlm_failed(self, kind: str, count_for_breaker: bool = True) -> None:
+    def _reply_margin_ms(self) -> float:
+        """Time kept back from the client's deadline to blend and send the answer."""
+        return max(self.config.vlm_min_budget_ms / 2, self.config.reply_margin_ms)
+
+    def _count_error(self, kind: str) -> None:
         if self.metrics is not None:
             self.metrics.vlm_errors.labels(kind).inc()
-        if self.breaker is not None:
-            if count_for_breaker:
-                self.breaker.record_failure()
-            else:  # a client's deadline says nothing about the VLM's health
-                self.breaker.record_no_verdict()
+
+    def _vlm_failed(self, lease, kind: str) -> None:
+        self._count_error(kind)
+        if lease is not None:
+            lease.failure()

@@ -23,6 +23,7 @@ from serving.auth import BearerTokenInterceptor
 from serving.batcher import QueueFullError
 from serving.metrics import ServiceMetrics
 from serving.pipeline import CascadePipeline, CascadeResult
+from serving.traffic.admission import AdmissionController, AdmissionRefused
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CatClassifier"].full_name
@@ -64,14 +65,19 @@ class RequestError(Exception):
 
 class CatClassifierServicer(pb_grpc.CatClassifierServicer):
     def __init__(self, pipeline: CascadePipeline, versions: pb.ModelVersions, model_info: pb.ModelInfo,
-                 metrics: ServiceMetrics | None = None, max_inflight: int = 512):
+                 metrics: ServiceMetrics | None = None, max_inflight: int = 512,
+                 admission: AdmissionController | None = None):
+        """``admission`` None admits everything up to ``max_inflight``."""
         self.pipeline = pipeline
         self.versions = versions
         self.model_info = model_info
         self.metrics = metrics or ServiceMetrics()
         self.max_inflight = max_inflight
+        self.admission = admission
         self.inflight = 0
         self.metrics.inflight.set_function(lambda: self.inflight)
+        if admission is not None:
+            self.metrics.admission_wait_ms.set_function(lambda: admission.expected_wait_s() * 1000.0)
 
     def _validate(self, request: pb.ClassifyRequest) -> tuple[str, int, EscalationMode]:
         if len(request.request_id) > MAX_REQUEST_ID:
@@ -88,16 +94,28 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
         if self.inflight >= self.max_inflight:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"server overloaded: {self.inflight} requests in flight (limit {self.max_inflight})")
+        ticket = None
+        if self.admission is not None:
+            try:
+                ticket = self.admission.admit(deadline)
+            except AdmissionRefused as e:
+                self.metrics.admission_refusals.labels(e.reason).inc()
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
         self.inflight += 1
         try:
-            result = await self.pipeline.classify(request.image, k or None, mode, deadline)
+            result = await self.pipeline.classify(request.image, k or None, mode, deadline,
+                                                  on_cnn_done=ticket.served if ticket else None)
         except InvalidImageError as e:
+            if ticket is not None:
+                ticket.served()  # decoding it was the work
             log.info("invalid image request_id=%s: %s", request_id, e, extra={"request_id": request_id})
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except QueueFullError as e:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {e}") from None
         finally:
             self.inflight -= 1
+            if ticket is not None:
+                ticket.release()
         self._observe(result)
         log.info("classified request_id=%s escalated=%s reason=%s total_ms=%.1f", request_id, result.escalated,
                  result.reason.name, result.timings.total_ms,
@@ -135,11 +153,17 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
             return response
 
     async def ClassifyStream(self, request_iterator, context: grpc.aio.ServicerContext):
+        """Each message is classified under the stream's deadline; when the stream ends early
+        (client cancelled, deadline passed, connection lost) its messages' work is cancelled,
+        so no orphaned escalation keeps a VLM slot."""
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
         queue: asyncio.Queue = asyncio.Queue(maxsize=64)
+        tasks: set[asyncio.Task] = set()
 
         async def one(req):
             try:
-                resp = await self._classify(req, None)
+                resp = await self._classify(req, deadline)
             except RequestError as e:
                 resp = pb.ClassifyResponse(request_id=req.request_id,
                                            error=pb.RequestError(code=e.code.name, message=e.message))
@@ -151,7 +175,6 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
             await queue.put(resp)
 
         async def reader():
-            tasks = set()
             async for req in request_iterator:
                 task = asyncio.create_task(one(req))
                 tasks.add(task)
@@ -162,12 +185,25 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
                 await asyncio.wait(tasks)
             await queue.put(None)
 
+        handler = asyncio.current_task()
+
+        def reader_done(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is not None:  # the stream broke: end the call
+                log.warning("stream reader failed: %r", task.exception())
+                handler.cancel()
+
         reader_task = asyncio.create_task(reader())
+        reader_task.add_done_callback(reader_done)
         try:
             while (item := await queue.get()) is not None:
                 yield item
         finally:
             reader_task.cancel()
+            pending = list(tasks)
+            for task in pending:
+                task.cancel()
+            if pending:  # wait for their cleanup (escalation slots, breaker leases) to run
+                await asyncio.wait(pending, timeout=5.0)
 
     async def GetModelInfo(self, request, context):
         return self.model_info
@@ -229,10 +265,12 @@ class VlmHealthTracker:
         self._last = None
 
     def status(self):
+        """SERVING only while the breaker is closed: open (failing, or a hang the watchdog saw)
+        and half-open (not yet known to be back) are both NOT_SERVING."""
         from serving.circuit_breaker import BreakerState
 
         ok = self.pipeline.verifier is not None and (
-            self.pipeline.breaker is None or self.pipeline.breaker.state != BreakerState.OPEN)
+            self.pipeline.breaker is None or self.pipeline.breaker.state == BreakerState.CLOSED)
         return health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
 
     async def update(self) -> None:

@@ -1,6 +1,7 @@
 """Starts vLLM's OpenAI-compatible server as a subprocess, waits for it, stops it cleanly."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -176,6 +177,20 @@ class VllmServer:
         except (ProcessLookupError, PermissionError):
             pass
         self._log.close()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Freezes the whole server (SIGSTOP to its process group) and thaws it on exit, whatever
+        happens inside: a hung server, whose kernel still accepts connections that nothing
+        answers. For fault tests and benchmarks."""
+        if self.process is None or self.process.poll() is not None:
+            raise RuntimeError("vLLM server is not running")
+        pgid = self.process.pid
+        os.killpg(pgid, signal.SIGSTOP)
+        try:
+            yield self
+        finally:
+            os.killpg(pgid, signal.SIGCONT)
 
     def __enter__(self) -> "VllmServer":
         return self.start()

@@ -1,0 +1,132 @@
+"""Queue-delay admission: refuse at once what the queue cannot serve before its deadline.
+
+A burst should turn into fast RESOURCE_EXHAUSTED refusals, not into requests that wait in a
+queue until their deadline passes. Like Triton's queue policy (reject requests that would time
+out in the queue) and CoDel (judge a queue by the delay it causes, not by its length), the
+controller estimates how long a new request would take to get through decode and the CNN: the
+requests ahead of it times the recent cost per request. That cost is measured, not configured:
+busy time (wall time while at least one admitted request is in the stage) over completions,
+both decayed with a half-life in busy seconds (so a batch's completions, which arrive together,
+weigh alike, and idle time is forgotten), i.e. the inverse of the throughput the server
+actually achieves now (batching, contention and the VLM's CPU use included).
+
+A request is refused when ``now + safety_factor * estimated_wait + slack`` is past its
+deadline, or, without a deadline, when ``safety_factor * estimated_wait`` exceeds
+``max_queue_wait_ms``. Deciding costs microseconds, so refusals return in the time gRPC takes.
+The VLM stage after the CNN needs no admission: it bounds itself by the remaining deadline.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    enabled: bool = True
+    safety_factor: float = 1.5
+    """Multiplies the estimated wait: the service rate can drop while a request waits."""
+    slack_ms: float = 30.0
+    """Time a request still needs after the CNN (blend, serialise, send) plus scheduling jitter."""
+    max_queue_wait_ms: float = 10_000.0
+    """For requests without a deadline: the longest estimated wait still admitted."""
+    initial_service_ms: float = 20.0
+    """Cost per request assumed before anything was measured (a prior worth one completion)."""
+    halflife_s: float = 0.5
+    """How fast the measured cost follows changes, in seconds of busy time."""
+
+    def __post_init__(self) -> None:
+        if (self.safety_factor < 1.0 or self.slack_ms < 0 or self.max_queue_wait_ms <= 0
+                or self.initial_service_ms <= 0 or self.halflife_s <= 0):
+            raise ValueError(f"invalid admission config {self}")
+
+
+class AdmissionRefused(Exception):
+    """The request cannot be served in time: answer RESOURCE_EXHAUSTED with this message."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class AdmissionTicket:
+    """An admitted request's place in the stage: ``served()`` when the CNN answered it,
+    ``release()`` always (in ``finally``); release without service is not a completion."""
+
+    __slots__ = ("_controller", "_done")
+
+    def __init__(self, controller: "AdmissionController"):
+        self._controller = controller
+        self._done = False
+
+    def served(self) -> None:
+        if not self._done:
+            self._done = True
+            self._controller._depart(served=True)
+
+    def release(self) -> None:
+        if not self._done:
+            self._done = True
+            self._controller._depart(served=False)
+
+
+class AdmissionController:
+    def __init__(self, config: AdmissionConfig = AdmissionConfig(), clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self._clock = clock
+        self._busy_s = config.initial_service_ms / 1000.0
+        self._completions = 1.0
+        self._busy_since_last = 0.0
+        self._mark = clock()
+        self.pending = 0
+        """Admitted requests that have not got through the CNN yet."""
+        self.refused = 0
+
+    def service_s(self) -> float:
+        """Recent wall time per completed request while the stage was busy (1 / throughput)."""
+        return self._busy_s / self._completions
+
+    def expected_wait_s(self) -> float:
+        """How long a request admitted now would take to get through the CNN."""
+        return (self.pending + 1) * self.service_s()
+
+    def admit(self, deadline: float | None) -> AdmissionTicket:
+        """A ticket, or AdmissionRefused when the estimated wait would miss ``deadline`` (a
+        ``clock()`` instant) or, without one, exceed ``max_queue_wait_ms``."""
+        if self.config.enabled:
+            now = self._clock()
+            wait_s = self.config.safety_factor * self.expected_wait_s()
+            if deadline is not None:
+                left_s = deadline - now - self.config.slack_ms / 1000.0
+                if wait_s > left_s:
+                    self.refused += 1
+                    raise AdmissionRefused(
+                        f"server overloaded: {self.pending} requests ahead, an estimated {wait_s * 1000.0:.0f} ms wait "
+                        f"would miss the deadline ({(deadline - now) * 1000.0:.0f} ms left); retry later or "
+                        "elsewhere", "deadline")
+            elif wait_s * 1000.0 > self.config.max_queue_wait_ms:
+                self.refused += 1
+                raise AdmissionRefused(
+                    f"server overloaded: {self.pending} requests ahead, an estimated {wait_s * 1000.0:.0f} ms wait "
+                    f"exceeds the {self.config.max_queue_wait_ms:.0f} ms limit for requests without a deadline",
+                    "queue_wait")
+        self._advance()
+        self.pending += 1
+        return AdmissionTicket(self)
+
+    def _advance(self) -> None:
+        now = self._clock()
+        if self.pending > 0:
+            self._busy_since_last += now - self._mark
+        self._mark = now
+
+    def _depart(self, served: bool) -> None:
+        self._advance()
+        self.pending -= 1
+        if served:
+            decay = 0.5 ** (self._busy_since_last / self.config.halflife_s)
+            self._busy_s = self._busy_s * decay + self._busy_since_last
+            self._completions = self._completions * decay + 1.0
+            self._busy_since_last = 0.0
+
