@@ -18,6 +18,7 @@ from serving.batcher import BatcherConfig, DynamicBatcher
 from serving.circuit_breaker import BreakerConfig, CircuitBreaker
 from serving.metrics import ServiceMetrics
 from serving.config import ServeConfig
+from serving.engines.thread_priority import build_in_lowered_thread
 from serving.pipeline import CascadePipeline, PipelineConfig
 from serving.server import CatClassifierServicer, run_server
 from serving.traffic.admission import AdmissionConfig, AdmissionController
@@ -100,12 +101,17 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
             raise BundleError(f"cnn_precision int8, but bundle {bundle.root} has no INT8 model "
                               "(train with `catcascade train-cnn --int8`)")
         cnn_file = bundle.cnn_int8_path
-    if cfg.batching.instances > 1 and cfg.cnn_threads is None and not cuda_available():
-        onnx = OverlapAwareClassifier(cnn_file, allow_spinning=cfg.cnn_spinning)
-    else:
+    nice = cfg.compute_nice
+
+    def make_classifier():
+        if cfg.batching.instances > 1 and cfg.cnn_threads is None and not cuda_available():
+            return OverlapAwareClassifier(cnn_file, allow_spinning=cfg.cnn_spinning)
         threads = cfg.cnn_threads or max(1, (os.cpu_count() or 1) // cfg.batching.instances)
-        onnx = OnnxClassifier(cnn_file, intra_op_threads=threads, allow_spinning=cfg.cnn_spinning)
-    batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump()), on_batch=metrics.batch_size.observe)
+        return OnnxClassifier(cnn_file, intra_op_threads=threads, allow_spinning=cfg.cnn_spinning)
+
+    onnx = build_in_lowered_thread(make_classifier, nice)  # ONNX Runtime's pool threads inherit it
+    batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump(), thread_nice=nice),
+                             on_batch=metrics.batch_size.observe)
     metrics.queue_depth.set_function(lambda: batcher.depth)
     metrics.batches_running.set_function(lambda: batcher.running)
     await batcher.start()
@@ -128,7 +134,7 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
         verifier=verifier, temperature=m.cnn.temperature, breaker=breaker if verifier else None, metrics=metrics,
         config=PipelineConfig(candidates=m.cascade.top_k, vlm_min_budget_ms=lim.vlm_min_budget_ms,
                               max_concurrent_escalations=lim.max_concurrent_escalations,
-                              vlm_call_budget_s=cfg.vlm.call_budget_s))
+                              vlm_call_budget_s=cfg.vlm.call_budget_s, decode_nice=nice))
     metrics.inflight_escalations.set_function(lambda: pipeline.inflight_escalations)
     watchdog_task = None
     if watchdog_probe is not None:

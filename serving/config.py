@@ -139,6 +139,9 @@ class ServeConfig(BaseModel):
     cnn_precision: Literal["fp32", "int8"] = Field("fp32", description="int8 serves the bundle's cnn.int8.onnx")
     cnn_spinning: bool = Field(True, description="let ONNX Runtime's threads spin between batches: lower latency "
                                "when idle, less CPU left for decoding under load")
+    compute_nice: int = Field(10, ge=0, le=19, description="how far below the event loop the decode and CNN threads "
+                              "run (Linux nice increment): under overload the loop that takes in requests, refuses the "
+                              "excess and sends answers comes first; 0 = equal priority")
     batching: BatchingConfig = BatchingConfig()
     vlm: VlmEndpointConfig = VlmEndpointConfig()
     limits: LimitsConfig = LimitsConfig()

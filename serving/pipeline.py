@@ -21,6 +21,7 @@ from ensemble.blending import Blender
 from ensemble.escalation_policy import EscalationDecision, EscalationMode, EscalationPolicy, EscalationReason
 from serving.batcher import DynamicBatcher
 from serving.circuit_breaker import BreakerState, CircuitBreaker
+from serving.engines.thread_priority import lower_current_thread
 from serving.metrics import ServiceMetrics
 from vlm_stage.scoring import CandidateScores
 
@@ -63,13 +64,16 @@ class PipelineConfig:
     max_concurrent_escalations: int = 32
     """VLM calls in flight at once; beyond it escalations are shed (CNN-only, reason SHED)."""
     decode_threads: int = 2
+    decode_nice: int = 0
+    """Nice increment of the decode threads (serving/engines/thread_priority.py)."""
     vlm_image_side: int = 448
     """Longest side of the copy kept for the VLM (bounds memory and image tokens)."""
     vlm_call_budget_s: float = 5.0
     """The server's own bound on one escalation's VLM call (retries included): past it the call
     counts as a VLM failure for the breaker, whatever the client's deadline."""
-    reply_margin_ms: float = 25.0
-    """Kept back from the client's deadline after the VLM to blend and send the answer."""
+    reply_margin_ms: float = 100.0
+    """Kept back from the client's deadline after the VLM to blend and send the answer (an
+    event loop busy with a burst can take tens of milliseconds to send it)."""
 
 
 class CascadePipeline:
@@ -87,7 +91,8 @@ class CascadePipeline:
         self.config = config
         self.breaker = breaker
         self.metrics = metrics
-        self._decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
+        self._decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode",
+                                               initializer=lower_current_thread, initargs=(config.decode_nice,))
         self.vlm_calls = 0
         self.inflight_escalations = 0
 
@@ -120,7 +125,7 @@ class CascadePipeline:
         keep = mode != EscalationMode.NEVER and self.verifier is not None
         img, x = await loop.run_in_executor(self._decode_pool, self._decode, data, keep)
         t_decode = time.perf_counter()
-        res = await self.cnn.submit(x)
+        res = await self.cnn.submit(x, deadline)
         if on_cnn_done is not None:
             on_cnn_done()
         probs = softmax(res.output, self.temperature)
@@ -158,10 +163,12 @@ class CascadePipeline:
         client_timeout = None
         if deadline is not None:
             remaining_ms = (deadline - time.monotonic()) * 1000.0
-            if remaining_ms < self.config.vlm_min_budget_ms:
+            usable_ms = remaining_ms - self.config.reply_margin_ms
+            if usable_ms < self.config.vlm_min_budget_ms:
                 return self._skip(EscalationReason.DEADLINE, decision, f"{remaining_ms:.0f} ms left of the deadline; "
-                                  f"the VLM needs {self.config.vlm_min_budget_ms:.0f} ms")
-            client_timeout = (remaining_ms - self._reply_margin_ms()) / 1000.0
+                                  f"the VLM needs {self.config.vlm_min_budget_ms:.0f} ms, and "
+                                  f"{self.config.reply_margin_ms:.0f} ms are kept to answer")
+            client_timeout = usable_ms / 1000.0
         if self.inflight_escalations >= self.config.max_concurrent_escalations:
             return self._skip(EscalationReason.SHED, decision, f"VLM saturated ({self.inflight_escalations} calls "
                               "in flight); escalation shed")
@@ -193,8 +200,9 @@ class CascadePipeline:
                               f"VLM did not answer within the server's {budget:g} s budget", elapsed)
         except Exception as e:  # VlmUnavailableError, ScoringError, transport errors, and whatever else
             self._vlm_failed(lease, type(e).__name__)
-            log.warning("VLM unavailable, answering CNN-only: %s", str(e) or type(e).__name__)
-            return self._skip(EscalationReason.VLM_UNAVAILABLE, decision, f"VLM unavailable: {str(e) or type(e).__name__}"[:300],
+            why = str(e) or type(e).__name__
+            log.warning("VLM unavailable, answering CNN-only: %s", why)
+            return self._skip(EscalationReason.VLM_UNAVAILABLE, decision, f"VLM unavailable: {why}"[:300],
                               (time.perf_counter() - t) * 1000.0)
         else:
             if lease is not None:
@@ -204,10 +212,6 @@ class CascadePipeline:
             if lease is not None:
                 lease.release()
         return decision, scores, (time.perf_counter() - t) * 1000.0
-
-    def _reply_margin_ms(self) -> float:
-        """Time kept back from the client's deadline to blend and send the answer."""
-        return max(self.config.vlm_min_budget_ms / 2, self.config.reply_margin_ms)
 
     def _count_error(self, kind: str) -> None:
         if self.metrics is not None:

@@ -245,11 +245,14 @@ async def run_server(servicer: CatClassifierServicer, host: str = "127.0.0.1", p
     await health_servicer.set(SERVICE_NAME, serving)
     tracker = VlmHealthTracker(health_servicer, servicer.pipeline)
     await tracker.update()
-    watcher = asyncio.create_task(tracker.watch())
+    watchers = [asyncio.create_task(tracker.watch())]
+    if servicer.admission is not None:
+        watchers.append(asyncio.create_task(servicer.admission.watch_loop_lag()))
     try:
         yield server, bound, health_servicer
     finally:
-        watcher.cancel()
+        for watcher in watchers:
+            watcher.cancel()
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace_s)
 

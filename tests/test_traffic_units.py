@@ -325,7 +325,7 @@ def test_server_budget_counts_against_the_vlm_but_the_clients_deadline_does_not(
 
     async def main():
         b = CircuitBreaker(BreakerConfig(failure_threshold=2))
-        p = _pipeline(StandInVerifier("hang"), b, vlm_call_budget_s=0.05, vlm_min_budget_ms=10)
+        p = _pipeline(StandInVerifier("hang"), b, vlm_call_budget_s=0.05, vlm_min_budget_ms=10, reply_margin_ms=5)
         for _ in range(3):  # client deadlines shorter than the budget: no verdict
             decision, _, _ = await _ask(p, deadline=time.monotonic() + 0.03)
             assert decision.reason == EscalationReason.DEADLINE

@@ -10,13 +10,19 @@ both decayed with a half-life in busy seconds (so a batch's completions, which a
 weigh alike, and idle time is forgotten), i.e. the inverse of the throughput the server
 actually achieves now (batching, contention and the VLM's CPU use included).
 
-A request is refused when ``now + safety_factor * estimated_wait + slack`` is past its
-deadline, or, without a deadline, when ``safety_factor * estimated_wait`` exceeds
+The event loop's own lag (how late a 20 ms timer fires, a decayed maximum) is added to the
+slack: an answer needs the loop to be sent, so a loop busy taking in a burst delays every answer.
+What the estimate still misses (the service rate dropping while a request waits) the CNN
+batcher catches: it sheds a request whose deadline can no longer be met when its turn comes.
+
+A request is refused when ``now + safety_factor * estimated_wait + slack + loop lag`` is past
+its deadline, or, without a deadline, when ``safety_factor * estimated_wait`` exceeds
 ``max_queue_wait_ms``. Deciding costs microseconds, so refusals return in the time gRPC takes.
 The VLM stage after the CNN needs no admission: it bounds itself by the remaining deadline.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -82,6 +88,9 @@ class AdmissionController:
         self.pending = 0
         """Admitted requests that have not got through the CNN yet."""
         self.refused = 0
+        self.loop_lag_s = 0.0
+        """Recent event-loop lag (decayed maximum), from ``watch_loop_lag``."""
+        self._lag_mark = clock()
 
     def service_s(self) -> float:
         """Recent wall time per completed request while the stage was busy (1 / throughput)."""
@@ -91,6 +100,19 @@ class AdmissionController:
         """How long a request admitted now would take to get through the CNN."""
         return (self.pending + 1) * self.service_s()
 
+    def observe_loop_lag(self, lag_s: float) -> None:
+        now = self._clock()
+        decay = 0.5 ** ((now - self._lag_mark) / self.config.halflife_s)
+        self._lag_mark = now
+        self.loop_lag_s = max(lag_s, self.loop_lag_s * decay)
+
+    async def watch_loop_lag(self, period_s: float = 0.02) -> None:
+        """Measures how late the event loop runs a timer, forever (run it as a task)."""
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(period_s)
+            self.observe_loop_lag(max(0.0, time.monotonic() - t - period_s))
+
     def admit(self, deadline: float | None) -> AdmissionTicket:
         """A ticket, or AdmissionRefused when the estimated wait would miss ``deadline`` (a
         ``clock()`` instant) or, without one, exceed ``max_queue_wait_ms``."""
@@ -98,7 +120,7 @@ class AdmissionController:
             now = self._clock()
             wait_s = self.config.safety_factor * self.expected_wait_s()
             if deadline is not None:
-                left_s = deadline - now - self.config.slack_ms / 1000.0
+                left_s = deadline - now - self.config.slack_ms / 1000.0 - self.loop_lag_s
                 if wait_s > left_s:
                     self.refused += 1
                     raise AdmissionRefused(
