@@ -77,7 +77,7 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
         self.inflight = 0
         self.metrics.inflight.set_function(lambda: self.inflight)
         if admission is not None:
-            self.metrics.admission_wait_ms.set_function(lambda: admission.expected_wait_s() * 1000.0)
+            self.metrics.admission_wait_ms.set_function(lambda: admission.estimated_wait_s() * 1000.0)
 
     def _validate(self, request: pb.ClassifyRequest) -> tuple[str, int, EscalationMode]:
         if len(request.request_id) > MAX_REQUEST_ID:

@@ -12,11 +12,18 @@ actually achieves now (batching, contention and the VLM's CPU use included).
 
 The event loop's own lag (how late a 20 ms timer fires, a decayed maximum) is added to the
 slack: an answer needs the loop to be sent, so a loop busy taking in a burst delays every answer.
-What the estimate still misses (the service rate dropping while a request waits) the CNN
+
+The throughput a burst leaves for the work is lower than the one measured before it (taking
+in and refusing the excess costs CPU too), and an average learns that only as late requests
+complete. Two feedbacks correct for it: each completed request's actual wait over the wait
+predicted when it was admitted, for predictions of at least 100 ms (a moving average of that
+ratio, between 1 and 4, fading back to 1, multiplies later estimates),
+and, before anything completes, how late the oldest waiting request already is (added to the
+estimate: everyone behind it is at least that late). What the estimate still misses the CNN
 batcher catches: it sheds a request whose deadline can no longer be met when its turn comes.
 
-A request is refused when ``now + safety_factor * estimated_wait + slack + loop lag`` is past
-its deadline, or, without a deadline, when ``safety_factor * estimated_wait`` exceeds
+A request is refused when ``now + safety_factor * correction * estimated_wait + lateness +
+slack + loop lag`` is past its deadline, or, without a deadline, when ``safety_factor * estimated_wait`` exceeds
 ``max_queue_wait_ms``. Deciding costs microseconds, so refusals return in the time gRPC takes.
 The VLM stage after the CNN needs no admission: it bounds itself by the remaining deadline.
 """
@@ -60,21 +67,24 @@ class AdmissionTicket:
     """An admitted request's place in the stage: ``served()`` when the CNN answered it,
     ``release()`` always (in ``finally``); release without service is not a completion."""
 
-    __slots__ = ("_controller", "_done")
+    __slots__ = ("_controller", "_done", "admitted_at", "predicted_s")
 
-    def __init__(self, controller: "AdmissionController"):
+    def __init__(self, controller: "AdmissionController", admitted_at: float, predicted_s: float):
         self._controller = controller
         self._done = False
+        self.admitted_at = admitted_at
+        self.predicted_s = predicted_s
+        """The wait predicted at admission (before the safety factor)."""
 
     def served(self) -> None:
         if not self._done:
             self._done = True
-            self._controller._depart(served=True)
+            self._controller._depart(self, served=True)
 
     def release(self) -> None:
         if not self._done:
             self._done = True
-            self._controller._depart(served=False)
+            self._controller._depart(self, served=False)
 
 
 class AdmissionController:
@@ -91,14 +101,37 @@ class AdmissionController:
         self.loop_lag_s = 0.0
         """Recent event-loop lag (decayed maximum), from ``watch_loop_lag``."""
         self._lag_mark = clock()
+        self.correction = 1.0
+        """Recent actual / predicted wait of requests that queued (moving average, 1 to 4)."""
+        self._correction_mark = clock()
+        self._waiting: dict[int, AdmissionTicket] = {}
+        """Tickets not yet served, oldest first (dicts keep insertion order)."""
 
     def service_s(self) -> float:
         """Recent wall time per completed request while the stage was busy (1 / throughput)."""
         return self._busy_s / self._completions
 
     def expected_wait_s(self) -> float:
-        """How long a request admitted now would take to get through the CNN."""
+        """How long a request admitted now would take to get through the CNN (uncorrected)."""
         return (self.pending + 1) * self.service_s()
+
+    def _correction_now(self, now: float) -> float:
+        decay = 0.5 ** ((now - self._correction_mark) / (4 * self.config.halflife_s))
+        return 1.0 + (self.correction - 1.0) * decay
+
+    def lateness_s(self, now: float) -> float:
+        """How far the oldest waiting request is past its (corrected) predicted wait."""
+        head = next(iter(self._waiting.values()), None)
+        if head is None:
+            return 0.0
+        return max(0.0, now - head.admitted_at - head.predicted_s * self._correction_now(now))
+
+    def estimated_wait_s(self, now: float | None = None) -> float:
+        """What admission compares with the time left: the corrected estimate, safety
+        factor and lateness included."""
+        now = self._clock() if now is None else now
+        return (self.config.safety_factor * self._correction_now(now) * self.expected_wait_s()
+                + self.lateness_s(now))
 
     def observe_loop_lag(self, lag_s: float) -> None:
         now = self._clock()
@@ -116,9 +149,9 @@ class AdmissionController:
     def admit(self, deadline: float | None) -> AdmissionTicket:
         """A ticket, or AdmissionRefused when the estimated wait would miss ``deadline`` (a
         ``clock()`` instant) or, without one, exceed ``max_queue_wait_ms``."""
+        now = self._clock()
         if self.config.enabled:
-            now = self._clock()
-            wait_s = self.config.safety_factor * self.expected_wait_s()
+            wait_s = self.estimated_wait_s(now)
             if deadline is not None:
                 left_s = deadline - now - self.config.slack_ms / 1000.0 - self.loop_lag_s
                 if wait_s > left_s:
@@ -133,9 +166,11 @@ class AdmissionController:
                     f"server overloaded: {self.pending} requests ahead, an estimated {wait_s * 1000.0:.0f} ms wait "
                     f"exceeds the {self.config.max_queue_wait_ms:.0f} ms limit for requests without a deadline",
                     "queue_wait")
+        ticket = AdmissionTicket(self, now, self.expected_wait_s())
         self._advance()
         self.pending += 1
-        return AdmissionTicket(self)
+        self._waiting[id(ticket)] = ticket
+        return ticket
 
     def _advance(self) -> None:
         now = self._clock()
@@ -143,9 +178,15 @@ class AdmissionController:
             self._busy_since_last += now - self._mark
         self._mark = now
 
-    def _depart(self, served: bool) -> None:
+    def _depart(self, ticket: AdmissionTicket, served: bool) -> None:
         self._advance()
         self.pending -= 1
+        self._waiting.pop(id(ticket), None)
+        if served and ticket.predicted_s >= 0.1:  # shorter predictions are mostly fixed overhead
+            now = self._clock()
+            ratio = min(4.0, max(1.0, (now - ticket.admitted_at) / ticket.predicted_s))
+            self.correction = 0.8 * self._correction_now(now) + 0.2 * ratio
+            self._correction_mark = now
         if served:
             decay = 0.5 ** (self._busy_since_last / self.config.halflife_s)
             self._busy_s = self._busy_s * decay + self._busy_since_last
