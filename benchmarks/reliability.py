@@ -583,6 +583,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenarios", default="all", choices=["all", "basic", "hardening"],
                         help="basic: saturation, overload, bad inputs, vLLM killed; hardening: the breaker's "
                              "probe, hung vLLM, streams, overload bursts with deadlines")
+    parser.add_argument("--match", default="", help="hardening: run only the scenarios whose name contains this")
     parser.add_argument("--burst-factor", type=float, default=4.0, help="burst size over what the deadline allows")
     parser.add_argument("--burst-deadline", type=float, default=1.0, help="client deadline of burst calls, s")
 
@@ -661,6 +662,8 @@ def run_hardening(args: argparse.Namespace, bundle_dir, vllm) -> str:
     rows, notes = [], []
 
     def scenario(name: str, config: dict, run):
+        if args.match not in name:
+            return
         print(f"scenario: {name}", flush=True)
         with ServiceThread(ServeConfig(bundle=bundle_dir, port=0, vlm={"urls": [vllm.url], **config.pop("vlm", {})},
                                        **config)) as server:
@@ -670,6 +673,13 @@ def run_hardening(args: argparse.Namespace, bundle_dir, vllm) -> str:
         print(rows[-1], *outcome.notes, sep="\n", flush=True)
 
     f, d = args.burst_factor, args.burst_deadline
+    scenario("intake floor: 600 calls at once, no deadline, every one refused (max_queue_wait_ms ~0)",
+             {"admission": {"max_queue_wait_ms": 0.001}},
+             lambda s: burst_in_subprocess(s.target, 600, None, "never"))
+    scenario(f"overload, small server (batches of 1, one instance, one thread): {f:g}x capacity for 2 s, "
+             f"{d:g} s deadlines, NEVER, admission on", {"batching": {"max_batch_size": 1, "instances": 1},
+                                                        "cnn_threads": 1, "vlm": {"urls": []}},
+             lambda s: overload_burst(s.target, f, d, "never", 2.0))
     for mode, burst_s in (("never", 2.0), ("always", 2.0), ("never", None)):
         shape = f"{f:g}x capacity for {burst_s:g} s" if burst_s else f"{f:g}x what {d:g} s allows, at once"
         for on in (True, False):

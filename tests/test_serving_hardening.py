@@ -117,11 +117,12 @@ def test_cancelled_streams_free_their_escalation_slots(make_server, vllm_server)
 
 
 def test_overload_burst_is_refused_fast_and_admitted_requests_meet_their_deadline(make_server):
-    """Four times the server's capacity for 2 s, every call with a 1 s deadline, from another
+    """Four times the server's capacity for 1 s, every call with a 1 s deadline, from another
     process: the excess gets RESOURCE_EXHAUSTED, faster than the answers, and what was admitted
-    is answered in time (before: 208 of 800 DEADLINE_EXCEEDED, no RESOURCE_EXHAUSTED). Timing
-    on a shared machine is noisy: the bounds are loose, the benchmark has the figures."""
-    server = make_server(vlm={"urls": []})
+    is answered in time (before: 208 of 800 DEADLINE_EXCEEDED, no RESOURCE_EXHAUSTED). A small
+    server (batches of one) keeps the burst within what gRPC takes in on two shared cores.
+    Timing on a shared machine is noisy: the bounds are loose, the benchmark has the figures."""
+    server = make_server(vlm={"urls": []}, batching={"max_batch_size": 1, "instances": 1}, cnn_threads=1)
     capacity = measure_capacity(server.target, "never")
     registry = server.servicer.metrics.registry
 
@@ -129,7 +130,7 @@ def test_overload_burst_is_refused_fast_and_admitted_requests_meet_their_deadlin
         return registry.get_sample_value("catcascade_requests_total", {"method": "Classify", "code": "CANCELLED"}) or 0
 
     before = cancelled_in_handler()
-    out = burst_in_subprocess(server.target, int(4 * capacity * 2.0), 1.0, "never", rate=4 * capacity)
+    out = burst_in_subprocess(server.target, int(4 * capacity * 1.0), 1.0, "never", rate=4 * capacity)
     admitted_then_late = cancelled_in_handler() - before
     assert set(out.codes) <= {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}, out.details
     assert out.codes["OK"] > 0 and out.codes["RESOURCE_EXHAUSTED"] >= out.sent // 4, out.codes

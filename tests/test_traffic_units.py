@@ -230,6 +230,26 @@ def test_admission_without_deadline_uses_the_queue_wait_limit_and_can_be_disable
     assert all(off.admit(clock.t) for _ in range(1000))
 
 
+def test_admission_learns_from_late_requests_before_and_after_they_complete():
+    clock = FakeClock()
+    adm = AdmissionController(AdmissionConfig(initial_service_ms=10, safety_factor=1.0, slack_ms=0, halflife_s=0.5),
+                              clock)
+    tickets = [adm.admit(None) for _ in range(20)]  # predicted waits 10, 20, ... 200 ms
+    assert adm.estimated_wait_s() == pytest.approx(21 * 0.010)
+    clock.t += 0.150  # nothing done yet: the oldest (predicted 10 ms) is 140 ms late, so is everyone behind
+    assert adm.lateness_s(clock.t) == pytest.approx(0.140)
+    assert adm.estimated_wait_s() == pytest.approx(21 * 0.010 + 0.140)
+    clock.t += 0.250
+    for t in tickets:  # all done after 400 ms: two to four times what was predicted
+        t.served()
+    assert adm.lateness_s(clock.t) == 0.0
+    assert 1.5 < adm.correction <= 4.0
+    slowed = adm.estimated_wait_s()
+    assert slowed > adm.expected_wait_s() * 1.5
+    clock.t += 30.0  # the correction fades once nothing confirms it
+    assert adm.estimated_wait_s() == pytest.approx(adm.expected_wait_s(), rel=0.01)
+
+
 def test_admission_config_is_validated():
     with pytest.raises(ValueError):
         AdmissionConfig(safety_factor=0.5)

@@ -1,31 +1,29 @@
 """Queue-delay admission: refuse at once what the queue cannot serve before its deadline.
 
 A burst should turn into fast RESOURCE_EXHAUSTED refusals, not into requests that wait in a
-queue until their deadline passes. Like Triton's queue policy (reject requests that would time
-out in the queue) and CoDel (judge a queue by the delay it causes, not by its length), the
-controller estimates how long a new request would take to get through decode and the CNN: the
-requests ahead of it times the recent cost per request. That cost is measured, not configured:
-busy time (wall time while at least one admitted request is in the stage) over completions,
-both decayed with a half-life in busy seconds (so a batch's completions, which arrive together,
-weigh alike, and idle time is forgotten), i.e. the inverse of the throughput the server
-actually achieves now (batching, contention and the VLM's CPU use included).
+queue until their deadline passes. Like Triton's queue policy (reject what would time out in
+the queue) and CoDel (judge a queue by the delay it causes, not by its length), the controller
+estimates how long a new request would take to get through decode and the CNN, and refuses it
+when ``now + estimate + slack + loop lag`` is past its deadline (or, without a deadline, when
+the estimate exceeds ``max_queue_wait_ms``). Deciding costs microseconds.
 
-The event loop's own lag (how late a 20 ms timer fires, a decayed maximum) is added to the
-slack: an answer needs the loop to be sent, so a loop busy taking in a burst delays every answer.
+The estimate is ``safety_factor * correction * (requests ahead + 1) * cost + lateness``:
 
-The throughput a burst leaves for the work is lower than the one measured before it (taking
-in and refusing the excess costs CPU too), and an average learns that only as late requests
-complete. Two feedbacks correct for it: each completed request's actual wait over the wait
-predicted when it was admitted, for predictions of at least 100 ms (a moving average of that
-ratio, between 1 and 4, fading back to 1, multiplies later estimates),
-and, before anything completes, how late the oldest waiting request already is (added to the
-estimate: everyone behind it is at least that late). What the estimate still misses the CNN
-batcher catches: it sheds a request whose deadline can no longer be met when its turn comes.
+- cost per request is measured, not configured: busy time (while an admitted request is in
+  the stage) over completions, decayed with a half-life in busy seconds, i.e. 1 / the
+  throughput the server achieves now (batching, contention, the VLM's CPU use included);
+- a burst leaves less throughput than was measured before it (taking in and refusing the
+  excess costs CPU too), which an average learns only as late requests complete, so:
+  ``correction`` is a moving average (1 to 4, fading back to 1) of actual over predicted
+  waits of requests that queued (predictions of 100 ms or more), and ``lateness`` is how far
+  the oldest waiting request already is past its prediction (everyone behind it is at least
+  that late), known before anything completes;
+- the event loop's lag (how late a 20 ms timer fires, a decayed maximum) is added to the
+  slack: every answer needs the loop to be sent.
 
-A request is refused when ``now + safety_factor * correction * estimated_wait + lateness +
-slack + loop lag`` is past its deadline, or, without a deadline, when ``safety_factor * estimated_wait`` exceeds
-``max_queue_wait_ms``. Deciding costs microseconds, so refusals return in the time gRPC takes.
-The VLM stage after the CNN needs no admission: it bounds itself by the remaining deadline.
+What the estimate still misses, the CNN batcher catches: it sheds a request whose deadline
+can no longer be met when its turn comes. The VLM stage needs no admission: it bounds itself
+by the remaining deadline.
 """
 from __future__ import annotations
 
