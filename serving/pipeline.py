@@ -113,11 +113,13 @@ class CascadePipeline:
         return img, x
 
     async def classify(self, data: bytes, k: int | None = None, mode: EscalationMode = EscalationMode.AUTO,
-                       deadline: float | None = None, on_cnn_done: Callable[[], None] | None = None) -> CascadeResult:
+                       deadline: float | None = None,
+                       on_cnn_done: Callable[[], None] | None = None) -> CascadeResult:
         """Classifies encoded image bytes. ``deadline`` is a time.monotonic() instant or None;
         ``on_cnn_done`` is called once the CNN has answered (admission control's completions).
 
-        Raises InvalidImageError for bad bytes and QueueFullError when the CNN queue is full.
+        Raises InvalidImageError for bad bytes and QueueFullError when the CNN queue is full
+        (DeadlineUnmeetableError, a QueueFullError, when the deadline is too close to run it).
         """
         t0 = time.perf_counter()
         k = k or self.config.default_top_k
