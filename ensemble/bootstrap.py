@@ -23,25 +23,36 @@ METRICS = ("balanced_accuracy", "top1", "top3", "macro_f1", "ece", "brier", "aur
 _ECE_BINS = 15
 
 
-@dataclass(frozen=True)
 class Resampler:
     """``n_boot`` seeded iid resamples of ``n`` images, produced in chunks of count vectors; the
-    same seed gives the same resamples on every call (what makes comparisons paired)."""
+    same seed gives the same resamples on every call (what makes comparisons paired). Counts are
+    float32 (exact for any realistic n); up to ``cache_limit`` of them are kept for reuse."""
 
-    n: int
-    n_boot: int = 1000
-    seed: int = 0
-    chunk: int = 100
+    def __init__(self, n: int, n_boot: int = 1000, seed: int = 0, chunk: int = 100, cache_limit: int = 10_000_000):
+        if n < 1 or n_boot < 1:
+            raise ValueError(f"need at least one image and one resample, got n={n}, n_boot={n_boot}")
+        self.n, self.n_boot, self.seed, self.chunk = n, n_boot, seed, chunk
+        self._cache: list[np.ndarray] | None = [] if n * n_boot <= cache_limit else None
+        self._cached = False
 
-    def chunks(self) -> Iterator[np.ndarray]:
+    def _generate(self) -> Iterator[np.ndarray]:
         rng = np.random.default_rng(self.seed)
         done = 0
         while done < self.n_boot:
             b = min(self.chunk, self.n_boot - done)
             idx = rng.integers(0, self.n, size=(b, self.n)) + self.n * np.arange(b)[:, None]
-            counts = np.bincount(idx.ravel(), minlength=b * self.n).reshape(b, self.n).astype(np.float64)
             done += b
+            yield np.bincount(idx.ravel(), minlength=b * self.n).reshape(b, self.n).astype(np.float32)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        if self._cached:
+            yield from self._cache
+            return
+        for counts in self._generate():
+            if self._cache is not None:
+                self._cache.append(counts)
             yield counts
+        self._cached = self._cache is not None
 
     def samples(self, statistic: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         """``statistic(counts (b, n)) -> (b, ...)`` over every resample, stacked."""
@@ -87,24 +98,27 @@ class _PerImage:
         self.brier = ((p - _onehot(y, c)) ** 2).sum(axis=1)
         bins = np.clip(np.digitize(conf, np.linspace(0.0, 1.0, _ECE_BINS + 1)[1:-1], right=True), 0, _ECE_BINS - 1)
         bin_1h = _onehot(bins, _ECE_BINS)
-        self.ece_mats = (bin_1h * self.correct[:, None], bin_1h * conf[:, None])
+        self.ece_mats = tuple(m.astype(np.float32) for m in (bin_1h * self.correct[:, None], bin_1h * conf[:, None]))
         y1h, p1h = _onehot(y, c), _onehot(pred, c)
-        self.class_mats = (y1h * self.correct[:, None], y1h, p1h)
+        self.class_mats = tuple(m.astype(np.float32) for m in (y1h * self.correct[:, None], y1h, p1h))
         self.minority = np.asarray(minority if minority is not None else [], dtype=np.int64)
         order = np.argsort(-conf, kind="stable")
         self.aurc_order = order
-        self.aurc_errors = 1.0 - self.correct[order]
+        self.aurc_error_pos = np.flatnonzero(self.correct[order] == 0.0)
+        h = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, n + 1))])  # H_0..H_n
+        self._harmonic = h
+        self._harmonic_sums = np.concatenate([[0.0], np.cumsum(h)])  # G(m) = H_0 + ... + H_{m-1}
 
     def metrics(self, w: np.ndarray) -> dict[str, np.ndarray]:
         """Every metric for each row of count weights ``w`` (b, n)."""
-        total = w.sum(axis=1)
-        tp, support, predicted = (w @ m for m in self.class_mats)
+        total = w.sum(axis=1, dtype=np.float64)
+        tp, support, predicted = ((w @ m).astype(np.float64) for m in self.class_mats)
         out = {
             "balanced_accuracy": _mean_over_present(tp, support),
             "top1": (w @ self.correct) / total,
             "top3": (w @ self.in_top3) / total,
             "macro_f1": _mean_over_present(2.0 * tp, support + predicted),
-            "ece": np.abs(w @ self.ece_mats[0] - w @ self.ece_mats[1]).sum(axis=1) / total,
+            "ece": np.abs((w @ self.ece_mats[0]).astype(np.float64) - w @ self.ece_mats[1]).sum(axis=1) / total,
             "brier": (w @ self.brier) / total,
             "aurc": self._aurc(w),
         }
@@ -115,18 +129,23 @@ class _PerImage:
         return out
 
     def _aurc(self, w: np.ndarray) -> np.ndarray:
-        """Mean selective risk over coverages 1..N of the resample (ties in confidence keep the
-        original order, duplicates of one image are consecutive): block j of w_j copies adds
-        E_{j-1} (H(W_j) - H(W_{j-1})) + e_j (w_j - W_{j-1} (H(W_j) - H(W_{j-1}))), H harmonic numbers."""
+        """Mean selective risk over coverages 1..N of each resample. Sum_k E_k / k over coverages k
+        (E_k: errors among the k most confident) = sum over error positions p of H_N - H_{p-1}; an
+        image drawn w_j times fills positions W_{j-1}+1..W_j, so an erring image adds
+        w_j H_N - (G(W_j) - G(W_{j-1})), G the cumulative sums of harmonic numbers. Ties in
+        confidence keep the original order; copies of one image are consecutive."""
         ws = w[:, self.aurc_order]
-        cum_w = np.cumsum(ws, axis=1)
-        prev_w = cum_w - ws
-        cum_e = np.cumsum(ws * self.aurc_errors, axis=1)
-        prev_e = cum_e - ws * self.aurc_errors
-        harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, int(cum_w[:, -1].max()) + 1))])
-        dh = harmonic[cum_w.astype(np.int64)] - harmonic[prev_w.astype(np.int64)]
-        total = prev_e * dh + self.aurc_errors * (ws - prev_w * dh)
-        return total.sum(axis=1) / cum_w[:, -1]
+        cum_w = np.cumsum(ws, axis=1, dtype=np.float64)
+        pos = self.aurc_error_pos
+        if not len(pos):
+            return np.zeros(len(w))
+        upto = cum_w[:, pos].astype(np.int64)
+        before = upto - ws[:, pos].astype(np.int64)
+        total = cum_w[:, -1].astype(np.int64)
+        g = self._harmonic_sums
+        h_total = self._harmonic[np.minimum(total, len(self._harmonic) - 1)]
+        contrib = ws[:, pos] * h_total[:, None] - (g[upto] - g[before])
+        return contrib.sum(axis=1) / total
 
 
 def metric_samples(probs: np.ndarray, y: np.ndarray, minority: np.ndarray | None, resampler: Resampler

@@ -274,6 +274,12 @@ def evaluate_offline(scores: ScoreSet, cfg: OfflineEvalConfig = OfflineEvalConfi
         conformal = _conformal_summary(probs_cnn, y, sizes_oof, k, cfg, resampler)
         notes.append(f"conformal rows: candidate sets capped at the {k} candidates the score file holds VLM scores "
                      f"for (sets of one are answered by the CNN); coverage and size are reported uncapped too")
+        unreachable = [f["fold"] for f in fitted if not f["candidate_sets"]["fit_summary"]["reachable"]]
+        if unreachable:
+            beyond = max(f["candidate_sets"]["fit_summary"]["truth_beyond_cap"] for f in fitted)
+            notes.append(f"conformal sets cannot reach {100 * (1 - cfg.conformal_alpha):g}% coverage within "
+                         f"{cfg.conformal_max_size} breeds (the CNN ranks the truth lower for up to {100 * beyond:.0f}% "
+                         f"of the calibration images): every set is {cfg.conformal_max_size} breeds long")
     if not len(minority):
         notes.append("every class has the same support: no minority classes, minority recall is n/a")
     return OfflineEvalResult(systems, y, scores.label_names, [int(m) for m in minority], fitted, notes, deferral,
