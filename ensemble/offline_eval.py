@@ -278,8 +278,9 @@ def evaluate_offline(scores: ScoreSet, cfg: OfflineEvalConfig = OfflineEvalConfi
         if unreachable:
             beyond = max(f["candidate_sets"]["fit_summary"]["truth_beyond_cap"] for f in fitted)
             notes.append(f"conformal sets cannot reach {100 * (1 - cfg.conformal_alpha):g}% coverage within "
-                         f"{cfg.conformal_max_size} breeds (the CNN ranks the truth lower for up to {100 * beyond:.0f}% "
-                         f"of the calibration images): every set is {cfg.conformal_max_size} breeds long")
+                         f"{cfg.conformal_max_size} breeds when calibrated on the fitting part of fold(s) "
+                         f"{', '.join(map(str, unreachable))} (the CNN ranks the truth lower for up to "
+                         f"{100 * beyond:.0f}% of those images): there every set is {cfg.conformal_max_size} breeds long")
     if not len(minority):
         notes.append("every class has the same support: no minority classes, minority recall is n/a")
     return OfflineEvalResult(systems, y, scores.label_names, [int(m) for m in minority], fitted, notes, deferral,
