@@ -84,7 +84,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="conformal candidate sets covering the truth with 1 - alpha ('none': off)")
     parser.add_argument("--conformal-method", choices=["aps", "raps"], default="raps")
     parser.add_argument("--conformal-max-size", type=int, default=5, help="cap on a candidate set's size")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (0: off)")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="bootstrap resamples for the 95%% intervals (0: off)")
     parser.add_argument("--folds", type=int, default=2, help="cross-fitting folds")
     parser.add_argument("--refit-temperature", action="store_true", help="refit the CNN temperature per fold")
     parser.add_argument("--seed", type=int, default=0)
@@ -238,7 +239,8 @@ def render_plots(result, out: Path) -> list[Path]:
     for s, marker in zip(shown, "os"):
         b = reliability_bins(s.probs, result.labels, n_bins=10)
         ok = b["count"] > 0
-        line, = ax.plot(b["confidence"][ok], b["accuracy"][ok], marker=marker, label=f"{s.name} (ECE {s.summary.ece:.3f})")
+        line, = ax.plot(b["confidence"][ok], b["accuracy"][ok], marker=marker,
+                        label=f"{s.name} (ECE {s.summary.ece:.3f})")
         if result.bootstrap:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # all-NaN bins

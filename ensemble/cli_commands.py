@@ -104,7 +104,8 @@ def register(subparsers) -> None:
     f.add_argument("--folds", type=int, default=2, help="--compare: cross-fitting folds")
     f.add_argument("--bootstrap", type=int, default=200, help="--compare: bootstrap resamples (0: no intervals)")
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--conformal-alpha", type=_alpha, help="also calibrate conformal candidate sets (1 - alpha coverage)")
+    f.add_argument("--conformal-alpha", type=_alpha,
+                   help="also calibrate conformal candidate sets (1 - alpha coverage)")
     f.add_argument("--conformal-method", choices=["aps", "raps"], default="raps")
     f.add_argument("--conformal-max-size", type=int, default=5, help="cap on a candidate set's size")
     f.add_argument("--objective", choices=["rate", "balanced_accuracy"], default="rate")

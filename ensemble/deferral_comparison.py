@@ -114,7 +114,8 @@ def compare_rules(curves: list[RuleCurve], y: np.ndarray, num_classes: int, cnn_
                 if any(abs(b - g) < 1e-9 for g in budgets):
                     j = min(range(len(budgets)), key=lambda i: abs(budgets[i] - b))
                     obs = out["rules"]["learned"]["balanced_accuracy"][j] - out["rules"][c.rule]["balanced_accuracy"][j]
-                    rows[f"{b * 100:g}%"] = paired_difference(obs, samples["learned"][:, j], samples[c.rule][:, j]).to_dict()
+                    rows[f"{b * 100:g}%"] = paired_difference(obs, samples["learned"][:, j],
+                                                              samples[c.rule][:, j]).to_dict()
             paired[c.rule] = rows
         out["learned_vs"] = paired
     return out

@@ -280,7 +280,8 @@ def evaluate_offline(scores: ScoreSet, cfg: OfflineEvalConfig = OfflineEvalConfi
             notes.append(f"conformal sets cannot reach {100 * (1 - cfg.conformal_alpha):g}% coverage within "
                          f"{cfg.conformal_max_size} breeds when calibrated on the fitting part of fold(s) "
                          f"{', '.join(map(str, unreachable))} (the CNN ranks the truth lower for up to "
-                         f"{100 * beyond:.0f}% of those images): there every set is {cfg.conformal_max_size} breeds long")
+                         f"{100 * beyond:.0f}% of those images): there every set is {cfg.conformal_max_size} "
+                         "breeds long")
     if not len(minority):
         notes.append("every class has the same support: no minority classes, minority recall is n/a")
     return OfflineEvalResult(systems, y, scores.label_names, [int(m) for m in minority], fitted, notes, deferral,

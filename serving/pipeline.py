@@ -111,14 +111,10 @@ class CascadePipeline:
         sets = self.config.candidate_sets
         return sets.max_size if sets is not None else self.config.candidates
 
-    def candidate_count(self, probs: np.ndarray, decision: EscalationDecision | None = None) -> int:
-        """How many of the CNN's top breeds the VLM is asked about for this image: its conformal
-        set's size (at least 2 once the VLM is asked: one option tells it nothing), or the fixed
-        number."""
-        sets = self.config.candidate_sets
-        if sets is None:
-            return self.config.candidates
-        return max(2, set_size(sets, probs)) if decision is None or decision.escalate else set_size(sets, probs)
+    def candidate_count(self, size: int | None) -> int:
+        """How many of the CNN's top breeds the VLM is asked about: the image's conformal set
+        (at least 2: one option tells the VLM nothing), or the fixed number without sets."""
+        return self.config.candidates if size is None else max(2, size)
 
     def _decode(self, data: bytes, keep_for_vlm: bool) -> tuple[Image.Image | None, np.ndarray]:
         """Decode + preprocess; keeps at most a ``vlm_image_side`` copy for the VLM, so the
@@ -154,8 +150,8 @@ class CascadePipeline:
         decision = self.policy.decide(probs, mode, size, sets.skip_singletons if sets is not None else True)
         final, vlm_scores, vlm_ms, blend_ms = probs, None, 0.0, 0.0
         if decision.escalate:
-            n_cand = self.candidate_count(probs, decision)
-            decision, vlm_scores, vlm_ms = await self._ask_vlm(img, cnn_top, decision, deadline, n_cand)
+            decision, vlm_scores, vlm_ms = await self._ask_vlm(img, cnn_top, decision, deadline,
+                                                               self.candidate_count(size))
             if vlm_scores is not None:
                 tb = time.perf_counter()
                 cand = cnn_top.indices[: len(vlm_scores.probabilities)]

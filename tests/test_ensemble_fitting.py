@@ -243,6 +243,7 @@ def test_temperature_refit_per_fold_improves_ece_of_overconfident_scores():
     s = synthetic_score_set(SyntheticScoreConfig(n=2000, seed=3))
     s.cnn_logits *= 3.0  # over-confident CNN
     plain = evaluate_offline(s, OfflineEvalConfig(budgets=(0.0,), **LEAN)).system("cnn-only").summary.ece
-    refit = evaluate_offline(s, OfflineEvalConfig(budgets=(0.0,), refit_temperature=True, **LEAN)).system("cnn-only").summary.ece
+    refit_cfg = OfflineEvalConfig(budgets=(0.0,), refit_temperature=True, **LEAN)
+    refit = evaluate_offline(s, refit_cfg).system("cnn-only").summary.ece
     assert refit < plain / 2
     assert expected_calibration_error(s.cnn_probs(), s.labels) == pytest.approx(plain, abs=1e-12)
