@@ -78,7 +78,24 @@ async def keep_warming_up(verifier, candidates: tuple[str, ...], period_s: float
 
 @contextlib.asynccontextmanager
 async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None):
-    """Loads the bundle, starts the batcher and yields a servicer; closes everything after."""
+    """Yields a servicer over one bundle, or over the model repository (``cfg.models``):
+    versions loaded, swapped, canaried and shadowed by serving.model_repository."""
+    metrics = metrics or ServiceMetrics()
+    if cfg.models is not None:
+        from serving.model_repository.service import routed_pipeline
+
+        cascade = routed_pipeline(cfg, metrics, build_cascade)
+    else:
+        cascade = build_cascade(cfg, metrics)
+    async with cascade as built:
+        pipeline, versions, info = (built, built.versions, built.model_info) if cfg.models is not None else built
+        yield CatClassifierServicer(pipeline, versions, info, metrics, max_inflight=cfg.limits.max_inflight_requests)
+
+
+@contextlib.asynccontextmanager
+async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None):
+    """Loads the bundle, starts the batcher and yields (pipeline, versions, info); closes
+    everything after. One version of the model repository is one of these."""
     bundle = load_bundle(cfg.bundle)
     m = bundle.manifest
     metrics = metrics or ServiceMetrics()
@@ -96,7 +113,6 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
     batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump()), on_batch=metrics.batch_size.observe)
     metrics.queue_depth.set_function(lambda: batcher.depth)
     metrics.batches_running.set_function(lambda: batcher.running)
-    await batcher.start()
     lim = cfg.limits
     preprocess_config = dataclasses.replace(bundle.preprocess, limits=DecodeLimits(
         max_bytes=lim.max_message_bytes, max_pixels=lim.max_pixels, max_side=lim.max_side))
@@ -123,9 +139,9 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
                         escalation_threshold=m.cascade.escalation.threshold,
                         escalation_metric=m.cascade.escalation.metric, blend_weight=m.cascade.blend.weight,
                         vlm_enabled=verifier is not None)
-    servicer = CatClassifierServicer(pipeline, versions, info, metrics, max_inflight=lim.max_inflight_requests)
+    await batcher.start()
     try:
-        yield servicer
+        yield pipeline, versions, info
     finally:
         if warm_task is not None:
             warm_task.cancel()
