@@ -301,3 +301,62 @@ def test_admin_service_takes_admin_tokens_only(served, admin, client):
     with pytest.raises(grpc.RpcError) as err:
         admin.rollback()  # one step back only
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "nothing to roll back" in err.value.details()
+
+
+def test_serve_models_command_reloads_on_sighup_and_the_models_command_promotes(demo_bundle, tmp_path, capsys,
+                                                                               monkeypatch):
+    """The real `catcascade serve --models` process (CNN only): a routing-file edit taken on
+    SIGHUP (polling off), then `catcascade models` over the admin service."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from catcascade.cli import main
+    from serving.client import CatcascadeClient
+    from vlm_stage.vllm_server import free_port
+
+    repo = tmp_path / "models"
+    repo.mkdir()
+    make_version(repo, "v1", demo_bundle)
+    make_version(repo, "v1t", demo_bundle, temperature_scale=2.0)
+    (repo / "routing.yaml").write_text("live: v1\n")
+    config = tmp_path / "service.yaml"
+    config.write_text("models: {poll_interval_s: 0}\n")
+    admin_port = free_port()
+    monkeypatch.setenv("CATCASCADE_ADMIN_TOKENS", ADMIN_TOKEN)  # the server's
+    monkeypatch.setenv("CATCASCADE_ADMIN_TOKEN", ADMIN_TOKEN)  # the `catcascade models` client's
+    env = dict(os.environ)
+    proc = subprocess.Popen([sys.executable, "-m", "catcascade", "serve", "--config", str(config), "--models", str(repo),
+                             "--port", "0", "--admin-port", str(admin_port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if m := re.search(r"catcascade serving on 127\.0\.0\.1:(\d+)", line):
+                port = int(m.group(1))
+                break
+        else:
+            pytest.fail("serve exited early:\n" + "".join(lines[-30:]))
+        threading.Thread(target=lambda: [lines.append(x) for x in proc.stdout], daemon=True).start()
+        with CatcascadeClient(f"127.0.0.1:{port}", timeout_s=30) as c:
+            assert c.classify(jpeg_bytes(seed=1), mode="never").versions.model_version == "v1"
+            (repo / "routing.yaml").write_text("live: v1t\n")
+            proc.send_signal(signal.SIGHUP)
+            _wait_for(lambda: c.model_info().versions.model_version == "v1t", "the SIGHUP reload")
+            assert c.classify(jpeg_bytes(seed=1), mode="never").versions.model_version == "v1t"
+            capsys.readouterr()
+            assert main(["models", "--admin", f"127.0.0.1:{admin_port}", "promote", "v1"]) == 0
+            assert "live v1, previous v1t" in capsys.readouterr().out
+            assert main(["models", "--admin", f"127.0.0.1:{admin_port}", "list"]) == 0
+            listing = capsys.readouterr().out
+            assert re.search(r"v1\s+LIVE", listing) and re.search(r"v1t\s+(DRAINING|AVAILABLE)", listing)
+            assert main(["models", "--admin", f"127.0.0.1:{admin_port}", "candidate", "nope"]) == 2
+            assert "FAILED_PRECONDITION" in capsys.readouterr().err
+            assert c.classify(jpeg_bytes(seed=1), mode="never").versions.model_version == "v1"
+            assert "live: v1\n" in (repo / "routing.yaml").read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, "".join(lines[-30:])

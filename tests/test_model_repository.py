@@ -176,3 +176,52 @@ def test_adapter_unload_tolerates_a_server_that_no_longer_has_it():
     admin, _ = _admin(lambda request: httpx.Response(500, text="boom"), urls=["http://a"])
     with pytest.raises(AdapterLoadError, match="HTTP 500: boom"):
         asyncio.run(admin.unload("cats-1"))
+
+
+def _cnn_only_bundle(root, labels=("a", "b", "c")):
+    """A bundle folder that load_bundle accepts (the ONNX file's contents are not run here)."""
+    from ensemble.bundle import Bundle, BundleManifest, sha256_file
+
+    root.mkdir()
+    (root / "cnn.onnx").write_bytes(b"onnx bytes")
+    preprocess = {"image_size": 32, "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.5] * 3}
+    cnn = {"architecture": "convnext_atto", "sha256": sha256_file(root / "cnn.onnx")}
+    Bundle(root, BundleManifest(name="cats", version="2", labels=list(labels), preprocess=preprocess, cnn=cnn)).save()
+    return root
+
+
+def test_stage_assembles_a_version_from_a_cnn_bundle_the_live_vlm_and_fitted_settings(tmp_path):
+    from ensemble.bundle import VlmSpec, load_bundle
+    from serving.model_repository.staging import stage_version
+
+    repo = tmp_path / "models"
+    repo.mkdir()
+    new = _cnn_only_bundle(tmp_path / "new")
+    live = _cnn_only_bundle(tmp_path / "live")
+    (live / "vlm" / "base").mkdir(parents=True)
+    (live / "vlm" / "adapter").mkdir()
+    (live / "vlm" / "adapter" / "adapter_config.json").write_text('{"r": 8}')
+    b = load_bundle(live)
+    b.manifest.vlm = VlmSpec(base_model="vlm/base", adapter_dir="vlm/adapter", adapter_name="cats")
+    b.save()
+    cascade = tmp_path / "cascade.json"
+    cascade.write_text('{"escalation": {"metric": "margin", "threshold": 0.25}}')
+
+    path = stage_version(new, repo, "v2", vlm_from=live, cascade=cascade)
+    staged = load_bundle(path)
+    assert path == repo / "v2" and list_versions(repo) == ["v2"]
+    assert staged.manifest.vlm.base_model == str((live / "vlm" / "base").resolve())
+    assert (path / "vlm" / "adapter" / "adapter_config.json").read_text() == '{"r": 8}'
+    assert staged.manifest.cascade.escalation.metric == "margin" and staged.manifest.cascade.escalation.threshold == 0.25
+    assert not [p for p in repo.iterdir() if p.name.startswith(".")]
+
+    from ensemble.bundle import BundleError
+
+    with pytest.raises(BundleError, match="versions are immutable"):
+        stage_version(new, repo, "v2")
+    with pytest.raises(BundleError, match="needs a vlm section"):
+        stage_version(new, repo, "v3", adapter=live / "vlm" / "adapter")
+    (new / "cnn.onnx").write_bytes(b"changed")
+    with pytest.raises(BundleError, match="sha256"):
+        stage_version(new, repo, "v4")
+    assert list_versions(repo) == ["v2"] and not [p for p in repo.iterdir() if p.name.startswith(".")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 from catcascade.errors import CommandError
 
@@ -39,7 +40,22 @@ def _print_report(rep) -> None:
               f"({rep.shadow_dropped} shadow copies dropped)")
 
 
+def _stage(args) -> int:
+    from ensemble.bundle import BundleError
+    from serving.model_repository.staging import stage_version
+
+    try:
+        path = stage_version(args.bundle, args.repository, args.version, vlm_from=args.vlm_from,
+                             adapter=args.adapter, cascade=args.cascade)
+    except BundleError as e:
+        raise CommandError(str(e)) from None
+    print(f"staged {path} (verified); make it a candidate with `catcascade models candidate {args.version}`")
+    return 0
+
+
 def _models(args) -> int:
+    if args.action == "stage":
+        return _stage(args)
     import grpc
     from google.protobuf.json_format import MessageToDict
 
@@ -100,4 +116,12 @@ def register(sub) -> None:
     p.add_argument("version", nargs="?")
     actions.add_parser("rollback", help="make the previous live version live again")
     actions.add_parser("report", help="live against candidate: agreement, escalation rates, latency")
+    st = actions.add_parser("stage", help="copy a bundle into the repository as VERSION, verified and atomically "
+                            "(no server needed)")
+    st.add_argument("bundle", type=Path, help="the new bundle (e.g. train-cnn --out)")
+    st.add_argument("--repository", type=Path, required=True)
+    st.add_argument("--version", required=True, help="the new version's folder name")
+    st.add_argument("--vlm-from", type=Path, help="take the VLM section (base model, adapter) from this bundle")
+    st.add_argument("--adapter", type=Path, help="a PEFT adapter folder (train-vlm --out) to serve instead")
+    st.add_argument("--cascade", type=Path, help="cascade settings (fit-cascade --out) for the manifest")
     m.set_defaults(func=_models)
