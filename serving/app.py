@@ -96,7 +96,9 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
 async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None):
     """Loads the bundle, starts the batcher and yields (pipeline, versions, info); closes
     everything after. One version of the model repository is one of these."""
-    bundle = load_bundle(cfg.bundle)
+    # Hashing the files and building the ONNX session take a fraction of a second: off the
+    # event loop, so a model repository loading a new version does not stall the one serving.
+    bundle = await asyncio.to_thread(load_bundle, cfg.bundle)
     m = bundle.manifest
     metrics = metrics or ServiceMetrics()
     cnn_file = bundle.cnn_path
@@ -106,10 +108,11 @@ async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
                               "(train with `catcascade train-cnn --int8`)")
         cnn_file = bundle.cnn_int8_path
     if cfg.batching.instances > 1 and cfg.cnn_threads is None and not cuda_available():
-        onnx = OverlapAwareClassifier(cnn_file, allow_spinning=cfg.cnn_spinning)
+        onnx = await asyncio.to_thread(OverlapAwareClassifier, cnn_file, allow_spinning=cfg.cnn_spinning)
     else:
         threads = cfg.cnn_threads or max(1, (os.cpu_count() or 1) // cfg.batching.instances)
-        onnx = OnnxClassifier(cnn_file, intra_op_threads=threads, allow_spinning=cfg.cnn_spinning)
+        onnx = await asyncio.to_thread(OnnxClassifier, cnn_file, intra_op_threads=threads,
+                                       allow_spinning=cfg.cnn_spinning)
     batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump()), on_batch=metrics.batch_size.observe)
     metrics.queue_depth.set_function(lambda: batcher.depth)
     metrics.batches_running.set_function(lambda: batcher.running)

@@ -182,6 +182,7 @@ def test_a_new_lora_adapter_is_served_by_name_without_restarting_vllm(served, ad
     assert len(new) == 1
     name = new.pop()
     assert name.startswith("cats-") and Path(after[name]) == (repo / "v2" / "vlm" / "adapter").resolve()
+    assert {v.version: v.adapter for v in admin.list().versions}["v2"] == name
     r = client.classify(jpeg_bytes(seed=5), mode="always")
     assert r.versions.model_version == "v2" and r.versions.route == "canary"
     assert r.escalated and r.vlm.model == name and r.versions.vlm.endswith("+" + name)

@@ -187,18 +187,20 @@ class Routing(_message.Message):
     def __init__(self, live: _Optional[str] = ..., candidate: _Optional[str] = ..., mode: _Optional[_Union[TrafficMode, str]] = ..., share: _Optional[float] = ..., previous: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ModelVersionState(_message.Message):
-    __slots__ = ("version", "state", "versions", "error", "inflight")
+    __slots__ = ("version", "state", "versions", "error", "inflight", "adapter")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     version: str
     state: str
     versions: ModelVersions
     error: str
     inflight: int
-    def __init__(self, version: _Optional[str] = ..., state: _Optional[str] = ..., versions: _Optional[_Union[ModelVersions, _Mapping]] = ..., error: _Optional[str] = ..., inflight: _Optional[int] = ...) -> None: ...
+    adapter: str
+    def __init__(self, version: _Optional[str] = ..., state: _Optional[str] = ..., versions: _Optional[_Union[ModelVersions, _Mapping]] = ..., error: _Optional[str] = ..., inflight: _Optional[int] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

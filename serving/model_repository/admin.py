@@ -37,6 +37,7 @@ def model_list(router: ModelRouter) -> pb.ModelList:
         if version is not None:
             s.versions.CopyFrom(version.versions)
             s.inflight = version.inflight
+            s.adapter = version.adapter or ""
     return out
 
 

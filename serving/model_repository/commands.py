@@ -24,7 +24,9 @@ def _routing_line(r) -> str:
 def _print_list(models) -> None:
     print(_routing_line(models.routing))
     for v in models.versions:
-        detail = f"{v.versions.bundle} {v.versions.cnn} {v.versions.vlm}".strip() if v.versions.bundle else ""
+        detail = f"{v.versions.bundle} {v.versions.cnn}" if v.versions.bundle else ""
+        if v.adapter:
+            detail += f" adapter {v.adapter}"
         print(f"  {v.version:<16} {v.state:<10} {detail}{'  ' + v.error if v.error else ''}")
 
 

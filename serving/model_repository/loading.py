@@ -59,6 +59,8 @@ class ServedVersion:
     info: pb.ModelInfo
     adapter: str | None
     stack: contextlib.AsyncExitStack
+    spinning: bool = True
+    """Whether ONNX Runtime's threads spin between batches (live versions only, see load_version)."""
     inflight: int = 0
     retired: bool = False
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -132,9 +134,15 @@ async def warm_up(pipeline, labels: list[str], preprocess_config, batches: int) 
 
 
 async def load_version(name: str, repository: Path, cfg, metrics, factory: Callable, adapters=None,
-                       warmup_batches: int = 2) -> ServedVersion:
+                       warmup_batches: int = 2, live: bool = True) -> ServedVersion:
     """Loads ``repository/name`` with ``factory`` (serving.app.build_cascade: an async context
-    manager over (config, metrics) yielding (pipeline, versions, info)); raises VersionRejected."""
+    manager over (config, metrics) yielding (pipeline, versions, info)); raises VersionRejected.
+
+    A candidate (``live=False``) is built with ONNX Runtime's thread spinning off: spinning
+    threads of a second session steal the cores the live version needs between its batches
+    (measured on 2 cores: a 25% shadow cut live throughput to 0.45x with spinning, 0.77x
+    without; docs/bench/lifecycle).
+    """
     folder = Path(repository) / name
     if not (folder / "manifest.json").is_file():
         raise VersionRejected(name, "missing", f"no bundle at {folder} (no manifest.json)")
@@ -145,7 +153,8 @@ async def load_version(name: str, repository: Path, cfg, metrics, factory: Calla
         raise VersionRejected(name, _bundle_reason(e), str(e)) from None
     adapter = None
     spec, adapter_dir = bundle.manifest.vlm, bundle.vlm_adapter_path()
-    update: dict = {"bundle": folder}
+    spinning = cfg.cnn_spinning and live
+    update: dict = {"bundle": folder, "cnn_spinning": spinning}
     if adapters is not None and cfg.vlm.backend == "vllm" and cfg.vlm.model is None and spec and adapter_dir:
         from vlm_stage.vllm_client import AdapterLoadError
 
@@ -181,4 +190,4 @@ async def load_version(name: str, repository: Path, cfg, metrics, factory: Calla
     i = pb.ModelInfo()
     i.CopyFrom(info)
     i.versions.CopyFrom(v)
-    return ServedVersion(name, fingerprint, pipeline, v, i, adapter, stack)
+    return ServedVersion(name, fingerprint, pipeline, v, i, adapter, stack, spinning)

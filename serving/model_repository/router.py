@@ -234,14 +234,14 @@ class ModelRouter:
             live_name = routing.live or self._newest()
             fresh: list[ServedVersion] = []
             try:
-                new_live = await self._obtain(live_name, outcome, fresh)
+                new_live = await self._obtain(live_name, outcome, fresh, live=True)
                 if new_live is None:
                     if strict or self.live is None:
                         raise outcome.rejected[-1]
                     new_live = self.live
                 new_candidate = None
                 if routing.candidate is not None and routing.candidate != new_live.name:
-                    new_candidate = await self._obtain(routing.candidate, outcome, fresh)
+                    new_candidate = await self._obtain(routing.candidate, outcome, fresh, live=False)
                     if new_candidate is None and strict:
                         raise outcome.rejected[-1]
                 if persist:
@@ -265,16 +265,20 @@ class ModelRouter:
                                   "(expected DIR/<version>/manifest.json)")
         return versions[-1]
 
-    async def _obtain(self, name: str, outcome: ReloadOutcome, fresh: list) -> ServedVersion | None:
-        """The loaded version ``name``: the one serving if unchanged on disk, else a new load
-        (None when rejected, recorded in ``outcome``)."""
+    async def _obtain(self, name: str, outcome: ReloadOutcome, fresh: list, live: bool) -> ServedVersion | None:
+        """The loaded version ``name`` for a role: the one loaded if unchanged on disk and built
+        for that role, else a new load (None when rejected, recorded in ``outcome``). A promoted
+        candidate is rebuilt as a live version (thread spinning, see load_version) unless the
+        two builds would be the same."""
+        spinning = self.cfg.cnn_spinning and live
         for v in (self.live, self.candidate, *fresh):
-            if v is not None and v.name == name and v.fingerprint == version_fingerprint(self.repository / name):
+            if (v is not None and v.name == name and v.spinning == spinning
+                    and v.fingerprint == version_fingerprint(self.repository / name)):
                 return v
         t0 = time.perf_counter()
         try:
             version = await load_version(name, self.repository, self.cfg, self.service_metrics, self.factory,
-                                         self.adapters, self.models.warmup_batches)
+                                         self.adapters, self.models.warmup_batches, live=live)
         except VersionRejected as e:
             self._rejected(e, name, outcome)
             return None
