@@ -225,3 +225,171 @@ def test_stage_assembles_a_version_from_a_cnn_bundle_the_live_vlm_and_fitted_set
     with pytest.raises(BundleError, match="sha256"):
         stage_version(new, repo, "v4")
     assert list_versions(repo) == ["v2"] and not [p for p in repo.iterdir() if p.name.startswith(".")]
+
+
+def test_adapter_load_skips_unreachable_servers_and_says_which():
+    from vlm_stage.vllm_client import AdapterServersUnreachable
+
+    def handler(request):
+        if request.url.host == "a":
+            raise httpx.ConnectError("connection refused")
+        return httpx.Response(200, text="Success")
+
+    admin, calls = _admin(handler)
+    with pytest.raises(AdapterServersUnreachable, match="cannot reach vLLM at http://a") as err:
+        asyncio.run(admin.load("cats-1", "/adapters/one"))
+    assert err.value.loaded_on == ["http://b"]  # the reachable server keeps it
+
+
+def test_adapter_pool_loads_on_a_server_that_was_down_or_lost_its_adapters(tmp_path):
+    """vLLM forgets runtime-loaded adapters when it restarts: the pool reloads them."""
+    from serving.model_repository.adapters import AdapterPool, adapter_digest
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"r": 8}')
+    state = {"up": False, "served": set()}
+    posts = []
+
+    def handler(request):
+        if not state["up"]:
+            raise httpx.ConnectError("connection refused")
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": n, "root": None} for n in state["served"]]})
+        body = json.loads(request.content)
+        posts.append((request.url.path, body["lora_name"]))
+        if request.url.path == "/v1/load_lora_adapter":
+            state["served"].add(body["lora_name"])
+        return httpx.Response(200, text="Success")
+
+    async def scenario():
+        pool = AdapterPool(["http://v"], transport=httpx.MockTransport(handler))
+        name = await pool.acquire("cats", folder)  # vLLM still starting: not a refusal
+        assert name == f"cats-{adapter_digest(folder)[:12]}" and pool.loaded == [name]
+        assert await pool.reconcile() == []  # still down
+        state["up"] = True
+        assert await pool.reconcile() == [("http://v", name)]
+        assert await pool.reconcile() == []  # nothing missing
+        state["served"].clear()  # vLLM restarted
+        assert await pool.reconcile() == [("http://v", name)]
+        await pool.release(name)
+        assert pool.loaded == [] and posts[-1] == ("/v1/unload_lora_adapter", name)
+        await pool.aclose()
+
+    asyncio.run(scenario())
+
+
+class _FakeCascade:
+    """What the router calls for a version (serving.app.build_cascade in the server): a
+    pipeline whose requests wait on ``gate`` and answer with the version's first label."""
+
+    def __init__(self, labels, preprocess_config):
+        self.labels = labels
+        self.preprocess_config = preprocess_config
+        self.gate: asyncio.Event | None = None
+        self.started = 0
+        self.closed = False
+
+    async def classify(self, data, k=None, mode=None, deadline=None):
+        from cnn_stage.topk import TopK
+        from ensemble.escalation_policy import EscalationReason
+        from serving.pipeline import CascadeResult, StageTimings
+
+        self.started += 1
+        if self.gate is not None and data != b"warm-up":
+            await self.gate.wait()
+        top = TopK((0,), (self.labels[0],), (1.0,))
+        return CascadeResult(top, top, None, False, EscalationReason.CONFIDENT, "", StageTimings(total_ms=1.0))
+
+
+def _router_on(tmp_path, **models):
+    import contextlib
+
+    from serving.api import cascade_pb2 as pb
+    from serving.config import ServeConfig
+    from serving.metrics import ServiceMetrics
+    from serving.model_repository.router import ModelRouter
+
+    repo = tmp_path / "models"
+    repo.mkdir()
+    _cnn_only_bundle(repo / "v1", labels=("a", "b"))
+    _cnn_only_bundle(repo / "v2", labels=("a2", "b2"))
+    (repo / "routing.yaml").write_text("live: v1\n")
+    built = {}
+
+    @contextlib.asynccontextmanager
+    async def factory(cfg, metrics):
+        from ensemble.bundle import load_bundle
+
+        b = load_bundle(cfg.bundle)
+        cascade = _FakeCascade(b.labels, b.preprocess)
+        built.setdefault(cfg.bundle.name, []).append(cascade)
+        try:
+            yield cascade, pb.ModelVersions(bundle=b.version_string), pb.ModelInfo(labels=b.labels)
+        finally:
+            cascade.closed = True
+
+    cfg = ServeConfig(models={"repository": str(repo), **models})
+    return ModelRouter(cfg.models, cfg, ServiceMetrics(), factory), built
+
+
+def test_a_swap_leaves_requests_in_flight_on_their_version_and_releases_it_after_them(tmp_path, monkeypatch):
+    import serving.model_repository.loading as loading
+
+    monkeypatch.setattr(loading, "_png", lambda size: b"warm-up")
+    router, built = _router_on(tmp_path)
+
+    async def scenario():
+        await router.reload()
+        v1 = built["v1"][0]
+        v1.gate = asyncio.Event()
+        in_flight = [asyncio.create_task(router.classify(b"img-%d" % i)) for i in range(3)]
+        while v1.started < 4:  # the warm-up request, then the three
+            await asyncio.sleep(0)
+        await router.promote("v2")  # loads and warms v2, then swaps, while v1's three wait
+        after = await router.classify(b"img-new")
+        assert after.versions.model_version == "v2" and after.labels.labels == ("a2",)
+        assert not v1.closed and [v.name for v in router.draining] == ["v1"]
+        v1.gate.set()
+        done = await asyncio.gather(*in_flight)
+        assert [r.versions.model_version for r in done] == ["v1"] * 3
+        assert [r.labels.labels for r in done] == [("a",)] * 3
+        for _ in range(100):
+            if v1.closed:
+                break
+            await asyncio.sleep(0.01)
+        assert v1.closed and not router.draining
+        assert router.model_info.versions.model_version == "v2" and router.routing.previous == "v1"
+        await router.aclose()
+        assert built["v2"][0].closed
+
+    asyncio.run(scenario())
+
+
+def test_a_shadow_copy_never_holds_up_the_live_answer_and_excess_copies_are_dropped(tmp_path, monkeypatch):
+    import serving.model_repository.loading as loading
+
+    monkeypatch.setattr(loading, "_png", lambda size: b"warm-up")
+    router, built = _router_on(tmp_path, shadow_max_concurrency=1)
+
+    async def scenario():
+        await router.reload()
+        await router.set_candidate("v2", "shadow", 1.0)
+        shadow = built["v2"][0]
+        shadow.gate = asyncio.Event()  # shadow copies hang until released
+        first = await asyncio.wait_for(router.classify(b"one"), 5)
+        second = await asyncio.wait_for(router.classify(b"two"), 5)
+        assert first.versions.model_version == second.versions.model_version == "v1"
+        assert first.versions.route == "live" and first.labels.labels == ("a",)
+        assert router.window.shadow_dropped == 1  # one copy was running: the second was not started
+        shadow.gate.set()
+        for _ in range(100):
+            if router.window.compared:
+                break
+            await asyncio.sleep(0.01)
+        rep = router.window.report()
+        assert rep["compared"] == 1 and rep["top1_agreement"] == 0.0  # "a" against "a2"
+        assert rep["live"]["requests"] == 2 and rep["candidate"]["requests"] == 1
+        await router.aclose()
+
+    asyncio.run(scenario())

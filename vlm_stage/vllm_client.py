@@ -222,6 +222,15 @@ class AdapterLoadError(RuntimeError):
     """A vLLM server refused to load (or could not be asked to load) a LoRA adapter."""
 
 
+class AdapterServersUnreachable(AdapterLoadError):
+    """Some servers could not be reached; the others (``loaded_on``) hold the adapter."""
+
+    def __init__(self, message: str, unreachable: list[str], loaded_on: list[str]):
+        super().__init__(message)
+        self.unreachable = unreachable
+        self.loaded_on = loaded_on
+
+
 class VllmAdapterAdmin:
     """Loads and unloads LoRA adapters in running vLLM servers, by name, without a restart.
 
@@ -248,18 +257,21 @@ class VllmAdapterAdmin:
         resp.raise_for_status()
         return {m["id"]: m.get("root") for m in resp.json().get("data", [])}
 
-    async def load(self, name: str, path: str) -> None:
-        """Loads the adapter at ``path`` under ``name`` on every server. A server that already
-        serves ``name`` from the same folder counts as loaded; on a refusal the servers that
-        took it drop it again, so all servers agree."""
+    async def load(self, name: str, path: str, urls: list[str] | None = None) -> None:
+        """Loads the adapter at ``path`` under ``name`` on every server (or on ``urls``). A
+        server that already serves ``name`` from the same folder counts as loaded. On a
+        refusal the servers that took it drop it again, so all servers agree, and
+        AdapterLoadError is raised; servers that cannot be reached are skipped and named in
+        AdapterServersUnreachable (the reachable ones keep the adapter)."""
         done: list[str] = []
-        for url in self.urls:
+        unreachable: list[str] = []
+        for url in urls or self.urls:
             try:
                 resp = await self._client.post(f"{url}/v1/load_lora_adapter",
                                                json={"lora_name": name, "lora_path": path})
-            except httpx.HTTPError as e:
-                await self._undo(done, name)
-                raise AdapterLoadError(f"cannot reach vLLM at {url} to load adapter {name!r}: {e!r}") from None
+            except httpx.TransportError as e:
+                unreachable.append(f"{url} ({type(e).__name__})")
+                continue
             if resp.status_code == 200:
                 done.append(url)
                 continue
@@ -273,6 +285,9 @@ class VllmAdapterAdmin:
                                        "(catcascade serve-vlm does)")
             raise AdapterLoadError(f"vLLM at {url} refused adapter {name!r} from {path} "
                                    f"(HTTP {resp.status_code}): {_error_message(resp)}")
+        if unreachable:
+            raise AdapterServersUnreachable(f"cannot reach vLLM at {', '.join(unreachable)} to load adapter {name!r}",
+                                            unreachable, done)
 
     async def unload(self, name: str) -> None:
         """Unloads ``name`` from every server; a server that does not have it is fine."""

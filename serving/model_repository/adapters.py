@@ -5,6 +5,11 @@ files (``cats-3f2a9c1d4e5b``): two versions with the same adapter share one, a c
 adapter never reuses an old name (vLLM does not invalidate prefix-cache blocks computed with
 an adapter's previous weights when it is reloaded under the same name), and the name says
 exactly which weights answered. Reference-counted: unloaded when no loaded version uses it.
+
+vLLM forgets runtime-loaded adapters when it restarts, and may not be up yet when the server
+starts: a server that cannot be reached does not refuse a version (only a refusal does), and
+``keep_in_sync`` loads what a server is missing once it answers again. Until then escalations
+of that version get CNN-only answers, as with any VLM outage.
 """
 from __future__ import annotations
 
@@ -31,12 +36,14 @@ def adapter_digest(folder: Path) -> str:
 class AdapterPool:
     """Which adapters the running vLLM servers hold for the loaded versions."""
 
-    def __init__(self, urls: list[str], on_change=None):
+    def __init__(self, urls: list[str], on_change=None, transport=None):
+        """``transport`` replaces the network (unit tests only)."""
         from vlm_stage.vllm_client import VllmAdapterAdmin
 
-        self.admin = VllmAdapterAdmin(urls)
+        self.admin = VllmAdapterAdmin(urls, transport=transport)
         self._refs: dict[str, int] = {}
-        self._owned: set[str] = set()
+        self._owned: dict[str, str] = {}
+        """name -> adapter folder, for what this pool loaded."""
         self._lock = asyncio.Lock()
         self.on_change = on_change
         """Called with the number of adapters this pool loaded, after each change."""
@@ -53,12 +60,17 @@ class AdapterPool:
             from vlm_stage.vllm_client import AdapterLoadError
 
             raise AdapterLoadError(f"no adapter_config.json in {folder} (expected a PEFT adapter folder)")
+        from vlm_stage.vllm_client import AdapterServersUnreachable
+
         name = f"{base_name}-{adapter_digest(folder)[:12]}"
         async with self._lock:
             if name not in self._refs:
-                await self.admin.load(name, str(folder))
-                self._owned.add(name)
-                log.info("LoRA adapter %s loaded into vLLM from %s", name, folder)
+                try:
+                    await self.admin.load(name, str(folder))
+                    log.info("LoRA adapter %s loaded into vLLM from %s", name, folder)
+                except AdapterServersUnreachable as e:
+                    log.warning("%s; it is loaded there once the server answers", e)
+                self._owned[name] = str(folder)
             self._refs[name] = self._refs.get(name, 0) + 1
             self._changed()
         return name
@@ -70,13 +82,46 @@ class AdapterPool:
             if self._refs[name] > 0:
                 return
             del self._refs[name]
-            self._owned.discard(name)
+            self._owned.pop(name, None)
             self._changed()
             try:
                 await self.admin.unload(name)
                 log.info("LoRA adapter %s unloaded from vLLM (no version uses it)", name)
             except RuntimeError as e:
                 log.warning("could not unload LoRA adapter %s: %s", name, e)
+
+    async def reconcile(self) -> list[tuple[str, str]]:
+        """Loads every adapter of this pool into each server that lacks it (restarted, or not
+        up when it was first loaded); returns the (server, adapter) pairs loaded."""
+        from vlm_stage.vllm_client import AdapterLoadError
+
+        loaded = []
+        async with self._lock:
+            for url in self.admin.urls:
+                try:
+                    served = await self.admin.served_models(url)
+                except Exception:  # still down: the next round tries again
+                    continue
+                for name, folder in self._owned.items():
+                    if name in served:
+                        continue
+                    try:
+                        await self.admin.load(name, folder, urls=[url])
+                    except AdapterLoadError as e:
+                        log.warning("could not reload LoRA adapter %s into %s: %s", name, url, e)
+                        continue
+                    loaded.append((url, name))
+                    log.info("LoRA adapter %s reloaded into %s (the server had lost it)", name, url)
+        return loaded
+
+    async def keep_in_sync(self, period_s: float) -> None:
+        """reconcile() every ``period_s`` seconds, until cancelled."""
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                await self.reconcile()
+            except Exception:
+                log.exception("LoRA adapter reconciliation failed")
 
     def _changed(self) -> None:
         if self.on_change is not None:

@@ -34,6 +34,8 @@ class ModelsConfig(BaseModel):
     shadow_max_concurrency: int = Field(4, ge=1, description="shadow copies running at once; beyond, copies are "
                                         "dropped (counted), so shadowing never queues behind itself")
     shadow_timeout_s: float = Field(30.0, gt=0, description="a shadow copy running longer is abandoned")
+    adapter_check_interval_s: float = Field(10.0, gt=0, description="how often each vLLM server is checked for "
+                                            "the adapters of the loaded versions (reloaded after a vLLM restart)")
     admin_host: str = "127.0.0.1"
     admin_port: int | None = Field(None, ge=0, le=65535, description="port of the ModelAdmin gRPC service; "
                                    "None = no admin service, 0 = any free port")

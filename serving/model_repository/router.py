@@ -176,12 +176,13 @@ class ModelRouter:
             return
         self._shadow_inflight += 1
         candidate.enter()
-        self._spawn(self._run_shadow(candidate, live_result, data, k, mode, kwargs), self._shadows)
+        self._spawn(self._run_shadow(candidate, self.window, live_result, data, k, mode, kwargs), self._shadows)
 
-    async def _run_shadow(self, candidate: ServedVersion, live_result, data: bytes, k, mode, kwargs) -> None:
-        """The candidate's answer to a copy of a live request: counted and compared, never
-        returned. No client deadline applies; ``shadow_timeout_s`` bounds it."""
-        live_name = self.live.name
+    async def _run_shadow(self, candidate: ServedVersion, window: AgreementWindow, live_result, data: bytes, k, mode,
+                          kwargs) -> None:
+        """The candidate's answer to a copy of a live request: counted and compared (in the
+        window it started in, if still open), never returned. No client deadline applies;
+        ``shadow_timeout_s`` bounds it."""
         try:
             result = await asyncio.wait_for(candidate.pipeline.classify(data, k, mode, None, **kwargs),
                                             self.models.shadow_timeout_s)
@@ -193,10 +194,11 @@ class ModelRouter:
             candidate.exit()
             self._shadow_inflight -= 1
         self._count(candidate, "shadow", result)
-        if candidate is self.candidate:
-            agree = self.window.compare(live_result.labels.labels[0], result.labels.labels[0])
+        if window is self.window:
+            agree = window.compare(live_result.labels.labels[0], result.labels.labels[0])
+            live_name = window.live.version
             self.metrics.shadow_comparisons.labels(live_name, candidate.name, "agree" if agree else "disagree").inc()
-            self.metrics.top1_agreement.labels(live_name, candidate.name).set(self.window.top1_agreement)
+            self.metrics.top1_agreement.labels(live_name, candidate.name).set(window.top1_agreement)
 
     @staticmethod
     def _spawn(coro, tasks: set) -> asyncio.Task:
@@ -221,42 +223,47 @@ class ModelRouter:
         ``routing`` to the routing file once everything it names is ready.
         """
         async with self._lock:
-            outcome = ReloadOutcome()
-            if routing is None:
-                try:
-                    routing = read_routing(self.models.routing_path) or Routing()
-                except ValueError as e:
-                    err = VersionRejected(self.models.routing_file, "routing", str(e))
-                    self._rejected(err, None, outcome)
-                    if self.live is None or strict:
-                        raise err from None
-                    return outcome
-            live_name = routing.live or self._newest()
-            fresh: list[ServedVersion] = []
+            return await self._reload(routing, strict, persist, cause)
+
+    async def _reload(self, routing: Routing | None, strict: bool, persist: bool, cause: str) -> ReloadOutcome:
+        """reload() with self._lock held."""
+        outcome = ReloadOutcome()
+        if routing is None:
             try:
-                new_live = await self._obtain(live_name, outcome, fresh, live=True)
-                if new_live is None:
-                    if strict or self.live is None:
-                        raise outcome.rejected[-1]
-                    new_live = self.live
-                new_candidate = None
-                if routing.candidate is not None and routing.candidate != new_live.name:
-                    new_candidate = await self._obtain(routing.candidate, outcome, fresh, live=False)
-                    if new_candidate is None and strict:
-                        raise outcome.rejected[-1]
-                if persist:
-                    write_routing(self.models.routing_path, routing)
-            except BaseException:
-                for v in fresh:
-                    await v.close(self.adapters)
-                raise
-            effective = routing.model_copy(update={"live": new_live.name,
-                                                   "candidate": new_candidate.name if new_candidate else None})
-            outcome.changed = self._swap(new_live, new_candidate, effective, cause)
+                routing = read_routing(self.models.routing_path) or Routing()
+            except ValueError as e:
+                err = VersionRejected(self.models.routing_file, "routing", str(e))
+                self._rejected(err, None, outcome)
+                if self.live is None or strict:
+                    raise err from None
+                return outcome
+            self.rejected.pop(self.models.routing_file, None)
+        live_name = routing.live or self._newest()
+        fresh: list[ServedVersion] = []
+        try:
+            new_live = await self._obtain(live_name, outcome, fresh, live=True)
+            if new_live is None:
+                if strict or self.live is None:
+                    raise outcome.rejected[-1]
+                new_live = self.live
+            new_candidate = None
+            if routing.candidate is not None and routing.candidate != new_live.name:
+                new_candidate = await self._obtain(routing.candidate, outcome, fresh, live=False)
+                if new_candidate is None and strict:
+                    raise outcome.rejected[-1]
+            if persist:
+                write_routing(self.models.routing_path, routing)
+        except BaseException:
             for v in fresh:
-                if v is not new_live and v is not new_candidate:
-                    await v.close(self.adapters)
-            return outcome
+                await v.close(self.adapters)
+            raise
+        effective = routing.model_copy(update={"live": new_live.name,
+                                               "candidate": new_candidate.name if new_candidate else None})
+        outcome.changed = self._swap(new_live, new_candidate, effective, cause)
+        for v in fresh:
+            if v is not new_live and v is not new_candidate:
+                await v.close(self.adapters)
+        return outcome
 
     def _newest(self) -> str:
         versions = list_versions(self.repository)
@@ -351,31 +358,39 @@ class ModelRouter:
 
     # --- admin operations (each one change of the routing file) -------------------------
 
-    def _base_routing(self) -> Routing:
-        return self.routing.model_copy(update={"live": self.live.name})
+    async def _change(self, make_routing: Callable[[], Routing], cause: str) -> ReloadOutcome:
+        """One admin change: the new routing is made from the one in force under the reload
+        lock (two calls never both start from the same state), then applied strictly and
+        written to the routing file."""
+        async with self._lock:
+            return await self._reload(make_routing(), strict=True, persist=True, cause=cause)
+
+    def _with(self, **changes) -> Routing:
+        base = self.routing.model_copy(update={"live": self.live.name}).model_dump()
+        return Routing.model_validate({**base, **changes})
 
     async def set_candidate(self, version: str | None, mode: str = "shadow", share: float = 0.1) -> ReloadOutcome:
-        r = Routing.model_validate({**self._base_routing().model_dump(), "candidate": version or None,
-                                    "mode": mode, "share": share})
-        return await self.reload(r, strict=True, persist=True, cause=f"candidate set to {version or 'none'}")
+        return await self._change(lambda: self._with(candidate=version or None, mode=mode, share=share),
+                                  f"candidate set to {version or 'none'}")
 
     async def promote(self, version: str | None = None) -> ReloadOutcome:
-        target = version or (self.candidate.name if self.candidate else None)
-        if not target:
-            raise ValueError("no candidate to promote (name a version, or set a candidate first)")
-        if target == self.live.name:
-            raise ValueError(f"{target} is already live")
-        r = Routing.model_validate({**self._base_routing().model_dump(), "live": target, "candidate": None,
-                                    "previous": self.live.name})
-        return await self.reload(r, strict=True, persist=True, cause=f"{target} promoted")
+        def routing() -> Routing:
+            target = version or (self.candidate.name if self.candidate else None)
+            if not target:
+                raise ValueError("no candidate to promote (name a version, or set a candidate first)")
+            if target == self.live.name:
+                raise ValueError(f"{target} is already live")
+            return self._with(live=target, candidate=None, previous=self.live.name)
+
+        return await self._change(routing, f"{version or 'the candidate'} promoted")
 
     async def rollback(self) -> ReloadOutcome:
-        previous = self.routing.previous
-        if not previous:
-            raise ValueError("nothing to roll back to (no previous version recorded; Promote records one)")
-        r = Routing.model_validate({**self._base_routing().model_dump(), "live": previous, "candidate": None,
-                                    "previous": None})
-        return await self.reload(r, strict=True, persist=True, cause=f"rolled back to {previous}")
+        def routing() -> Routing:
+            if not self.routing.previous:
+                raise ValueError("nothing to roll back to (no previous version recorded; Promote records one)")
+            return self._with(live=self.routing.previous, candidate=None, previous=None)
+
+        return await self._change(routing, "rolled back")
 
     # --- reports -------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 loaded, the watcher and the admin service running, everything released on exit."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -25,6 +26,9 @@ async def routed_pipeline(cfg, metrics, factory):
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(router.aclose)  # releases the versions and the adapters
         await router.reload(cause="start-up")
+        if adapters is not None:
+            sync = asyncio.create_task(adapters.keep_in_sync(models.adapter_check_interval_s))
+            stack.callback(sync.cancel)
         watcher = RepositoryWatcher(router, models.poll_interval_s)
         await watcher.start()
         stack.push_async_callback(watcher.stop)
