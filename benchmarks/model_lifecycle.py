@@ -198,7 +198,7 @@ def swap_phase(target: str, admin, images: list[bytes], args, rate: float | None
                       "p50": _pct([r[1] for r in steady], 50), "p99": _pct([r[1] for r in steady], 99)},
            "during": {"requests": len(during), "req_per_s": len(during) / max(1e-9, span_during),
                       "p50": _pct([r[1] for r in during], 50), "p99": _pct([r[1] for r in during], 99)},
-           "trace": [(r[0] - t0, r[1], r[2]) for r in rows],
+           "trace": [(round(r[0] - t0, 4), round(r[1], 2), r[2]) for r in rows],
            "swap_windows": [(w["start"] - t0, w["end"] - t0) for w in swaps]}
     print(f"  {len(rows)} requests, {len(errors)} errors, swaps took {', '.join(f'{x:.2f}' for x in res['swap_s'])} s, "
           f"{wrong} answers from the replaced version after a swap", flush=True)
@@ -221,7 +221,7 @@ def run(args) -> dict:
         _make_version(repo, "v1", args.bundle)
         _make_version(repo, "v2", args.bundle, temperature_scale=1.5)
         (repo / "routing.yaml").write_text("live: v1\n")
-        server = _Server(repo, args.vlm_url, args.out / "server.log", token, args.config)
+        server = _Server(repo, args.vlm_url, Path("artifacts/logs/lifecycle-server.log"), token, args.config)
         try:
             server.wait_ready()
             admin = ModelAdminClient(f"127.0.0.1:{server.admin_port}", token)
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         build_demo_bundle(args.bundle)
     args.out.mkdir(parents=True, exist_ok=True)
     res = run(args)
-    (args.out / "lifecycle.json").write_text(json.dumps(res, indent=1))
+    (args.out / "lifecycle.json").write_text(json.dumps(res))
     (args.out / "README.md").write_text(report(res))
     plot(res, args.out / "lifecycle.png")
     print(report(res))
