@@ -144,8 +144,8 @@ def register(sub) -> None:
     s.add_argument("--bundle", type=Path)
     s.add_argument("--models", type=Path, help="a model repository (DIR/<version>/ bundles, DIR/routing.yaml) "
                    "instead of --bundle: reloads, canary, shadow (docs/operations.md)")
-    s.add_argument("--admin-port", type=int, help="port of the ModelAdmin service (with --models; needs "
-                   "models.admin_tokens or models.admin_tokens_env in --config)")
+    s.add_argument("--admin-port", type=int, help="port of the ModelAdmin service (with --models; admin tokens "
+                   "from $CATCASCADE_ADMIN_TOKENS or models.admin_tokens in --config)")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.add_argument("--precision", choices=["fp32", "int8"], help="CNN model file to serve (default fp32)")
