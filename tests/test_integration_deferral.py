@@ -109,7 +109,7 @@ def test_served_learned_deferral_and_conformal_candidate_sets(client, demo_bundl
     with GrpcServerThread(ServeConfig(bundle=bundle, port=0, vlm={"urls": [vllm_server.url]})) as server, \
             CatcascadeClient(server.target, timeout_s=60) as c:
         info = c.model_info()
-        assert info.escalation_metric == "learned" and info.candidate_rule == "aps sets covering 90%, at most 4"
+        assert info.escalation_metric == "learned" and info.vlm_candidate_rule == "aps sets covering 90%, at most 4"
         escalated = 0
         for im, row in zip(images, probs):
             size = set_size(sets, row)
