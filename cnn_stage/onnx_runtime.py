@@ -56,6 +56,18 @@ def fallback_warning(requested: list, active: list[str]) -> str | None:
     return None
 
 
+def _preload_cuda_libraries(ort) -> None:
+    """onnxruntime-gpu loads the CUDA and cuDNN libraries of the nvidia-* wheels (the ones
+    torch uses; gpu.txt pins both to CUDA 13) only if torch was imported first, or after
+    ``preload_dlls()``. A no-op on the CPU build."""
+    if ort.get_device() != "GPU" or not hasattr(ort, "preload_dlls"):
+        return
+    try:
+        ort.preload_dlls()
+    except OSError as e:  # the session then falls back to the CPU, and says so
+        log.warning("could not preload CUDA/cuDNN libraries for ONNX Runtime: %s", e)
+
+
 class OnnxClassifier:
     """Runs an exported classifier: float32 NCHW in, logits out."""
 
@@ -77,6 +89,8 @@ class OnnxClassifier:
             opts.profile_file_prefix = str(Path(profile_dir) / "onnxruntime_profile")
         if providers is None:
             providers = select_providers(ort.get_available_providers(), device)
+        if any((p[0] if isinstance(p, tuple) else p) == CUDA for p in providers):
+            _preload_cuda_libraries(ort)
         self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
         self.providers = self.session.get_providers()

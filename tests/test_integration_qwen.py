@@ -25,7 +25,7 @@ IMAGE = Image.new("RGB", (90, 70), (180, 90, 30))
 @pytest.fixture(scope="module")
 def qwen_bundle(demo_bundle, tmp_path_factory):
     """The demo bundle's CNN with a tiny Qwen2.5-VL as its VLM, the adapter trained by the
-    documented commands: `vlm-data` (the CNN's confusions) then `train-vlm`."""
+    documented commands: `vlm-data` (the CNN's confusions) then `train-vlm --attach`."""
     from catcascade.cli import main
     from vlm_stage.tiny_model import build_tiny_vlm
 
@@ -39,7 +39,7 @@ def qwen_bundle(demo_bundle, tmp_path_factory):
     assert main(["train-vlm", "--data", str(work / "vd" / "train.jsonl"), "--eval-data", str(work / "vd" / "eval.jsonl"),
                  "--base-model", str(root / "vlm" / "base"), "--out", str(root / "vlm" / "adapter"),
                  "--max-steps", "8", "--batch-size", "8", "--rank", "8", "--alpha", "16", "--lr", "5e-3",
-                 "--dropout", "0"]) == 0
+                 "--dropout", "0", "--attach", str(root)]) == 0
     return root
 
 
@@ -74,6 +74,9 @@ def test_train_vlm_trained_a_language_model_adapter_for_qwen(qwen_bundle):
     assert summary["steps"] == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
     targets = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
     assert "language_model" in targets and "visual" not in targets
+    vlm = json.loads((qwen_bundle / "manifest.json").read_text())["vlm"]  # written by --attach
+    assert vlm["base_model"] == str((qwen_bundle / "vlm" / "base").resolve()) and vlm["adapter_dir"] == "vlm/adapter"
+    assert vlm["max_model_len"] == 1024
 
 
 @pytest.mark.parametrize("mode,requests", [("multiple_choice", 1), ("yes_no", 3)])

@@ -169,17 +169,18 @@ class MetadataIndex:
         self.stats = {"pages": 0, "metadata_fetched": 0, "metadata_cached": 0, "range_requests": 0}
 
     # -- upstream ---------------------------------------------------------------------------
-    def _get(self, url: str, headers: dict | None = None) -> tuple[int, bytes]:
-        """One GET; transient network errors (DNS, reset, timeout) are retried twice."""
+    def _get(self, url: str, headers: dict | None = None, attempts: int = 3,
+             timeout_s: float | None = None) -> tuple[int, bytes]:
+        """One GET; transient network errors (DNS, reset, timeout) are retried."""
         req = urllib.request.Request(url, headers=headers or {})
-        for attempt in range(3):
+        for attempt in range(attempts):
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s, context=self._ssl) as resp:
+                with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s, context=self._ssl) as resp:
                     return resp.status, resp.read()
             except urllib.error.HTTPError as e:
                 return e.code, e.read()
             except (urllib.error.URLError, OSError) as e:
-                if attempt == 2:
+                if attempt == attempts - 1:
                     raise RegistryUnreachable(f"package index unreachable: GET {url}: {getattr(e, 'reason', e)}") from e
                 time.sleep(0.5 * (attempt + 1))
         raise AssertionError("unreachable")
@@ -194,7 +195,7 @@ class MetadataIndex:
 
     def check_reachable(self) -> None:
         """One quick request, so an offline machine fails in seconds with a clear message."""
-        status, _ = self._get(self.upstream + "pip/", {"Accept": _JSON})
+        status, _ = self._get(self.upstream + "pip/", {"Accept": _JSON}, attempts=2, timeout_s=10.0)
         if status != 200:
             raise RegistryUnreachable(f"package index {self.upstream} answered HTTP {status} for the page of pip")
 
@@ -380,7 +381,7 @@ def _conflict(stderr: str) -> str:
 
 
 def resolve(requirement_files: list[str | Path], extra: list[str] = (), lock: str | Path | None = None,
-            timeout_s: float = 100.0, index: MetadataIndex | None = None) -> Resolution:
+            timeout_s: float = 150.0, index: MetadataIndex | None = None) -> Resolution:
     """Runs ``pip install --dry-run --ignore-installed --report`` over the files and ``extra``
     requirement strings against the loopback index; raises ResolutionError with pip's
     explanation, or RegistryUnreachable."""
@@ -431,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-r", dest="files", action="append", required=True, help="requirements file (repeatable)")
     p.add_argument("--lock", help="lock file: prefetch hint; rewritten with the resolution by --write-lock")
     p.add_argument("--write-lock", action="store_true")
-    p.add_argument("--timeout", type=float, default=100.0)
+    p.add_argument("--timeout", type=float, default=150.0)
     p.add_argument("extra", nargs="*", help="further requirement strings")
     args = p.parse_args(argv)
     try:
