@@ -682,9 +682,11 @@ def run_hardening(args: argparse.Namespace, bundle_dir, vllm) -> str:
              lambda s: overload_burst(s.target, f, d, "never", 2.0))
     for mode, burst_s in (("never", 2.0), ("always", 2.0), ("never", None)):
         shape = f"{f:g}x capacity for {burst_s:g} s" if burst_s else f"{f:g}x what {d:g} s allows, at once"
-        for on in (True, False):
-            scenario(f"overload: {shape}, {d:g} s deadlines, {mode.upper()}, admission {'on' if on else 'off'}",
-                     {} if on else {"admission": {"enabled": False}},
+        for name, config in (("admission on", {}), ("admission on, compute_nice 10", {"compute_nice": 10}),
+                             ("admission off", {"admission": {"enabled": False}})):
+            if "compute_nice" in name and (mode, burst_s) != ("never", 2.0):
+                continue
+            scenario(f"overload: {shape}, {d:g} s deadlines, {mode.upper()}, {name}", config,
                      lambda s, m=mode, b=burst_s: overload_burst(s.target, f, d, m, b))
     scenario("vLLM frozen 12 s under ALWAYS load, 1 s deadlines, watchdog on (default)", {},
              lambda s: hung_vllm(s.target, vllm))

@@ -145,9 +145,11 @@ class ServeConfig(BaseModel):
     cnn_precision: Literal["fp32", "int8"] = Field("fp32", description="int8 serves the bundle's cnn.int8.onnx")
     cnn_spinning: bool = Field(True, description="let ONNX Runtime's threads spin between batches: lower latency "
                                "when idle, less CPU left for decoding under load")
-    compute_nice: int = Field(10, ge=0, le=19, description="how far below the event loop the decode and CNN threads "
-                              "run (Linux nice increment): under overload the loop that takes in requests, refuses the "
-                              "excess and sends answers comes first; 0 = equal priority")
+    compute_nice: int = Field(0, ge=0, le=19, description="run the decode and CNN threads this far below the event "
+                              "loop (Linux nice increment), so that under overload the loop that takes requests in, "
+                              "refuses the excess and sends answers comes first. Best where the server has its cores "
+                              "(a container); on a machine shared with other busy processes the compute threads also "
+                              "yield to those. 0 = off")
     batching: BatchingConfig = BatchingConfig()
     vlm: VlmEndpointConfig = VlmEndpointConfig()
     limits: LimitsConfig = LimitsConfig()
