@@ -358,3 +358,71 @@ def test_server_budget_counts_against_the_vlm_but_the_clients_deadline_does_not(
         assert decision.reason == EscalationReason.VLM_UNAVAILABLE and "open" in decision.detail
 
     asyncio.run(main())
+
+
+# --- compute threads below the event loop -----------------------------------------------------
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_compute_threads_run_below_the_loop_and_the_loop_does_not():
+    import threading
+
+    import numpy as np
+
+    from serving.batcher import BatcherConfig, DynamicBatcher
+    from serving.engines.thread_priority import build_in_lowered_thread, thread_niceness
+
+    base = thread_niceness()
+    seen = {}
+
+    def build():  # e.g. an ONNX Runtime session starting its pool threads
+        child = threading.Thread(target=lambda: seen.update(child=thread_niceness()))
+        child.start()
+        child.join()
+        return thread_niceness()
+
+    assert build_in_lowered_thread(build, 3) == min(19, base + 3)
+    assert seen["child"] == min(19, base + 3)  # threads started there inherit it
+    assert thread_niceness() == base  # the caller (the event loop's thread) is untouched
+
+    def run_batch(x):
+        seen["batch"] = thread_niceness()
+        return x
+
+    async def main():
+        b = DynamicBatcher(run_batch, BatcherConfig(thread_nice=2))
+        await b.start()
+        try:
+            await b.submit(np.zeros(2))
+        finally:
+            await b.stop()
+
+    asyncio.run(main())
+    assert seen["batch"] == min(19, base + 2) and thread_niceness() == base
+
+
+def test_batcher_sheds_what_can_no_longer_meet_its_deadline():
+    import time
+
+    import numpy as np
+
+    from serving.batcher import BatcherConfig, DeadlineUnmeetableError, DynamicBatcher, QueueFullError
+
+    def slow(x):
+        time.sleep(0.05)
+        return x
+
+    async def main():
+        b = DynamicBatcher(slow, BatcherConfig(max_batch_size=1))
+        await b.start()
+        try:
+            await b.submit(np.zeros(1))  # a batch takes about 50 ms: the batcher learns it
+            assert b.batch_s >= 0.04
+            ok = await b.submit(np.ones(1), deadline=time.monotonic() + 5.0)
+            assert ok.output[0] == 1.0
+            with pytest.raises(DeadlineUnmeetableError, match="shed from the CNN queue") as err:
+                await b.submit(np.ones(1), deadline=time.monotonic() + 0.02)  # less than a batch takes
+            assert isinstance(err.value, QueueFullError) and b.shed == 1  # answered RESOURCE_EXHAUSTED
+        finally:
+            await b.stop()
+
+    asyncio.run(main())
