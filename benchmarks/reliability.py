@@ -54,12 +54,15 @@ def random_jpegs(n: int, size=(160, 120), seed: int = 0) -> list[bytes]:
 
 def run_load(target: str, images: list[bytes], n_requests: int, concurrency: int, mode: str = "always",
              timeout_s: float = 30.0, on_done=None, **client_kwargs) -> LoadOutcome:
-    """A bounded closed loop: ``concurrency`` callers share ``n_requests`` requests."""
+    """A bounded closed loop: ``concurrency`` callers share ``n_requests`` requests. Each call
+    is made once (no client retries, unless ``retry`` is passed): the counts are what the
+    server answered, not what a retrying client eventually got."""
     import grpc
 
     from serving.api import cascade_pb2 as pb
     from serving.client import CatcascadeClient
 
+    client_kwargs.setdefault("retry", None)
     outcome = LoadOutcome()
     lock = threading.Lock()
     counter = iter(range(n_requests))

@@ -18,13 +18,15 @@ from serving.batcher import BatcherConfig, DynamicBatcher
 from serving.circuit_breaker import BreakerConfig, CircuitBreaker
 from serving.metrics import ServiceMetrics
 from serving.config import ServeConfig
+from serving.observability.drift import DriftMonitor
+from serving.observability.tracing import make_tracing
 from serving.pipeline import CascadePipeline, PipelineConfig
 from serving.server import CatClassifierServicer, run_server
 
 log = logging.getLogger(__name__)
 
 
-def _verifier(bundle: Bundle, cfg: ServeConfig):
+def _verifier(bundle: Bundle, cfg: ServeConfig, request_headers=None):
     """The VLM stage the config asks for: vLLM over HTTP, the bundle's VLM in-process, or none."""
     backend = cfg.vlm.backend
     if backend == "none":
@@ -45,7 +47,9 @@ def _verifier(bundle: Bundle, cfg: ServeConfig):
     model = cfg.vlm.model or spec.adapter_name or spec.served_model_name
     return VllmVerifier(VlmClientConfig(urls=cfg.vlm.urls, model=model, scoring_mode=mode,
                                         timeout_s=cfg.vlm.timeout_s, max_retries=cfg.vlm.max_retries,
-                                        constraint=cfg.vlm.constraint))
+                                        constraint=cfg.vlm.constraint,
+                                        max_connections=max(64, cfg.limits.max_concurrent_escalations)),
+                        request_headers=request_headers)
 
 
 async def warm_up(verifier, candidates: tuple[str, ...], timeout_s: float = 180.0) -> bool:
@@ -100,18 +104,26 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
     lim = cfg.limits
     preprocess_config = dataclasses.replace(bundle.preprocess, limits=DecodeLimits(
         max_bytes=lim.max_message_bytes, max_pixels=lim.max_pixels, max_side=lim.max_side))
-    verifier = _verifier(bundle, cfg)
+    tracing = make_tracing(cfg.tracing)
+    verifier = _verifier(bundle, cfg, tracing.outgoing_headers if tracing.enabled else None)
     warm_task = None
     if verifier is not None and not await warm_up(verifier, tuple(m.labels[: m.cascade.top_k])):
         warm_task = asyncio.create_task(keep_warming_up(verifier, tuple(m.labels[: m.cascade.top_k])))
     breaker = CircuitBreaker(BreakerConfig(**cfg.breaker.model_dump()),
                              on_change=lambda state: metrics.breaker_state.set(int(state)))
+    tenants = None
+    if cfg.auth.tenants or cfg.tenant_budgets.active:
+        from serving.traffic.tenant_budgets import TenantBudgets
+
+        tenants = TenantBudgets(cfg.tenant_budgets, cfg.auth.tenants, registry=metrics.registry)
     pipeline = CascadePipeline(
         labels=m.labels, preprocess_config=preprocess_config, cnn=batcher,
         policy=EscalationPolicy(m.cascade.escalation), blender=make_blender(m.cascade.blend),
         verifier=verifier, temperature=m.cnn.temperature, breaker=breaker if verifier else None, metrics=metrics,
         config=PipelineConfig(candidates=m.cascade.top_k, vlm_min_budget_ms=lim.vlm_min_budget_ms,
-                              max_concurrent_escalations=lim.max_concurrent_escalations))
+                              max_concurrent_escalations=lim.max_concurrent_escalations,
+                              escalation_queue_size=lim.escalation_queue_size),
+        tracing=tracing, tenant_budgets=tenants if cfg.tenant_budgets.active else None)
     metrics.inflight_escalations.set_function(lambda: pipeline.inflight_escalations)
     vlm_name = (getattr(verifier.config, "model", "") if cfg.vlm.backend == "vllm" else
                 getattr(verifier.config, "name", "")) if verifier else ""
@@ -123,10 +135,19 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
                         escalation_threshold=m.cascade.escalation.threshold,
                         escalation_metric=m.cascade.escalation.metric, blend_weight=m.cascade.blend.weight,
                         vlm_enabled=verifier is not None)
-    servicer = CatClassifierServicer(pipeline, versions, info, metrics, max_inflight=lim.max_inflight_requests)
+    cache = None
+    if cfg.cache.enabled:
+        from serving.traffic.response_cache import ResponseCache
+
+        cache = ResponseCache(cfg.cache, size_of=lambda r: r.ByteSize(), registry=metrics.registry)
+    drift = (DriftMonitor(versions.bundle, m.cnn.confidence_histogram, cfg.drift, metrics.registry)
+             if cfg.drift.enabled else None)
+    servicer = CatClassifierServicer(pipeline, versions, info, metrics, max_inflight=lim.max_inflight_requests,
+                                     cache=cache, tracing=tracing, tenants=tenants, drift=drift)
     try:
         yield servicer
     finally:
+        tracing.shutdown()
         if warm_task is not None:
             warm_task.cancel()
         await batcher.stop()

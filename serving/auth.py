@@ -51,3 +51,11 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if self._ok(handler_call_details.invocation_metadata):
             return handler
         return _deny_handler(handler, "missing or invalid bearer token (metadata 'authorization: Bearer <token>')")
+
+
+def bearer_token(metadata) -> str | None:
+    """The token of an ``authorization: Bearer <token>`` entry in gRPC metadata, if any."""
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            return value[len("Bearer "):]
+    return None

@@ -6,14 +6,16 @@ a worker thread so ONNX Runtime never blocks the loop. With ``instances`` > 1 (T
 instance_group count) that many workers share the queue, each with a thread of its own, so
 several batches run at once: on a CPU, two single-threaded runs get more images per second out
 of two cores than one run split over both. The queue is bounded: a full queue refuses new work
-at once instead of letting latency grow without limit.
+at once instead of letting latency grow without limit. The queue is ordered by request
+priority (serving/traffic/priorities.py: interactive before batch), then by arrival.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -45,11 +47,13 @@ class BatchResult:
     batch_size: int
 
 
-@dataclass
+@dataclass(order=True)
 class _Item:
-    x: np.ndarray
-    future: asyncio.Future
-    enqueued: float
+    priority: int
+    arrival: int
+    x: np.ndarray = field(compare=False)
+    future: asyncio.Future = field(compare=False)
+    enqueued: float = field(compare=False)
 
 
 class DynamicBatcher:
@@ -58,7 +62,8 @@ class DynamicBatcher:
         self.run_batch = run_batch
         self.config = config
         self.on_batch = on_batch
-        self._queue: asyncio.Queue[_Item] | None = None
+        self._queue: asyncio.PriorityQueue[_Item] | None = None
+        self._arrivals = itertools.count()
         self._workers: list[asyncio.Task] = []
         self._executor = ThreadPoolExecutor(max_workers=config.instances, thread_name_prefix="cnn")
         self.batch_sizes: list[int] = []
@@ -66,7 +71,7 @@ class DynamicBatcher:
         """Batches in the model right now (at most ``instances``)."""
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue(self.config.max_queue_size)
+        self._queue = asyncio.PriorityQueue(self.config.max_queue_size)
         self._workers = [asyncio.create_task(self._loop(), name=f"cnn-batcher-{i}") for i in range(self.config.instances)]
 
     async def stop(self) -> None:
@@ -83,12 +88,13 @@ class DynamicBatcher:
     def depth(self) -> int:
         return self._queue.qsize() if self._queue else 0
 
-    async def submit(self, x: np.ndarray) -> BatchResult:
+    async def submit(self, x: np.ndarray, priority: int = 0) -> BatchResult:
+        """Queues one input; lower ``priority`` values are taken first, then first come."""
         if self._queue is None:
             raise RuntimeError("DynamicBatcher.start() was not awaited")
         fut = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Item(x, fut, time.perf_counter()))
+            self._queue.put_nowait(_Item(priority, next(self._arrivals), x, fut, time.perf_counter()))
         except asyncio.QueueFull:
             raise QueueFullError(f"CNN queue is full ({self.config.max_queue_size} waiting)") from None
         return await fut

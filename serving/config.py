@@ -6,6 +6,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serving.observability.drift import DriftConfig
+from serving.observability.tracing import TracingConfig
+from serving.traffic.response_cache import ResponseCacheConfig
+from serving.traffic.tenant_budgets import TenantBudgetsConfig
+
 
 class BatchingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -60,7 +65,10 @@ class LimitsConfig(BaseModel):
     max_pixels: int = Field(40_000_000, ge=1, description="decoded width*height limit (decompression bombs)")
     max_side: int = Field(12_000, ge=16)
     max_inflight_requests: int = Field(512, ge=1, description="beyond this, RESOURCE_EXHAUSTED")
-    max_concurrent_escalations: int = Field(32, ge=0, description="VLM calls in flight; beyond, escalations are shed")
+    max_concurrent_escalations: int = Field(32, ge=0, description="VLM calls in flight; beyond, escalations wait "
+                                            "(escalation_queue_size) or are shed")
+    escalation_queue_size: int = Field(0, ge=0, description="escalations that may wait for a VLM slot, interactive "
+                                       "before batch; 0 = shed at once")
     vlm_min_budget_ms: float = Field(50.0, ge=0, description="skip the VLM when less deadline than this remains")
 
 
@@ -93,12 +101,23 @@ class AuthConfig(BaseModel):
 
     bearer_tokens: list[str] = Field(default_factory=list, description="accepted tokens; empty = no auth")
     bearer_tokens_env: str | None = Field(None, description="or: an environment variable holding comma-separated tokens")
+    tenants: dict[str, str] = Field(default_factory=dict, description="tenant name -> its bearer token (accepted "
+                                    "like bearer_tokens); names the tenant for tenant_budgets and metrics")
+
+    @field_validator("tenants")
+    @classmethod
+    def _distinct_tokens(cls, tenants: dict[str, str]) -> dict[str, str]:
+        if any(not t.strip() for t in tenants.values()):
+            raise ValueError("tenant tokens must not be empty")
+        if len(set(tenants.values())) != len(tenants):
+            raise ValueError("two tenants share a token: each tenant needs its own")
+        return tenants
 
     def tokens(self) -> list[str]:
         import os
 
         extra = os.environ.get(self.bearer_tokens_env, "") if self.bearer_tokens_env else ""
-        return [t for t in self.bearer_tokens + extra.split(",") if t.strip()]
+        return [t for t in self.bearer_tokens + extra.split(",") + list(self.tenants.values()) if t.strip()]
 
 
 class ServeConfig(BaseModel):
@@ -119,9 +138,22 @@ class ServeConfig(BaseModel):
     breaker: BreakerSettings = BreakerSettings()
     tls: TlsConfig | None = None
     auth: AuthConfig = AuthConfig()
+    cache: ResponseCacheConfig = ResponseCacheConfig()
+    tracing: TracingConfig = TracingConfig()
+    tenant_budgets: TenantBudgetsConfig = TenantBudgetsConfig()
+    drift: DriftConfig = DriftConfig()
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; None = off")
     log_format: Literal["text", "json"] = "text"
     grace_s: float = Field(5.0, ge=0, description="drain time for in-flight requests on shutdown")
+
+    @model_validator(mode="after")
+    def _budgeted_tenants_exist(self) -> "ServeConfig":
+        from serving.traffic.tenant_budgets import ANONYMOUS
+
+        unknown = sorted(set(self.tenant_budgets.tenants) - set(self.auth.tenants) - {ANONYMOUS})
+        if unknown:
+            raise ValueError(f"tenant_budgets names tenants that auth.tenants does not define: {unknown}")
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "ServeConfig":

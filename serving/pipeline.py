@@ -22,13 +22,16 @@ from ensemble.escalation_policy import EscalationDecision, EscalationMode, Escal
 from serving.batcher import DynamicBatcher
 from serving.circuit_breaker import CircuitBreaker
 from serving.metrics import ServiceMetrics
+from serving.observability.tracing import NoTracing, now_ns
+from serving.traffic.priorities import Priority, PrioritySlots
+from serving.traffic.tenant_budgets import TenantBudgets
 from vlm_stage.scoring import CandidateScores
 
 log = logging.getLogger(__name__)
 
 
 class Verifier(Protocol):
-    async def verify(self, image: Image.Image, candidates: tuple[str, ...]) -> CandidateScores: ...
+    async def verify(self, image: Image.Image, candidates: tuple[str, ...], *, priority: int = 0) -> CandidateScores: ...
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,9 @@ class PipelineConfig:
     vlm_min_budget_ms: float = 50.0
     """Below this much remaining deadline, the VLM is skipped (reason DEADLINE)."""
     max_concurrent_escalations: int = 32
-    """VLM calls in flight at once; beyond it escalations are shed (CNN-only, reason SHED)."""
+    """VLM calls in flight at once; beyond it escalations wait (see below) or are shed (CNN-only, reason SHED)."""
+    escalation_queue_size: int = 0
+    """Escalations that may wait for a VLM slot, interactive ones first; 0 = shed at once."""
     decode_threads: int = 2
     vlm_image_side: int = 448
     """Longest side of the copy kept for the VLM (bounds memory and image tokens)."""
@@ -71,7 +76,8 @@ class CascadePipeline:
     def __init__(self, labels: list[str], preprocess_config: PreprocessConfig, cnn: DynamicBatcher,
                  policy: EscalationPolicy, blender: Blender, verifier: Verifier | None = None,
                  temperature: float = 1.0, config: PipelineConfig = PipelineConfig(),
-                 breaker: CircuitBreaker | None = None, metrics: ServiceMetrics | None = None):
+                 breaker: CircuitBreaker | None = None, metrics: ServiceMetrics | None = None,
+                 tracing: NoTracing | None = None, tenant_budgets: TenantBudgets | None = None):
         self.labels = labels
         self.preprocess_config = preprocess_config
         self.cnn = cnn
@@ -83,8 +89,20 @@ class CascadePipeline:
         self.breaker = breaker
         self.metrics = metrics
         self._decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
+        self.tracing = tracing or NoTracing()
+        self.tenant_budgets = tenant_budgets
         self.vlm_calls = 0
-        self.inflight_escalations = 0
+        self._escalation_slots = PrioritySlots(config.max_concurrent_escalations, config.escalation_queue_size)
+
+    @property
+    def inflight_escalations(self) -> int:
+        """VLM calls in flight now."""
+        return self._escalation_slots.in_use
+
+    @property
+    def waiting_escalations(self) -> int:
+        """Escalations queued for a VLM slot (``escalation_queue_size`` > 0)."""
+        return self._escalation_slots.waiting
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False)
@@ -103,8 +121,11 @@ class CascadePipeline:
         return img, x
 
     async def classify(self, data: bytes, k: int | None = None, mode: EscalationMode = EscalationMode.AUTO,
-                       deadline: float | None = None) -> CascadeResult:
-        """Classifies encoded image bytes. ``deadline`` is a time.monotonic() instant or None.
+                       deadline: float | None = None, *, priority: int = Priority.INTERACTIVE,
+                       tenant: str = "") -> CascadeResult:
+        """Classifies encoded image bytes. ``deadline`` is a time.monotonic() instant or None;
+        ``priority`` orders the CNN queue and the VLM's; ``tenant`` names whose escalation
+        budget an escalation spends.
 
         Raises InvalidImageError for bad bytes and QueueFullError when the CNN queue is full.
         """
@@ -112,20 +133,29 @@ class CascadePipeline:
         k = k or self.config.default_top_k
         loop = asyncio.get_running_loop()
         keep = mode != EscalationMode.NEVER and self.verifier is not None
-        img, x = await loop.run_in_executor(self._decode_pool, self._decode, data, keep)
+        tracing = self.tracing
+        with tracing.stage("decode"):
+            img, x = await loop.run_in_executor(self._decode_pool, self._decode, data, keep)
         t_decode = time.perf_counter()
-        res = await self.cnn.submit(x)
+        res = await self.cnn.submit(x, priority)
+        if tracing.enabled:  # the batcher timed both; spans from its readings
+            end = now_ns()
+            cnn_start = end - int(res.compute_ms * 1e6)
+            tracing.record_stage("cnn_queue", cnn_start - int(res.queue_ms * 1e6), cnn_start)
+            tracing.record_stage("cnn", cnn_start, end, {"catcascade.cnn.batch_size": res.batch_size})
         probs = softmax(res.output, self.temperature)
         cnn_top = top_k(probs, self.labels, max(k, self.config.candidates))
         decision = self.policy.decide(probs, mode)
         final, vlm_scores, vlm_ms, blend_ms = probs, None, 0.0, 0.0
         if decision.escalate:
-            decision, vlm_scores, vlm_ms = await self._ask_vlm(img, cnn_top, decision, deadline)
+            with tracing.stage("vlm"):
+                decision, vlm_scores, vlm_ms = await self._ask_vlm(img, cnn_top, decision, deadline, priority, tenant)
             if vlm_scores is not None:
-                tb = time.perf_counter()
-                cand = cnn_top.indices[: len(vlm_scores.probabilities)]
-                final = self.blender.blend(probs, cand, np.asarray(vlm_scores.probabilities))
-                blend_ms = (time.perf_counter() - tb) * 1000.0
+                with tracing.stage("blend"):
+                    tb = time.perf_counter()
+                    cand = cnn_top.indices[: len(vlm_scores.probabilities)]
+                    final = self.blender.blend(probs, cand, np.asarray(vlm_scores.probabilities))
+                    blend_ms = (time.perf_counter() - tb) * 1000.0
         timings = StageTimings(
             decode_ms=(t_decode - t0) * 1000.0, cnn_queue_ms=res.queue_ms, cnn_ms=res.compute_ms, vlm_ms=vlm_ms,
             blend_ms=blend_ms, total_ms=(time.perf_counter() - t0) * 1000.0, cnn_batch_size=res.batch_size)
@@ -136,30 +166,45 @@ class CascadePipeline:
     def _skip(self, reason: EscalationReason, decision: EscalationDecision, detail: str, vlm_ms: float = 0.0):
         return EscalationDecision(False, reason, decision.confidence, detail), None, vlm_ms
 
-    async def _ask_vlm(self, img: Image.Image, cnn_top: TopK, decision: EscalationDecision,
-                       deadline: float | None) -> tuple[EscalationDecision, CandidateScores | None, float]:
+    async def _ask_vlm(self, img: Image.Image, cnn_top: TopK, decision: EscalationDecision, deadline: float | None,
+                       priority: int = Priority.INTERACTIVE,
+                       tenant: str = "") -> tuple[EscalationDecision, CandidateScores | None, float]:
         """Asks the VLM unless something says not to; every skip comes with its reason."""
         if self.verifier is None:
             return self._skip(EscalationReason.VLM_DISABLED, decision, "no VLM stage is configured on this server")
-        timeout = None
-        if deadline is not None:
+        min_budget_s = self.config.vlm_min_budget_ms / 1000.0
+        if deadline is not None and deadline - time.monotonic() < min_budget_s:
             remaining_ms = (deadline - time.monotonic()) * 1000.0
-            if remaining_ms < self.config.vlm_min_budget_ms:
-                return self._skip(EscalationReason.DEADLINE, decision, f"{remaining_ms:.0f} ms left of the deadline; "
-                                  f"the VLM needs {self.config.vlm_min_budget_ms:.0f} ms")
-            timeout = (remaining_ms - self.config.vlm_min_budget_ms / 2) / 1000.0
-        if self.inflight_escalations >= self.config.max_concurrent_escalations:
-            return self._skip(EscalationReason.SHED, decision, f"VLM saturated ({self.inflight_escalations} calls "
-                              "in flight); escalation shed")
+            return self._skip(EscalationReason.DEADLINE, decision, f"{remaining_ms:.0f} ms left of the deadline; "
+                              f"the VLM needs {self.config.vlm_min_budget_ms:.0f} ms")
+        budgets = self.tenant_budgets
+        if budgets is not None and not budgets.allow_escalation(tenant):
+            return self._skip(EscalationReason.TENANT_BUDGET, decision,
+                              f"tenant {tenant or 'anonymous'!r} has spent its VLM escalation budget")
+        slots = self._escalation_slots
+        if not slots.try_acquire():
+            if slots.waiting >= slots.max_waiting:
+                if budgets is not None:
+                    budgets.give_back(tenant)
+                return self._skip(EscalationReason.SHED, decision, f"VLM saturated ({slots.in_use} calls in flight, "
+                                  f"{slots.waiting} waiting); escalation shed")
+            wait_s = None if deadline is None else deadline - time.monotonic() - min_budget_s
+            if not await slots.acquire(priority, wait_s):
+                if budgets is not None:
+                    budgets.give_back(tenant)
+                return self._skip(EscalationReason.DEADLINE, decision, "the deadline ran out waiting for a VLM slot")
         if self.breaker is not None and not self.breaker.allow():
+            slots.release()
+            if budgets is not None:
+                budgets.give_back(tenant)
             return self._skip(EscalationReason.VLM_UNAVAILABLE, decision,
                               "VLM circuit breaker is open after repeated failures")
+        timeout = None if deadline is None else deadline - time.monotonic() - min_budget_s / 2
         candidates = cnn_top.labels[: self.config.candidates]
         t = time.perf_counter()
         self.vlm_calls += 1
-        self.inflight_escalations += 1
         try:
-            scores = await asyncio.wait_for(self.verifier.verify(img, candidates), timeout)
+            scores = await asyncio.wait_for(self.verifier.verify(img, candidates, priority=int(priority)), timeout)
         except asyncio.TimeoutError:
             self._vlm_failed("deadline", count_for_breaker=False)
             return self._skip(EscalationReason.DEADLINE, decision, "the VLM did not answer within the client's deadline",
@@ -170,7 +215,7 @@ class CascadePipeline:
             return self._skip(EscalationReason.VLM_UNAVAILABLE, decision, f"VLM unavailable: {e}"[:300],
                               (time.perf_counter() - t) * 1000.0)
         finally:
-            self.inflight_escalations -= 1
+            slots.release()
         if self.breaker is not None:
             self.breaker.record_success()
         return decision, scores, (time.perf_counter() - t) * 1000.0

@@ -22,13 +22,20 @@ from serving.api import cascade_pb2_grpc as pb_grpc
 from serving.auth import BearerTokenInterceptor
 from serving.batcher import QueueFullError
 from serving.metrics import ServiceMetrics
+from serving.observability.tracing import NoTracing
 from serving.pipeline import CascadePipeline, CascadeResult
+from serving.traffic.priorities import Priority
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CatClassifier"].full_name
 VLM_HEALTH_NAME = SERVICE_NAME + ".vlm"
 MAX_REQUEST_ID = 128
 MAX_TOP_K = 100
+# Answers the response cache may keep: the cascade ran as designed. A CNN-only answer given
+# because the VLM was down, shed, out of time or out of the tenant's budget is not.
+CACHEABLE_REASONS = frozenset({pb.ESCALATION_REASON_CONFIDENT, pb.ESCALATION_REASON_LOW_CONFIDENCE,
+                               pb.ESCALATION_REASON_REQUESTED_ALWAYS, pb.ESCALATION_REASON_REQUESTED_NEVER,
+                               pb.ESCALATION_REASON_VLM_DISABLED})
 
 
 def _scores(labels, probs) -> list[pb.LabelScore]:
@@ -62,9 +69,17 @@ class RequestError(Exception):
         self.message = message
 
 
+def cacheable(response: pb.ClassifyResponse) -> bool:
+    return response.escalation_reason in CACHEABLE_REASONS
+
+
 class CatClassifierServicer(pb_grpc.CatClassifierServicer):
     def __init__(self, pipeline: CascadePipeline, versions: pb.ModelVersions, model_info: pb.ModelInfo,
-                 metrics: ServiceMetrics | None = None, max_inflight: int = 512):
+                 metrics: ServiceMetrics | None = None, max_inflight: int = 512, cache=None,
+                 tracing: NoTracing | None = None, tenants=None, drift=None):
+        """``cache``: a serving.traffic.response_cache.ResponseCache of ClassifyResponses;
+        ``tenants``: serving.traffic.tenant_budgets.TenantBudgets (names each request's
+        tenant); ``drift``: serving.observability.drift.DriftMonitor. Each None = off."""
         self.pipeline = pipeline
         self.versions = versions
         self.model_info = model_info
@@ -72,6 +87,14 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
         self.max_inflight = max_inflight
         self.inflight = 0
         self.metrics.inflight.set_function(lambda: self.inflight)
+        self.cache = cache
+        self.tracing = tracing or NoTracing()
+        self.tenants = tenants
+        self.drift = drift
+        if cache is not None:
+            from serving.traffic.response_cache import SingleFlight
+
+            self._flights = SingleFlight()
 
     def _validate(self, request: pb.ClassifyRequest) -> tuple[str, int, EscalationMode]:
         if len(request.request_id) > MAX_REQUEST_ID:
@@ -81,16 +104,64 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
                                f"top_k={request.top_k} exceeds the {len(self.pipeline.labels)} known labels")
         if request.escalation not in pb.EscalationMode.values():
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown escalation mode {request.escalation}")
+        if request.priority not in pb.Priority.values():
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown priority {request.priority}")
         return request.request_id or uuid.uuid4().hex, request.top_k, EscalationMode(request.escalation)
 
-    async def _classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+    def _tenant(self, context) -> str:
+        return self.tenants.tenant_of(context.invocation_metadata()) if self.tenants is not None else ""
+
+    async def _classify(self, request: pb.ClassifyRequest, deadline: float | None,
+                        tenant: str = "") -> pb.ClassifyResponse:
+        if self.tenants is not None:
+            self.tenants.count_request(tenant)
+        if self.cache is None:
+            return await self._compute(request, deadline, tenant)
+        t0 = time.perf_counter()
+        request_id, k, mode = self._validate(request)
+        v = self.versions
+        from serving.traffic.response_cache import cache_key
+
+        key = cache_key(request.image, mode, k or self.pipeline.config.default_top_k, f"{v.bundle}|{v.cnn}|{v.vlm}")
+        hit = self.cache.get(key)
+        if hit is not None:
+            return self._reused(hit, request_id, t0)
+        response, shared = await self._flights.run(key, lambda: self._compute_and_store(key, request, deadline, tenant))
+        if not shared:
+            return response
+        if cacheable(response):
+            self.cache.count_shared()
+            return self._reused(response, request_id, t0)
+        # The answer in flight was degraded for its own caller (deadline, budget, VLM down):
+        # this caller gets a computation of its own.
+        return await self._compute(request, deadline, tenant)
+
+    async def _compute_and_store(self, key: bytes, request: pb.ClassifyRequest, deadline: float | None,
+                                 tenant: str) -> pb.ClassifyResponse:
+        response = await self._compute(request, deadline, tenant)
+        if cacheable(response):
+            self.cache.put(key, response)
+        return response
+
+    @staticmethod
+    def _reused(response: pb.ClassifyResponse, request_id: str, t0: float) -> pb.ClassifyResponse:
+        """A stored or shared answer as this request's: its id, cached=True, its own total time."""
+        out = pb.ClassifyResponse()
+        out.CopyFrom(response)
+        out.request_id = request_id
+        out.cached = True
+        out.timings.CopyFrom(pb.StageTimings(total_ms=(time.perf_counter() - t0) * 1000.0))
+        return out
+
+    async def _compute(self, request: pb.ClassifyRequest, deadline: float | None, tenant: str) -> pb.ClassifyResponse:
         request_id, k, mode = self._validate(request)
         if self.inflight >= self.max_inflight:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"server overloaded: {self.inflight} requests in flight (limit {self.max_inflight})")
         self.inflight += 1
         try:
-            result = await self.pipeline.classify(request.image, k or None, mode, deadline)
+            result = await self.pipeline.classify(request.image, k or None, mode, deadline,
+                                                  priority=Priority(request.priority), tenant=tenant)
         except InvalidImageError as e:
             log.info("invalid image request_id=%s: %s", request_id, e, extra={"request_id": request_id})
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
@@ -114,12 +185,35 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
             m.stage_ms.labels("vlm").observe(t.vlm_ms)
             m.stage_ms.labels("blend").observe(t.blend_ms)
         m.escalations.labels(r.reason.name).inc()
+        if self.drift is not None:
+            agrees = None
+            if r.vlm is not None:
+                vlm_probs = list(r.vlm.probabilities)
+                agrees = max(vlm_probs) >= r.vlm.none_probability and r.vlm.candidates[
+                    vlm_probs.index(max(vlm_probs))] == r.cnn.labels[0]
+            self.drift.observe(float(r.cnn.probabilities[0]), r.escalated, agrees)
 
     async def Classify(self, request, context: grpc.aio.ServicerContext):
+        if self.tracing.enabled:
+            with self.tracing.request_span("catcascade.Classify", context.invocation_metadata()) as span:
+                response = await self._classify_rpc(request, context)
+                self.tracing.annotate(span, self._span_attributes(request, response))
+                return response
+        return await self._classify_rpc(request, context)
+
+    def _span_attributes(self, request: pb.ClassifyRequest, r: pb.ClassifyResponse) -> dict:
+        return {"catcascade.request_id": r.request_id, "catcascade.escalated": r.escalated,
+                "catcascade.escalation_reason": pb.EscalationReason.Name(r.escalation_reason),
+                "catcascade.cached": r.cached, "catcascade.priority": pb.Priority.Name(request.priority),
+                "catcascade.mode": pb.EscalationMode.Name(request.escalation),
+                "catcascade.version.bundle": r.versions.bundle, "catcascade.version.cnn": r.versions.cnn,
+                "catcascade.version.vlm": r.versions.vlm}
+
+    async def _classify_rpc(self, request, context: grpc.aio.ServicerContext):
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         try:
-            response = await self._classify(request, deadline)
+            response = await self._classify(request, deadline, self._tenant(context))
         except RequestError as e:
             self.metrics.requests.labels("Classify", e.code.name).inc()
             await context.abort(e.code, e.message)
@@ -136,10 +230,11 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
 
     async def ClassifyStream(self, request_iterator, context: grpc.aio.ServicerContext):
         queue: asyncio.Queue = asyncio.Queue(maxsize=64)
+        tenant = self._tenant(context)
 
         async def one(req):
             try:
-                resp = await self._classify(req, None)
+                resp = await self._classify(req, None, tenant)
             except RequestError as e:
                 resp = pb.ClassifyResponse(request_id=req.request_id,
                                            error=pb.RequestError(code=e.code.name, message=e.message))

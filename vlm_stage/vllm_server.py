@@ -52,9 +52,14 @@ class VllmServerConfig:
     dtype: str = "auto"
     """auto: vLLM's choice on CUDA, float32 on a CPU (the in-process backend's CPU default, so
     the two agree to 2e-3); bfloat16 uses AVX-512 BF16 / AMX on CPUs that have them."""
+    scheduling_policy: str = "priority"
+    """priority: requests carrying a lower ``priority`` value are scheduled first (ties by
+    arrival), which is how batch escalations wait behind interactive ones; fcfs: arrival order."""
     extra_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.scheduling_policy not in ("priority", "fcfs"):
+            raise ValueError(f"scheduling_policy must be priority or fcfs, got {self.scheduling_policy!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.max_model_len < 64:
@@ -103,6 +108,7 @@ class VllmServerConfig:
             "--uvicorn-log-level", "warning",
             # top_logprobs after the allowed_token_ids mask: the distribution over the options
             "--logprobs-mode", "processed_logprobs",
+            "--scheduling-policy", self.scheduling_policy,
         ]
         if self.lora_modules:
             cmd += ["--enable-lora", "--max-lora-rank", str(self.lora_rank()),

@@ -24,35 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19serving/api/cascade.proto\x12\rcatcascade.v1\"v\n\x0f\x43lassifyRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x31\n\nescalation\x18\x03 \x01(\x0e\x32\x1d.catcascade.v1.EscalationMode\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"0\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"y\n\tVlmScores\x12-\n\ncandidates\x18\x01 \x03(\x0b\x32\x19.catcascade.v1.LabelScore\x12\x18\n\x10none_probability\x18\x02 \x01(\x02\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0cscoring_mode\x18\x04 \x01(\t\"\x93\x01\n\x0cStageTimings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x02\x12\x14\n\x0c\x63nn_queue_ms\x18\x02 \x01(\x02\x12\x0e\n\x06\x63nn_ms\x18\x03 \x01(\x02\x12\x0e\n\x06vlm_ms\x18\x04 \x01(\x02\x12\x10\n\x08\x62lend_ms\x18\x05 \x01(\x02\x12\x10\n\x08total_ms\x18\x06 \x01(\x02\x12\x16\n\x0e\x63nn_batch_size\x18\x07 \x01(\r\"9\n\rModelVersions\x12\x0e\n\x06\x62undle\x18\x01 \x01(\t\x12\x0b\n\x03\x63nn\x18\x02 \x01(\t\x12\x0b\n\x03vlm\x18\x03 \x01(\t\"\x9a\x03\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x06labels\x18\x02 \x03(\x0b\x32\x19.catcascade.v1.LabelScore\x12,\n\tcnn_top_k\x18\x03 \x03(\x0b\x32\x19.catcascade.v1.LabelScore\x12%\n\x03vlm\x18\x04 \x01(\x0b\x32\x18.catcascade.v1.VlmScores\x12\x11\n\tescalated\x18\x05 \x01(\x08\x12:\n\x11\x65scalation_reason\x18\x06 \x01(\x0e\x32\x1f.catcascade.v1.EscalationReason\x12\x19\n\x11\x65scalation_detail\x18\x07 \x01(\t\x12,\n\x07timings\x18\x08 \x01(\x0b\x32\x1b.catcascade.v1.StageTimings\x12.\n\x08versions\x18\t \x01(\x0b\x32\x1c.catcascade.v1.ModelVersions\x12*\n\x05\x65rror\x18\n \x01(\x0b\x32\x1b.catcascade.v1.RequestError\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xc3\x01\n\tModelInfo\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12.\n\x08versions\x18\x02 \x01(\x0b\x32\x1c.catcascade.v1.ModelVersions\x12\x12\n\nimage_size\x18\x03 \x01(\r\x12\x1c\n\x14\x65scalation_threshold\x18\x04 \x01(\x02\x12\x19\n\x11\x65scalation_metric\x18\x05 \x01(\t\x12\x14\n\x0c\x62lend_weight\x18\x06 \x01(\x02\x12\x13\n\x0bvlm_enabled\x18\x07 \x01(\x08*a\n\x0e\x45scalationMode\x12\x18\n\x14\x45SCALATION_MODE_AUTO\x10\x00\x12\x19\n\x15\x45SCALATION_MODE_NEVER\x10\x01\x12\x1a\n\x16\x45SCALATION_MODE_ALWAYS\x10\x02*\xd2\x02\n\x10\x45scalationReason\x12!\n\x1d\x45SCALATION_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45SCALATION_REASON_CONFIDENT\x10\x01\x12$\n ESCALATION_REASON_LOW_CONFIDENCE\x10\x02\x12&\n\"ESCALATION_REASON_REQUESTED_ALWAYS\x10\x03\x12%\n!ESCALATION_REASON_REQUESTED_NEVER\x10\x04\x12%\n!ESCALATION_REASON_VLM_UNAVAILABLE\x10\x05\x12\x1e\n\x1a\x45SCALATION_REASON_DEADLINE\x10\x06\x12\x1a\n\x16\x45SCALATION_REASON_SHED\x10\x07\x12\"\n\x1e\x45SCALATION_REASON_VLM_DISABLED\x10\x08\x32\x81\x02\n\rCatClassifier\x12K\n\x08\x43lassify\x12\x1e.catcascade.v1.ClassifyRequest\x1a\x1f.catcascade.v1.ClassifyResponse\x12U\n\x0e\x43lassifyStream\x12\x1e.catcascade.v1.ClassifyRequest\x1a\x1f.catcascade.v1.ClassifyResponse(\x01\x30\x01\x12L\n\x0cGetModelInfo\x12\".catcascade.v1.GetModelInfoRequest\x1a\x18.catcascade.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19serving/api/cascade.proto\x12\rcatcascade.v1\"\xa1\x01\n\x0f\x43lassifyRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x31\n\nescalation\x18\x03 \x01(\x0e\x32\x1d.catcascade.v1.EscalationMode\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12)\n\x08priority\x18\x05 \x01(\x0e\x32\x17.catcascade.v1.Priority\"0\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"y\n\tVlmScores\x12-\n\ncandidates\x18\x01 \x03(\x0b\x32\x19.catcascade.v1.LabelScore\x12\x18\n\x10none_probability\x18\x02 \x01(\x02\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0cscoring_mode\x18\x04 \x01(\t\"\x93\x01\n\x0cStageTimings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x02\x12\x14\n\x0c\x63nn_queue_ms\x18\x02 \x01(\x02\x12\x0e\n\x06\x63nn_ms\x18\x03 \x01(\x02\x12\x0e\n\x06vlm_ms\x18\x04 \x01(\x02\x12\x10\n\x08\x62lend_ms\x18\x05 \x01(\x02\x12\x10\n\x08total_ms\x18\x06 \x01(\x02\x12\x16\n\x0e\x63nn_batch_size\x18\x07 \x01(\r\"9\n\rModelVersions\x12\x0e\n\x06\x62undle\x18\x01 \x01(\t\x12\x0b\n\x03\x63nn\x18\x02 \x01(\t\x12\x0b\n\x03vlm\x18\x03 \x01(\t\"\xaa\x03\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x06labels\x18\x02 \x03(\x0b\x32\x19.catcascade.v1.LabelScore\x12,\n\tcnn_top_k\x18\x03 \x03(\x0b\x32\x19.catcascade.v1.LabelScore\x12%\n\x03vlm\x18\x04 \x01(\x0b\x32\x18.catcascade.v1.VlmScores\x12\x11\n\tescalated\x18\x05 \x01(\x08\x12:\n\x11\x65scalation_reason\x18\x06 \x01(\x0e\x32\x1f.catcascade.v1.EscalationReason\x12\x19\n\x11\x65scalation_detail\x18\x07 \x01(\t\x12,\n\x07timings\x18\x08 \x01(\x0b\x32\x1b.catcascade.v1.StageTimings\x12.\n\x08versions\x18\t \x01(\x0b\x32\x1c.catcascade.v1.ModelVersions\x12*\n\x05\x65rror\x18\n \x01(\x0b\x32\x1b.catcascade.v1.RequestError\x12\x0e\n\x06\x63\x61\x63hed\x18\x0b \x01(\x08\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xc3\x01\n\tModelInfo\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12.\n\x08versions\x18\x02 \x01(\x0b\x32\x1c.catcascade.v1.ModelVersions\x12\x12\n\nimage_size\x18\x03 \x01(\r\x12\x1c\n\x14\x65scalation_threshold\x18\x04 \x01(\x02\x12\x19\n\x11\x65scalation_metric\x18\x05 \x01(\t\x12\x14\n\x0c\x62lend_weight\x18\x06 \x01(\x02\x12\x13\n\x0bvlm_enabled\x18\x07 \x01(\x08*a\n\x0e\x45scalationMode\x12\x18\n\x14\x45SCALATION_MODE_AUTO\x10\x00\x12\x19\n\x15\x45SCALATION_MODE_NEVER\x10\x01\x12\x1a\n\x16\x45SCALATION_MODE_ALWAYS\x10\x02*\xf7\x02\n\x10\x45scalationReason\x12!\n\x1d\x45SCALATION_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45SCALATION_REASON_CONFIDENT\x10\x01\x12$\n ESCALATION_REASON_LOW_CONFIDENCE\x10\x02\x12&\n\"ESCALATION_REASON_REQUESTED_ALWAYS\x10\x03\x12%\n!ESCALATION_REASON_REQUESTED_NEVER\x10\x04\x12%\n!ESCALATION_REASON_VLM_UNAVAILABLE\x10\x05\x12\x1e\n\x1a\x45SCALATION_REASON_DEADLINE\x10\x06\x12\x1a\n\x16\x45SCALATION_REASON_SHED\x10\x07\x12\"\n\x1e\x45SCALATION_REASON_VLM_DISABLED\x10\x08\x12#\n\x1f\x45SCALATION_REASON_TENANT_BUDGET\x10\t*8\n\x08Priority\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x00\x12\x12\n\x0ePRIORITY_BATCH\x10\x01\x32\x81\x02\n\rCatClassifier\x12K\n\x08\x43lassify\x12\x1e.catcascade.v1.ClassifyRequest\x1a\x1f.catcascade.v1.ClassifyResponse\x12U\n\x0e\x43lassifyStream\x12\x1e.catcascade.v1.ClassifyRequest\x1a\x1f.catcascade.v1.ClassifyResponse(\x01\x30\x01\x12L\n\x0cGetModelInfo\x12\".catcascade.v1.GetModelInfoRequest\x1a\x18.catcascade.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'serving.api.cascade_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ESCALATIONMODE']._serialized_start=1227
-  _globals['_ESCALATIONMODE']._serialized_end=1324
-  _globals['_ESCALATIONREASON']._serialized_start=1327
-  _globals['_ESCALATIONREASON']._serialized_end=1665
-  _globals['_CLASSIFYREQUEST']._serialized_start=44
-  _globals['_CLASSIFYREQUEST']._serialized_end=162
-  _globals['_LABELSCORE']._serialized_start=164
-  _globals['_LABELSCORE']._serialized_end=212
-  _globals['_VLMSCORES']._serialized_start=214
-  _globals['_VLMSCORES']._serialized_end=335
-  _globals['_STAGETIMINGS']._serialized_start=338
-  _globals['_STAGETIMINGS']._serialized_end=485
-  _globals['_MODELVERSIONS']._serialized_start=487
-  _globals['_MODELVERSIONS']._serialized_end=544
-  _globals['_CLASSIFYRESPONSE']._serialized_start=547
-  _globals['_CLASSIFYRESPONSE']._serialized_end=957
-  _globals['_REQUESTERROR']._serialized_start=959
-  _globals['_REQUESTERROR']._serialized_end=1004
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1006
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1027
-  _globals['_MODELINFO']._serialized_start=1030
-  _globals['_MODELINFO']._serialized_end=1225
-  _globals['_CATCLASSIFIER']._serialized_start=1668
-  _globals['_CATCLASSIFIER']._serialized_end=1925
+  _globals['_ESCALATIONMODE']._serialized_start=1287
+  _globals['_ESCALATIONMODE']._serialized_end=1384
+  _globals['_ESCALATIONREASON']._serialized_start=1387
+  _globals['_ESCALATIONREASON']._serialized_end=1762
+  _globals['_PRIORITY']._serialized_start=1764
+  _globals['_PRIORITY']._serialized_end=1820
+  _globals['_CLASSIFYREQUEST']._serialized_start=45
+  _globals['_CLASSIFYREQUEST']._serialized_end=206
+  _globals['_LABELSCORE']._serialized_start=208
+  _globals['_LABELSCORE']._serialized_end=256
+  _globals['_VLMSCORES']._serialized_start=258
+  _globals['_VLMSCORES']._serialized_end=379
+  _globals['_STAGETIMINGS']._serialized_start=382
+  _globals['_STAGETIMINGS']._serialized_end=529
+  _globals['_MODELVERSIONS']._serialized_start=531
+  _globals['_MODELVERSIONS']._serialized_end=588
+  _globals['_CLASSIFYRESPONSE']._serialized_start=591
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1017
+  _globals['_REQUESTERROR']._serialized_start=1019
+  _globals['_REQUESTERROR']._serialized_end=1064
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1066
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1087
+  _globals['_MODELINFO']._serialized_start=1090
+  _globals['_MODELINFO']._serialized_end=1285
+  _globals['_CATCLASSIFIER']._serialized_start=1823
+  _globals['_CATCLASSIFIER']._serialized_end=2080
 # @@protoc_insertion_point(module_scope)

@@ -24,6 +24,12 @@ class EscalationReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ESCALATION_REASON_DEADLINE: _ClassVar[EscalationReason]
     ESCALATION_REASON_SHED: _ClassVar[EscalationReason]
     ESCALATION_REASON_VLM_DISABLED: _ClassVar[EscalationReason]
+    ESCALATION_REASON_TENANT_BUDGET: _ClassVar[EscalationReason]
+
+class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRIORITY_INTERACTIVE: _ClassVar[Priority]
+    PRIORITY_BATCH: _ClassVar[Priority]
 ESCALATION_MODE_AUTO: EscalationMode
 ESCALATION_MODE_NEVER: EscalationMode
 ESCALATION_MODE_ALWAYS: EscalationMode
@@ -36,18 +42,23 @@ ESCALATION_REASON_VLM_UNAVAILABLE: EscalationReason
 ESCALATION_REASON_DEADLINE: EscalationReason
 ESCALATION_REASON_SHED: EscalationReason
 ESCALATION_REASON_VLM_DISABLED: EscalationReason
+ESCALATION_REASON_TENANT_BUDGET: EscalationReason
+PRIORITY_INTERACTIVE: Priority
+PRIORITY_BATCH: Priority
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("image", "top_k", "escalation", "request_id")
+    __slots__ = ("image", "top_k", "escalation", "request_id", "priority")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     ESCALATION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     top_k: int
     escalation: EscalationMode
     request_id: str
-    def __init__(self, image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., escalation: _Optional[_Union[EscalationMode, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., escalation: _Optional[_Union[EscalationMode, str]] = ..., request_id: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "probability")
@@ -98,7 +109,7 @@ class ModelVersions(_message.Message):
     def __init__(self, bundle: _Optional[str] = ..., cnn: _Optional[str] = ..., vlm: _Optional[str] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("request_id", "labels", "cnn_top_k", "vlm", "escalated", "escalation_reason", "escalation_detail", "timings", "versions", "error")
+    __slots__ = ("request_id", "labels", "cnn_top_k", "vlm", "escalated", "escalation_reason", "escalation_detail", "timings", "versions", "error", "cached")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     CNN_TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +120,7 @@ class ClassifyResponse(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     labels: _containers.RepeatedCompositeFieldContainer[LabelScore]
     cnn_top_k: _containers.RepeatedCompositeFieldContainer[LabelScore]
@@ -119,7 +131,8 @@ class ClassifyResponse(_message.Message):
     timings: StageTimings
     versions: ModelVersions
     error: RequestError
-    def __init__(self, request_id: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., cnn_top_k: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., vlm: _Optional[_Union[VlmScores, _Mapping]] = ..., escalated: _Optional[bool] = ..., escalation_reason: _Optional[_Union[EscalationReason, str]] = ..., escalation_detail: _Optional[str] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., versions: _Optional[_Union[ModelVersions, _Mapping]] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ...) -> None: ...
+    cached: bool
+    def __init__(self, request_id: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., cnn_top_k: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., vlm: _Optional[_Union[VlmScores, _Mapping]] = ..., escalated: _Optional[bool] = ..., escalation_reason: _Optional[_Union[EscalationReason, str]] = ..., escalation_detail: _Optional[str] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., versions: _Optional[_Union[ModelVersions, _Mapping]] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class RequestError(_message.Message):
     __slots__ = ("code", "message")
