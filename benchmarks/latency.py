@@ -8,6 +8,7 @@ client in this process. Writes JSON, a Markdown report and PNG plots.
 
     .venv/bin/catcascade bench-latency                 # 224 px convnext_atto, NEVER mode
     .venv/bin/catcascade bench-latency --mode auto --vlm   # the demo bundle with vLLM
+    .venv/bin/catcascade bench-latency --features      # each serving feature off vs on (feature_overhead.py)
 """
 from __future__ import annotations
 
@@ -365,7 +366,10 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-spinning", action="store_true", help="serve with ONNX Runtime thread spinning off")
     p.add_argument("--instances", type=int, default=2,
                    help="CNN batches run at once in the server (batching.instances, default 2 as in serving)")
-    p.add_argument("--out", type=Path, default=Path("artifacts/bench/latency"))
+    p.add_argument("--features", action="store_true", help="instead: what the response cache, tracing, tenant "
+                   "budgets, drift signals and priorities cost, off and on, in one run (benchmarks/feature_overhead.py)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: artifacts/bench/latency (artifacts/bench/features with --features)")
     p.add_argument("--update-readme", type=Path, default=None,
                    help="replace the table between the bench:latency markers in this README")
 
@@ -377,8 +381,13 @@ def main(args: argparse.Namespace) -> int:
     from serving.api import cascade_pb2 as pb
     from vlm_stage.vllm_server import free_port
 
+    if args.features:
+        from benchmarks.feature_overhead import run
+
+        args.out = args.out or Path("artifacts/bench/features")
+        return run(args)
     console = Console(width=200)
-    out_dir = args.out
+    out_dir = args.out = args.out or Path("artifacts/bench/latency")
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.bundle is None:
         args.bundle = Path("artifacts/demo-bundle") if args.vlm else Path(f"artifacts/speed-bundle-{args.image_size}")

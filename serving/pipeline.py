@@ -6,6 +6,8 @@ deployments can rewire them; the pipeline itself holds no model code.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +33,16 @@ log = logging.getLogger(__name__)
 
 
 class Verifier(Protocol):
-    async def verify(self, image: Image.Image, candidates: tuple[str, ...], *, priority: int = 0) -> CandidateScores: ...
+    async def verify(self, image: Image.Image, candidates: tuple[str, ...], *, priority: int = 0) -> CandidateScores:
+        """``priority`` (lower first) is optional: verifiers without it are called without it."""
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_priority(verifier_type: type) -> bool:
+    """Whether a verifier's ``verify`` accepts ``priority`` (verifiers written before
+    priorities existed do not, and keep working)."""
+    params = inspect.signature(verifier_type.verify).parameters.values()
+    return any(p.name == "priority" or p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 @dataclass(frozen=True)
@@ -204,7 +215,8 @@ class CascadePipeline:
         t = time.perf_counter()
         self.vlm_calls += 1
         try:
-            scores = await asyncio.wait_for(self.verifier.verify(img, candidates, priority=int(priority)), timeout)
+            extra = {"priority": int(priority)} if _takes_priority(type(self.verifier)) else {}
+            scores = await asyncio.wait_for(self.verifier.verify(img, candidates, **extra), timeout)
         except asyncio.TimeoutError:
             self._vlm_failed("deadline", count_for_breaker=False)
             return self._skip(EscalationReason.DEADLINE, decision, "the VLM did not answer within the client's deadline",

@@ -1,0 +1,325 @@
+"""`catcascade bench-latency --features`: what the response cache, tracing, tenant budgets,
+drift signals and priorities cost, with each feature off and on, in one run.
+
+Two measurements:
+
+1. End to end over gRPC: one `catcascade serve` process per configuration, all started
+   together and measured in turns (configuration A, B, C, ..., then again), so a slow spell of
+   this shared machine hits every configuration alike. Closed loop at concurrency 1 and 8,
+   p50 and throughput as ratios to the baseline with every feature off. Tracing exports over
+   OTLP/gRPC to a span sink in this process (the spans are counted, so "on" really exported).
+2. In process: what a request runs for each feature while it is off (the disabled hooks), in
+   nanoseconds, and as a share of the baseline's p50 at concurrency 1. Priorities have no off
+   state: the CNN queue is always a priority queue, so its price is a PriorityQueue against
+   the plain FIFO queue it replaced, per request.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+import timeit
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+TOKEN = "bench-token"
+FEATURES_OFF = {"drift": {"enabled": False}}
+
+
+@dataclass
+class FeatureConfig:
+    name: str
+    """Shown in the report."""
+    serve: dict
+    """ServeConfig fields on top of the baseline's."""
+    token: str | None = None
+    unique_images: bool = False
+    """Every request a new byte string (cache misses), else the same 64 images over and over."""
+    runs: dict = field(default_factory=dict)
+
+
+def configurations(sink: str) -> list[FeatureConfig]:
+    budgets = {"default": {"rate_per_s": 1000.0, "burst": 1000}}
+    return [
+        FeatureConfig("baseline: every feature off", dict(FEATURES_OFF)),
+        FeatureConfig("drift signals on (the default)", {}),
+        FeatureConfig("tracing on (OTLP/gRPC, batch export)", {**FEATURES_OFF, "tracing": {
+            "exporter": "otlp", "otlp_endpoint": sink}}),
+        FeatureConfig("response cache on, all misses", {**FEATURES_OFF, "cache": {"enabled": True}},
+                      unique_images=True),
+        FeatureConfig("response cache on, all hits", {**FEATURES_OFF, "cache": {"enabled": True}}),
+        FeatureConfig("bearer auth (reference for the next row)", {**FEATURES_OFF, "auth": {
+            "bearer_tokens": [TOKEN]}}, token=TOKEN),
+        FeatureConfig("bearer auth + tenant budgets", {**FEATURES_OFF, "auth": {"tenants": {"bench": TOKEN}},
+                                                       "tenant_budgets": budgets}, token=TOKEN),
+    ]
+
+
+class SpanSink:
+    """An OTLP/gRPC trace collector that keeps only a count of what it received."""
+
+    def __init__(self):
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        sink = self
+        self.spans = 0
+
+        class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                sink.spans += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.stop(1)
+
+
+async def closed_loop(target: str, images: list[bytes], concurrency: int, max_requests: int, max_seconds: float,
+                      token: str | None, unique: bool, label: str):
+    """``concurrency`` callers in a closed loop (NEVER mode); returns benchmarks.latency.RunStats."""
+    import grpc
+
+    from benchmarks.latency import _stats
+    from serving.api import cascade_pb2 as pb
+    from serving.api import cascade_pb2_grpc as pb_grpc
+
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    results: list = []
+    salt = os.urandom(8).hex()
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.CatClassifierStub(channel)
+        stop_at = time.perf_counter() + max_seconds
+        counter = iter(range(max_requests))
+
+        async def caller():
+            for i in counter:
+                if time.perf_counter() > stop_at:
+                    return
+                image = images[i % len(images)]
+                if unique:  # bytes after the JPEG's end marker: the same pixels, a new cache key
+                    image = image + f"{salt}{i}".encode()
+                t0 = time.perf_counter()
+                try:
+                    r = await stub.Classify(pb.ClassifyRequest(image=image, escalation=pb.ESCALATION_MODE_NEVER),
+                                            timeout=30, metadata=metadata)
+                    results.append(((time.perf_counter() - t0) * 1000.0, "OK", r))
+                except grpc.aio.AioRpcError as e:
+                    results.append(((time.perf_counter() - t0) * 1000.0, e.code().name, None))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        return _stats(label, concurrency, None, results, time.perf_counter() - t0)
+
+
+def off_path_costs(repeats: int = 200_000) -> dict[str, float]:
+    """Nanoseconds per request of what each feature runs while it is off (the exact hooks the
+    pipeline and servicer call), and of the priority queue against a FIFO one."""
+    from serving.observability.tracing import NoTracing
+
+    tracing = NoTracing()
+
+    class Holder:  # the servicer's and pipeline's attributes when the features are off
+        cache = tenants = drift = tenant_budgets = None
+
+    h = Holder()
+
+    def tracing_off():
+        if tracing.enabled:
+            pass
+        with tracing.stage("decode"):
+            pass
+        if tracing.enabled:
+            pass
+        with tracing.stage("vlm"):
+            pass
+        with tracing.stage("blend"):
+            pass
+
+    def cache_off():
+        if h.cache is None:
+            return
+
+    def tenants_off():
+        if h.tenants is not None:
+            pass
+        if h.tenants is not None:
+            pass
+        if h.tenant_budgets is not None:
+            pass
+
+    def drift_off():
+        if h.drift is not None:
+            pass
+
+    def ns(fn) -> float:
+        return min(timeit.repeat(fn, number=repeats, repeat=5)) / repeats * 1e9
+
+    out = {"tracing": ns(tracing_off), "response cache": ns(cache_off), "tenant budgets": ns(tenants_off),
+           "drift signals": ns(drift_off)}
+
+    async def queue_cost(kind) -> float:
+        q = kind()
+        items = [(i % 2, i, None) for i in range(64)]
+        t0 = time.perf_counter()
+        for _ in range(repeats // 64):
+            for it in items:
+                q.put_nowait(it)
+            for _ in items:
+                q.get_nowait()
+        return (time.perf_counter() - t0) / (repeats // 64 * 64) * 1e9
+
+    fifo = min(asyncio.run(queue_cost(asyncio.Queue)) for _ in range(3))
+    prio = min(asyncio.run(queue_cost(asyncio.PriorityQueue)) for _ in range(3))
+    out["priorities (priority queue minus FIFO, 64 queued)"] = prio - fifo
+    return out
+
+
+def run(args) -> int:
+    """Entry point of ``bench-latency --features`` (args: benchmarks.latency's CLI arguments)."""
+    import yaml
+    from rich.console import Console
+    from tqdm import tqdm
+
+    from benchmarks.latency import ServerProcess, load_images, make_speed_bundle
+    from vlm_stage.vllm_server import free_port
+
+    console = Console(width=200)
+    out_dir = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bundle = args.bundle or Path(f"artifacts/speed-bundle-{args.image_size}")
+    if not (bundle / "manifest.json").is_file():
+        console.print(f"building a {args.image_size} px convnext_atto speed bundle at {bundle}")
+        make_speed_bundle(bundle, args.image_size)
+    images = load_images(args.images)
+    sink = SpanSink()
+    configs = configurations(sink.endpoint)
+    servers = []
+    try:
+        for i, cfg in enumerate(configs):
+            path = out_dir / f"serve-{i}.yaml"
+            path.write_text(yaml.safe_dump({"bundle": str(bundle), "batching": {"instances": args.instances},
+                                            **cfg.serve}))
+            servers.append(ServerProcess(bundle, free_port(), None, out_dir / f"server-{i}.log",
+                                         ["--config", str(path)]))
+        for server in servers:
+            server.wait_ready()
+        console.print(f"{len(servers)} servers ready; warm-up {args.warmup} requests each")
+        for cfg, server in zip(configs, servers):
+            asyncio.run(closed_loop(server.target, images, 4, args.warmup, 60, cfg.token, cfg.unique_images, "warm"))
+        levels = (1, 8)
+        for _ in tqdm(range(args.repeats), desc="rounds (every configuration in turn)"):
+            for c in levels:
+                for cfg, server in zip(configs, servers):
+                    stats = asyncio.run(closed_loop(server.target, images, c, args.max_requests, args.max_seconds,
+                                                    cfg.token, cfg.unique_images, f"c={c}"))
+                    cfg.runs.setdefault(c, []).append(stats)
+    finally:
+        for server in servers:
+            server.stop()
+        sink.stop()
+    off = off_path_costs()
+    results = summarize(configs, off, sink.spans, args, bundle)
+    (out_dir / "features.json").write_text(json.dumps(results, indent=1))
+    text = report(results)
+    (out_dir / "features.md").write_text(text)
+    plot(results, out_dir / "features.png")
+    console.print(text, markup=False)
+    console.print(f"written: {out_dir}/features.json, features.md, features.png")
+    if args.update_readme:
+        update_readme(args.update_readme, out_dir)
+    return 0
+
+
+def summarize(configs: list[FeatureConfig], off: dict, spans: int, args, bundle: Path) -> dict:
+    base = configs[0]
+    rows = []
+    for cfg in configs:
+        row = {"name": cfg.name, "serve": cfg.serve}
+        for c, runs in cfg.runs.items():
+            p50 = [r.pct(50) for r in runs]
+            thr = [r.throughput for r in runs]
+            base_p50 = statistics.median(r.pct(50) for r in base.runs[c])
+            base_thr = statistics.median(r.throughput for r in base.runs[c])
+            errors = sum(n for r in runs for code, n in r.codes.items() if code != "OK")
+            row[f"c{c}"] = {"p50": statistics.median(p50), "p50_min": min(p50), "p50_max": max(p50),
+                            "p99": statistics.median(r.pct(99) for r in runs), "throughput": statistics.median(thr),
+                            "p50_ratio": statistics.median(p50) / base_p50,
+                            "throughput_ratio": statistics.median(thr) / base_thr, "errors": errors}
+        rows.append(row)
+    base_p50_c1 = rows[0]["c1"]["p50"]
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+            "bundle": str(bundle), "repeats": args.repeats, "max_seconds": args.max_seconds, "rows": rows,
+            "spans_exported": spans,
+            "off_path_ns": {k: {"ns": v, "share_of_c1_p50": v / (base_p50_c1 * 1e6)} for k, v in off.items()}}
+
+
+def report(results: dict) -> str:
+    lines = [f"Machine: {results['machine']}; `{results['bundle']}`, NEVER mode, real Oxford JPEGs. Each "
+             f"configuration is its own server process, all measured in turns, {results['repeats']} rounds; "
+             "median across rounds [min-max of p50]; ratios to the baseline of the same run.", "",
+             "| configuration | c=1 p50 ms | c=1 p50 ratio | c=8 p50 ms | c=8 p50 ratio | c=8 req/s | c=8 req/s ratio | "
+             "errors |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in results["rows"]:
+        c1, c8 = row["c1"], row["c8"]
+        lines.append(f"| {row['name']} | {c1['p50']:.2f} [{c1['p50_min']:.2f}-{c1['p50_max']:.2f}] | "
+                     f"{c1['p50_ratio']:.3f} | {c8['p50']:.2f} [{c8['p50_min']:.2f}-{c8['p50_max']:.2f}] | "
+                     f"{c8['p50_ratio']:.3f} | {c8['throughput']:.0f} | {c8['throughput_ratio']:.3f} | "
+                     f"{c1['errors'] + c8['errors']} |")
+    lines += ["", f"Spans received by the OTLP sink while tracing was on: {results['spans_exported']}.", "",
+              "What a request runs for a feature that is off, timed in process:", "",
+              "| feature (off) | ns per request | share of the baseline's c=1 p50 |", "| --- | --- | --- |"]
+    for name, v in results["off_path_ns"].items():
+        lines.append(f"| {name} | {v['ns']:.0f} | {v['share_of_c1_p50']:.5%} |")
+    lines += ["", "![feature cost](features.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    names = [r["name"] for r in rows]
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
+    ax.barh(y - 0.2, [r["c1"]["p50_ratio"] for r in rows], 0.4, label="p50, concurrency 1")
+    ax.barh(y + 0.2, [r["c8"]["p50_ratio"] for r in rows], 0.4, label="p50, concurrency 8")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("p50 latency / baseline's (same run)")
+    ax.set_title("catcascade: latency with each feature on")
+    ax.legend(fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def update_readme(readme: Path, out_dir: Path) -> None:
+    """Swaps the text between the bench:features markers for the new report."""
+    start, end = "<!-- bench:features:start -->", "<!-- bench:features:end -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme} has no {start} ... {end} markers")
+    body = (out_dir / "features.md").read_text()
+    body = body.replace("](features.png)", f"]({os.path.relpath(out_dir, readme.parent)}/features.png)")
+    head, rest = text.split(start, 1)
+    readme.write_text(head + start + "\n" + body.strip() + "\n" + end + rest.split(end, 1)[1])
