@@ -1,5 +1,5 @@
-"""`catcascade bench-latency --features`: what the response cache, tracing, tenant budgets,
-drift signals and priorities cost, with each feature off and on, in one run.
+"""The parts of `catcascade bench-latency --features` (benchmarks/latency.py runs it): what the
+response cache, tracing, tenant budgets, drift signals and priorities cost, off and on, in one run.
 
 Two measurements:
 
@@ -16,7 +16,6 @@ Two measurements:
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import platform
 import statistics
@@ -89,43 +88,6 @@ class SpanSink:
         self.server.stop(1)
 
 
-async def closed_loop(target: str, images: list[bytes], concurrency: int, max_requests: int, max_seconds: float,
-                      token: str | None, unique: bool, label: str):
-    """``concurrency`` callers in a closed loop (NEVER mode); returns benchmarks.latency.RunStats."""
-    import grpc
-
-    from benchmarks.latency import _stats
-    from serving.api import cascade_pb2 as pb
-    from serving.api import cascade_pb2_grpc as pb_grpc
-
-    metadata = (("authorization", f"Bearer {token}"),) if token else None
-    results: list = []
-    salt = os.urandom(8).hex()
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.CatClassifierStub(channel)
-        stop_at = time.perf_counter() + max_seconds
-        counter = iter(range(max_requests))
-
-        async def caller():
-            for i in counter:
-                if time.perf_counter() > stop_at:
-                    return
-                image = images[i % len(images)]
-                if unique:  # bytes after the JPEG's end marker: the same pixels, a new cache key
-                    image = image + f"{salt}{i}".encode()
-                t0 = time.perf_counter()
-                try:
-                    r = await stub.Classify(pb.ClassifyRequest(image=image, escalation=pb.ESCALATION_MODE_NEVER),
-                                            timeout=30, metadata=metadata)
-                    results.append(((time.perf_counter() - t0) * 1000.0, "OK", r))
-                except grpc.aio.AioRpcError as e:
-                    results.append(((time.perf_counter() - t0) * 1000.0, e.code().name, None))
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
-        return _stats(label, concurrency, None, results, time.perf_counter() - t0)
-
-
 def off_path_costs(repeats: int = 200_000) -> dict[str, float]:
     """Nanoseconds per request of what each feature runs while it is off (the exact hooks the
     pipeline and servicer call), and of the priority queue against a FIFO one."""
@@ -187,62 +149,6 @@ def off_path_costs(repeats: int = 200_000) -> dict[str, float]:
     prio = min(asyncio.run(queue_cost(asyncio.PriorityQueue)) for _ in range(3))
     out["priorities (priority queue minus FIFO, 64 queued)"] = prio - fifo
     return out
-
-
-def run(args) -> int:
-    """Entry point of ``bench-latency --features`` (args: benchmarks.latency's CLI arguments)."""
-    import yaml
-    from rich.console import Console
-    from tqdm import tqdm
-
-    from benchmarks.latency import ServerProcess, load_images, make_speed_bundle
-    from vlm_stage.vllm_server import free_port
-
-    console = Console(width=200)
-    out_dir = args.out
-    out_dir.mkdir(parents=True, exist_ok=True)
-    bundle = args.bundle or Path(f"artifacts/speed-bundle-{args.image_size}")
-    if not (bundle / "manifest.json").is_file():
-        console.print(f"building a {args.image_size} px convnext_atto speed bundle at {bundle}")
-        make_speed_bundle(bundle, args.image_size)
-    images = load_images(args.images)
-    sink = SpanSink()
-    configs = configurations(sink.endpoint)
-    servers = []
-    try:
-        for i, cfg in enumerate(configs):
-            path = out_dir / f"serve-{i}.yaml"
-            path.write_text(yaml.safe_dump({"bundle": str(bundle), "batching": {"instances": args.instances},
-                                            **cfg.serve}))
-            servers.append(ServerProcess(bundle, free_port(), None, out_dir / f"server-{i}.log",
-                                         ["--config", str(path)]))
-        for server in servers:
-            server.wait_ready()
-        console.print(f"{len(servers)} servers ready; warm-up {args.warmup} requests each")
-        for cfg, server in zip(configs, servers):
-            asyncio.run(closed_loop(server.target, images, 4, args.warmup, 60, cfg.token, cfg.unique_images, "warm"))
-        levels = (1, 8)
-        for _ in tqdm(range(args.repeats), desc="rounds (every configuration in turn)"):
-            for c in levels:
-                for cfg, server in zip(configs, servers):
-                    stats = asyncio.run(closed_loop(server.target, images, c, args.max_requests, args.max_seconds,
-                                                    cfg.token, cfg.unique_images, f"c={c}"))
-                    cfg.runs.setdefault(c, []).append(stats)
-    finally:
-        for server in servers:
-            server.stop()
-        sink.stop()
-    off = off_path_costs()
-    results = summarize(configs, off, sink.spans, args, bundle)
-    (out_dir / "features.json").write_text(json.dumps(results, indent=1))
-    text = report(results)
-    (out_dir / "features.md").write_text(text)
-    plot(results, out_dir / "features.png")
-    console.print(text, markup=False)
-    console.print(f"written: {out_dir}/features.json, features.md, features.png")
-    if args.update_readme:
-        update_readme(args.update_readme, out_dir)
-    return 0
 
 
 def summarize(configs: list[FeatureConfig], off: dict, spans: int, args, bundle: Path) -> dict:

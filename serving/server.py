@@ -25,6 +25,7 @@ from serving.metrics import ServiceMetrics
 from serving.observability.tracing import NoTracing
 from serving.pipeline import CascadePipeline, CascadeResult
 from serving.traffic.priorities import Priority
+from serving.traffic.response_cache import SingleFlight, cache_key
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CatClassifier"].full_name
@@ -91,10 +92,7 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
         self.tracing = tracing or NoTracing()
         self.tenants = tenants
         self.drift = drift
-        if cache is not None:
-            from serving.traffic.response_cache import SingleFlight
-
-            self._flights = SingleFlight()
+        self._flights = SingleFlight()
 
     def _validate(self, request: pb.ClassifyRequest) -> tuple[str, int, EscalationMode]:
         if len(request.request_id) > MAX_REQUEST_ID:
@@ -120,8 +118,6 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
         t0 = time.perf_counter()
         request_id, k, mode = self._validate(request)
         v = self.versions
-        from serving.traffic.response_cache import cache_key
-
         key = cache_key(request.image, mode, k or self.pipeline.config.default_top_k, f"{v.bundle}|{v.cnn}|{v.vlm}")
         hit = self.cache.get(key)
         if hit is not None:

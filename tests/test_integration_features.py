@@ -249,3 +249,17 @@ def test_classify_command_uses_the_client(features_server, tmp_path, capsys):
     assert [o["image"] for o in first] == [str(p) for p in paths] and all(len(o["labels"]) == 3 for o in first)
     assert main(argv) == 0
     assert all(json.loads(line).get("cached") for line in capsys.readouterr().out.splitlines())
+
+
+def test_unknown_priority_is_invalid_argument(features_server):
+    import grpc
+
+    from serving.api import cascade_pb2 as pb
+    from serving.api import cascade_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(features_server.target) as channel:
+        stub = pb_grpc.CatClassifierStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Classify(pb.ClassifyRequest(image=jpeg_bytes(seed=90), priority=7), timeout=30,
+                          metadata=(("authorization", f"Bearer {BOB}"),))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown priority 7" in err.value.details()
