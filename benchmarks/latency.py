@@ -520,11 +520,13 @@ def features_main(args: argparse.Namespace) -> int:
                     cfg.runs.setdefault(c, []).append(asyncio.run(closed_loop(
                         server.target, images, never, c, args.max_requests, args.max_seconds, token=cfg.token,
                         unique=cfg.unique_images)))
+        served_spans = sink.spans
+        on = fo.on_path_costs(sorted(images, key=len)[len(images) // 2], sink.endpoint)
     finally:
         for server in servers:
             server.stop()
         sink.stop()
-    results = fo.summarize(configs, fo.off_path_costs(), sink.spans, args, bundle)
+    results = fo.summarize(configs, fo.off_path_costs(), served_spans, args, bundle, on=on)
     (out_dir / "features.json").write_text(json.dumps(results, indent=1))
     text = fo.report(results)
     (out_dir / "features.md").write_text(text)
