@@ -227,13 +227,17 @@ def summarize(configs: list[FeatureConfig], off: dict, spans: int, args, bundle:
         for c, runs in cfg.runs.items():
             p50 = [r.pct(50) for r in runs]
             thr = [r.throughput for r in runs]
-            base_p50 = statistics.median(r.pct(50) for r in base.runs[c])
-            base_thr = statistics.median(r.throughput for r in base.runs[c])
+            # Paired: each round's value over the baseline's in the same round (measured minutes
+            # apart at most), so a slow spell of the machine divides out.
+            p50_ratios = [r.pct(50) / b.pct(50) for r, b in zip(runs, base.runs[c])]
+            thr_ratios = [r.throughput / b.throughput for r, b in zip(runs, base.runs[c])]
             errors = sum(n for r in runs for code, n in r.codes.items() if code != "OK")
             row[f"c{c}"] = {"p50": statistics.median(p50), "p50_min": min(p50), "p50_max": max(p50),
                             "p99": statistics.median(r.pct(99) for r in runs), "throughput": statistics.median(thr),
-                            "p50_ratio": statistics.median(p50) / base_p50,
-                            "throughput_ratio": statistics.median(thr) / base_thr, "errors": errors}
+                            "p50_ratio": statistics.median(p50_ratios), "p50_ratio_min": min(p50_ratios),
+                            "p50_ratio_max": max(p50_ratios), "throughput_ratio": statistics.median(thr_ratios),
+                            "throughput_ratio_min": min(thr_ratios), "throughput_ratio_max": max(thr_ratios),
+                            "errors": errors}
         rows.append(row)
     base_p50_c1 = rows[0]["c1"]["p50"]
     return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
@@ -246,14 +250,18 @@ def summarize(configs: list[FeatureConfig], off: dict, spans: int, args, bundle:
 def report(results: dict) -> str:
     lines = [f"Machine: {results['machine']}; `{results['bundle']}`, NEVER mode, real Oxford JPEGs. Each "
              f"configuration is its own server process, all measured in turns, {results['repeats']} rounds; "
-             "median across rounds [min-max of p50]; ratios to the baseline of the same run.", "",
+             "p50: median across rounds [min-max]. Ratios: each round's value over the baseline's in the "
+             "same round, median [min-max] across rounds.", "",
              "| configuration | c=1 p50 ms | c=1 p50 ratio | c=8 p50 ms | c=8 p50 ratio | c=8 req/s | c=8 req/s ratio | "
              "errors |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in results["rows"]:
         c1, c8 = row["c1"], row["c8"]
+        def ratio(d, k):
+            return f"{d[k]:.2f} [{d[k + '_min']:.2f}-{d[k + '_max']:.2f}]"
+
         lines.append(f"| {row['name']} | {c1['p50']:.2f} [{c1['p50_min']:.2f}-{c1['p50_max']:.2f}] | "
-                     f"{c1['p50_ratio']:.3f} | {c8['p50']:.2f} [{c8['p50_min']:.2f}-{c8['p50_max']:.2f}] | "
-                     f"{c8['p50_ratio']:.3f} | {c8['throughput']:.0f} | {c8['throughput_ratio']:.3f} | "
+                     f"{ratio(c1, 'p50_ratio')} | {c8['p50']:.2f} [{c8['p50_min']:.2f}-{c8['p50_max']:.2f}] | "
+                     f"{ratio(c8, 'p50_ratio')} | {c8['throughput']:.0f} | {ratio(c8, 'throughput_ratio')} | "
                      f"{c1['errors'] + c8['errors']} |")
     lines += ["", f"Spans received by the OTLP sink while tracing was on: {results['spans_exported']}.", "",
               "What a request runs for a feature that is off, timed in process:", "",
