@@ -287,12 +287,15 @@ def plot(results: dict, path: Path) -> None:
     names = [r["name"] for r in rows]
     y = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
-    ax.barh(y - 0.2, [r["c1"]["p50_ratio"] for r in rows], 0.4, label="p50, concurrency 1")
-    ax.barh(y + 0.2, [r["c8"]["p50_ratio"] for r in rows], 0.4, label="p50, concurrency 8")
+    for offset, c, label in ((-0.2, "c1", "p50, concurrency 1"), (0.2, "c8", "p50, concurrency 8")):
+        mid = np.array([r[c]["p50_ratio"] for r in rows])
+        spread = [mid - [r[c].get("p50_ratio_min", r[c]["p50_ratio"]) for r in rows],
+                  [r[c].get("p50_ratio_max", r[c]["p50_ratio"]) for r in rows] - mid]
+        ax.barh(y + offset, mid, 0.4, xerr=spread, capsize=3, label=label + " (bars: min-max over rounds)")
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_yticks(y, names, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("p50 latency / baseline's (same run)")
+    ax.set_xlabel("p50 latency / the baseline's in the same round")
     ax.set_title("catcascade: latency with each feature on")
     ax.legend(fontsize=8)
     ax.grid(axis="x", alpha=0.3)
