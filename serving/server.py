@@ -22,6 +22,7 @@ from serving.api import cascade_pb2_grpc as pb_grpc
 from serving.auth import BearerTokenInterceptor
 from serving.batcher import QueueFullError
 from serving.metrics import ServiceMetrics
+from serving.observability.drift import vlm_agrees
 from serving.observability.tracing import NoTracing
 from serving.pipeline import CascadePipeline, CascadeResult
 from serving.traffic.priorities import Priority
@@ -182,12 +183,7 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
             m.stage_ms.labels("blend").observe(t.blend_ms)
         m.escalations.labels(r.reason.name).inc()
         if self.drift is not None:
-            agrees = None
-            if r.vlm is not None:
-                vlm_probs = list(r.vlm.probabilities)
-                agrees = max(vlm_probs) >= r.vlm.none_probability and r.vlm.candidates[
-                    vlm_probs.index(max(vlm_probs))] == r.cnn.labels[0]
-            self.drift.observe(float(r.cnn.probabilities[0]), r.escalated, agrees)
+            self.drift.observe(float(r.cnn.probabilities[0]), r.escalated, vlm_agrees(r.cnn.labels[0], r.vlm))
 
     async def Classify(self, request, context: grpc.aio.ServicerContext):
         if self.tracing.enabled:

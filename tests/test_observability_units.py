@@ -67,6 +67,19 @@ def test_drift_index_rises_when_confidences_shift_and_gauges_reach_prometheus():
     assert 'catcascade_drift_confidence_psi{version="demo:2"} NaN' in generate_latest(registry).decode()
 
 
+def test_vlm_agreement_counts_none_of_these_as_a_choice():
+    from serving.observability.drift import vlm_agrees
+    from vlm_stage.scoring import CandidateScores
+
+    def scores(probs, none):
+        return CandidateScores(("Bengal", "Persian"), probs, none, "cats", "multiple_choice")
+
+    assert vlm_agrees("Bengal", scores((0.6, 0.3), 0.1)) is True
+    assert vlm_agrees("Bengal", scores((0.3, 0.6), 0.1)) is False
+    assert vlm_agrees("Bengal", scores((0.2, 0.1), 0.7)) is False
+    assert vlm_agrees("Bengal", None) is None
+
+
 def test_tracing_is_off_by_default_and_off_costs_no_spans():
     from serving.config import ServeConfig
 

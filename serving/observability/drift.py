@@ -48,6 +48,15 @@ class DriftMetrics:
                                     "answers where the VLM's top choice was the CNN's", ["version"], registry=r)
 
 
+def vlm_agrees(cnn_top1: str, vlm) -> bool | None:
+    """Whether the VLM's top choice (a ``vlm_stage.scoring.CandidateScores``; "none of these"
+    counts as a choice) was the CNN's top label; None when the VLM did not answer."""
+    if vlm is None or not vlm.candidates:
+        return None
+    best = max(range(len(vlm.candidates)), key=lambda i: vlm.probabilities[i])
+    return vlm.probabilities[best] >= vlm.none_probability and vlm.candidates[best] == cnn_top1
+
+
 _FAMILIES: "weakref.WeakKeyDictionary[object, DriftMetrics]" = weakref.WeakKeyDictionary()
 
 
