@@ -5,8 +5,9 @@ re-exports it, from the top layer, so nothing below may import it.
 """
 from serving.client import (AsyncCatcascadeClient, CatcascadeClient, CatcascadeRpcError, ClassifyResult,
                             EscalationMode, EscalationReason, LabelScore, ModelInfo, ModelVersions, Priority,
-                            RetryPolicy, Timings, VlmVerdict, classify_request, results_table)
+                            Rationale, RetryPolicy, Timings, TrafficMode, VlmVerdict, classify_request,
+                            results_table)
 
 __all__ = ["AsyncCatcascadeClient", "CatcascadeClient", "CatcascadeRpcError", "ClassifyResult", "EscalationMode",
-           "EscalationReason", "LabelScore", "ModelInfo", "ModelVersions", "Priority", "RetryPolicy", "Timings",
-           "VlmVerdict", "classify_request", "results_table"]
+           "EscalationReason", "LabelScore", "ModelInfo", "ModelVersions", "Priority", "Rationale", "RetryPolicy",
+           "Timings", "TrafficMode", "VlmVerdict", "classify_request", "results_table"]

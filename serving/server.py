@@ -22,7 +22,7 @@ from serving.api import cascade_pb2_grpc as pb_grpc
 from serving.auth import BearerTokenInterceptor
 from serving.batcher import QueueFullError
 from serving.metrics import ServiceMetrics
-from serving.observability.drift import vlm_agrees
+from serving.observability.drift import DriftConfig, DriftMonitor, vlm_agrees
 from serving.observability.tracing import NoTracing
 from serving.pipeline import CascadePipeline, CascadeResult
 from serving.traffic.priorities import Priority
@@ -54,9 +54,15 @@ def result_to_proto(request_id: str, r: CascadeResult, versions: pb.ModelVersion
         escalation_reason=int(r.reason),
         escalation_detail=r.detail,
         timings=pb.StageTimings(decode_ms=t.decode_ms, cnn_queue_ms=t.cnn_queue_ms, cnn_ms=t.cnn_ms, vlm_ms=t.vlm_ms,
-                                blend_ms=t.blend_ms, total_ms=t.total_ms, cnn_batch_size=t.cnn_batch_size),
+                                blend_ms=t.blend_ms, total_ms=t.total_ms, cnn_batch_size=t.cnn_batch_size,
+                                rationale_ms=t.rationale_ms),
         versions=versions,
     )
+    if r.rationale is not None:
+        resp.rationale.CopyFrom(pb.Rationale(text=r.rationale.text, label=r.rationale.label,
+                                             tokens=r.rationale.tokens, model=r.rationale.model))
+    elif r.rationale_error:
+        resp.rationale.CopyFrom(pb.Rationale(error=r.rationale_error))
     if r.vlm is not None:
         resp.vlm.CopyFrom(pb.VlmScores(candidates=_scores(r.vlm.candidates, r.vlm.probabilities),
                                        none_probability=r.vlm.none_probability, model=r.vlm.model,
@@ -78,10 +84,10 @@ def cacheable(response: pb.ClassifyResponse) -> bool:
 class CatClassifierServicer(pb_grpc.CatClassifierServicer):
     def __init__(self, pipeline: CascadePipeline, versions: pb.ModelVersions, model_info: pb.ModelInfo,
                  metrics: ServiceMetrics | None = None, max_inflight: int = 512, cache=None,
-                 tracing: NoTracing | None = None, tenants=None, drift=None):
+                 tracing: NoTracing | None = None, tenants=None, drift: DriftConfig | None = None):
         """``cache``: a serving.traffic.response_cache.ResponseCache of ClassifyResponses;
         ``tenants``: serving.traffic.tenant_budgets.TenantBudgets (names each request's
-        tenant); ``drift``: serving.observability.drift.DriftMonitor. Each None = off."""
+        tenant); ``drift``: the drift signals' settings. Each None = off."""
         self.pipeline = pipeline
         self.versions = versions
         self.model_info = model_info
@@ -92,7 +98,8 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
         self.cache = cache
         self.tracing = tracing or NoTracing()
         self.tenants = tenants
-        self.drift = drift
+        self.drift_config = drift
+        self._drift: DriftMonitor | None = None
         self._flights = SingleFlight()
 
     def _validate(self, request: pb.ClassifyRequest) -> tuple[str, int, EscalationMode]:
@@ -107,6 +114,10 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown priority {request.priority}")
         return request.request_id or uuid.uuid4().hex, request.top_k, EscalationMode(request.escalation)
 
+    def _live_versions(self) -> pb.ModelVersions:
+        """The versions serving now (a model repository's router swaps them; a bundle's are fixed)."""
+        return getattr(self.pipeline, "versions", None) or self.versions
+
     def _tenant(self, context) -> str:
         return self.tenants.tenant_of(context.invocation_metadata()) if self.tenants is not None else ""
 
@@ -114,11 +125,11 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
                         tenant: str = "") -> pb.ClassifyResponse:
         if self.tenants is not None:
             self.tenants.count_request(tenant)
-        if self.cache is None:
+        if self.cache is None or request.explain:  # a rationale is generated text: never reused
             return await self._compute(request, deadline, tenant)
         t0 = time.perf_counter()
         request_id, k, mode = self._validate(request)
-        v = self.versions
+        v = self._live_versions()
         key = cache_key(request.image, mode, k or self.pipeline.config.default_top_k, f"{v.bundle}|{v.cnn}|{v.vlm}")
         hit = self.cache.get(key)
         if hit is not None:
@@ -157,7 +168,7 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
                                f"server overloaded: {self.inflight} requests in flight (limit {self.max_inflight})")
         self.inflight += 1
         try:
-            result = await self.pipeline.classify(request.image, k or None, mode, deadline,
+            result = await self.pipeline.classify(request.image, k or None, mode, deadline, explain=request.explain,
                                                   priority=Priority(request.priority), tenant=tenant)
         except InvalidImageError as e:
             log.info("invalid image request_id=%s: %s", request_id, e, extra={"request_id": request_id})
@@ -167,11 +178,15 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
         finally:
             self.inflight -= 1
         self._observe(result)
-        log.info("classified request_id=%s escalated=%s reason=%s total_ms=%.1f", request_id, result.escalated,
-                 result.reason.name, result.timings.total_ms,
+        # A model repository's router tags each result with the version that answered it.
+        versions = getattr(result, "versions", None) or self.versions
+        log.info("classified request_id=%s escalated=%s reason=%s total_ms=%.1f version=%s", request_id,
+                 result.escalated, result.reason.name, result.timings.total_ms,
+                 versions.model_version or versions.bundle,
                  extra={"request_id": request_id, "escalation_reason": result.reason.name,
-                        "total_ms": round(result.timings.total_ms, 2)})
-        return result_to_proto(request_id, result, self.versions)
+                        "total_ms": round(result.timings.total_ms, 2),
+                        "model_version": versions.model_version or versions.bundle, "route": versions.route})
+        return result_to_proto(request_id, result, versions)
 
     def _observe(self, r: CascadeResult) -> None:
         m, t = self.metrics, r.timings
@@ -181,9 +196,23 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
         if r.escalated:
             m.stage_ms.labels("vlm").observe(t.vlm_ms)
             m.stage_ms.labels("blend").observe(t.blend_ms)
+        if r.rationale is not None:
+            m.stage_ms.labels("rationale").observe(t.rationale_ms)
         m.escalations.labels(r.reason.name).inc()
-        if self.drift is not None:
-            self.drift.observe(float(r.cnn.probabilities[0]), r.escalated, vlm_agrees(r.cnn.labels[0], r.vlm))
+        drift = self.drift
+        if drift is not None:
+            drift.observe(float(r.cnn.probabilities[0]), r.escalated, vlm_agrees(r.cnn.labels[0], r.vlm))
+
+    @property
+    def drift(self) -> DriftMonitor | None:
+        """The drift monitor of the live model version (a new one after a swap), or None when off."""
+        if self.drift_config is None:
+            return None
+        version = self._live_versions().bundle
+        if self._drift is None or self._drift.version != version:
+            self._drift = DriftMonitor(version, getattr(self.pipeline, "confidence_reference", None),
+                                       self.drift_config, self.metrics.registry)
+        return self._drift
 
     async def Classify(self, request, context: grpc.aio.ServicerContext):
         if self.tracing.enabled:
@@ -257,7 +286,7 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
             reader_task.cancel()
 
     async def GetModelInfo(self, request, context):
-        return self.model_info
+        return getattr(self.pipeline, "model_info", None) or self.model_info  # a router's follows its live version
 
 
 def server_credentials(tls) -> grpc.ServerCredentials:

@@ -18,11 +18,11 @@ context to the server. Failed calls raise `CatcascadeRpcError`, a ``grpc.RpcErro
 from serving.client.async_client import AsyncCatcascadeClient
 from serving.client.request import classify_request
 from serving.client.results import (ClassifyResult, EscalationMode, EscalationReason, LabelScore, ModelInfo,
-                                    ModelVersions, Priority, Timings, VlmVerdict)
+                                    ModelVersions, Priority, Rationale, Timings, TrafficMode, VlmVerdict)
 from serving.client.retry import CatcascadeRpcError, RetryPolicy
 from serving.client.sync_client import CatcascadeClient
 from serving.client.table import results_table
 
 __all__ = ["AsyncCatcascadeClient", "CatcascadeClient", "CatcascadeRpcError", "ClassifyResult", "EscalationMode",
-           "EscalationReason", "LabelScore", "ModelInfo", "ModelVersions", "Priority", "RetryPolicy", "Timings",
-           "VlmVerdict", "classify_request", "results_table"]
+           "EscalationReason", "LabelScore", "ModelInfo", "ModelVersions", "Priority", "Rationale", "RetryPolicy",
+           "Timings", "TrafficMode", "VlmVerdict", "classify_request", "results_table"]

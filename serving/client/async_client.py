@@ -55,9 +55,10 @@ class AsyncCatcascadeClient:
                 await asyncio.sleep(wait)
 
     async def classify(self, image: ImageInput, top_k: int = 0, mode="auto", request_id: str = "", *,
-                       priority="interactive", timeout_s: float | None = None, metadata=None) -> ClassifyResult:
+                       priority="interactive", explain: bool = False, timeout_s: float | None = None,
+                       metadata=None) -> ClassifyResult:
         """See `CatcascadeClient.classify`."""
-        req = classify_request(image, top_k, mode, request_id, priority)
+        req = classify_request(image, top_k, mode, request_id, priority, explain)
         resp, attempts = await self._call(self.stub.Classify, req, timeout_s, metadata)
         return ClassifyResult.from_proto(resp, attempts)
 

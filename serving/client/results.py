@@ -16,6 +16,7 @@ def _enum_from_proto(name: str, proto_enum, prefix: str) -> type[enum.IntEnum]:
 EscalationReason = _enum_from_proto("EscalationReason", pb.EscalationReason, "ESCALATION_REASON_")
 EscalationMode = _enum_from_proto("EscalationMode", pb.EscalationMode, "ESCALATION_MODE_")
 Priority = _enum_from_proto("Priority", pb.Priority, "PRIORITY_")
+TrafficMode = _enum_from_proto("TrafficMode", pb.TrafficMode, "TRAFFIC_MODE_")
 
 
 def parse_enum(kind: type[enum.IntEnum], value) -> enum.IntEnum:
@@ -61,6 +62,18 @@ class Timings:
     blend_ms: float
     total_ms: float
     cnn_batch_size: int
+    rationale_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Rationale:
+    """The VLM's short explanation (asked for with ``explain=True``); ``error`` says why there is none."""
+
+    text: str
+    label: str
+    tokens: int
+    model: str
+    error: str
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,10 @@ class ModelVersions:
     bundle: str
     cnn: str
     vlm: str
+    model_version: str = ""
+    """The repository version under ``serve --models``; empty with one bundle."""
+    route: str = ""
+    """How the request reached it: "live" or "canary" (empty with one bundle)."""
 
 
 def _scores(items) -> tuple[LabelScore, ...]:
@@ -75,7 +92,7 @@ def _scores(items) -> tuple[LabelScore, ...]:
 
 
 def _versions(v: pb.ModelVersions) -> ModelVersions:
-    return ModelVersions(v.bundle, v.cnn, v.vlm)
+    return ModelVersions(v.bundle, v.cnn, v.vlm, v.model_version, v.route)
 
 
 @dataclass(frozen=True)
@@ -93,6 +110,8 @@ class ClassifyResult:
     timings: Timings
     versions: ModelVersions
     cached: bool
+    rationale: Rationale | None = None
+    """Present when the request asked for an explanation."""
     attempts: int = 1
     """Calls the client made for this answer (1 + retries)."""
     raw: pb.ClassifyResponse = field(default=None, repr=False, compare=False)
@@ -107,12 +126,16 @@ class ClassifyResult:
         if r.HasField("vlm"):
             vlm = VlmVerdict(_scores(r.vlm.candidates), r.vlm.none_probability, r.vlm.model, r.vlm.scoring_mode)
         t = r.timings
+        why = None
+        if r.HasField("rationale"):
+            w = r.rationale
+            why = Rationale(w.text, w.label, w.tokens, w.model, w.error)
         return cls(request_id=r.request_id, labels=_scores(r.labels), cnn_top_k=_scores(r.cnn_top_k), vlm=vlm,
                    escalated=r.escalated, escalation_reason=EscalationReason(r.escalation_reason),
                    escalation_detail=r.escalation_detail,
                    timings=Timings(t.decode_ms, t.cnn_queue_ms, t.cnn_ms, t.vlm_ms, t.blend_ms, t.total_ms,
-                                   t.cnn_batch_size),
-                   versions=_versions(r.versions), cached=r.cached, attempts=attempts, raw=r)
+                                   t.cnn_batch_size, t.rationale_ms),
+                   versions=_versions(r.versions), cached=r.cached, rationale=why, attempts=attempts, raw=r)
 
 
 @dataclass(frozen=True)
@@ -124,9 +147,16 @@ class ModelInfo:
     escalation_metric: str
     blend_weight: float
     vlm_enabled: bool
+    candidate: ModelVersions | None = None
+    """The candidate model version (serve --models), if any, with how it gets traffic."""
+    candidate_mode: TrafficMode = TrafficMode.UNSPECIFIED
+    candidate_share: float = 0.0
+    vlm_candidate_rule: str = ""
     raw: pb.ModelInfo = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_proto(cls, m: pb.ModelInfo) -> "ModelInfo":
+        candidate = _versions(m.candidate) if m.HasField("candidate") else None
         return cls(tuple(m.labels), _versions(m.versions), m.image_size, m.escalation_threshold,
-                   m.escalation_metric, m.blend_weight, m.vlm_enabled, raw=m)
+                   m.escalation_metric, m.blend_weight, m.vlm_enabled, candidate, TrafficMode(m.candidate_mode),
+                   m.candidate_share, m.vlm_candidate_rule, raw=m)

@@ -61,11 +61,13 @@ class CatcascadeClient:
                 time.sleep(wait)
 
     def classify(self, image: ImageInput, top_k: int = 0, mode="auto", request_id: str = "", *,
-                 priority="interactive", timeout_s: float | None = None, metadata=None) -> ClassifyResult:
+                 priority="interactive", explain: bool = False, timeout_s: float | None = None,
+                 metadata=None) -> ClassifyResult:
         """Classifies one image (a path or encoded bytes). ``mode``: auto, never or always;
-        ``priority``: interactive or batch; ``timeout_s`` overrides the client's deadline;
+        ``priority``: interactive or batch; ``explain`` asks the VLM for a short rationale
+        (``result.rationale``); ``timeout_s`` overrides the client's deadline;
         ``metadata``: extra gRPC metadata (a dict or pairs)."""
-        req = classify_request(image, top_k, mode, request_id, priority)
+        req = classify_request(image, top_k, mode, request_id, priority, explain)
         resp, attempts = self._call(self.stub.Classify, req, timeout_s, metadata)
         return ClassifyResult.from_proto(resp, attempts)
 
