@@ -99,7 +99,9 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
     await batcher.start()
     lim = cfg.limits
     preprocess_config = dataclasses.replace(bundle.preprocess, limits=DecodeLimits(
-        max_bytes=lim.max_message_bytes, max_pixels=lim.max_pixels, max_side=lim.max_side))
+        max_bytes=lim.max_message_bytes, max_pixels=lim.max_pixels, max_side=lim.max_side,
+        max_aspect_ratio=lim.max_aspect_ratio, max_decode_mb=lim.max_decode_mb, max_jpeg_scans=lim.max_jpeg_scans,
+        max_jpeg_scan_blocks=lim.max_jpeg_scan_blocks, max_segments=lim.max_segments))
     verifier = _verifier(bundle, cfg)
     warm_task = None
     if verifier is not None and not await warm_up(verifier, tuple(m.labels[: m.cascade.top_k])):
@@ -111,7 +113,8 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
         policy=EscalationPolicy(m.cascade.escalation), blender=make_blender(m.cascade.blend),
         verifier=verifier, temperature=m.cnn.temperature, breaker=breaker if verifier else None, metrics=metrics,
         config=PipelineConfig(candidates=m.cascade.top_k, vlm_min_budget_ms=lim.vlm_min_budget_ms,
-                              max_concurrent_escalations=lim.max_concurrent_escalations))
+                              max_concurrent_escalations=lim.max_concurrent_escalations,
+                              max_decode_queue=lim.max_decode_queue))
     metrics.inflight_escalations.set_function(lambda: pipeline.inflight_escalations)
     vlm_name = (getattr(verifier.config, "model", "") if cfg.vlm.backend == "vllm" else
                 getattr(verifier.config, "name", "")) if verifier else ""
@@ -137,11 +140,19 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
 
 @contextlib.asynccontextmanager
 async def running_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None):
-    """The whole service per ``cfg`` (limits, TLS, auth included); yields (servicer, port, health)."""
+    """The whole service per ``cfg`` (limits, TLS, auth, the metrics endpoint included); yields
+    (servicer, port, health). With ``metrics_port`` set, ``servicer.metrics.http_server`` is
+    the /metrics server."""
     async with build_service(cfg, metrics) as servicer:
-        async with run_server(servicer, cfg.host, cfg.port, max_message_bytes=cfg.limits.max_message_bytes,
-                              grace_s=cfg.grace_s, tls=cfg.tls, tokens=cfg.auth.tokens()) as (_, port, health):
-            yield servicer, port, health
+        if cfg.metrics_port is not None:
+            servicer.metrics.serve_http(cfg.metrics_port, cfg.metrics_host, tls=cfg.metrics_tls,
+                                        tokens=cfg.metrics_auth.tokens())
+        try:
+            async with run_server(servicer, cfg.host, cfg.port, max_message_bytes=cfg.limits.max_message_bytes,
+                                  grace_s=cfg.grace_s, tls=cfg.tls, tokens=cfg.auth.tokens()) as (_, port, health):
+                yield servicer, port, health
+        finally:
+            servicer.metrics.stop_http()
 
 
 async def serve_forever(cfg: ServeConfig, ready=None) -> None:
@@ -151,10 +162,11 @@ async def serve_forever(cfg: ServeConfig, ready=None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     metrics = ServiceMetrics()
-    if cfg.metrics_port is not None:
-        http_server, _ = metrics.serve_http(cfg.metrics_port, cfg.host)
-        print(f"Prometheus metrics on http://{cfg.host}:{http_server.server_port}/metrics", flush=True)
     async with running_service(cfg, metrics) as (_, port, _health):
+        if metrics.http_server is not None:
+            print(f"Prometheus metrics on {'https' if cfg.metrics_tls else 'http'}://{cfg.metrics_host}:"
+                  f"{metrics.http_server.server_port}/metrics"
+                  f"{' (bearer token)' if cfg.metrics_auth.tokens() else ''}", flush=True)
         log.info("catcascade serving on %s:%d (VLM: %s)", cfg.host, port, cfg.vlm.urls or "off")
         print(f"catcascade serving on {cfg.host}:{port} ({'TLS' if cfg.tls else 'plaintext'}"
               f"{', auth' if cfg.auth.tokens() else ''})", flush=True)

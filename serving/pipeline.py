@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from cnn_stage.preprocessing import PreprocessConfig, decode_image, preprocess
 from cnn_stage.topk import TopK, softmax, top_k
 from ensemble.blending import Blender
 from ensemble.escalation_policy import EscalationDecision, EscalationMode, EscalationPolicy, EscalationReason
-from serving.batcher import DynamicBatcher
+from serving.batcher import DynamicBatcher, QueueFullError
 from serving.circuit_breaker import CircuitBreaker
 from serving.metrics import ServiceMetrics
 from vlm_stage.scoring import CandidateScores
@@ -65,6 +66,12 @@ class PipelineConfig:
     decode_threads: int = 2
     vlm_image_side: int = 448
     """Longest side of the copy kept for the VLM (bounds memory and image tokens)."""
+    max_decode_queue: int = 64
+    """Images waiting for a decode thread; beyond it, requests are refused (QueueFullError)."""
+
+
+class DeadlineExceededError(RuntimeError):
+    """The request's deadline passed before its work started; nothing was done for it."""
 
 
 class CascadePipeline:
@@ -83,11 +90,49 @@ class CascadePipeline:
         self.breaker = breaker
         self.metrics = metrics
         self._decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
+        self.decode_waiting = 0
+        self.decodes_started = 0
+        self._decode_lock = threading.Lock()
         self.vlm_calls = 0
         self.inflight_escalations = 0
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False)
+
+    async def _decode_in_pool(self, data: bytes, keep_for_vlm: bool,
+                              deadline: float | None) -> tuple[Image.Image | None, np.ndarray]:
+        """Runs ``_decode`` on the decode pool. The pool's queue is bounded; a job whose
+        request is cancelled (client gone, deadline passed in gRPC) before a thread picks it
+        up is dropped, and a job that starts after its deadline returns at once, so the
+        decode threads only ever work for requests someone still waits on."""
+        with self._decode_lock:
+            if self.decode_waiting >= self.config.max_decode_queue:
+                raise QueueFullError(f"decode queue is full ({self.decode_waiting} images waiting)")
+            self.decode_waiting += 1
+
+        def job():
+            late = deadline is not None and time.monotonic() >= deadline
+            with self._decode_lock:
+                self.decode_waiting -= 1
+                self.decodes_started += not late
+            if late:
+                self._count_skipped_decode("deadline")
+                raise DeadlineExceededError("the deadline passed while the image waited to be decoded")
+            return self._decode(data, keep_for_vlm)
+
+        future = self._decode_pool.submit(job)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if future.cancel():  # never ran, never will: give its queue slot back
+                with self._decode_lock:
+                    self.decode_waiting -= 1
+                self._count_skipped_decode("cancelled")
+            raise
+
+    def _count_skipped_decode(self, why: str) -> None:
+        if self.metrics is not None:
+            self.metrics.decodes_skipped.labels(why).inc()
 
     def _decode(self, data: bytes, keep_for_vlm: bool) -> tuple[Image.Image | None, np.ndarray]:
         """Decode + preprocess; keeps at most a ``vlm_image_side`` copy for the VLM, so the
@@ -106,13 +151,13 @@ class CascadePipeline:
                        deadline: float | None = None) -> CascadeResult:
         """Classifies encoded image bytes. ``deadline`` is a time.monotonic() instant or None.
 
-        Raises InvalidImageError for bad bytes and QueueFullError when the CNN queue is full.
+        Raises InvalidImageError for bad bytes, QueueFullError when the decode or CNN queue is
+        full, DeadlineExceededError when the deadline passed before decoding started.
         """
         t0 = time.perf_counter()
         k = k or self.config.default_top_k
-        loop = asyncio.get_running_loop()
         keep = mode != EscalationMode.NEVER and self.verifier is not None
-        img, x = await loop.run_in_executor(self._decode_pool, self._decode, data, keep)
+        img, x = await self._decode_in_pool(data, keep, deadline)
         t_decode = time.perf_counter()
         res = await self.cnn.submit(x)
         probs = softmax(res.output, self.temperature)
