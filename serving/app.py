@@ -10,6 +10,7 @@ import signal
 
 from ensemble.bundle import Bundle, BundleError, load_bundle
 from cnn_stage.onnx_runtime import OnnxClassifier, OverlapAwareClassifier, cuda_available
+from cnn_stage.native_memory import tune_malloc
 from cnn_stage.preprocessing import DecodeLimits
 from ensemble.blender_registry import make_blender
 from ensemble.escalation_policy import EscalationPolicy
@@ -79,6 +80,7 @@ async def keep_warming_up(verifier, candidates: tuple[str, ...], period_s: float
 @contextlib.asynccontextmanager
 async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None):
     """Loads the bundle, starts the batcher and yields a servicer; closes everything after."""
+    tune_malloc(cfg.memory.malloc_arena_max, cfg.memory.malloc_mmap_threshold_kb)  # before any worker thread
     bundle = load_bundle(cfg.bundle)
     m = bundle.manifest
     metrics = metrics or ServiceMetrics()
@@ -114,7 +116,8 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
         verifier=verifier, temperature=m.cnn.temperature, breaker=breaker if verifier else None, metrics=metrics,
         config=PipelineConfig(candidates=m.cascade.top_k, vlm_min_budget_ms=lim.vlm_min_budget_ms,
                               max_concurrent_escalations=lim.max_concurrent_escalations,
-                              max_decode_queue=lim.max_decode_queue))
+                              max_decode_queue=lim.max_decode_queue,
+                              trim_after_decode_ms=cfg.memory.trim_after_decode_ms))
     metrics.inflight_escalations.set_function(lambda: pipeline.inflight_escalations)
     vlm_name = (getattr(verifier.config, "model", "") if cfg.vlm.backend == "vllm" else
                 getattr(verifier.config, "name", "")) if verifier else ""

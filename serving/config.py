@@ -74,6 +74,21 @@ class LimitsConfig(BaseModel):
     vlm_min_budget_ms: float = Field(50.0, ge=0, description="skip the VLM when less deadline than this remains")
 
 
+class MemoryConfig(BaseModel):
+    """glibc malloc settings applied at start, so memory a large decode used goes back to the
+    OS instead of staying resident (cnn_stage.native_memory; no-ops off glibc)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    malloc_arena_max: int | None = Field(2, ge=1, description="malloc arenas (glibc default 8 x cores); null = "
+                                         "glibc's default")
+    malloc_mmap_threshold_kb: int | None = Field(1024, ge=64, description="allocations from this size are mapped "
+                                                 "and unmapped on free; fixing it stops glibc raising it after "
+                                                 "large frees; null = glibc's dynamic threshold")
+    trim_after_decode_ms: float | None = Field(100.0, ge=0, description="malloc_trim after a decode that took "
+                                               "longer (large images); null = never")
+
+
 class BreakerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -142,6 +157,7 @@ class ServeConfig(BaseModel):
     vlm: VlmEndpointConfig = VlmEndpointConfig()
     limits: LimitsConfig = LimitsConfig()
     breaker: BreakerSettings = BreakerSettings()
+    memory: MemoryConfig = MemoryConfig()
     tls: TlsConfig | None = None
     auth: AuthConfig = AuthConfig()
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; None = off")

@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from cnn_stage.native_memory import release_free_memory
 from cnn_stage.preprocessing import PreprocessConfig, decode_image, preprocess
 from cnn_stage.topk import TopK, softmax, top_k
 from ensemble.blending import Blender
@@ -68,6 +69,8 @@ class PipelineConfig:
     """Longest side of the copy kept for the VLM (bounds memory and image tokens)."""
     max_decode_queue: int = 64
     """Images waiting for a decode thread; beyond it, requests are refused (QueueFullError)."""
+    trim_after_decode_ms: float | None = None
+    """malloc_trim after a decode slower than this (a large image), so its memory goes back to the OS."""
 
 
 class DeadlineExceededError(RuntimeError):
@@ -138,13 +141,18 @@ class CascadePipeline:
         """Decode + preprocess; keeps at most a ``vlm_image_side`` copy for the VLM, so the
         memory a request holds while it waits on the VLM is bounded whatever was uploaded."""
         cfg = self.preprocess_config
+        t0 = time.perf_counter()
         img = decode_image(data, cfg.limits, draft_size=cfg.scale_size)
         x = preprocess(img, cfg)
-        if not keep_for_vlm:
-            return None, x
-        side = self.config.vlm_image_side
-        if max(img.size) > side:
-            img.thumbnail((side, side), Image.Resampling.BICUBIC)
+        if keep_for_vlm:
+            side = self.config.vlm_image_side
+            if max(img.size) > side:
+                img.thumbnail((side, side), Image.Resampling.BICUBIC)
+        else:
+            img = None  # the decoded image is freed before the trim below
+        trim_ms = self.config.trim_after_decode_ms
+        if trim_ms is not None and (time.perf_counter() - t0) * 1000.0 > trim_ms:
+            release_free_memory()
         return img, x
 
     async def classify(self, data: bytes, k: int | None = None, mode: EscalationMode = EscalationMode.AUTO,
