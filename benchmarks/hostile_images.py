@@ -241,7 +241,8 @@ CORPUS: dict[str, Builder] = {
     "APNG 20000 frames": lambda: _apng(20_000),
     "WebP 500 frames": lambda: animated("WEBP", 500, 64),
     "GIF 500 frames": lambda: animated("GIF", 500, 64),
-    "TIFF 2000x2000 deflate": lambda: _encoded(Image.new("RGB", (2000, 2000)), "TIFF", compression="tiff_adobe_deflate"),
+    "TIFF 2000x2000 deflate": lambda: _encoded(Image.new("RGB", (2000, 2000)), "TIFF",
+                                               compression="tiff_adobe_deflate"),
     # heaviest legitimate content under the byte limit
     "JPEG 11 MB of noise (3000x3000, q95)": lambda: noise_jpeg((3000, 3000), quality=95),
     "JPEG 19 MB progressive noise (4000x4000, q95)": lambda: noise_jpeg((4000, 4000), quality=95, progressive=True),
@@ -292,7 +293,7 @@ import gc, json, sys, time
 from cnn_stage.preprocessing import DecodeLimits, InvalidImageError, PreprocessConfig, load_and_preprocess
 
 args = json.loads(sys.argv[1])
-cfg = PreprocessConfig(image_size=args["image_size"], limits=DecodeLimits(**args["limits"]))
+cfg = PreprocessConfig(image_size=args["image_size"], limits=DecodeLimits(**args["limits"]))  # noqa
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -328,12 +329,13 @@ for path in args["paths"]:
 
 
 def measure_decode_costs(corpus: dict[str, bytes], image_size: int = 224, limits=None,
-                         timeout_s: float = 60.0, progress: Callable[[DecodeCost], None] | None = None
-                         ) -> list[DecodeCost]:
+                         timeout_s: float = 60.0, progress: Callable[[DecodeCost], None] | None = None,
+                         code_dir: str | None = None) -> list[DecodeCost]:
     """Decodes every input with ``load_and_preprocess`` in a child process (one after the
     other, the peak RSS reset before each through /proc/self/clear_refs: Linux only) and
     returns CPU time, wall time and peak memory per input. An input that runs past
-    ``timeout_s`` is recorded as killed and the child restarted after it."""
+    ``timeout_s`` is recorded as killed and the child restarted after it. ``code_dir`` runs
+    another checkout's decoder (an earlier commit, for before/after figures)."""
     import dataclasses
     import json
     import os
@@ -343,7 +345,7 @@ def measure_decode_costs(corpus: dict[str, bytes], image_size: int = 224, limits
     from pathlib import Path
 
     limit_fields = dataclasses.asdict(limits) if limits is not None else {}
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = code_dir or str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
     names = list(corpus)
     results: list[DecodeCost] = []
@@ -404,15 +406,22 @@ if __name__ == "__main__":
     parser.add_argument("--measure", action="store_true", help="decode each input and print its cost")
     parser.add_argument("--write", metavar="DIR", help="write the corpus as files into DIR")
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--code-dir", help="measure another checkout's decoder (e.g. `git archive` of a commit)")
+    parser.add_argument("--out", help="also write the table (markdown) here")
     args = parser.parse_args()
-    if args.write:
-        from pathlib import Path
+    from pathlib import Path
 
+    if args.write:
         out = Path(args.write)
         out.mkdir(parents=True, exist_ok=True)
         for i, (name, data) in enumerate(hostile_corpus().items()):
             (out / f"{i:02d}-{name.replace(' ', '_').replace('/', '-')}.bin").write_bytes(data)
     if args.measure:
-        measured = measure_decode_costs(hostile_corpus(), timeout_s=args.timeout, progress=lambda c: print(
-            f"{c.cpu_s:7.3f} s {c.peak_mb:7.0f} MB  {c.name}: {c.outcome[:100]}", flush=True))
-        print(costs_table(measured))
+        measured = measure_decode_costs(hostile_corpus(), timeout_s=args.timeout, code_dir=args.code_dir,
+                                        progress=lambda c: print(f"{c.cpu_s:7.3f} s {c.peak_mb:7.0f} MB  {c.name}: "
+                                                                 f"{c.outcome[:100]}", flush=True))
+        table = costs_table(measured)
+        print(table)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(table + "\n")

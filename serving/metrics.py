@@ -28,6 +28,8 @@ class ServiceMetrics:
         self.images_refused = Counter("catcascade_images_refused", "Images refused before or while decoding, by "
                                       "reason (format, corrupt, dimensions, pixels, aspect, memory, scans, segments...)",
                                       ["reason"], registry=r)
+        self.decodes_started = Counter("catcascade_decodes_started", "Decode jobs a decode thread started",
+                                       registry=r)
         self.decodes_skipped = Counter("catcascade_decodes_skipped", "Decode jobs dropped unstarted: the call was "
                                        "cancelled, or its deadline had passed", ["why"], registry=r)
         self.unauthenticated = Counter("catcascade_unauthenticated", "Calls refused for a missing or wrong bearer "

@@ -118,6 +118,8 @@ class CascadePipeline:
             with self._decode_lock:
                 self.decode_waiting -= 1
                 self.decodes_started += not late
+            if not late and self.metrics is not None:
+                self.metrics.decodes_started.inc()
             if late:
                 self._count_skipped_decode("deadline")
                 raise DeadlineExceededError("the deadline passed while the image waited to be decoded")

@@ -70,7 +70,8 @@ def test_hostile_corpus_over_grpc(cnn_server):
                 assert e.details(), name
                 codes[name] = e.details()
         assert len(c.classify(jpeg_bytes(), mode="never").labels) == 3
-    assert "aspect ratio" in codes["PNG 1x12000"] and "more than 100 scans" in codes["JPEG 4000x4000, 20000 empty scans"]
+    assert "aspect ratio" in codes["PNG 1x12000"]
+    assert "more than 100 scans" in codes["JPEG 4000x4000, 20000 empty scans"]
     assert codes["JPEG 4000x4000, 99 empty scans"] == "OK"
     after = {r: _sample(registry, "catcascade_images_refused_total", {"reason": r}) for r in before}
     assert after["aspect"] - before["aspect"] == sum("aspect ratio" in v for v in codes.values())
@@ -104,6 +105,26 @@ def test_decode_work_for_calls_that_are_gone_is_skipped(cnn_server):
     assert skipped >= n // 2, skipped
     with CatcascadeClient(cnn_server.target, timeout_s=60) as c:
         assert len(c.classify(jpeg_bytes(), mode="never").labels) == 3
+
+
+def test_decode_that_would_start_after_its_deadline_is_skipped():
+    """A job a decode thread picks up after the request's deadline returns at once, counted,
+    without decoding (callers whose cancellation does not reach the pool: in-process, streams)."""
+    import asyncio
+
+    from cnn_stage.preprocessing import PreprocessConfig
+    from serving.metrics import ServiceMetrics
+    from serving.pipeline import CascadePipeline, DeadlineExceededError
+
+    metrics = ServiceMetrics()
+    pipe = CascadePipeline(["a"], PreprocessConfig(), cnn=None, policy=None, blender=None, metrics=metrics)
+    try:
+        with pytest.raises(DeadlineExceededError, match="deadline passed while the image waited"):
+            asyncio.run(pipe.classify(jpeg_bytes(), deadline=time.monotonic() - 0.001))
+    finally:
+        pipe.close()
+    assert pipe.decodes_started == 0 and pipe.decode_waiting == 0
+    assert metrics.registry.get_sample_value("catcascade_decodes_skipped_total", {"why": "deadline"}) == 1.0
 
 
 def test_decode_queue_is_bounded(make_server):
