@@ -79,9 +79,28 @@ async def keep_warming_up(verifier, candidates: tuple[str, ...], period_s: float
 
 @contextlib.asynccontextmanager
 async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None):
-    """Loads the bundle, starts the batcher and yields a servicer; closes everything after."""
+    """Yields a servicer over one bundle, or over the model repository (``cfg.models``):
+    versions loaded, swapped, canaried and shadowed by serving.model_repository."""
     tune_malloc(cfg.memory.malloc_arena_max, cfg.memory.malloc_mmap_threshold_kb)  # before any worker thread
-    bundle = load_bundle(cfg.bundle)
+    metrics = metrics or ServiceMetrics()
+    if cfg.models is not None:
+        from serving.model_repository.service import routed_pipeline
+
+        cascade = routed_pipeline(cfg, metrics, build_cascade)
+    else:
+        cascade = build_cascade(cfg, metrics)
+    async with cascade as built:
+        pipeline, versions, info = (built, built.versions, built.model_info) if cfg.models is not None else built
+        yield CatClassifierServicer(pipeline, versions, info, metrics, max_inflight=cfg.limits.max_inflight_requests)
+
+
+@contextlib.asynccontextmanager
+async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None):
+    """Loads the bundle, starts the batcher and yields (pipeline, versions, info); closes
+    everything after. One version of the model repository is one of these."""
+    # Hashing the files and building the ONNX session take a fraction of a second: off the
+    # event loop, so a model repository loading a new version does not stall the one serving.
+    bundle = await asyncio.to_thread(load_bundle, cfg.bundle)
     m = bundle.manifest
     metrics = metrics or ServiceMetrics()
     cnn_file = bundle.cnn_path
@@ -91,14 +110,14 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
                               "(train with `catcascade train-cnn --int8`)")
         cnn_file = bundle.cnn_int8_path
     if cfg.batching.instances > 1 and cfg.cnn_threads is None and not cuda_available():
-        onnx = OverlapAwareClassifier(cnn_file, allow_spinning=cfg.cnn_spinning)
+        onnx = await asyncio.to_thread(OverlapAwareClassifier, cnn_file, allow_spinning=cfg.cnn_spinning)
     else:
         threads = cfg.cnn_threads or max(1, (os.cpu_count() or 1) // cfg.batching.instances)
-        onnx = OnnxClassifier(cnn_file, intra_op_threads=threads, allow_spinning=cfg.cnn_spinning)
+        onnx = await asyncio.to_thread(OnnxClassifier, cnn_file, intra_op_threads=threads,
+                                       allow_spinning=cfg.cnn_spinning)
     batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump()), on_batch=metrics.batch_size.observe)
     metrics.queue_depth.set_function(lambda: batcher.depth)
     metrics.batches_running.set_function(lambda: batcher.running)
-    await batcher.start()
     lim = cfg.limits
     preprocess_config = dataclasses.replace(bundle.preprocess, limits=DecodeLimits(
         max_bytes=lim.max_message_bytes, max_pixels=lim.max_pixels, max_side=lim.max_side,
@@ -129,9 +148,9 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
                         escalation_threshold=m.cascade.escalation.threshold,
                         escalation_metric=m.cascade.escalation.metric, blend_weight=m.cascade.blend.weight,
                         vlm_enabled=verifier is not None)
-    servicer = CatClassifierServicer(pipeline, versions, info, metrics, max_inflight=lim.max_inflight_requests)
+    await batcher.start()
     try:
-        yield servicer
+        yield pipeline, versions, info
     finally:
         if warm_task is not None:
             warm_task.cancel()

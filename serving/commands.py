@@ -19,7 +19,15 @@ def serve_config_from_args(args):
     from serving.config import ServeConfig
 
     data = (yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
-    data.setdefault("bundle", str(DEFAULT_BUNDLE))
+    if getattr(args, "models", None) is not None or getattr(args, "admin_port", None) is not None:
+        models = dict(data.get("models") or {})
+        if args.models is not None:
+            models["repository"] = str(args.models)
+        if args.admin_port is not None:
+            models["admin_port"] = args.admin_port
+        data["models"] = models
+    if not data.get("models"):
+        data.setdefault("bundle", str(DEFAULT_BUNDLE))
     for key, value in (("bundle", args.bundle), ("host", args.host), ("port", args.port),
                        ("cnn_precision", args.precision)):
         if value is not None:
@@ -40,6 +48,7 @@ def _serve(args) -> int:
     from ensemble.bundle import BundleError
     from serving.app import serve_forever
     from serving.log_format import configure_logging
+    from serving.model_repository.loading import VersionRejected
 
     try:
         cfg = serve_config_from_args(args)
@@ -47,7 +56,7 @@ def _serve(args) -> int:
         asyncio.run(serve_forever(cfg))
     except ValidationError as e:
         raise CommandError(f"invalid configuration:\n{e}") from None
-    except (BundleError, OSError, ValueError) as e:
+    except (BundleError, VersionRejected, OSError, ValueError) as e:
         raise CommandError(str(e)) from None
     return 0
 
@@ -111,7 +120,8 @@ def _serve_vlm(args) -> int:
     from vlm_stage.vllm_server import VllmServer, VllmServerConfig
 
     try:
-        cfg = VllmServerConfig.for_bundle(load_bundle(args.bundle), host=args.host, port=args.port, dtype=args.dtype)
+        cfg = VllmServerConfig.for_bundle(load_bundle(args.bundle), host=args.host, port=args.port, dtype=args.dtype,
+                                          runtime_lora=not args.no_runtime_lora)
     except ValueError as e:
         raise CommandError(str(e)) from None
     server = VllmServer(cfg, log_path=args.log)
@@ -132,6 +142,10 @@ def register(sub) -> None:
     s = sub.add_parser("serve", help="run the gRPC server")
     s.add_argument("--config", type=Path, help="YAML ServeConfig (flags override it)")
     s.add_argument("--bundle", type=Path)
+    s.add_argument("--models", type=Path, help="a model repository (DIR/<version>/ bundles, DIR/routing.yaml) "
+                   "instead of --bundle: reloads, canary, shadow (docs/operations.md)")
+    s.add_argument("--admin-port", type=int, help="port of the ModelAdmin service (with --models; admin tokens "
+                   "from $CATCASCADE_ADMIN_TOKENS or models.admin_tokens in --config)")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.add_argument("--precision", choices=["fp32", "int8"], help="CNN model file to serve (default fp32)")
@@ -173,4 +187,6 @@ def register(sub) -> None:
     v.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: float32 on a CPU, vLLM's choice on CUDA; bfloat16 is much faster on CPUs with "
                         "AVX-512 BF16/AMX (scores then differ from the float32 in-process backend by ~1e-2)")
+    v.add_argument("--no-runtime-lora", action="store_true",
+                   help="refuse runtime LoRA loading (then a model repository cannot bring new adapters)")
     v.set_defaults(func=_serve_vlm)

@@ -105,11 +105,15 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
         finally:
             self.inflight -= 1
         self._observe(result)
-        log.info("classified request_id=%s escalated=%s reason=%s total_ms=%.1f", request_id, result.escalated,
-                 result.reason.name, result.timings.total_ms,
+        # A model repository's router tags each result with the version that answered it.
+        versions = getattr(result, "versions", None) or self.versions
+        log.info("classified request_id=%s escalated=%s reason=%s total_ms=%.1f version=%s", request_id,
+                 result.escalated, result.reason.name, result.timings.total_ms,
+                 versions.model_version or versions.bundle,
                  extra={"request_id": request_id, "escalation_reason": result.reason.name,
-                        "total_ms": round(result.timings.total_ms, 2)})
-        return result_to_proto(request_id, result, self.versions)
+                        "total_ms": round(result.timings.total_ms, 2),
+                        "model_version": versions.model_version or versions.bundle, "route": versions.route})
+        return result_to_proto(request_id, result, versions)
 
     def _observe(self, r: CascadeResult) -> None:
         m, t = self.metrics, r.timings
@@ -176,7 +180,7 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
             reader_task.cancel()
 
     async def GetModelInfo(self, request, context):
-        return self.model_info
+        return getattr(self.pipeline, "model_info", None) or self.model_info  # a router's follows its live version
 
 
 def server_credentials(tls) -> grpc.ServerCredentials:

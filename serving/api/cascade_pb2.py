@@ -24,17 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19serving/api/cascade.proto\x12\rcatcascade.v1\"v\n\x0f\x43lassifyRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x31\n\nescalation\x18\x03 \x01(\x0e\x32\x1d.catcascade.v1.EscalationMode\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"0\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"y\n\tVlmScores\x12-\n\ncandidates\x18\x01 \x03(\x0b\x32\x19.catcascade.v1.LabelScore\x12\x18\n\x10none_probability\x18\x02 \x01(\x02\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0cscoring_mode\x18\x04 \x01(\t\"\x93\x01\n\x0cStageTimings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x02\x12\x14\n\x0c\x63nn_queue_ms\x18\x02 \x01(\x02\x12\x0e\n\x06\x63nn_ms\x18\x03 \x01(\x02\x12\x0e\n\x06vlm_ms\x18\x04 \x01(\x02\x12\x10\n\x08\x62lend_ms\x18\x05 \x01(\x02\x12\x10\n\x08total_ms\x18\x06 \x01(\x02\x12\x16\n\x0e\x63nn_batch_size\x18\x07 \x01(\r\"9\n\rModelVersions\x12\x0e\n\x06\x62undle\x18\x01 \x01(\t\x12\x0b\n\x03\x63nn\x18\x02 \x01(\t\x12\x0b\n\x03vlm\x18\x03 \x01(\t\"\x9a\x03\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x06labels\x18\x02 \x03(\x0b\x32\x19.catcascade.v1.LabelScore\x12,\n\tcnn_top_k\x18\x03 \x03(\x0b\x32\x19.catcascade.v1.LabelScore\x12%\n\x03vlm\x18\x04 \x01(\x0b\x32\x18.catcascade.v1.VlmScores\x12\x11\n\tescalated\x18\x05 \x01(\x08\x12:\n\x11\x65scalation_reason\x18\x06 \x01(\x0e\x32\x1f.catcascade.v1.EscalationReason\x12\x19\n\x11\x65scalation_detail\x18\x07 \x01(\t\x12,\n\x07timings\x18\x08 \x01(\x0b\x32\x1b.catcascade.v1.StageTimings\x12.\n\x08versions\x18\t \x01(\x0b\x32\x1c.catcascade.v1.ModelVersions\x12*\n\x05\x65rror\x18\n \x01(\x0b\x32\x1b.catcascade.v1.RequestError\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xc3\x01\n\tModelInfo\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12.\n\x08versions\x18\x02 \x01(\x0b\x32\x1c.catcascade.v1.ModelVersions\x12\x12\n\nimage_size\x18\x03 \x01(\r\x12\x1c\n\x14\x65scalation_threshold\x18\x04 \x01(\x02\x12\x19\n\x11\x65scalation_metric\x18\x05 \x01(\t\x12\x14\n\x0c\x62lend_weight\x18\x06 \x01(\x02\x12\x13\n\x0bvlm_enabled\x18\x07 \x01(\x08*a\n\x0e\x45scalationMode\x12\x18\n\x14\x45SCALATION_MODE_AUTO\x10\x00\x12\x19\n\x15\x45SCALATION_MODE_NEVER\x10\x01\x12\x1a\n\x16\x45SCALATION_MODE_ALWAYS\x10\x02*\xd2\x02\n\x10\x45scalationReason\x12!\n\x1d\x45SCALATION_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45SCALATION_REASON_CONFIDENT\x10\x01\x12$\n ESCALATION_REASON_LOW_CONFIDENCE\x10\x02\x12&\n\"ESCALATION_REASON_REQUESTED_ALWAYS\x10\x03\x12%\n!ESCALATION_REASON_REQUESTED_NEVER\x10\x04\x12%\n!ESCALATION_REASON_VLM_UNAVAILABLE\x10\x05\x12\x1e\n\x1a\x45SCALATION_REASON_DEADLINE\x10\x06\x12\x1a\n\x16\x45SCALATION_REASON_SHED\x10\x07\x12\"\n\x1e\x45SCALATION_REASON_VLM_DISABLED\x10\x08\x32\x81\x02\n\rCatClassifier\x12K\n\x08\x43lassify\x12\x1e.catcascade.v1.ClassifyRequest\x1a\x1f.catcascade.v1.ClassifyResponse\x12U\n\x0e\x43lassifyStream\x12\x1e.catcascade.v1.ClassifyRequest\x1a\x1f.catcascade.v1.ClassifyResponse(\x01\x30\x01\x12L\n\x0cGetModelInfo\x12\".catcascade.v1.GetModelInfoRequest\x1a\x18.catcascade.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19serving/api/cascade.proto\x12\rcatcascade.v1\"v\n\x0f\x43lassifyRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x31\n\nescalation\x18\x03 \x01(\x0e\x32\x1d.catcascade.v1.EscalationMode\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"0\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"y\n\tVlmScores\x12-\n\ncandidates\x18\x01 \x03(\x0b\x32\x19.catcascade.v1.LabelScore\x12\x18\n\x10none_probability\x18\x02 \x01(\x02\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0cscoring_mode\x18\x04 \x01(\t\"\x93\x01\n\x0cStageTimings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x02\x12\x14\n\x0c\x63nn_queue_ms\x18\x02 \x01(\x02\x12\x0e\n\x06\x63nn_ms\x18\x03 \x01(\x02\x12\x0e\n\x06vlm_ms\x18\x04 \x01(\x02\x12\x10\n\x08\x62lend_ms\x18\x05 \x01(\x02\x12\x10\n\x08total_ms\x18\x06 \x01(\x02\x12\x16\n\x0e\x63nn_batch_size\x18\x07 \x01(\r\"_\n\rModelVersions\x12\x0e\n\x06\x62undle\x18\x01 \x01(\t\x12\x0b\n\x03\x63nn\x18\x02 \x01(\t\x12\x0b\n\x03vlm\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\r\n\x05route\x18\x05 \x01(\t\"\x9a\x03\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x06labels\x18\x02 \x03(\x0b\x32\x19.catcascade.v1.LabelScore\x12,\n\tcnn_top_k\x18\x03 \x03(\x0b\x32\x19.catcascade.v1.LabelScore\x12%\n\x03vlm\x18\x04 \x01(\x0b\x32\x18.catcascade.v1.VlmScores\x12\x11\n\tescalated\x18\x05 \x01(\x08\x12:\n\x11\x65scalation_reason\x18\x06 \x01(\x0e\x32\x1f.catcascade.v1.EscalationReason\x12\x19\n\x11\x65scalation_detail\x18\x07 \x01(\t\x12,\n\x07timings\x18\x08 \x01(\x0b\x32\x1b.catcascade.v1.StageTimings\x12.\n\x08versions\x18\t \x01(\x0b\x32\x1c.catcascade.v1.ModelVersions\x12*\n\x05\x65rror\x18\n \x01(\x0b\x32\x1b.catcascade.v1.RequestError\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xc1\x02\n\tModelInfo\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12.\n\x08versions\x18\x02 \x01(\x0b\x32\x1c.catcascade.v1.ModelVersions\x12\x12\n\nimage_size\x18\x03 \x01(\r\x12\x1c\n\x14\x65scalation_threshold\x18\x04 \x01(\x02\x12\x19\n\x11\x65scalation_metric\x18\x05 \x01(\t\x12\x14\n\x0c\x62lend_weight\x18\x06 \x01(\x02\x12\x13\n\x0bvlm_enabled\x18\x07 \x01(\x08\x12/\n\tcandidate\x18\x08 \x01(\x0b\x32\x1c.catcascade.v1.ModelVersions\x12\x32\n\x0e\x63\x61ndidate_mode\x18\t \x01(\x0e\x32\x1a.catcascade.v1.TrafficMode\x12\x17\n\x0f\x63\x61ndidate_share\x18\n \x01(\x02\"\x83\x01\n\x07Routing\x12\x0c\n\x04live\x18\x01 \x01(\t\x12\x11\n\tcandidate\x18\x02 \x01(\t\x12(\n\x04mode\x18\x03 \x01(\x0e\x32\x1a.catcascade.v1.TrafficMode\x12\r\n\x05share\x18\x04 \x01(\x02\x12\x10\n\x08previous\x18\x05 \x01(\t\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"\x95\x01\n\x11ModelVersionState\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12.\n\x08versions\x18\x03 \x01(\x0b\x32\x1c.catcascade.v1.ModelVersions\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x10\n\x08inflight\x18\x05 \x01(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x06 \x01(\t\"\x13\n\x11ListModelsRequest\"h\n\tModelList\x12\'\n\x07routing\x18\x01 \x01(\x0b\x32\x16.catcascade.v1.Routing\x12\x32\n\x08versions\x18\x02 \x03(\x0b\x32 .catcascade.v1.ModelVersionState\"\x15\n\x13ReloadModelsRequest\"C\n\x0fRejectedVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x8b\x01\n\x0cReloadReport\x12(\n\x06models\x18\x01 \x01(\x0b\x32\x18.catcascade.v1.ModelList\x12\x0e\n\x06loaded\x18\x02 \x03(\t\x12\x30\n\x08rejected\x18\x03 \x03(\x0b\x32\x1e.catcascade.v1.RejectedVersion\x12\x0f\n\x07\x63hanged\x18\x04 \x01(\x08\"_\n\x13SetCandidateRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12(\n\x04mode\x18\x02 \x01(\x0e\x32\x1a.catcascade.v1.TrafficMode\x12\r\n\x05share\x18\x03 \x01(\x02\"!\n\x0ePromoteRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\x11\n\x0fRollbackRequest\"\x18\n\x16\x41greementReportRequest\"\x8c\x01\n\x0eVersionTraffic\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x03 \x01(\x04\x12\x17\n\x0f\x65scalation_rate\x18\x04 \x01(\x02\x12\x16\n\x0elatency_p50_ms\x18\x05 \x01(\x02\x12\x16\n\x0elatency_p95_ms\x18\x06 \x01(\x02\"\xed\x01\n\x0f\x41greementReport\x12\'\n\x07routing\x18\x01 \x01(\x0b\x32\x16.catcascade.v1.Routing\x12+\n\x04live\x18\x02 \x01(\x0b\x32\x1d.catcascade.v1.VersionTraffic\x12\x30\n\tcandidate\x18\x03 \x01(\x0b\x32\x1d.catcascade.v1.VersionTraffic\x12\x10\n\x08\x63ompared\x18\x04 \x01(\x04\x12\x16\n\x0etop1_agreement\x18\x05 \x01(\x02\x12\x16\n\x0eshadow_dropped\x18\x06 \x01(\x04\x12\x10\n\x08window_s\x18\x07 \x01(\x02*a\n\x0e\x45scalationMode\x12\x18\n\x14\x45SCALATION_MODE_AUTO\x10\x00\x12\x19\n\x15\x45SCALATION_MODE_NEVER\x10\x01\x12\x1a\n\x16\x45SCALATION_MODE_ALWAYS\x10\x02*\xd2\x02\n\x10\x45scalationReason\x12!\n\x1d\x45SCALATION_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45SCALATION_REASON_CONFIDENT\x10\x01\x12$\n ESCALATION_REASON_LOW_CONFIDENCE\x10\x02\x12&\n\"ESCALATION_REASON_REQUESTED_ALWAYS\x10\x03\x12%\n!ESCALATION_REASON_REQUESTED_NEVER\x10\x04\x12%\n!ESCALATION_REASON_VLM_UNAVAILABLE\x10\x05\x12\x1e\n\x1a\x45SCALATION_REASON_DEADLINE\x10\x06\x12\x1a\n\x16\x45SCALATION_REASON_SHED\x10\x07\x12\"\n\x1e\x45SCALATION_REASON_VLM_DISABLED\x10\x08*]\n\x0bTrafficMode\x12\x1c\n\x18TRAFFIC_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13TRAFFIC_MODE_CANARY\x10\x01\x12\x17\n\x13TRAFFIC_MODE_SHADOW\x10\x02\x32\x81\x02\n\rCatClassifier\x12K\n\x08\x43lassify\x12\x1e.catcascade.v1.ClassifyRequest\x1a\x1f.catcascade.v1.ClassifyResponse\x12U\n\x0e\x43lassifyStream\x12\x1e.catcascade.v1.ClassifyRequest\x1a\x1f.catcascade.v1.ClassifyResponse(\x01\x30\x01\x12L\n\x0cGetModelInfo\x12\".catcascade.v1.GetModelInfoRequest\x1a\x18.catcascade.v1.ModelInfo2\xdc\x03\n\nModelAdmin\x12H\n\nListModels\x12 .catcascade.v1.ListModelsRequest\x1a\x18.catcascade.v1.ModelList\x12O\n\x0cReloadModels\x12\".catcascade.v1.ReloadModelsRequest\x1a\x1b.catcascade.v1.ReloadReport\x12L\n\x0cSetCandidate\x12\".catcascade.v1.SetCandidateRequest\x1a\x18.catcascade.v1.ModelList\x12\x42\n\x07Promote\x12\x1d.catcascade.v1.PromoteRequest\x1a\x18.catcascade.v1.ModelList\x12\x44\n\x08Rollback\x12\x1e.catcascade.v1.RollbackRequest\x1a\x18.catcascade.v1.ModelList\x12[\n\x12GetAgreementReport\x12%.catcascade.v1.AgreementReportRequest\x1a\x1e.catcascade.v1.AgreementReportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'serving.api.cascade_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ESCALATIONMODE']._serialized_start=1227
-  _globals['_ESCALATIONMODE']._serialized_end=1324
-  _globals['_ESCALATIONREASON']._serialized_start=1327
-  _globals['_ESCALATIONREASON']._serialized_end=1665
+  _globals['_ESCALATIONMODE']._serialized_start=2598
+  _globals['_ESCALATIONMODE']._serialized_end=2695
+  _globals['_ESCALATIONREASON']._serialized_start=2698
+  _globals['_ESCALATIONREASON']._serialized_end=3036
+  _globals['_TRAFFICMODE']._serialized_start=3038
+  _globals['_TRAFFICMODE']._serialized_end=3131
   _globals['_CLASSIFYREQUEST']._serialized_start=44
   _globals['_CLASSIFYREQUEST']._serialized_end=162
   _globals['_LABELSCORE']._serialized_start=164
@@ -44,15 +46,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGETIMINGS']._serialized_start=338
   _globals['_STAGETIMINGS']._serialized_end=485
   _globals['_MODELVERSIONS']._serialized_start=487
-  _globals['_MODELVERSIONS']._serialized_end=544
-  _globals['_CLASSIFYRESPONSE']._serialized_start=547
-  _globals['_CLASSIFYRESPONSE']._serialized_end=957
-  _globals['_REQUESTERROR']._serialized_start=959
-  _globals['_REQUESTERROR']._serialized_end=1004
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1006
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1027
-  _globals['_MODELINFO']._serialized_start=1030
-  _globals['_MODELINFO']._serialized_end=1225
-  _globals['_CATCLASSIFIER']._serialized_start=1668
-  _globals['_CATCLASSIFIER']._serialized_end=1925
+  _globals['_MODELVERSIONS']._serialized_end=582
+  _globals['_CLASSIFYRESPONSE']._serialized_start=585
+  _globals['_CLASSIFYRESPONSE']._serialized_end=995
+  _globals['_REQUESTERROR']._serialized_start=997
+  _globals['_REQUESTERROR']._serialized_end=1042
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1044
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1065
+  _globals['_MODELINFO']._serialized_start=1068
+  _globals['_MODELINFO']._serialized_end=1389
+  _globals['_ROUTING']._serialized_start=1392
+  _globals['_ROUTING']._serialized_end=1523
+  _globals['_MODELVERSIONSTATE']._serialized_start=1526
+  _globals['_MODELVERSIONSTATE']._serialized_end=1675
+  _globals['_LISTMODELSREQUEST']._serialized_start=1677
+  _globals['_LISTMODELSREQUEST']._serialized_end=1696
+  _globals['_MODELLIST']._serialized_start=1698
+  _globals['_MODELLIST']._serialized_end=1802
+  _globals['_RELOADMODELSREQUEST']._serialized_start=1804
+  _globals['_RELOADMODELSREQUEST']._serialized_end=1825
+  _globals['_REJECTEDVERSION']._serialized_start=1827
+  _globals['_REJECTEDVERSION']._serialized_end=1894
+  _globals['_RELOADREPORT']._serialized_start=1897
+  _globals['_RELOADREPORT']._serialized_end=2036
+  _globals['_SETCANDIDATEREQUEST']._serialized_start=2038
+  _globals['_SETCANDIDATEREQUEST']._serialized_end=2133
+  _globals['_PROMOTEREQUEST']._serialized_start=2135
+  _globals['_PROMOTEREQUEST']._serialized_end=2168
+  _globals['_ROLLBACKREQUEST']._serialized_start=2170
+  _globals['_ROLLBACKREQUEST']._serialized_end=2187
+  _globals['_AGREEMENTREPORTREQUEST']._serialized_start=2189
+  _globals['_AGREEMENTREPORTREQUEST']._serialized_end=2213
+  _globals['_VERSIONTRAFFIC']._serialized_start=2216
+  _globals['_VERSIONTRAFFIC']._serialized_end=2356
+  _globals['_AGREEMENTREPORT']._serialized_start=2359
+  _globals['_AGREEMENTREPORT']._serialized_end=2596
+  _globals['_CATCLASSIFIER']._serialized_start=3134
+  _globals['_CATCLASSIFIER']._serialized_end=3391
+  _globals['_MODELADMIN']._serialized_start=3394
+  _globals['_MODELADMIN']._serialized_end=3870
 # @@protoc_insertion_point(module_scope)

@@ -24,6 +24,12 @@ class EscalationReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ESCALATION_REASON_DEADLINE: _ClassVar[EscalationReason]
     ESCALATION_REASON_SHED: _ClassVar[EscalationReason]
     ESCALATION_REASON_VLM_DISABLED: _ClassVar[EscalationReason]
+
+class TrafficMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRAFFIC_MODE_UNSPECIFIED: _ClassVar[TrafficMode]
+    TRAFFIC_MODE_CANARY: _ClassVar[TrafficMode]
+    TRAFFIC_MODE_SHADOW: _ClassVar[TrafficMode]
 ESCALATION_MODE_AUTO: EscalationMode
 ESCALATION_MODE_NEVER: EscalationMode
 ESCALATION_MODE_ALWAYS: EscalationMode
@@ -36,6 +42,9 @@ ESCALATION_REASON_VLM_UNAVAILABLE: EscalationReason
 ESCALATION_REASON_DEADLINE: EscalationReason
 ESCALATION_REASON_SHED: EscalationReason
 ESCALATION_REASON_VLM_DISABLED: EscalationReason
+TRAFFIC_MODE_UNSPECIFIED: TrafficMode
+TRAFFIC_MODE_CANARY: TrafficMode
+TRAFFIC_MODE_SHADOW: TrafficMode
 
 class ClassifyRequest(_message.Message):
     __slots__ = ("image", "top_k", "escalation", "request_id")
@@ -88,14 +97,18 @@ class StageTimings(_message.Message):
     def __init__(self, decode_ms: _Optional[float] = ..., cnn_queue_ms: _Optional[float] = ..., cnn_ms: _Optional[float] = ..., vlm_ms: _Optional[float] = ..., blend_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., cnn_batch_size: _Optional[int] = ...) -> None: ...
 
 class ModelVersions(_message.Message):
-    __slots__ = ("bundle", "cnn", "vlm")
+    __slots__ = ("bundle", "cnn", "vlm", "model_version", "route")
     BUNDLE_FIELD_NUMBER: _ClassVar[int]
     CNN_FIELD_NUMBER: _ClassVar[int]
     VLM_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     bundle: str
     cnn: str
     vlm: str
-    def __init__(self, bundle: _Optional[str] = ..., cnn: _Optional[str] = ..., vlm: _Optional[str] = ...) -> None: ...
+    model_version: str
+    route: str
+    def __init__(self, bundle: _Optional[str] = ..., cnn: _Optional[str] = ..., vlm: _Optional[str] = ..., model_version: _Optional[str] = ..., route: _Optional[str] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
     __slots__ = ("request_id", "labels", "cnn_top_k", "vlm", "escalated", "escalation_reason", "escalation_detail", "timings", "versions", "error")
@@ -134,7 +147,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("labels", "versions", "image_size", "escalation_threshold", "escalation_metric", "blend_weight", "vlm_enabled")
+    __slots__ = ("labels", "versions", "image_size", "escalation_threshold", "escalation_metric", "blend_weight", "vlm_enabled", "candidate", "candidate_mode", "candidate_share")
     LABELS_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +155,9 @@ class ModelInfo(_message.Message):
     ESCALATION_METRIC_FIELD_NUMBER: _ClassVar[int]
     BLEND_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     VLM_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_MODE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_SHARE_FIELD_NUMBER: _ClassVar[int]
     labels: _containers.RepeatedScalarFieldContainer[str]
     versions: ModelVersions
     image_size: int
@@ -149,4 +165,135 @@ class ModelInfo(_message.Message):
     escalation_metric: str
     blend_weight: float
     vlm_enabled: bool
-    def __init__(self, labels: _Optional[_Iterable[str]] = ..., versions: _Optional[_Union[ModelVersions, _Mapping]] = ..., image_size: _Optional[int] = ..., escalation_threshold: _Optional[float] = ..., escalation_metric: _Optional[str] = ..., blend_weight: _Optional[float] = ..., vlm_enabled: _Optional[bool] = ...) -> None: ...
+    candidate: ModelVersions
+    candidate_mode: TrafficMode
+    candidate_share: float
+    def __init__(self, labels: _Optional[_Iterable[str]] = ..., versions: _Optional[_Union[ModelVersions, _Mapping]] = ..., image_size: _Optional[int] = ..., escalation_threshold: _Optional[float] = ..., escalation_metric: _Optional[str] = ..., blend_weight: _Optional[float] = ..., vlm_enabled: _Optional[bool] = ..., candidate: _Optional[_Union[ModelVersions, _Mapping]] = ..., candidate_mode: _Optional[_Union[TrafficMode, str]] = ..., candidate_share: _Optional[float] = ...) -> None: ...
+
+class Routing(_message.Message):
+    __slots__ = ("live", "candidate", "mode", "share", "previous", "seed")
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    live: str
+    candidate: str
+    mode: TrafficMode
+    share: float
+    previous: str
+    seed: int
+    def __init__(self, live: _Optional[str] = ..., candidate: _Optional[str] = ..., mode: _Optional[_Union[TrafficMode, str]] = ..., share: _Optional[float] = ..., previous: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class ModelVersionState(_message.Message):
+    __slots__ = ("version", "state", "versions", "error", "inflight", "adapter")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    state: str
+    versions: ModelVersions
+    error: str
+    inflight: int
+    adapter: str
+    def __init__(self, version: _Optional[str] = ..., state: _Optional[str] = ..., versions: _Optional[_Union[ModelVersions, _Mapping]] = ..., error: _Optional[str] = ..., inflight: _Optional[int] = ..., adapter: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelList(_message.Message):
+    __slots__ = ("routing", "versions")
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    routing: Routing
+    versions: _containers.RepeatedCompositeFieldContainer[ModelVersionState]
+    def __init__(self, routing: _Optional[_Union[Routing, _Mapping]] = ..., versions: _Optional[_Iterable[_Union[ModelVersionState, _Mapping]]] = ...) -> None: ...
+
+class ReloadModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RejectedVersion(_message.Message):
+    __slots__ = ("version", "reason", "message")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    reason: str
+    message: str
+    def __init__(self, version: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ReloadReport(_message.Message):
+    __slots__ = ("models", "loaded", "rejected", "changed")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    models: ModelList
+    loaded: _containers.RepeatedScalarFieldContainer[str]
+    rejected: _containers.RepeatedCompositeFieldContainer[RejectedVersion]
+    changed: bool
+    def __init__(self, models: _Optional[_Union[ModelList, _Mapping]] = ..., loaded: _Optional[_Iterable[str]] = ..., rejected: _Optional[_Iterable[_Union[RejectedVersion, _Mapping]]] = ..., changed: _Optional[bool] = ...) -> None: ...
+
+class SetCandidateRequest(_message.Message):
+    __slots__ = ("version", "mode", "share")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    mode: TrafficMode
+    share: float
+    def __init__(self, version: _Optional[str] = ..., mode: _Optional[_Union[TrafficMode, str]] = ..., share: _Optional[float] = ...) -> None: ...
+
+class PromoteRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    def __init__(self, version: _Optional[str] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AgreementReportRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class VersionTraffic(_message.Message):
+    __slots__ = ("version", "requests", "errors", "escalation_rate", "latency_p50_ms", "latency_p95_ms")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    ESCALATION_RATE_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P95_MS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    requests: int
+    errors: int
+    escalation_rate: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    def __init__(self, version: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., escalation_rate: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ...) -> None: ...
+
+class AgreementReport(_message.Message):
+    __slots__ = ("routing", "live", "candidate", "compared", "top1_agreement", "shadow_dropped", "window_s")
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    COMPARED_FIELD_NUMBER: _ClassVar[int]
+    TOP1_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    routing: Routing
+    live: VersionTraffic
+    candidate: VersionTraffic
+    compared: int
+    top1_agreement: float
+    shadow_dropped: int
+    window_s: float
+    def __init__(self, routing: _Optional[_Union[Routing, _Mapping]] = ..., live: _Optional[_Union[VersionTraffic, _Mapping]] = ..., candidate: _Optional[_Union[VersionTraffic, _Mapping]] = ..., compared: _Optional[int] = ..., top1_agreement: _Optional[float] = ..., shadow_dropped: _Optional[int] = ..., window_s: _Optional[float] = ...) -> None: ...
