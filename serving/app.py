@@ -77,6 +77,19 @@ async def keep_warming_up(verifier, candidates: tuple[str, ...], period_s: float
     log.info("VLM warm-up done")
 
 
+async def warm_up_all(verifier, option_sets: list[tuple[str, ...]]) -> bool:
+    """``warm_up`` for each candidate count in turn; False at the first that fails."""
+    for candidates in option_sets:
+        if not await warm_up(verifier, candidates):
+            return False
+    return True
+
+
+async def keep_warming_up_all(verifier, option_sets: list[tuple[str, ...]], period_s: float = 5.0) -> None:
+    for candidates in option_sets:
+        await keep_warming_up(verifier, candidates, period_s)
+
+
 @contextlib.asynccontextmanager
 async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None):
     """Yields a servicer over one bundle, or over the model repository (``cfg.models``):
@@ -125,8 +138,13 @@ async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
         max_jpeg_scan_blocks=lim.max_jpeg_scan_blocks, max_segments=lim.max_segments))
     verifier = _verifier(bundle, cfg)
     warm_task = None
-    if verifier is not None and not await warm_up(verifier, tuple(m.labels[: m.cascade.top_k])):
-        warm_task = asyncio.create_task(keep_warming_up(verifier, tuple(m.labels[: m.cascade.top_k])))
+    # one warm-up request per candidate count the VLM can be asked about (each count is its own
+    # option set: its letters are tokenized once)
+    counts = (range(2, m.cascade.max_candidates + 1) if m.cascade.candidate_sets is not None
+              else (m.cascade.top_k,))
+    option_sets = [tuple(m.labels[:n]) for n in counts if n <= len(m.labels)]
+    if verifier is not None and not await warm_up_all(verifier, option_sets):
+        warm_task = asyncio.create_task(keep_warming_up_all(verifier, option_sets))
     breaker = CircuitBreaker(BreakerConfig(**cfg.breaker.model_dump()),
                              on_change=lambda state: metrics.breaker_state.set(int(state)))
     pipeline = CascadePipeline(
@@ -135,6 +153,8 @@ async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
         verifier=verifier, temperature=m.cnn.temperature, breaker=breaker if verifier else None, metrics=metrics,
         config=PipelineConfig(candidates=m.cascade.top_k, vlm_min_budget_ms=lim.vlm_min_budget_ms,
                               max_concurrent_escalations=lim.max_concurrent_escalations,
+                              candidate_sets=m.cascade.candidate_sets,
+                              rationale_max_tokens=cfg.vlm.rationale_max_tokens,
                               max_decode_queue=lim.max_decode_queue,
                               trim_after_decode_ms=cfg.memory.trim_after_decode_ms))
     metrics.inflight_escalations.set_function(lambda: pipeline.inflight_escalations)
@@ -144,10 +164,13 @@ async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
     versions = pb.ModelVersions(bundle=bundle.version_string,
                                 cnn=f"{m.cnn.architecture}:{cfg.cnn_precision}@{cnn_sha[:12]}",
                                 vlm=(f"{m.vlm.base_model}+{vlm_name}" if m.vlm and verifier else ""))
+    sets = m.cascade.candidate_sets
+    rule = (f"{sets.method} sets covering {100 * (1 - sets.alpha):g}%, at most {sets.max_size}" if sets is not None
+            else f"top-{m.cascade.top_k}")
     info = pb.ModelInfo(labels=m.labels, versions=versions, image_size=bundle.preprocess.image_size,
                         escalation_threshold=m.cascade.escalation.threshold,
                         escalation_metric=m.cascade.escalation.metric, blend_weight=m.cascade.blend.weight,
-                        vlm_enabled=verifier is not None)
+                        vlm_enabled=verifier is not None, vlm_candidate_rule=rule)
     await batcher.start()
     try:
         yield pipeline, versions, info

@@ -76,7 +76,7 @@ def _classify(args) -> int:
                           tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
         for p in paths:
             try:
-                r = client.classify(p, top_k=args.top_k, mode=args.mode)
+                r = client.classify(p, top_k=args.top_k, mode=args.mode, explain=args.explain)
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.UNAVAILABLE:
                     raise CommandError(f"cannot reach a catcascade server at {args.target}: {e.details()}") from None
@@ -94,7 +94,12 @@ def _classify(args) -> int:
     elif rows:
         from rich.console import Console
 
-        Console(width=200).print(results_table(rows))
+        console = Console(width=200)
+        console.print(results_table(rows))
+        for name, r in rows:
+            if r.HasField("rationale"):
+                why = r.rationale
+                console.print(f"{name}: " + (f"why {why.label}: {why.text}" if why.text else why.error), markup=False)
     return 1 if failed else 0
 
 
@@ -162,6 +167,7 @@ def register(sub) -> None:
     c.add_argument("--mode", choices=["auto", "never", "always"], default="auto")
     c.add_argument("--timeout", type=float, default=30.0, help="per-request deadline in seconds")
     c.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    c.add_argument("--explain", action="store_true", help="ask the VLM for a short rationale of the breed it favours")
     c.add_argument("--token", help="bearer token (default: $CATCASCADE_TOKEN)")
     c.add_argument("--tls-ca", help="CA certificate: connect with TLS")
     c.add_argument("--tls-cert", help="client certificate (mutual TLS)")

@@ -35,6 +35,8 @@ class VlmEndpointConfig(BaseModel):
                                       "for servers started without it (slower)")
     timeout_s: float = Field(10.0, gt=0)
     max_retries: int = Field(2, ge=0, le=10)
+    rationale_max_tokens: int = Field(48, ge=1, le=512, description="token cap of a rationale (ClassifyRequest."
+                                      "explain): a sentence or two; also bounds what one costs")
 
     @field_validator("urls")
     @classmethod

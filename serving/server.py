@@ -45,9 +45,15 @@ def result_to_proto(request_id: str, r: CascadeResult, versions: pb.ModelVersion
         escalation_reason=int(r.reason),
         escalation_detail=r.detail,
         timings=pb.StageTimings(decode_ms=t.decode_ms, cnn_queue_ms=t.cnn_queue_ms, cnn_ms=t.cnn_ms, vlm_ms=t.vlm_ms,
-                                blend_ms=t.blend_ms, total_ms=t.total_ms, cnn_batch_size=t.cnn_batch_size),
+                                blend_ms=t.blend_ms, total_ms=t.total_ms, cnn_batch_size=t.cnn_batch_size,
+                                rationale_ms=t.rationale_ms),
         versions=versions,
     )
+    if r.rationale is not None:
+        resp.rationale.CopyFrom(pb.Rationale(text=r.rationale.text, label=r.rationale.label,
+                                             tokens=r.rationale.tokens, model=r.rationale.model))
+    elif r.rationale_error:
+        resp.rationale.CopyFrom(pb.Rationale(error=r.rationale_error))
     if r.vlm is not None:
         resp.vlm.CopyFrom(pb.VlmScores(candidates=_scores(r.vlm.candidates, r.vlm.probabilities),
                                        none_probability=r.vlm.none_probability, model=r.vlm.model,
@@ -93,7 +99,7 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
                                f"server overloaded: {self.inflight} requests in flight (limit {self.max_inflight})")
         self.inflight += 1
         try:
-            result = await self.pipeline.classify(request.image, k or None, mode, deadline)
+            result = await self.pipeline.classify(request.image, k or None, mode, deadline, explain=request.explain)
         except InvalidImageError as e:
             self.metrics.images_refused.labels(e.reason).inc()
             log.info("invalid image request_id=%s: %s", request_id, e, extra={"request_id": request_id})
@@ -123,6 +129,8 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
         if r.escalated:
             m.stage_ms.labels("vlm").observe(t.vlm_ms)
             m.stage_ms.labels("blend").observe(t.blend_ms)
+        if r.rationale is not None:
+            m.stage_ms.labels("rationale").observe(t.rationale_ms)
         m.escalations.labels(r.reason.name).inc()
 
     async def Classify(self, request, context: grpc.aio.ServicerContext):

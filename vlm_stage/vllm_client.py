@@ -7,7 +7,8 @@ server, started with ``--logprobs-mode processed_logprobs``, returns the logprob
 mask, i.e. the distribution over the options. ``constraint="grammar"`` uses
 ``structured_outputs`` instead, for servers started without that flag. Requests go to the
 least-loaded of several server URLs, with a timeout and bounded, jittered retries on
-transient errors.
+transient errors. ``explain`` asks, on request, for a short free-text rationale: a separate,
+unconstrained completion with a token cap, after the scoring (vlm_stage/rationale.py).
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from typing import Literal
 import httpx
 from PIL import Image
 
-from vlm_stage.prompts import Prompt, ScoringMode, build_multiple_choice, build_yes_no
+from vlm_stage.prompts import Prompt, ScoringMode, build_multiple_choice, build_rationale, build_yes_no
+from vlm_stage.rationale import (DEFAULT_MAX_TOKENS, Rationale, RationaleError, check_max_tokens, clean_text,
+                                 min_tokens)
 from vlm_stage.scoring import (CandidateScores, ScoringError, check_constrained, first_token_ids, letter_distribution,
                                scores_from_letter_logprobs, scores_from_yes_probs)
 
@@ -209,6 +212,30 @@ class VllmVerifier:
             n_requests, n_tokens = len(prompts), sum(n for _, n in answers)
         return CandidateScores(scores.candidates, scores.probabilities, scores.none_probability, scores.model,
                                scores.mode, (time.perf_counter() - t0) * 1000.0, n_requests, n_tokens)
+
+    async def explain(self, image: Image.Image, breed: str, max_tokens: int = DEFAULT_MAX_TOKENS) -> Rationale:
+        """A sentence or two on why the photo suggests ``breed``: greedy decoding, at most
+        ``max_tokens`` tokens. Raises RationaleError when the model returns no text."""
+        t0 = time.perf_counter()
+        max_tokens = check_max_tokens(max_tokens)
+        url = image_to_data_url(image, self.config.max_image_side, self.config.jpeg_quality)
+        body = {
+            "model": self.config.model,
+            "messages": build_rationale(breed).messages({"type": "image_url", "image_url": {"url": url}}),
+            "max_tokens": max_tokens,
+            "min_tokens": min_tokens(max_tokens),
+            "temperature": 0.0,
+        }
+        payload = await self._post("/v1/chat/completions", body)
+        self.requests_sent += 1
+        usage = payload.get("usage") or {}
+        self.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+        text = clean_text(payload["choices"][0]["message"].get("content") or "")
+        if not text:
+            raise RationaleError(f"the VLM returned no text for the rationale "
+                                 f"(finish_reason {payload['choices'][0].get('finish_reason')!r})")
+        tokens = int(usage.get("completion_tokens") or 0)
+        return Rationale(text, breed, tokens, self.config.model, (time.perf_counter() - t0) * 1000.0)
 
     async def warm_up(self, candidates: tuple[str, ...]) -> None:
         """The first request per option set tokenizes the options (and, with the grammar

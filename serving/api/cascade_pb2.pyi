@@ -47,16 +47,18 @@ TRAFFIC_MODE_CANARY: TrafficMode
 TRAFFIC_MODE_SHADOW: TrafficMode
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("image", "top_k", "escalation", "request_id")
+    __slots__ = ("image", "top_k", "escalation", "request_id", "explain")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     ESCALATION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     top_k: int
     escalation: EscalationMode
     request_id: str
-    def __init__(self, image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., escalation: _Optional[_Union[EscalationMode, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    explain: bool
+    def __init__(self, image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., escalation: _Optional[_Union[EscalationMode, str]] = ..., request_id: _Optional[str] = ..., explain: _Optional[bool] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "probability")
@@ -79,7 +81,7 @@ class VlmScores(_message.Message):
     def __init__(self, candidates: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., none_probability: _Optional[float] = ..., model: _Optional[str] = ..., scoring_mode: _Optional[str] = ...) -> None: ...
 
 class StageTimings(_message.Message):
-    __slots__ = ("decode_ms", "cnn_queue_ms", "cnn_ms", "vlm_ms", "blend_ms", "total_ms", "cnn_batch_size")
+    __slots__ = ("decode_ms", "cnn_queue_ms", "cnn_ms", "vlm_ms", "blend_ms", "total_ms", "cnn_batch_size", "rationale_ms")
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     CNN_QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     CNN_MS_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +89,7 @@ class StageTimings(_message.Message):
     BLEND_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     CNN_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RATIONALE_MS_FIELD_NUMBER: _ClassVar[int]
     decode_ms: float
     cnn_queue_ms: float
     cnn_ms: float
@@ -94,7 +97,22 @@ class StageTimings(_message.Message):
     blend_ms: float
     total_ms: float
     cnn_batch_size: int
-    def __init__(self, decode_ms: _Optional[float] = ..., cnn_queue_ms: _Optional[float] = ..., cnn_ms: _Optional[float] = ..., vlm_ms: _Optional[float] = ..., blend_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., cnn_batch_size: _Optional[int] = ...) -> None: ...
+    rationale_ms: float
+    def __init__(self, decode_ms: _Optional[float] = ..., cnn_queue_ms: _Optional[float] = ..., cnn_ms: _Optional[float] = ..., vlm_ms: _Optional[float] = ..., blend_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., cnn_batch_size: _Optional[int] = ..., rationale_ms: _Optional[float] = ...) -> None: ...
+
+class Rationale(_message.Message):
+    __slots__ = ("text", "label", "tokens", "model", "error")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    label: str
+    tokens: int
+    model: str
+    error: str
+    def __init__(self, text: _Optional[str] = ..., label: _Optional[str] = ..., tokens: _Optional[int] = ..., model: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ModelVersions(_message.Message):
     __slots__ = ("bundle", "cnn", "vlm", "model_version", "route")
@@ -111,7 +129,7 @@ class ModelVersions(_message.Message):
     def __init__(self, bundle: _Optional[str] = ..., cnn: _Optional[str] = ..., vlm: _Optional[str] = ..., model_version: _Optional[str] = ..., route: _Optional[str] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("request_id", "labels", "cnn_top_k", "vlm", "escalated", "escalation_reason", "escalation_detail", "timings", "versions", "error")
+    __slots__ = ("request_id", "labels", "cnn_top_k", "vlm", "escalated", "escalation_reason", "escalation_detail", "timings", "versions", "error", "rationale")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     CNN_TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +140,7 @@ class ClassifyResponse(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    RATIONALE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     labels: _containers.RepeatedCompositeFieldContainer[LabelScore]
     cnn_top_k: _containers.RepeatedCompositeFieldContainer[LabelScore]
@@ -132,7 +151,8 @@ class ClassifyResponse(_message.Message):
     timings: StageTimings
     versions: ModelVersions
     error: RequestError
-    def __init__(self, request_id: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., cnn_top_k: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., vlm: _Optional[_Union[VlmScores, _Mapping]] = ..., escalated: _Optional[bool] = ..., escalation_reason: _Optional[_Union[EscalationReason, str]] = ..., escalation_detail: _Optional[str] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., versions: _Optional[_Union[ModelVersions, _Mapping]] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ...) -> None: ...
+    rationale: Rationale
+    def __init__(self, request_id: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., cnn_top_k: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., vlm: _Optional[_Union[VlmScores, _Mapping]] = ..., escalated: _Optional[bool] = ..., escalation_reason: _Optional[_Union[EscalationReason, str]] = ..., escalation_detail: _Optional[str] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., versions: _Optional[_Union[ModelVersions, _Mapping]] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ..., rationale: _Optional[_Union[Rationale, _Mapping]] = ...) -> None: ...
 
 class RequestError(_message.Message):
     __slots__ = ("code", "message")
@@ -147,7 +167,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("labels", "versions", "image_size", "escalation_threshold", "escalation_metric", "blend_weight", "vlm_enabled", "candidate", "candidate_mode", "candidate_share")
+    __slots__ = ("labels", "versions", "image_size", "escalation_threshold", "escalation_metric", "blend_weight", "vlm_enabled", "candidate", "candidate_mode", "candidate_share", "vlm_candidate_rule")
     LABELS_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +178,7 @@ class ModelInfo(_message.Message):
     CANDIDATE_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_MODE_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_SHARE_FIELD_NUMBER: _ClassVar[int]
+    VLM_CANDIDATE_RULE_FIELD_NUMBER: _ClassVar[int]
     labels: _containers.RepeatedScalarFieldContainer[str]
     versions: ModelVersions
     image_size: int
@@ -168,7 +189,8 @@ class ModelInfo(_message.Message):
     candidate: ModelVersions
     candidate_mode: TrafficMode
     candidate_share: float
-    def __init__(self, labels: _Optional[_Iterable[str]] = ..., versions: _Optional[_Union[ModelVersions, _Mapping]] = ..., image_size: _Optional[int] = ..., escalation_threshold: _Optional[float] = ..., escalation_metric: _Optional[str] = ..., blend_weight: _Optional[float] = ..., vlm_enabled: _Optional[bool] = ..., candidate: _Optional[_Union[ModelVersions, _Mapping]] = ..., candidate_mode: _Optional[_Union[TrafficMode, str]] = ..., candidate_share: _Optional[float] = ...) -> None: ...
+    vlm_candidate_rule: str
+    def __init__(self, labels: _Optional[_Iterable[str]] = ..., versions: _Optional[_Union[ModelVersions, _Mapping]] = ..., image_size: _Optional[int] = ..., escalation_threshold: _Optional[float] = ..., escalation_metric: _Optional[str] = ..., blend_weight: _Optional[float] = ..., vlm_enabled: _Optional[bool] = ..., candidate: _Optional[_Union[ModelVersions, _Mapping]] = ..., candidate_mode: _Optional[_Union[TrafficMode, str]] = ..., candidate_share: _Optional[float] = ..., vlm_candidate_rule: _Optional[str] = ...) -> None: ...
 
 class Routing(_message.Message):
     __slots__ = ("live", "candidate", "mode", "share", "previous", "seed")
