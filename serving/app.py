@@ -88,19 +88,27 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
             raise BundleError(f"cnn_precision int8, but bundle {bundle.root} has no INT8 model "
                               "(train with `catcascade train-cnn --int8`)")
         cnn_file = bundle.cnn_int8_path
-    if cfg.batching.instances > 1 and cfg.cnn_threads is None and not cuda_available():
+    ray_stages = None
+    if cfg.engine == "ray":  # CNN (and VLM) stages as Ray Serve deployments; same front door and pipeline
+        from serving.engines.ray_engine import open_ray_stages
+
+        ray_stages = await open_ray_stages(cfg, bundle, on_batch=metrics.batch_size.observe)
+        batcher = ray_stages.cnn
+    elif cfg.batching.instances > 1 and cfg.cnn_threads is None and not cuda_available():
         onnx = OverlapAwareClassifier(cnn_file, allow_spinning=cfg.cnn_spinning)
     else:
         threads = cfg.cnn_threads or max(1, (os.cpu_count() or 1) // cfg.batching.instances)
         onnx = OnnxClassifier(cnn_file, intra_op_threads=threads, allow_spinning=cfg.cnn_spinning)
-    batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump()), on_batch=metrics.batch_size.observe)
+    if ray_stages is None:
+        batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump()),
+                                 on_batch=metrics.batch_size.observe)
     metrics.queue_depth.set_function(lambda: batcher.depth)
     metrics.batches_running.set_function(lambda: batcher.running)
     await batcher.start()
     lim = cfg.limits
     preprocess_config = dataclasses.replace(bundle.preprocess, limits=DecodeLimits(
         max_bytes=lim.max_message_bytes, max_pixels=lim.max_pixels, max_side=lim.max_side))
-    verifier = _verifier(bundle, cfg)
+    verifier = ray_stages.verifier if ray_stages else _verifier(bundle, cfg)
     warm_task = None
     if verifier is not None and not await warm_up(verifier, tuple(m.labels[: m.cascade.top_k])):
         warm_task = asyncio.create_task(keep_warming_up(verifier, tuple(m.labels[: m.cascade.top_k])))
@@ -133,6 +141,8 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
         pipeline.close()
         if verifier is not None:
             await verifier.aclose()
+        if ray_stages is not None:
+            await ray_stages.close()
 
 
 @contextlib.asynccontextmanager

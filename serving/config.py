@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serving.engines.ray_config import RayEngineConfig
+
 
 class BatchingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -122,6 +124,9 @@ class ServeConfig(BaseModel):
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; None = off")
     log_format: Literal["text", "json"] = "text"
     grace_s: float = Field(5.0, ge=0, description="drain time for in-flight requests on shutdown")
+    engine: Literal["local", "ray"] = Field("local", description="where the CNN stage runs: in this process, or "
+                                            "as Ray Serve deployments (with the VLM client) on a Ray cluster")
+    ray: RayEngineConfig = RayEngineConfig()
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "ServeConfig":

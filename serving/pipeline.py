@@ -19,8 +19,8 @@ from cnn_stage.preprocessing import PreprocessConfig, decode_image, preprocess
 from cnn_stage.topk import TopK, softmax, top_k
 from ensemble.blending import Blender
 from ensemble.escalation_policy import EscalationDecision, EscalationMode, EscalationPolicy, EscalationReason
-from serving.batcher import DynamicBatcher
 from serving.circuit_breaker import CircuitBreaker
+from serving.engines.cnn_engine import CnnEngine
 from serving.metrics import ServiceMetrics
 from vlm_stage.scoring import CandidateScores
 
@@ -68,7 +68,7 @@ class PipelineConfig:
 
 
 class CascadePipeline:
-    def __init__(self, labels: list[str], preprocess_config: PreprocessConfig, cnn: DynamicBatcher,
+    def __init__(self, labels: list[str], preprocess_config: PreprocessConfig, cnn: CnnEngine,
                  policy: EscalationPolicy, blender: Blender, verifier: Verifier | None = None,
                  temperature: float = 1.0, config: PipelineConfig = PipelineConfig(),
                  breaker: CircuitBreaker | None = None, metrics: ServiceMetrics | None = None):
@@ -112,14 +112,20 @@ class CascadePipeline:
         k = k or self.config.default_top_k
         loop = asyncio.get_running_loop()
         keep = mode != EscalationMode.NEVER and self.verifier is not None
-        img, x = await loop.run_in_executor(self._decode_pool, self._decode, data, keep)
-        t_decode = time.perf_counter()
-        res = await self.cnn.submit(x)
+        if getattr(self.cnn, "decodes_images", False):  # the engine decodes where the model runs (Ray replicas)
+            img, res = None, await self.cnn.submit_encoded(data)
+            t_decode = t0 + res.decode_ms / 1000.0
+        else:
+            img, x = await loop.run_in_executor(self._decode_pool, self._decode, data, keep)
+            t_decode = time.perf_counter()
+            res = await self.cnn.submit(x)
         probs = softmax(res.output, self.temperature)
         cnn_top = top_k(probs, self.labels, max(k, self.config.candidates))
         decision = self.policy.decide(probs, mode)
         final, vlm_scores, vlm_ms, blend_ms = probs, None, 0.0, 0.0
         if decision.escalate:
+            if img is None and keep:  # decoded remotely: the VLM's copy is decoded here, on escalation only
+                img, _ = await loop.run_in_executor(self._decode_pool, self._decode, data, True)
             decision, vlm_scores, vlm_ms = await self._ask_vlm(img, cnn_top, decision, deadline)
             if vlm_scores is not None:
                 tb = time.perf_counter()
