@@ -155,6 +155,7 @@ class RayCnnEngine:
         return await self._call("classify_encoded", data)
 
     async def _call(self, method: str, payload) -> EncodedResult:
+        import grpc
         from ray import exceptions as rex
         from ray.serve.exceptions import BackPressureError
 
@@ -171,7 +172,7 @@ class RayCnnEngine:
                     raise QueueFullError(f"CNN replicas are saturated: {e}") from None
                 except rex.RayTaskError:
                     raise  # a bug in the replica's code, not an outage: INTERNAL
-                except (rex.RayError, ConnectionError) as e:  # replica died or is unreachable
+                except (rex.RayError, grpc.aio.AioRpcError, ConnectionError) as e:  # replica died or unreachable
                     if attempt >= self.retries:
                         raise EngineUnavailableError(f"CNN stage unavailable: {type(e).__name__}: "
                                                      f"{str(e)[:200]}") from None
@@ -198,6 +199,7 @@ class RayVerifier:
         self.config = config
 
     async def verify(self, image, candidates):
+        import grpc
         from ray import exceptions as rex
 
         from vlm_stage.scoring import ScoringError
@@ -207,7 +209,7 @@ class RayVerifier:
             kind, value = await self.handle.verify.remote(image, tuple(candidates))
         except rex.RayTaskError:
             raise
-        except (rex.RayError, ConnectionError) as e:
+        except (rex.RayError, grpc.aio.AioRpcError, ConnectionError) as e:
             raise VlmUnavailableError(f"VLM deployment unreachable: {type(e).__name__}: {str(e)[:200]}") from None
         if kind == "scoring":
             raise ScoringError(value)
