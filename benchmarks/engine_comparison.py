@@ -49,7 +49,9 @@ def report(results: dict) -> str:
     base = rows.get("local")
     lines = [
         "# CNN stage: local vs Ray Serve (same front door, same photos, one run)", "",
-        f"Machine: {results['machine']}. Mode never. {results['repeats']} alternating windows per engine and "
+        f"Machine: {results['machine']}, load average {results['load_average']['before']:.1f} before and "
+        f"{results['load_average']['after']:.1f} after (a shared machine). Mode never. "
+        f"{results['repeats']} alternating windows per engine and "
         "concurrency; medians across windows, [min - max]. Ray: two nodes on loopback, one CnnStage replica "
         "(2 logical CPUs of 2 per node), gRPC transport between front door and replica. Milliseconds.", "",
         "| engine | decode runs on | p50 c=1 | p90 c=1 | req/s c=16 | p50 c=16 | decode | cnn queue + hop | cnn "
@@ -142,6 +144,7 @@ def main(args, server_cls, closed_loop, load_images, make_speed_bundle) -> int:
             servers[engine] = server
             asyncio.run(closed_loop(server.target, images, mode, 4, args.warmup, 60))
             console.print(f"{engine}: ready at {server.target}")
+        load_before = os.getloadavg()
         for _ in tqdm(range(args.repeats), desc="alternating windows"):
             for c in (1, 16):
                 for engine, server in servers.items():
@@ -161,7 +164,8 @@ def main(args, server_cls, closed_loop, load_images, make_speed_bundle) -> int:
                                 for k in sorted({b for r in c16 for b in r.batch_sizes})},
         }
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-               "repeats": args.repeats, "bundle": str(args.bundle), "engines": rows}
+               "repeats": args.repeats, "bundle": str(args.bundle), "engines": rows,
+               "load_average": {"before": load_before[0], "after": os.getloadavg()[0]}}
     if "local" in rows:
         for engine, r in rows.items():
             r["c1_p50_added_ms"] = r["c1_p50"] - rows["local"]["c1_p50"]

@@ -122,11 +122,10 @@ def deploy_or_attach(cfg: ServeConfig, bundle_version: str):
 
 class RayCnnEngine:
     """The CNN stage on Ray Serve, with the local batcher's interface (``submit``) and, when the
-    replicas decode, ``submit_encoded``."""
+    replicas decode, ``submit_encoded``. ``on_batch`` sees each request's batch size (batches
+    form on the replicas, out of sight of any one front door)."""
 
     def __init__(self, handle, decodes_images: bool, retries: int = 1, on_batch=None):
-        from ray import serve  # noqa: F401 - the handle's module must be importable here
-
         self.handle = handle.options(_by_reference=False)
         self.decodes_images = decodes_images
         self.retries = retries
