@@ -60,14 +60,20 @@ def report(results: dict) -> str:
     ]
     for name, r in rows.items():
         where = {"local": "front door (local)", "ray": "CNN replica", "ray-front-door": "front door"}[name]
-        vs_p50 = f"+{r['c1_p50'] - base['c1_p50']:.2f} ms" if base and name != "local" else "-"
-        vs_tp = f"{r['c16_rps'] / base['c16_rps']:.2f}x" if base and name != "local" else "-"
+        vs_p50, vs_tp = "-", "-"
+        if base and name != "local":
+            lo, hi = r["c1_p50_added_ms_range"]
+            vs_p50 = f"{r['c1_p50_added_ms']:+.2f} ms [{lo:+.1f} - {hi:+.1f}]"
+            lo, hi = r["c16_throughput_ratio_range"]
+            vs_tp = f"{r['c16_throughput_ratio']:.2f}x [{lo:.2f}-{hi:.2f}]"
         lines.append(
             f"| {name} | {where} | {r['c1_p50']:.2f} [{r['c1_p50_min']:.2f}-{r['c1_p50_max']:.2f}] | "
             f"{r['c1_p90']:.2f} | {r['c16_rps']:.0f} [{r['c16_rps_min']:.0f}-{r['c16_rps_max']:.0f}] | "
             f"{r['c16_p50']:.1f} | {r['stages_c1']['decode_ms']:.2f} | {r['stages_c1']['cnn_queue_ms']:.2f} | "
             f"{r['stages_c1']['cnn_ms']:.2f} | {vs_p50} | {vs_tp} |")
-    lines += ["", "Stage columns are medians at concurrency 1 as the server reports them; for Ray engines "
+    lines += ["", "The `vs local` columns are paired: each window against the local window measured right "
+              "beside it, median [min - max] over the pairs. "
+              "Stage columns are medians at concurrency 1 as the server reports them; for Ray engines "
               "`cnn queue + hop` is the CNN call's time at the front door minus the replica's decode and "
               "compute, i.e. the Ray hop plus the replica's batch queue.", ""]
     return "\n".join(lines)
@@ -162,14 +168,20 @@ def main(args, server_cls, closed_loop, load_images, make_speed_bundle) -> int:
             "stages_c1": {k: statistics.median(r.stage_ms[k] for r in c1) for k in c1[0].stage_ms},
             "batch_sizes_c16": {str(k): sum(r.batch_sizes.get(k, 0) for r in c16)
                                 for k in sorted({b for r in c16 for b in r.batch_sizes})},
+            "c1_p50_windows": [r.pct(50) for r in c1], "c16_rps_windows": [r.throughput for r in c16],
         }
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
                "repeats": args.repeats, "bundle": str(args.bundle), "engines": rows,
                "load_average": {"before": load_before[0], "after": os.getloadavg()[0]}}
-    if "local" in rows:
+    if "local" in rows:  # paired: each window against the local window measured right beside it
+        base = rows["local"]
         for engine, r in rows.items():
-            r["c1_p50_added_ms"] = r["c1_p50"] - rows["local"]["c1_p50"]
-            r["c16_throughput_ratio"] = r["c16_rps"] / rows["local"]["c16_rps"]
+            added = [a - b for a, b in zip(r["c1_p50_windows"], base["c1_p50_windows"])]
+            ratio = [a / b for a, b in zip(r["c16_rps_windows"], base["c16_rps_windows"])]
+            r["c1_p50_added_ms"] = statistics.median(added)
+            r["c1_p50_added_ms_range"] = [min(added), max(added)]
+            r["c16_throughput_ratio"] = statistics.median(ratio)
+            r["c16_throughput_ratio_range"] = [min(ratio), max(ratio)]
     (out_dir / "engines.json").write_text(json.dumps(results, indent=1))
     md = report(results)
     (out_dir / "engines.md").write_text(md)

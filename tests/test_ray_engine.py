@@ -225,6 +225,7 @@ def test_replica_killed_under_load(ray_cluster, demo_bundle, photos):
             for f in futures:
                 f.result()
         counts = {code: outcomes.count(code) for code in set(outcomes)}
+        print(f"replica killed under load: {counts}, slowest {max(elapsed):.2f} s")  # shown with -s / -rP
         assert len(outcomes) == 120
         assert set(counts) <= {"OK", "UNAVAILABLE"}, counts
         assert counts.get("OK", 0) >= 60, counts  # the surviving replica kept answering

@@ -28,8 +28,11 @@ def local_cluster(nodes: int = 2, cpus_per_node: float = 2, object_store_mb: int
 
 
 def _run(args) -> int:
+    import signal
+
     if args.nodes < 1:
         raise CommandError("--nodes must be at least 1")
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))  # stop nodes on TERM too
     with local_cluster(args.nodes, args.num_cpus) as address:
         print(f"Ray cluster with {args.nodes} nodes on loopback at {address}", flush=True)
         print(f"  catcascade serve --engine ray --ray-address {address} ...   (Ctrl-C stops the cluster)", flush=True)
