@@ -4,8 +4,9 @@ interface as the local batcher (serving.engines.cnn_engine) plus a verifier.
 
 Calls go straight to each deployment's replicas over Serve's gRPC transport
 (``_by_reference=False``): on this machine that halved the hop against the default object-ref
-path (bench-latency --engine). A CNN replica that dies mid-call is retried on another while the
-deadline allows; after that the request fails with UNAVAILABLE, never hangs.
+path (benchmarks/ray_hop.py). A CNN call whose replica dies is retried (``ray.request_retries``;
+inference is idempotent), then fails with UNAVAILABLE; the client's deadline cancels it
+throughout, so nothing outlives it.
 """
 from __future__ import annotations
 
