@@ -84,7 +84,7 @@ def test_ray_settings_validate():
         AutoscalingSettings(min_replicas=3, max_replicas=2)
     cfg = ServeConfig.model_validate({"bundle": "b", "engine": "ray",
                                       "ray": {"address": "10.0.0.1:6379", "cnn": {"num_gpus": 0.25}}})
-    assert cfg.ray.cnn.num_gpus == 0.25 and cfg.ray.decode == "replica"
+    assert cfg.ray.cnn.num_gpus == 0.25 and cfg.ray.decode == "front_door"
     with pytest.raises(ValidationError):
         ServeConfig.model_validate({"bundle": "b", "engine": "spark"})
     with pytest.raises(ValidationError):
