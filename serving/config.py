@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serving.engines.ray_config import RayEngineConfig
+from serving.model_repository.config import ModelsConfig
 
 
 class BatchingConfig(BaseModel):
@@ -35,6 +36,8 @@ class VlmEndpointConfig(BaseModel):
                                       "for servers started without it (slower)")
     timeout_s: float = Field(10.0, gt=0)
     max_retries: int = Field(2, ge=0, le=10)
+    rationale_max_tokens: int = Field(48, ge=1, le=512, description="token cap of a rationale (ClassifyRequest."
+                                      "explain): a sentence or two; also bounds what one costs")
 
     @field_validator("urls")
     @classmethod
@@ -106,7 +109,9 @@ class AuthConfig(BaseModel):
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    bundle: Path
+    bundle: Path | None = Field(None, description="the bundle to serve; or models.repository")
+    models: ModelsConfig | None = Field(None, description="a model repository (DIR/<version>/ bundles) instead of "
+                                        "one bundle: reloads, canary, shadow (docs/operations.md)")
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
     cnn_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads per batch; default: "
@@ -127,6 +132,16 @@ class ServeConfig(BaseModel):
     engine: Literal["local", "ray"] = Field("local", description="where the CNN stage runs: in this process, or "
                                             "as Ray Serve deployments (with the VLM client) on a Ray cluster")
     ray: RayEngineConfig = RayEngineConfig()
+
+    @model_validator(mode="after")
+    def _bundle_or_models(self) -> "ServeConfig":
+        if self.bundle is None and self.models is None:
+            raise ValueError("nothing to serve: give bundle (one bundle) or models.repository (a model repository)")
+        if self.bundle is not None and self.models is not None:
+            raise ValueError("give bundle (one bundle) or models.repository (a model repository), not both")
+        if self.engine == "ray" and self.bundle is None:
+            raise ValueError("engine ray serves one bundle (set bundle); a model repository runs on the local engine")
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "ServeConfig":

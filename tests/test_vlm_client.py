@@ -229,3 +229,28 @@ def test_unconstrained_logprobs_are_refused_with_the_server_flag_to_fix_it():
 
     with pytest.raises(ScoringError, match="processed_logprobs"):
         _run(lambda v: v.verify(IMAGE, CANDIDATES), VlmClientConfig(urls=["http://x:1"]), handler)
+
+
+def test_explain_is_a_separate_capped_free_text_request():
+    from vlm_stage.rationale import RationaleError
+
+    seen = []
+
+    def handler(request):
+        body = json.loads(request.content)
+        seen.append(body)
+        text = "  A flat face and\n a long coat.  " if "Persian" in json.dumps(body["messages"]) else ""
+        return httpx.Response(200, json={"choices": [{"message": {"content": text}, "finish_reason": "stop"}],
+                                         "usage": {"prompt_tokens": 90, "completion_tokens": 9}})
+
+    cfg = VlmClientConfig(urls=["http://vlm"])
+    why, v = _run(lambda v: v.explain(IMAGE, "Persian", max_tokens=20), cfg, handler)
+    assert why.text == "A flat face and a long coat." and why.tokens == 9 and why.label == "Persian"
+    body = seen[0]
+    assert body["max_tokens"] == 20 and body["min_tokens"] == 8 and body["temperature"] == 0.0
+    assert "logprobs" not in body and "allowed_token_ids" not in body  # free text, not a scoring call
+    assert v.requests_sent == 1 and v.prompt_tokens == 90
+    with pytest.raises(RationaleError, match="no text"):
+        _run(lambda v: v.explain(IMAGE, "Bengal"), cfg, handler)
+    with pytest.raises(ValueError, match="max_tokens"):
+        _run(lambda v: v.explain(IMAGE, "Persian", max_tokens=0), cfg, handler)

