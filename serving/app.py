@@ -122,13 +122,21 @@ async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
             raise BundleError(f"cnn_precision int8, but bundle {bundle.root} has no INT8 model "
                               "(train with `catcascade train-cnn --int8`)")
         cnn_file = bundle.cnn_int8_path
-    if cfg.batching.instances > 1 and cfg.cnn_threads is None and not cuda_available():
+    ray_stages = None
+    if cfg.engine == "ray":  # CNN (and VLM) stages as Ray Serve deployments; same front door and pipeline
+        from serving.engines.ray_engine import open_ray_stages
+
+        ray_stages = await open_ray_stages(cfg, bundle, on_batch=metrics.batch_size.observe)
+        batcher = ray_stages.cnn
+    elif cfg.batching.instances > 1 and cfg.cnn_threads is None and not cuda_available():
         onnx = await asyncio.to_thread(OverlapAwareClassifier, cnn_file, allow_spinning=cfg.cnn_spinning)
     else:
         threads = cfg.cnn_threads or max(1, (os.cpu_count() or 1) // cfg.batching.instances)
         onnx = await asyncio.to_thread(OnnxClassifier, cnn_file, intra_op_threads=threads,
                                        allow_spinning=cfg.cnn_spinning)
-    batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump()), on_batch=metrics.batch_size.observe)
+    if ray_stages is None:
+        batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump()),
+                                 on_batch=metrics.batch_size.observe)
     metrics.queue_depth.set_function(lambda: batcher.depth)
     metrics.batches_running.set_function(lambda: batcher.running)
     lim = cfg.limits
@@ -136,7 +144,7 @@ async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
         max_bytes=lim.max_message_bytes, max_pixels=lim.max_pixels, max_side=lim.max_side,
         max_aspect_ratio=lim.max_aspect_ratio, max_decode_mb=lim.max_decode_mb, max_jpeg_scans=lim.max_jpeg_scans,
         max_jpeg_scan_blocks=lim.max_jpeg_scan_blocks, max_segments=lim.max_segments))
-    verifier = _verifier(bundle, cfg)
+    verifier = ray_stages.verifier if ray_stages else _verifier(bundle, cfg)
     warm_task = None
     # one warm-up request per candidate count the VLM can be asked about (each count is its own
     # option set: its letters are tokenized once)
@@ -181,6 +189,8 @@ async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
         pipeline.close()
         if verifier is not None:
             await verifier.aclose()
+        if ray_stages is not None:
+            await ray_stages.close()
 
 
 @contextlib.asynccontextmanager

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serving.engines.ray_config import RayEngineConfig
 from serving.model_repository.config import ModelsConfig
 
 
@@ -175,6 +176,9 @@ class ServeConfig(BaseModel):
                                      "(Prometheus scrape_config authorization); empty = none")
     log_format: Literal["text", "json"] = "text"
     grace_s: float = Field(5.0, ge=0, description="drain time for in-flight requests on shutdown")
+    engine: Literal["local", "ray"] = Field("local", description="where the CNN stage runs: in this process, or "
+                                            "as Ray Serve deployments (with the VLM client) on a Ray cluster")
+    ray: RayEngineConfig = RayEngineConfig()
 
     @model_validator(mode="after")
     def _bundle_or_models(self) -> "ServeConfig":
@@ -182,6 +186,8 @@ class ServeConfig(BaseModel):
             raise ValueError("nothing to serve: give bundle (one bundle) or models.repository (a model repository)")
         if self.bundle is not None and self.models is not None:
             raise ValueError("give bundle (one bundle) or models.repository (a model repository), not both")
+        if self.engine == "ray" and self.bundle is None:
+            raise ValueError("engine ray serves one bundle (set bundle); a model repository runs on the local engine")
         return self
 
     @classmethod

@@ -27,8 +27,9 @@ from ensemble.blending import Blender
 from ensemble.candidate_sets import set_size
 from ensemble.config import CandidateSetConfig
 from ensemble.escalation_policy import EscalationDecision, EscalationMode, EscalationPolicy, EscalationReason
-from serving.batcher import DynamicBatcher, QueueFullError
+from serving.batcher import QueueFullError
 from serving.circuit_breaker import BreakerState, CircuitBreaker
+from serving.engines.cnn_engine import CnnEngine
 from serving.metrics import ServiceMetrics
 from vlm_stage.rationale import Rationale
 from vlm_stage.scoring import CandidateScores
@@ -95,7 +96,7 @@ class DeadlineExceededError(RuntimeError):
 
 
 class CascadePipeline:
-    def __init__(self, labels: list[str], preprocess_config: PreprocessConfig, cnn: DynamicBatcher,
+    def __init__(self, labels: list[str], preprocess_config: PreprocessConfig, cnn: CnnEngine,
                  policy: EscalationPolicy, blender: Blender, verifier: Verifier | None = None,
                  temperature: float = 1.0, config: PipelineConfig = PipelineConfig(),
                  breaker: CircuitBreaker | None = None, metrics: ServiceMetrics | None = None):
@@ -195,15 +196,21 @@ class CascadePipeline:
         t0 = time.perf_counter()
         k = k or self.config.default_top_k
         keep = mode != EscalationMode.NEVER and self.verifier is not None
-        img, x = await self._decode_in_pool(data, keep, deadline)
-        t_decode = time.perf_counter()
-        res = await self.cnn.submit(x)
+        if getattr(self.cnn, "decodes_images", False):  # the engine decodes where the model runs (Ray replicas)
+            img, res = None, await self.cnn.submit_encoded(data)
+            t_decode = t0 + res.decode_ms / 1000.0
+        else:
+            img, x = await self._decode_in_pool(data, keep, deadline)
+            t_decode = time.perf_counter()
+            res = await self.cnn.submit(x)
         probs = softmax(res.output, self.temperature)
         cnn_top = top_k(probs, self.labels, max(k, self.max_candidates, 2))
         sets = self.config.candidate_sets
         size = set_size(sets, probs) if sets is not None else None
         decision = self.policy.decide(probs, mode, size, sets.skip_singletons if sets is not None else True)
         final, vlm_scores, vlm_ms, blend_ms = probs, None, 0.0, 0.0
+        if img is None and keep and (decision.escalate or explain):  # decoded remotely: the VLM's copy, if needed
+            img, _ = await self._decode_in_pool(data, True, deadline)
         if decision.escalate:
             decision, vlm_scores, vlm_ms = await self._ask_vlm(img, cnn_top, decision, deadline,
                                                                self.candidate_count(size))

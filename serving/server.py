@@ -21,6 +21,7 @@ from serving.api import cascade_pb2 as pb
 from serving.api import cascade_pb2_grpc as pb_grpc
 from serving.auth import BearerTokenInterceptor
 from serving.batcher import QueueFullError
+from serving.engines.cnn_engine import EngineUnavailableError
 from serving.metrics import ServiceMetrics
 from serving.pipeline import CascadePipeline, CascadeResult, DeadlineExceededError
 
@@ -108,6 +109,8 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {e}") from None
         except DeadlineExceededError as e:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(e)) from None
+        except EngineUnavailableError as e:  # e.g. the Ray engine's CNN replicas died: clients may retry
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
         finally:
             self.inflight -= 1
         self._observe(result)
