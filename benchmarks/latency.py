@@ -417,6 +417,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-spinning", action="store_true", help="serve with ONNX Runtime thread spinning off")
     p.add_argument("--instances", type=int, default=2,
                    help="CNN batches run at once in the server (batching.instances, default 2 as in serving)")
+    p.add_argument("--engine", nargs="+", default=["local"],
+                   help="local, ray (decode on the CNN replica), ray-front-door (decode on the front door): more "
+                        "than one, or any ray, compares engines in one run (benchmarks/engine_comparison.py)")
     p.add_argument("--features", action="store_true", help="instead: what the response cache, tracing, tenant "
                    "budgets, drift signals and priorities cost, off and on, in one run (benchmarks/feature_overhead.py)")
     p.add_argument("--out", type=Path, default=None,
@@ -437,8 +440,14 @@ def main(args: argparse.Namespace) -> int:
 
     if args.features:
         return features_main(args)
+    args.out = args.out or Path("artifacts/bench/latency")
+    if args.engine != ["local"]:
+        from benchmarks.engine_comparison import main as compare_engines
+
+        return compare_engines(args, server_cls=ServerProcess, closed_loop=closed_loop, load_images=load_images,
+                               make_speed_bundle=make_speed_bundle)
     console = Console(width=200)
-    out_dir = args.out = args.out or Path("artifacts/bench/latency")
+    out_dir = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.bundle is None:
         args.bundle = Path("artifacts/demo-bundle") if args.vlm else Path(f"artifacts/speed-bundle-{args.image_size}")

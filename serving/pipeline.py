@@ -13,6 +13,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,14 +22,16 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from cnn_stage.native_memory import release_free_memory
 from cnn_stage.preprocessing import PreprocessConfig, decode_image, preprocess
 from cnn_stage.topk import TopK, softmax, top_k
 from ensemble.blending import Blender
 from ensemble.candidate_sets import set_size
 from ensemble.config import CandidateSetConfig
 from ensemble.escalation_policy import EscalationDecision, EscalationMode, EscalationPolicy, EscalationReason
-from serving.batcher import DynamicBatcher
+from serving.batcher import QueueFullError
 from serving.circuit_breaker import BreakerState, CircuitBreaker
+from serving.engines.cnn_engine import CnnEngine
 from serving.metrics import ServiceMetrics
 from serving.observability.tracing import NoTracing, now_ns
 from serving.traffic.priorities import Priority, PrioritySlots
@@ -98,10 +101,18 @@ class PipelineConfig:
     decode_threads: int = 2
     vlm_image_side: int = 448
     """Longest side of the copy kept for the VLM (bounds memory and image tokens)."""
+    max_decode_queue: int = 64
+    """Images waiting for a decode thread; beyond it, requests are refused (QueueFullError)."""
+    trim_after_decode_ms: float | None = None
+    """malloc_trim after a decode slower than this (a large image), so its memory goes back to the OS."""
+
+
+class DeadlineExceededError(RuntimeError):
+    """The request's deadline passed before its work started; nothing was done for it."""
 
 
 class CascadePipeline:
-    def __init__(self, labels: list[str], preprocess_config: PreprocessConfig, cnn: DynamicBatcher,
+    def __init__(self, labels: list[str], preprocess_config: PreprocessConfig, cnn: CnnEngine,
                  policy: EscalationPolicy, blender: Blender, verifier: Verifier | None = None,
                  temperature: float = 1.0, config: PipelineConfig = PipelineConfig(),
                  breaker: CircuitBreaker | None = None, metrics: ServiceMetrics | None = None,
@@ -119,6 +130,9 @@ class CascadePipeline:
         self._decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
         self.tracing = tracing or NoTracing()
         self.tenant_budgets = tenant_budgets
+        self.decode_waiting = 0
+        self.decodes_started = 0
+        self._decode_lock = threading.Lock()
         self.vlm_calls = 0
         self._escalation_slots = PrioritySlots(config.max_concurrent_escalations, config.escalation_queue_size)
 
@@ -135,6 +149,43 @@ class CascadePipeline:
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False)
 
+    async def _decode_in_pool(self, data: bytes, keep_for_vlm: bool,
+                              deadline: float | None) -> tuple[Image.Image | None, np.ndarray]:
+        """Runs ``_decode`` on the decode pool. The pool's queue is bounded; a job whose
+        request is cancelled (client gone, deadline passed in gRPC) before a thread picks it
+        up is dropped, and a job that starts after its deadline returns at once, so the
+        decode threads only ever work for requests someone still waits on."""
+        with self._decode_lock:
+            if self.decode_waiting >= self.config.max_decode_queue:
+                raise QueueFullError(f"decode queue is full ({self.decode_waiting} images waiting)")
+            self.decode_waiting += 1
+
+        def job():
+            late = deadline is not None and time.monotonic() >= deadline
+            with self._decode_lock:
+                self.decode_waiting -= 1
+                self.decodes_started += not late
+            if not late and self.metrics is not None:
+                self.metrics.decodes_started.inc()
+            if late:
+                self._count_skipped_decode("deadline")
+                raise DeadlineExceededError("the deadline passed while the image waited to be decoded")
+            return self._decode(data, keep_for_vlm)
+
+        future = self._decode_pool.submit(job)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if future.cancel():  # never ran, never will: give its queue slot back
+                with self._decode_lock:
+                    self.decode_waiting -= 1
+                self._count_skipped_decode("cancelled")
+            raise
+
+    def _count_skipped_decode(self, why: str) -> None:
+        if self.metrics is not None:
+            self.metrics.decodes_skipped.labels(why).inc()
+
     @property
     def max_candidates(self) -> int:
         sets = self.config.candidate_sets
@@ -149,13 +200,18 @@ class CascadePipeline:
         """Decode + preprocess; keeps at most a ``vlm_image_side`` copy for the VLM, so the
         memory a request holds while it waits on the VLM is bounded whatever was uploaded."""
         cfg = self.preprocess_config
+        t0 = time.perf_counter()
         img = decode_image(data, cfg.limits, draft_size=cfg.scale_size)
         x = preprocess(img, cfg)
-        if not keep_for_vlm:
-            return None, x
-        side = self.config.vlm_image_side
-        if max(img.size) > side:
-            img.thumbnail((side, side), Image.Resampling.BICUBIC)
+        if keep_for_vlm:
+            side = self.config.vlm_image_side
+            if max(img.size) > side:
+                img.thumbnail((side, side), Image.Resampling.BICUBIC)
+        else:
+            img = None  # the decoded image is freed before the trim below
+        trim_ms = self.config.trim_after_decode_ms
+        if trim_ms is not None and (time.perf_counter() - t0) * 1000.0 > trim_ms:
+            release_free_memory()
         return img, x
 
     async def classify(self, data: bytes, k: int | None = None, mode: EscalationMode = EscalationMode.AUTO,
@@ -166,17 +222,21 @@ class CascadePipeline:
         orders the CNN queue and the VLM's; ``tenant`` names whose escalation budget an
         escalation spends.
 
-        Raises InvalidImageError for bad bytes and QueueFullError when the CNN queue is full.
+        Raises InvalidImageError for bad bytes, QueueFullError when the decode or CNN queue is
+        full, DeadlineExceededError when the deadline passed before decoding started.
         """
         t0 = time.perf_counter()
         k = k or self.config.default_top_k
-        loop = asyncio.get_running_loop()
         keep = mode != EscalationMode.NEVER and self.verifier is not None
         tracing = self.tracing
-        with tracing.stage("decode"):
-            img, x = await loop.run_in_executor(self._decode_pool, self._decode, data, keep)
-        t_decode = time.perf_counter()
-        res = await self.cnn.submit(x, priority)
+        if getattr(self.cnn, "decodes_images", False):  # the engine decodes where the model runs (Ray replicas)
+            img, res = None, await self.cnn.submit_encoded(data)
+            t_decode = t0 + res.decode_ms / 1000.0
+        else:
+            with tracing.stage("decode"):
+                img, x = await self._decode_in_pool(data, keep, deadline)
+            t_decode = time.perf_counter()
+            res = await self.cnn.submit(x, priority)
         if tracing.enabled:  # the batcher timed both; spans from its readings
             end = now_ns()
             cnn_start = end - int(res.compute_ms * 1e6)
@@ -188,6 +248,8 @@ class CascadePipeline:
         size = set_size(sets, probs) if sets is not None else None
         decision = self.policy.decide(probs, mode, size, sets.skip_singletons if sets is not None else True)
         final, vlm_scores, vlm_ms, blend_ms = probs, None, 0.0, 0.0
+        if img is None and keep and (decision.escalate or explain):  # decoded remotely: the VLM's copy, if needed
+            img, _ = await self._decode_in_pool(data, True, deadline)
         if decision.escalate:
             with tracing.stage("vlm"):
                 decision, vlm_scores, vlm_ms = await self._ask_vlm(img, cnn_top, decision, deadline,
