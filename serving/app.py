@@ -4,12 +4,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import signal
 
 from ensemble.bundle import Bundle, BundleError, load_bundle
 from cnn_stage.onnx_runtime import OnnxClassifier, OverlapAwareClassifier, cuda_available
+from cnn_stage.native_memory import tune_malloc
 from cnn_stage.preprocessing import DecodeLimits
 from ensemble.blender_registry import make_blender
 from ensemble.escalation_policy import EscalationPolicy
@@ -19,6 +21,7 @@ from serving.circuit_breaker import BreakerConfig, CircuitBreaker
 from serving.metrics import ServiceMetrics
 from serving.config import ServeConfig
 from serving.engines.thread_priority import build_in_lowered_thread
+from serving.observability.tracing import NoTracing, make_tracing
 from serving.pipeline import CascadePipeline, PipelineConfig
 from serving.server import CatClassifierServicer, run_server
 from serving.traffic.admission import AdmissionConfig, AdmissionController
@@ -27,7 +30,7 @@ from serving.traffic.vlm_watchdog import VlmWatchdog, WatchdogConfig
 log = logging.getLogger(__name__)
 
 
-def _verifier(bundle: Bundle, cfg: ServeConfig):
+def _verifier(bundle: Bundle, cfg: ServeConfig, request_headers=None):
     """The VLM stage the config asks for: vLLM over HTTP, the bundle's VLM in-process, or none."""
     backend = cfg.vlm.backend
     if backend == "none":
@@ -48,7 +51,9 @@ def _verifier(bundle: Bundle, cfg: ServeConfig):
     model = cfg.vlm.model or spec.adapter_name or spec.served_model_name
     return VllmVerifier(VlmClientConfig(urls=cfg.vlm.urls, model=model, scoring_mode=mode,
                                         timeout_s=cfg.vlm.timeout_s, max_retries=cfg.vlm.max_retries,
-                                        constraint=cfg.vlm.constraint))
+                                        constraint=cfg.vlm.constraint,
+                                        max_connections=max(64, cfg.limits.max_concurrent_escalations)),
+                        request_headers=request_headers)
 
 
 async def warm_up(verifier, candidates: tuple[str, ...], timeout_s: float = 180.0) -> bool:
@@ -106,24 +111,46 @@ async def keep_warming_up_all(verifier, option_sets: list[tuple[str, ...]], peri
 async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None):
     """Yields a servicer over one bundle, or over the model repository (``cfg.models``):
     versions loaded, swapped, canaried and shadowed by serving.model_repository."""
+    tune_malloc(cfg.memory.malloc_arena_max, cfg.memory.malloc_mmap_threshold_kb)  # before any worker thread
     metrics = metrics or ServiceMetrics()
+    tracing = make_tracing(cfg.tracing)
+    tenants = None
+    if cfg.auth.tenants or cfg.tenant_budgets.active:
+        from serving.traffic.tenant_budgets import TenantBudgets
+
+        tenants = TenantBudgets(cfg.tenant_budgets, cfg.auth.tenants, registry=metrics.registry)
+    # every version of the model repository shares the service's tracing and tenant buckets
+    factory = functools.partial(build_cascade, tracing=tracing,
+                                tenant_budgets=tenants if cfg.tenant_budgets.active else None)
     if cfg.models is not None:
         from serving.model_repository.service import routed_pipeline
 
-        cascade = routed_pipeline(cfg, metrics, build_cascade)
+        cascade = routed_pipeline(cfg, metrics, factory)
     else:
-        cascade = build_cascade(cfg, metrics)
-    async with cascade as built:
-        pipeline, versions, info = (built, built.versions, built.model_info) if cfg.models is not None else built
-        admission = AdmissionController(AdmissionConfig(**cfg.admission.model_dump()))
-        yield CatClassifierServicer(pipeline, versions, info, metrics, max_inflight=cfg.limits.max_inflight_requests,
-                                    admission=admission)
+        cascade = factory(cfg, metrics)
+    cache = None
+    if cfg.cache.enabled:
+        from serving.traffic.response_cache import ResponseCache
+
+        cache = ResponseCache(cfg.cache, size_of=lambda r: r.ByteSize(), registry=metrics.registry)
+    try:
+        async with cascade as built:
+            pipeline, versions, info = (built, built.versions, built.model_info) if cfg.models is not None else built
+            admission = AdmissionController(AdmissionConfig(**cfg.admission.model_dump()))
+            yield CatClassifierServicer(pipeline, versions, info, metrics, max_inflight=cfg.limits.max_inflight_requests,
+                                        cache=cache, tracing=tracing, tenants=tenants,
+                                        drift=cfg.drift if cfg.drift.enabled else None, admission=admission)
+    finally:
+        tracing.shutdown()
 
 
 @contextlib.asynccontextmanager
-async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None):
+async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None, tracing: NoTracing | None = None,
+                        tenant_budgets=None):
     """Loads the bundle, starts the batcher and yields (pipeline, versions, info); closes
-    everything after. One version of the model repository is one of these."""
+    everything after. One version of the model repository is one of these. ``tracing`` and
+    ``tenant_budgets`` (serving.traffic.tenant_budgets.TenantBudgets) are the service's."""
+    tracing = tracing or NoTracing()
     # Hashing the files and building the ONNX session take a fraction of a second: off the
     # event loop, so a model repository loading a new version does not stall the one serving.
     bundle = await asyncio.to_thread(load_bundle, cfg.bundle)
@@ -136,23 +163,33 @@ async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
                               "(train with `catcascade train-cnn --int8`)")
         cnn_file = bundle.cnn_int8_path
     nice = cfg.compute_nice
+    ray_stages = None
+    if cfg.engine == "ray":  # CNN (and VLM) stages as Ray Serve deployments; same front door and pipeline
+        from serving.engines.ray_engine import open_ray_stages
 
-    def make_classifier():
-        if cfg.batching.instances > 1 and cfg.cnn_threads is None and not cuda_available():
-            return OverlapAwareClassifier(cnn_file, allow_spinning=cfg.cnn_spinning)
-        threads = cfg.cnn_threads or max(1, (os.cpu_count() or 1) // cfg.batching.instances)
-        return OnnxClassifier(cnn_file, intra_op_threads=threads, allow_spinning=cfg.cnn_spinning)
+        ray_stages = await open_ray_stages(cfg, bundle, on_batch=metrics.batch_size.observe)
+        batcher = ray_stages.cnn
+    else:
+        def make_classifier():
+            if cfg.batching.instances > 1 and cfg.cnn_threads is None and not cuda_available():
+                return OverlapAwareClassifier(cnn_file, allow_spinning=cfg.cnn_spinning)
+            threads = cfg.cnn_threads or max(1, (os.cpu_count() or 1) // cfg.batching.instances)
+            return OnnxClassifier(cnn_file, intra_op_threads=threads, allow_spinning=cfg.cnn_spinning)
 
-    # off the event loop, in a thread below it: ONNX Runtime's pool threads inherit its priority
-    onnx = await asyncio.to_thread(build_in_lowered_thread, make_classifier, nice)
-    batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump(), thread_nice=nice),
-                             on_batch=metrics.batch_size.observe)
+        # off the event loop, in a thread below it: ONNX Runtime's pool threads inherit its priority
+        onnx = await asyncio.to_thread(build_in_lowered_thread, make_classifier, nice)
+        batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump(), thread_nice=nice),
+                                 on_batch=metrics.batch_size.observe)
     metrics.queue_depth.set_function(lambda: batcher.depth)
     metrics.batches_running.set_function(lambda: batcher.running)
     lim = cfg.limits
     preprocess_config = dataclasses.replace(bundle.preprocess, limits=DecodeLimits(
-        max_bytes=lim.max_message_bytes, max_pixels=lim.max_pixels, max_side=lim.max_side))
-    verifier = _verifier(bundle, cfg)
+        max_bytes=lim.max_message_bytes, max_pixels=lim.max_pixels, max_side=lim.max_side,
+        max_aspect_ratio=lim.max_aspect_ratio, max_decode_mb=lim.max_decode_mb, max_jpeg_scans=lim.max_jpeg_scans,
+        max_jpeg_scan_blocks=lim.max_jpeg_scan_blocks, max_segments=lim.max_segments))
+    # (with the Ray engine the VLM client runs in a Ray deployment: no trace headers are added there)
+    verifier = ray_stages.verifier if ray_stages else _verifier(
+        bundle, cfg, tracing.outgoing_headers if tracing.enabled else None)
     warm_task = None
     # one warm-up request per candidate count the VLM can be asked about (each count is its own
     # option set: its letters are tokenized once)
@@ -173,9 +210,14 @@ async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
         verifier=verifier, temperature=m.cnn.temperature, breaker=breaker if verifier else None, metrics=metrics,
         config=PipelineConfig(candidates=m.cascade.top_k, vlm_min_budget_ms=lim.vlm_min_budget_ms,
                               max_concurrent_escalations=lim.max_concurrent_escalations,
+                              escalation_queue_size=lim.escalation_queue_size,
                               candidate_sets=m.cascade.candidate_sets,
                               rationale_max_tokens=cfg.vlm.rationale_max_tokens,
-                              vlm_call_budget_s=cfg.vlm.call_budget_s, decode_nice=nice))
+                              max_decode_queue=lim.max_decode_queue,
+                              trim_after_decode_ms=cfg.memory.trim_after_decode_ms,
+                              vlm_call_budget_s=cfg.vlm.call_budget_s, decode_nice=nice),
+        tracing=tracing, tenant_budgets=tenant_budgets)
+    pipeline.confidence_reference = m.cnn.confidence_histogram  # the drift index's reference
     metrics.inflight_escalations.set_function(lambda: pipeline.inflight_escalations)
     watchdog_task = None
     if watchdog_probe is not None and option_sets:
@@ -210,15 +252,25 @@ async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
         pipeline.close()
         if verifier is not None:
             await verifier.aclose()
+        if ray_stages is not None:
+            await ray_stages.close()
 
 
 @contextlib.asynccontextmanager
 async def running_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None):
-    """The whole service per ``cfg`` (limits, TLS, auth included); yields (servicer, port, health)."""
+    """The whole service per ``cfg`` (limits, TLS, auth, the metrics endpoint included); yields
+    (servicer, port, health). With ``metrics_port`` set, ``servicer.metrics.http_server`` is
+    the /metrics server."""
     async with build_service(cfg, metrics) as servicer:
-        async with run_server(servicer, cfg.host, cfg.port, max_message_bytes=cfg.limits.max_message_bytes,
-                              grace_s=cfg.grace_s, tls=cfg.tls, tokens=cfg.auth.tokens()) as (_, port, health):
-            yield servicer, port, health
+        if cfg.metrics_port is not None:
+            servicer.metrics.serve_http(cfg.metrics_port, cfg.metrics_host, tls=cfg.metrics_tls,
+                                        tokens=cfg.metrics_auth.tokens())
+        try:
+            async with run_server(servicer, cfg.host, cfg.port, max_message_bytes=cfg.limits.max_message_bytes,
+                                  grace_s=cfg.grace_s, tls=cfg.tls, tokens=cfg.auth.tokens()) as (_, port, health):
+                yield servicer, port, health
+        finally:
+            servicer.metrics.stop_http()
 
 
 async def serve_forever(cfg: ServeConfig, ready=None) -> None:
@@ -228,10 +280,11 @@ async def serve_forever(cfg: ServeConfig, ready=None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     metrics = ServiceMetrics()
-    if cfg.metrics_port is not None:
-        http_server, _ = metrics.serve_http(cfg.metrics_port, cfg.host)
-        print(f"Prometheus metrics on http://{cfg.host}:{http_server.server_port}/metrics", flush=True)
     async with running_service(cfg, metrics) as (_, port, _health):
+        if metrics.http_server is not None:
+            print(f"Prometheus metrics on {'https' if cfg.metrics_tls else 'http'}://{cfg.metrics_host}:"
+                  f"{metrics.http_server.server_port}/metrics"
+                  f"{' (bearer token)' if cfg.metrics_auth.tokens() else ''}", flush=True)
         log.info("catcascade serving on %s:%d (VLM: %s)", cfg.host, port, cfg.vlm.urls or "off")
         print(f"catcascade serving on {cfg.host}:{port} ({'TLS' if cfg.tls else 'plaintext'}"
               f"{', auth' if cfg.auth.tokens() else ''})", flush=True)

@@ -6,17 +6,19 @@ a worker thread so ONNX Runtime never blocks the loop. With ``instances`` > 1 (T
 instance_group count) that many workers share the queue, each with a thread of its own, so
 several batches run at once: on a CPU, two single-threaded runs get more images per second out
 of two cores than one run split over both. The queue is bounded: a full queue refuses new work
-at once instead of letting latency grow without limit, and a request whose deadline can no
-longer be met by the time a worker takes it is shed (Triton's queue policy with the REJECT
-timeout action): it gets DeadlineUnmeetableError, the CNN time goes to requests that can
-still make it.
+at once instead of letting latency grow without limit. The queue is ordered by request
+priority (serving/traffic/priorities.py: interactive before batch), then by arrival. A
+request whose deadline can no longer be met by the time a worker takes it is shed (Triton's
+queue policy with the REJECT timeout action): it gets DeadlineUnmeetableError, the CNN time
+goes to requests that can still make it.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -57,12 +59,14 @@ class BatchResult:
     batch_size: int
 
 
-@dataclass
+@dataclass(order=True)
 class _Item:
-    x: np.ndarray
-    future: asyncio.Future
-    enqueued: float
-    deadline: float | None = None
+    priority: int
+    arrival: int
+    x: np.ndarray = field(compare=False)
+    future: asyncio.Future = field(compare=False)
+    enqueued: float = field(compare=False)
+    deadline: float | None = field(default=None, compare=False)
     """time.monotonic() instant the answer is due, or None."""
 
 
@@ -72,7 +76,8 @@ class DynamicBatcher:
         self.run_batch = run_batch
         self.config = config
         self.on_batch = on_batch
-        self._queue: asyncio.Queue[_Item] | None = None
+        self._queue: asyncio.PriorityQueue[_Item] | None = None
+        self._arrivals = itertools.count()
         self._workers: list[asyncio.Task] = []
         self._executor = ThreadPoolExecutor(max_workers=config.instances, thread_name_prefix="cnn",
                                             initializer=lower_current_thread, initargs=(config.thread_nice,))
@@ -84,7 +89,7 @@ class DynamicBatcher:
         self.shed = 0
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue(self.config.max_queue_size)
+        self._queue = asyncio.PriorityQueue(self.config.max_queue_size)
         self._workers = [asyncio.create_task(self._loop(), name=f"cnn-batcher-{i}") for i in range(self.config.instances)]
 
     async def stop(self) -> None:
@@ -101,14 +106,15 @@ class DynamicBatcher:
     def depth(self) -> int:
         return self._queue.qsize() if self._queue else 0
 
-    async def submit(self, x: np.ndarray, deadline: float | None = None) -> BatchResult:
-        """``deadline``: a time.monotonic() instant; past the point where a batch can still
+    async def submit(self, x: np.ndarray, priority: int = 0, deadline: float | None = None) -> BatchResult:
+        """Queues one input; lower ``priority`` values are taken first, then first come.
+        ``deadline`` (a time.monotonic() instant): past the point where a batch can still
         finish before it, the request is shed with DeadlineUnmeetableError."""
         if self._queue is None:
             raise RuntimeError("DynamicBatcher.start() was not awaited")
         fut = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Item(x, fut, time.perf_counter(), deadline))
+            self._queue.put_nowait(_Item(priority, next(self._arrivals), x, fut, time.perf_counter(), deadline))
         except asyncio.QueueFull:
             raise QueueFullError(f"CNN queue is full ({self.config.max_queue_size} waiting)") from None
         return await fut
