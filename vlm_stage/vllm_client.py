@@ -82,6 +82,26 @@ def prefix_cache_counters(url: str, timeout_s: float = 5.0) -> dict[str, float]:
     return out
 
 
+def answer_logprobs(payload) -> tuple[list[tuple[str, float]], int]:
+    """The answer token's top logprobs and the prompt's token count, from a chat completion.
+
+    A server can answer HTTP 200 with a body of another shape (a proxy's error page, an
+    incompatible vLLM version, a bug): that is a ScoringError, so the caller answers CNN-only,
+    never an exception of whatever type the bad field happens to raise.
+    """
+    try:
+        content = payload["choices"][0]["logprobs"]["content"]
+        if not content:
+            raise ScoringError("vLLM returned no logprobs for the answer token")
+        top = [(str(t["token"]), float("-inf") if t["logprob"] is None else float(t["logprob"]))
+               for t in content[0]["top_logprobs"]]
+        prompt_tokens = int((payload.get("usage") or {}).get("prompt_tokens") or 0)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        raise ScoringError(f"vLLM answered with malformed logprobs ({type(e).__name__}: {e}): "
+                           f"{str(payload)[:200]}") from None
+    return top, prompt_tokens
+
+
 @dataclass
 class _Endpoint:
     url: str
@@ -131,8 +151,14 @@ class VllmVerifier:
         """The options' first tokens, from the server's own tokenizer (``/tokenize``), once per
         option set: every server behind one model name shares a tokenizer."""
         if choices not in self._option_ids:
-            encodings = [(await self._post("/tokenize", {"model": self.config.model, "prompt": c,
-                                                          "add_special_tokens": False}))["tokens"] for c in choices]
+            encodings = []
+            for c in choices:
+                answer = await self._post("/tokenize", {"model": self.config.model, "prompt": c,
+                                                        "add_special_tokens": False})
+                tokens = answer.get("tokens") if isinstance(answer, dict) else None
+                if not isinstance(tokens, list):
+                    raise ScoringError(f"vLLM's /tokenize answered without a token list: {str(answer)[:200]}")
+                encodings.append(tokens)
             self._option_ids[choices] = first_token_ids(choices, encodings)
         return self._option_ids[choices]
 
@@ -156,12 +182,8 @@ class VllmVerifier:
             body["allowed_token_ids"] = await self._option_token_ids(prompt.choices)
         payload = await self._post("/v1/chat/completions", body)
         self.requests_sent += 1
-        prompt_tokens = int((payload.get("usage") or {}).get("prompt_tokens") or 0)
+        top, prompt_tokens = answer_logprobs(payload)
         self.prompt_tokens += prompt_tokens
-        content = payload["choices"][0]["logprobs"]["content"]
-        if not content:
-            raise ScoringError("vLLM returned no logprobs for the answer token")
-        top = [(t["token"], t["logprob"]) for t in content[0]["top_logprobs"]]
         if self.config.constraint == "allowed_tokens":
             check_constrained(top, prompt.choices)
         return top, prompt_tokens
@@ -180,7 +202,11 @@ class VllmVerifier:
                     raise httpx.HTTPStatusError(f"HTTP {resp.status_code}", request=resp.request, response=resp)
                 if resp.status_code != 200:
                     raise VlmUnavailableError(f"vLLM at {endpoint.url} answered HTTP {resp.status_code}: {resp.text[:300]}")
-                return resp.json()
+                try:
+                    return resp.json()
+                except ValueError:
+                    raise VlmUnavailableError(f"vLLM at {endpoint.url} answered HTTP 200 with a body that is not "
+                                              f"JSON: {resp.text[:100]!r}") from None
             except (httpx.TransportError, httpx.HTTPStatusError) as e:
                 last_error = e
                 failed.add(endpoint.url)
