@@ -38,6 +38,10 @@ def test_softmax_is_stable_for_huge_logits_and_row_wise():
     assert p[0].tolist() == pytest.approx([0.25, 0.75], abs=1e-12)
     assert p[1].tolist() == pytest.approx([0.5, 0.5], abs=1e-12)
     assert softmax(np.array([1, 2], dtype=np.int64)).dtype == np.float64
+    # float32 logits (what ONNX Runtime returns) are computed in float64
+    tiny = np.array([0.0, 1e-7], dtype=np.float32)
+    p32 = softmax(tiny)
+    assert p32.dtype == np.float64 and p32[1] - p32[0] == pytest.approx(0.5e-7, rel=1e-3)
 
 
 def test_top_k_orders_labels_probabilities_and_indices():
@@ -48,6 +52,9 @@ def test_top_k_orders_labels_probabilities_and_indices():
 
 
 def test_top_k_is_stable_on_ties_and_clamps_k():
+    # 60 classes in tied groups of 20: ties keep class order (numpy's default sort would not)
+    tied = np.tile([0.3, 0.2, 0.1], 20) / 12.0
+    assert top_k(tied, [str(i) for i in range(60)], 10).indices == tuple(range(0, 30, 3))
     p = np.array([0.25, 0.25, 0.25, 0.25])
     assert top_k(p, list("abcd"), 2).labels == ("a", "b")
     assert top_k(p, list("abcd"), 99).indices == (0, 1, 2, 3)
