@@ -129,3 +129,110 @@ def test_instances_run_that_many_batches_at_once(instances):
 def test_instances_must_be_positive():
     with pytest.raises(ValueError):
         BatcherConfig(instances=0)
+
+
+class StepClock:
+    """A fake clock: time moves only when the test (or the fake model) says so."""
+
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_timings_come_from_the_clock():
+    """Batch A enters the model at t=0 and is held there while B queues and 2 ms pass; the
+    model then takes 5 ms per batch. A: queue 0 ms, model 7 ms; B: queue 7 ms, model 5 ms."""
+    clock, gate = StepClock(), threading.Event()
+
+    def run(batch):
+        assert gate.wait(30)
+        clock.t += 0.005
+        return batch + 1
+
+    async def go():
+        b = DynamicBatcher(run, BatcherConfig(max_batch_size=1), clock=clock)
+        await b.start()
+        a = asyncio.create_task(b.submit(np.zeros(1)))
+        await _until(lambda: b.running == 1 and b.depth == 0, "A is in the model")
+        second = asyncio.create_task(b.submit(np.ones(1)))
+        await _until(lambda: b.depth == 1, "B is queued")
+        clock.t += 0.002
+        gate.set()
+        out = await asyncio.gather(a, second)
+        await b.stop()
+        return out
+
+    ra, rb = asyncio.run(go())
+    assert (ra.queue_ms, ra.compute_ms, ra.batch_size) == (pytest.approx(0.0, abs=1e-9), pytest.approx(7.0), 1)
+    assert (rb.queue_ms, rb.compute_ms, rb.batch_size) == (pytest.approx(7.0), pytest.approx(5.0), 1)
+    assert ra.output.tolist() == [1.0] and rb.output.tolist() == [2.0]
+
+
+def test_batch_sizes_reach_the_callback_and_a_bounded_history():
+    sizes, names = [], set()
+
+    def run(batch):
+        names.add(threading.current_thread().name.split("_")[0])
+        return batch
+
+    async def go():
+        b = DynamicBatcher(run, BatcherConfig(max_batch_size=4), on_batch=sizes.append)
+        b.batch_sizes.extend([7] * 10000)
+        await b.start()
+        tasks = {t.get_name() for t in asyncio.all_tasks()}
+        await asyncio.gather(*(b.submit(np.zeros(1)) for _ in range(6)))
+        await b.stop()
+        return b.batch_sizes, tasks
+
+    history, tasks = asyncio.run(go())
+    assert sizes == [4, 2] and len(history) == 10000 and history[-2:] == [4, 2] and history[0] == 7
+    assert names == {"cnn"} and "cnn-batcher-0" in tasks
+
+
+def test_requests_cancelled_while_queued_are_dropped_and_the_worker_goes_on():
+    gate, seen = threading.Event(), []
+
+    def run(batch):
+        seen.append(batch[:, 0].tolist())
+        assert gate.wait(30)
+        return batch
+
+    async def go():
+        b = DynamicBatcher(run, BatcherConfig(max_batch_size=4))
+        await b.start()
+        first = asyncio.create_task(b.submit(np.full(1, 1.0)))
+        await _until(lambda: b.running == 1, "batch 1 is in the model")
+        dropped = asyncio.create_task(b.submit(np.full(1, 2.0)))
+        await _until(lambda: b.depth == 1, "item 2 is queued")
+        dropped.cancel()
+        gate.set()
+        await first
+        await _until(lambda: b.depth == 0 and b.running == 0, "the cancelled item is collected and skipped")
+        last = await asyncio.wait_for(b.submit(np.full(1, 3.0)), 30)
+        await b.stop()
+        return last
+
+    assert asyncio.run(go()).output.tolist() == [3.0]
+    assert seen == [[1.0], [3.0]]
+
+
+def test_submit_before_start_is_a_clear_error():
+    b = DynamicBatcher(lambda x: x)
+    with pytest.raises(RuntimeError, match=r"^DynamicBatcher\.start\(\) was not awaited$"):
+        asyncio.run(b.submit(np.zeros(1)))
+    assert b.depth == 0
+
+
+@pytest.mark.parametrize("field", ["max_batch_size", "max_queue_size", "instances"])
+def test_config_fields_must_be_positive(field):
+    assert getattr(BatcherConfig(**{field: 1}), field) == 1  # the smallest valid value
+    with pytest.raises(ValueError, match=rf"^invalid batcher config BatcherConfig\(.*{field}=0"):
+        BatcherConfig(**{field: 0})
+
+
+def test_queue_delay_may_be_zero_but_not_negative():
+    assert BatcherConfig(max_queue_delay_ms=0).max_queue_delay_ms == 0
+    with pytest.raises(ValueError, match="max_queue_delay_ms=-1"):
+        BatcherConfig(max_queue_delay_ms=-1)

@@ -95,8 +95,8 @@ def scores_from_yes_probs(yes_probs: list[float], candidates, model: str) -> Can
     gets prod(1 - P(yes_c)), then everything is renormalised."""
     if len(yes_probs) != len(candidates):
         raise ValueError(f"{len(candidates)} candidates but {len(yes_probs)} yes/no answers")
+    if not all(0.0 <= p <= 1.0 for p in yes_probs):  # then total >= 1 - max(p) + max(p) > 0
+        raise ScoringError(f"yes/no probabilities must lie in [0, 1], got {list(yes_probs)}")
     none = math.prod(1.0 - p for p in yes_probs)
     total = sum(yes_probs) + none
-    if total <= 0:
-        raise ScoringError("yes/no answers carry no probability mass")
     return CandidateScores(tuple(candidates), tuple(p / total for p in yes_probs), none / total, model, "yes_no")
