@@ -131,3 +131,36 @@ def test_temperature_defaults_and_single_sample():
     with pytest.raises(ValueError, match=re.escape("got (3,) and (3,)")):
         TemperatureScaler().fit(np.zeros(3), np.zeros(3, dtype=int))
     assert TemperatureScaler.from_dict({"temperature": "1.5"}).to_dict() == {"temperature": 1.5}
+
+
+def test_policy_decisions_in_full():
+    from ensemble.escalation_policy import EscalationDecision
+
+    policy = EscalationPolicy(EscalationConfig(threshold=0.6, class_thresholds={2: 0.3}))
+    p = np.array([0.5, 0.3, 0.2])
+    assert policy.decide(p, EscalationMode.NEVER) == EscalationDecision(
+        False, EscalationReason.REQUESTED_NEVER, 0.5, "client asked for CNN only")
+    assert policy.decide(p, EscalationMode.ALWAYS) == EscalationDecision(
+        True, EscalationReason.REQUESTED_ALWAYS, 0.5, "client asked for the VLM")
+    assert policy.decide(p) == EscalationDecision(True, EscalationReason.LOW_CONFIDENCE, 0.5,
+                                                  "top1 confidence 0.500 < 0.600")
+    assert policy.decide(np.array([0.2, 0.35, 0.45])) == EscalationDecision(  # class 2's own threshold
+        False, EscalationReason.CONFIDENT, 0.45, "top1 confidence 0.450 >= 0.300")
+    at = EscalationPolicy(EscalationConfig(threshold=0.5)).decide(p)  # exactly at the threshold: confident
+    assert not at.escalate and at.reason == EscalationReason.CONFIDENT and at.detail == "top1 confidence 0.500 >= 0.500"
+
+
+def test_blend_refuses_mismatched_scores_with_a_message():
+    with pytest.raises(ValueError, match=r"^3 candidates but 2 VLM scores$"):
+        LogLinearBlender().blend(np.array([0.5, 0.3, 0.1, 0.1]), (0, 1, 2), np.array([0.5, 0.5]))
+
+
+def test_log_linear_fit_accepts_float_labels():
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(4), 200)
+    idx = np.argsort(-p, axis=1)[:, :3]
+    y = idx[:, 0].copy()
+    vlm = np.where(np.arange(3) == 0, 0.8, 0.1)[None, :].repeat(200, axis=0)
+    a = LogLinearBlender().fit(p, idx, vlm, y)
+    b = LogLinearBlender().fit(p, idx, vlm, y.astype(float))
+    assert a.config == b.config and a.weight_ > 0.5  # the VLM is always right here: trust it
