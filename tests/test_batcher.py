@@ -236,3 +236,33 @@ def test_queue_delay_may_be_zero_but_not_negative():
     assert BatcherConfig(max_queue_delay_ms=0).max_queue_delay_ms == 0
     with pytest.raises(ValueError, match="max_queue_delay_ms=-1"):
         BatcherConfig(max_queue_delay_ms=-1)
+
+
+def test_queue_delay_waits_for_more_requests_to_fill_a_batch():
+    """With a (long) queue delay the worker holds a lone request until the batch fills; a full
+    batch goes at once, long before the delay is over."""
+    calls = []
+
+    def run(batch):
+        calls.append(len(batch))
+        return batch
+
+    async def go():
+        b = DynamicBatcher(run, BatcherConfig(max_batch_size=3, max_queue_delay_ms=60_000))
+        await b.start()
+        first = asyncio.create_task(b.submit(np.zeros(1)))
+        await _until(lambda: b.depth == 0, "the worker holds request 1 and waits for more")
+        assert b.running == 0 and not calls
+        rest = [asyncio.create_task(b.submit(np.ones(1))) for _ in range(2)]
+        out = await asyncio.wait_for(asyncio.gather(first, *rest), 30)
+        await b.stop()
+        return out
+
+    out = asyncio.run(go())
+    assert calls == [3] and [r.batch_size for r in out] == [3, 3, 3]
+
+
+def test_stop_without_start_is_harmless():
+    b = DynamicBatcher(lambda x: x)
+    asyncio.run(b.stop())
+    assert b.depth == 0 and b.running == 0

@@ -119,6 +119,8 @@ def test_yes_no_scores_by_hand():
     one = scores_from_yes_probs([0.3], ["x"], "m")  # one candidate: yes and no are the whole story
     assert one.probabilities == pytest.approx((0.3,)) and one.none_probability == pytest.approx(0.7)
     assert scores_from_yes_probs([0.0, 0.0], ["x", "y"], "m").none_probability == 1.0
+    certain = scores_from_yes_probs([1.0, 0.0], ["x", "y"], "m")  # the bounds themselves are valid
+    assert certain.probabilities == (1.0, 0.0) and certain.none_probability == 0.0
     with pytest.raises(ValueError, match=re.escape("3 candidates but 2 yes/no answers")):
         scores_from_yes_probs([0.9, 0.2], ["x", "y", "z"], "cats")
     with pytest.raises(ScoringError, match=re.escape("yes/no probabilities must lie in [0, 1], got [-1.0, 1.0]")):
