@@ -142,6 +142,41 @@ async def open_loop(target: str, images: list[bytes], mode: int, rate: float, ma
         return _stats(f"open {rate:.0f}/s", None, rate, results, time.perf_counter() - t0)
 
 
+async def explain_cost(target: str, images: list[bytes], n: int, mode: int, timeout: float = 60.0) -> dict:
+    """What a rationale costs: ``n`` images, each classified with explain off then on (one
+    request at a time, so both see the same images and the same machine), in the same run."""
+    import grpc
+
+    from serving.api import cascade_pb2 as pb
+    from serving.api import cascade_pb2_grpc as pb_grpc
+
+    off, on, rationale_ms, tokens, errors = [], [], [], [], Counter()
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.CatClassifierStub(channel)
+        for i in range(n):
+            for explain, out in ((False, off), (True, on)):
+                t0 = time.perf_counter()
+                try:
+                    r = await stub.Classify(pb.ClassifyRequest(image=images[i % len(images)], escalation=mode,
+                                                               explain=explain), timeout=timeout)
+                except grpc.aio.AioRpcError as e:
+                    errors[e.code().name] += 1
+                    continue
+                out.append((time.perf_counter() - t0) * 1000.0)
+                if explain:
+                    if r.rationale.text:
+                        rationale_ms.append(r.timings.rationale_ms)
+                        tokens.append(r.rationale.tokens)
+                    else:
+                        errors[f"no rationale: {r.rationale.error[:60]}"] += 1
+    med = lambda v: float(np.median(v)) if v else float("nan")  # noqa: E731
+    return {"requests_per_setting": n, "off_p50_ms": med(off), "on_p50_ms": med(on),
+            "off_p90_ms": float(np.percentile(off, 90)) if off else float("nan"),
+            "on_p90_ms": float(np.percentile(on, 90)) if on else float("nan"),
+            "ratio_p50": med(on) / med(off) if off and on else float("nan"),
+            "rationale_ms_p50": med(rationale_ms), "tokens_median": med(tokens), "errors": dict(errors)}
+
+
 def ort_model_time(onnx_path: Path, image_size: int, batch_sizes: list[int], threads: int | None,
                    repeats: int = 20) -> dict[int, float]:
     """Median milliseconds per ONNX Runtime call at each batch size (same session options)."""
@@ -303,8 +338,18 @@ def report(results: dict, out_dir: Path) -> str:
               f"- concurrency {o['c_hi']}: {o['c_hi_throughput']:.0f} req/s = {o['throughput_ratio']:.0%} of ORT's best "
               f"batched throughput ({o['ort_best_throughput']:.0f} img/s at batch {o['ort_best_batch']}"
               f"{', ' + o['ort_best_layout'] if o.get('ort_best_layout') else ''})",
-              f"- concurrency {o['c_hi']}: p99/p50 = {o['p99_over_p50']:.2f}",
-              "", "![latency vs concurrency](latency_vs_concurrency.png) ![latency CDF](latency_cdf.png)"]
+              f"- concurrency {o['c_hi']}: p99/p50 = {o['p99_over_p50']:.2f}"]
+    e = results.get("explain_cost")
+    if e:
+        lines += ["", "## Cost of a rationale (ClassifyRequest.explain, same run)", "",
+                  f"{e['requests_per_setting']} images, one request at a time, each classified with explain off and "
+                  f"then on (mode {results['mode']}); client-side milliseconds.", "",
+                  "| explain | p50 | p90 |", "| --- | --- | --- |",
+                  f"| off | {e['off_p50_ms']:.1f} | {e['off_p90_ms']:.1f} |",
+                  f"| on | {e['on_p50_ms']:.1f} | {e['on_p90_ms']:.1f} |", "",
+                  f"- explain on / off at p50: {e['ratio_p50']:.2f}x; the rationale itself {e['rationale_ms_p50']:.1f} ms "
+                  f"(p50, server-side), {e['tokens_median']:.0f} tokens (median); errors: {e['errors'] or 0}"]
+    lines += ["", "![latency vs concurrency](latency_vs_concurrency.png) ![latency CDF](latency_cdf.png)"]
     text = "\n".join(lines) + "\n"
     (out_dir / "latency.md").write_text(text)
     return text
@@ -366,6 +411,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instances", type=int, default=2,
                    help="CNN batches run at once in the server (batching.instances, default 2 as in serving)")
     p.add_argument("--out", type=Path, default=Path("artifacts/bench/latency"))
+    p.add_argument("--explain-cost", type=int, default=0, metavar="N",
+                   help="also classify N images with ClassifyRequest.explain off then on (needs --vlm): the cost "
+                        "of a rationale, as a ratio in the same run")
     p.add_argument("--update-readme", type=Path, default=None,
                    help="replace the table between the bench:latency markers in this README")
 
@@ -393,6 +441,8 @@ def main(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)
     if args.mode != "never" and not args.vlm:
         console.print("[yellow]--mode auto/always without --vlm: escalations answer VLM_DISABLED[/yellow]")
+    if args.explain_cost and not args.vlm:
+        raise SystemExit("--explain-cost needs --vlm (a rationale is generated by the VLM)")
     images = load_images(args.images)
     mode = {"never": pb.ESCALATION_MODE_NEVER, "auto": pb.ESCALATION_MODE_AUTO, "always": pb.ESCALATION_MODE_ALWAYS}[args.mode]
 
@@ -404,6 +454,7 @@ def main(args: argparse.Namespace) -> int:
     extra = ["--config", str(_write_config(out_dir, args))]
     server = ServerProcess(args.bundle, free_port(), vllm.url if vllm else None, out_dir / "server.log", extra)
     all_runs: dict[str, list[RunStats]] = {}
+    explain = None
     try:
         server.wait_ready()
         console.print(f"server ready at {server.target}; warm-up {args.warmup} requests")
@@ -418,6 +469,9 @@ def main(args: argparse.Namespace) -> int:
         for rate in tqdm(rates, desc="open loop"):
             all_runs[f"r{rate}"] = [asyncio.run(open_loop(server.target, images, mode, rate, args.max_requests,
                                                           args.max_seconds, seed=k)) for k in range(args.repeats)]
+        if args.explain_cost:
+            console.print(f"rationale cost: {args.explain_cost} images, explain off then on")
+            explain = asyncio.run(explain_cost(server.target, images, args.explain_cost, mode))
     finally:
         server.stop()
         if vllm:
@@ -456,6 +510,7 @@ def main(args: argparse.Namespace) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         "configs": [{"name": k, "runs": [r.summary() for r in v]} for k, v in all_runs.items()],
         "overhead": overhead, "args": {k: str(v) for k, v in vars(args).items() if k != "func"},
+        "explain_cost": explain,
     }
     (out_dir / "latency.json").write_text(json.dumps(results, indent=1))
     plots(all_runs, out_dir)

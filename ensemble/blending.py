@@ -73,3 +73,20 @@ class Blender(abc.ABC):
         if vlm.shape != np.asarray(candidates).shape:
             raise ValueError(f"{len(candidates)} candidates but {vlm.shape[0]} VLM scores")
         return self.blend_batch(cnn_probs[None, :], np.asarray(candidates)[None, :], vlm[None, :])[0]
+
+
+def blend_first(blender: Blender, cnn_probs: np.ndarray, candidates: np.ndarray, vlm_scores: np.ndarray,
+                sizes: np.ndarray) -> np.ndarray:
+    """Blends each row over its first ``sizes[i]`` candidates only (conformal candidate sets of
+    varying size, offline): the VLM's scores on that prefix are renormalised, as the blenders do
+    with any candidate list. Rows are grouped by size, one ``blend_batch`` per size."""
+    p = np.atleast_2d(np.asarray(cnn_probs, dtype=np.float64))
+    sizes = np.asarray(sizes, dtype=np.int64)
+    k = np.shape(candidates)[1]
+    if len(sizes) != len(p) or sizes.min(initial=1) < 1 or sizes.max(initial=1) > k:
+        raise ValueError(f"sizes must be N numbers in 1..{k}")
+    out = p.copy()
+    for s in np.unique(sizes):
+        rows = sizes == s
+        out[rows] = blender.blend_batch(p[rows], np.asarray(candidates)[rows, :s], np.asarray(vlm_scores)[rows, :s])
+    return out

@@ -73,6 +73,13 @@ class BundleManifest(BaseModel):
             raise ValueError(f"bundle format_version {self.format_version} is not supported (expected {FORMAT_VERSION})")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels must be unique")
+        learned = self.cascade.escalation.learned
+        if learned is not None and learned.num_classes != len(self.labels):
+            raise ValueError(f"cascade.escalation.learned was fitted for {learned.num_classes} classes, the bundle "
+                             f"has {len(self.labels)} labels")
+        sets = self.cascade.candidate_sets
+        if sets is not None and sets.max_size > len(self.labels):
+            raise ValueError(f"cascade.candidate_sets.max_size {sets.max_size} exceeds the {len(self.labels)} labels")
         PreprocessConfig.from_dict(self.preprocess)
         return self
 

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ensemble.config import EscalationConfig
+from ensemble.config import EscalationConfig, LearnedDeferralParams
+from ensemble.confidence import confidence_scores as _confidence_scores
+from ensemble.learned_deferral import predicted_gain
 
 
 class EscalationMode(enum.IntEnum):
@@ -39,28 +41,28 @@ class EscalationDecision:
     detail: str
 
 
-def confidence_scores(probs: np.ndarray, metric: str) -> np.ndarray:
-    """Row-wise confidence of (N, C) probabilities; higher means more confident, in [0, 1]."""
-    p = np.sort(np.atleast_2d(np.asarray(probs, dtype=np.float64)), axis=-1)[:, ::-1]
-    if metric == "top1":
-        return p[:, 0].copy()
-    if metric == "margin":
-        return p[:, 0] - (p[:, 1] if p.shape[1] > 1 else 0.0)
-    if metric == "entropy":
-        if p.shape[1] < 2:
-            return np.ones(len(p))
-        plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
-        return 1.0 + plogp.sum(axis=1) / np.log(p.shape[1])
-    raise ValueError(f"unknown confidence metric {metric!r} (expected top1, margin or entropy)")
+def confidence_scores(probs: np.ndarray, metric: str, learned: LearnedDeferralParams | None = None) -> np.ndarray:
+    """Row-wise confidence of (N, C) probabilities; higher means more confident, in [0, 1].
+
+    ``learned`` (the fitted rule) is needed for metric ``learned``: (1 - predicted gain) / 2."""
+    if metric == "learned":
+        if learned is None:
+            raise ValueError("metric 'learned' needs the fitted learned deferral rule")
+        return (1.0 - predicted_gain(learned, probs)) / 2.0
+    return _confidence_scores(probs, metric)
 
 
-def confidence_score(probs: np.ndarray, metric: str) -> float:
+def confidence_score(probs: np.ndarray, metric: str, learned: LearnedDeferralParams | None = None) -> float:
     """Higher means more confident, in [0, 1] for every metric."""
-    return float(confidence_scores(np.asarray(probs)[None, :], metric)[0])
+    return float(confidence_scores(np.asarray(probs)[None, :], metric, learned)[0])
 
 
 class EscalationPolicy:
-    """Escalates when the confidence score is below the threshold of the CNN's top-1 class."""
+    """Escalates when the confidence score is below the threshold of the CNN's top-1 class.
+
+    With conformal candidate sets, ``decide`` also takes the image's set size: a set of one
+    breed (when the settings say so) is answered by the CNN, whatever the score.
+    """
 
     def __init__(self, config: EscalationConfig = EscalationConfig()):
         self.config = config
@@ -76,17 +78,36 @@ class EscalationPolicy:
             thr[pred == c] = t
         return thr
 
-    def escalate_mask(self, probs: np.ndarray) -> np.ndarray:
-        """AUTO-mode decisions for (N, C) probabilities at once (offline evaluation)."""
-        return confidence_scores(probs, self.config.metric) < self.thresholds(probs)
+    def scores(self, probs: np.ndarray) -> np.ndarray:
+        """The policy's confidence score of each row of (N, C) probabilities."""
+        return confidence_scores(probs, self.config.metric, self.config.learned)
 
-    def decide(self, probs: np.ndarray, mode: EscalationMode = EscalationMode.AUTO) -> EscalationDecision:
-        conf = confidence_score(probs, self.config.metric)
+    def escalate_mask(self, probs: np.ndarray, set_sizes: np.ndarray | None = None,
+                      skip_singletons: bool = True) -> np.ndarray:
+        """AUTO-mode decisions for (N, C) probabilities at once (offline evaluation); with
+        ``set_sizes`` (conformal candidate sets), sets of one are not escalated."""
+        esc = self.scores(probs) < self.thresholds(probs)
+        if set_sizes is not None and skip_singletons:
+            esc &= np.asarray(set_sizes) > 1
+        return esc
+
+    def _explain(self, conf: float, thr: float, below: bool) -> str:
+        if self.config.metric == "learned":  # say it in the rule's own terms: the predicted gain
+            gain, bar = 1.0 - 2.0 * conf, 1.0 - 2.0 * thr
+            return f"learned deferral: predicted gain of asking the VLM {gain:+.3f} {'>' if below else '<='} {bar:+.3f}"
+        return f"{self.config.metric} confidence {conf:.3f} {'<' if below else '>='} {thr:.3f}"
+
+    def decide(self, probs: np.ndarray, mode: EscalationMode = EscalationMode.AUTO,
+               set_size: int | None = None, skip_singletons: bool = True) -> EscalationDecision:
+        conf = confidence_score(probs, self.config.metric, self.config.learned)
         if mode == EscalationMode.NEVER:
             return EscalationDecision(False, EscalationReason.REQUESTED_NEVER, conf, "client asked for CNN only")
         if mode == EscalationMode.ALWAYS:
             return EscalationDecision(True, EscalationReason.REQUESTED_ALWAYS, conf, "client asked for the VLM")
-        name, thr = self.config.metric, self.threshold_for(int(np.argmax(probs)))
+        thr = self.threshold_for(int(np.argmax(probs)))
+        if conf < thr and set_size == 1 and skip_singletons:
+            return EscalationDecision(False, EscalationReason.CONFIDENT, conf,
+                                      "the conformal candidate set holds one breed; " + self._explain(conf, thr, True))
         if conf < thr:
-            return EscalationDecision(True, EscalationReason.LOW_CONFIDENCE, conf, f"{name} confidence {conf:.3f} < {thr:.3f}")
-        return EscalationDecision(False, EscalationReason.CONFIDENT, conf, f"{name} confidence {conf:.3f} >= {thr:.3f}")
+            return EscalationDecision(True, EscalationReason.LOW_CONFIDENCE, conf, self._explain(conf, thr, True))
+        return EscalationDecision(False, EscalationReason.CONFIDENT, conf, self._explain(conf, thr, False))

@@ -12,6 +12,11 @@ Two objectives:
 With ``minority_boost`` > 1, images whose CNN top-1 is a minority class (support below the
 median in the validation labels) escalate at ``boost`` times the rate of the others, through
 per-class thresholds; the overall rate still meets the budget.
+
+With ``metric="learned"`` the score is the fitted learned deferral rule's (1 - predicted gain) / 2
+(``learned`` holds the rule, ensemble/learned_deferral.py). With ``eligible`` (conformal
+candidate sets: images whose set holds more than one breed), only eligible images can escalate
+and the budget counts only them.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 
-from ensemble.config import EscalationConfig
+from ensemble.config import EscalationConfig, LearnedDeferralParams
 from ensemble.escalation_policy import confidence_scores
 from ensemble.metrics import balanced_accuracy, minority_classes
 
@@ -73,7 +78,8 @@ def _mask(conf: np.ndarray, pred: np.ndarray, glob: float, per_class: dict[int, 
 
 def fit_escalation(cnn_probs: np.ndarray, budget: float, metric: str = "top1", objective: Objective = "rate",
                    y: np.ndarray | None = None, escalated_probs: np.ndarray | None = None,
-                   minority_boost: float = 1.0, grid: int = 41) -> EscalationConfig:
+                   minority_boost: float = 1.0, grid: int = 41, learned: LearnedDeferralParams | None = None,
+                   eligible: np.ndarray | None = None) -> EscalationConfig:
     """Fits thresholds on validation CNN probabilities (N, C); returns a ready EscalationConfig.
 
     ``escalated_probs`` (N, C) is what the cascade answers for each image if it escalates (the
@@ -91,7 +97,11 @@ def fit_escalation(cnn_probs: np.ndarray, budget: float, metric: str = "top1", o
     if objective == "balanced_accuracy" and (escalated_probs is None or np.shape(escalated_probs) != p.shape):
         raise ValueError(f"the balanced_accuracy objective needs escalated_probs of shape {p.shape} "
                          "(the blended answers on a validation set where the VLM ran on every image)")
-    conf, pred = confidence_scores(p, metric), p.argmax(axis=1)
+    if metric == "learned" and learned is None:
+        raise ValueError("metric 'learned' needs a fitted learned deferral rule (learned=...)")
+    conf, pred = confidence_scores(p, metric, learned), p.argmax(axis=1)
+    if eligible is not None:  # never escalated: sorted past every threshold, out of the budget's way
+        conf = np.where(np.asarray(eligible, dtype=bool), conf, 2.0)
     minority = minority_classes(y, p.shape[1]) if (y is not None and minority_boost > 1.0) else np.zeros(0, int)
 
     summary: dict = {"objective": objective, "budget": budget, "n": len(p), "minority_boost": minority_boost,
@@ -112,4 +122,5 @@ def fit_escalation(cnn_probs: np.ndarray, budget: float, metric: str = "top1", o
     if y is not None:
         summary["validation_balanced_accuracy"] = balanced_accuracy(
             np.where(esc[:, None], escalated_probs, p) if escalated_probs is not None else p, y)
-    return EscalationConfig(metric=metric, threshold=glob, class_thresholds=per_class, fit_summary=summary)
+    return EscalationConfig(metric=metric, threshold=glob, class_thresholds=per_class, fit_summary=summary,
+                            learned=learned if metric == "learned" else None)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ensemble.blending import _EPS, Blender, check_batch, normalised_vlm, place_in_candidates, true_class_nll
 from ensemble.config import BlendConfig, StackingParams
-from ensemble.escalation_policy import confidence_scores
+from ensemble.confidence import confidence_scores
 
 
 def feature_names(top_k: int) -> list[str]:
@@ -26,15 +26,19 @@ def feature_names(top_k: int) -> list[str]:
     return base + [f"rank_{r}" for r in range(top_k - 1)]
 
 
-def candidate_features(cnn_probs: np.ndarray, idx: np.ndarray, vlm: np.ndarray) -> np.ndarray:
-    """(n, C), (n, k), (n, k) -> (n, k, F) features in ``feature_names(k)`` order."""
+def candidate_features(cnn_probs: np.ndarray, idx: np.ndarray, vlm: np.ndarray, top_k: int | None = None) -> np.ndarray:
+    """(n, C), (n, k), (n, k) -> (n, k, F) features in ``feature_names(top_k)`` order.
+
+    ``top_k`` (default k) is the candidate count the stacker was fitted on; fewer candidates
+    (a conformal set smaller than it) use the same rank columns for their first ranks."""
     n, k = idx.shape
+    top_k = k if top_k is None else top_k
     rows = np.arange(n)[:, None]
     lp_cnn = np.log(np.clip(cnn_probs[rows, idx], _EPS, None))
     lp_vlm = np.log(normalised_vlm(vlm))
     margin = np.repeat(confidence_scores(cnn_probs, "margin")[:, None], k, axis=1)
     ent = np.repeat(confidence_scores(cnn_probs, "entropy")[:, None], k, axis=1)
-    ranks = [np.broadcast_to((np.arange(k) == r).astype(np.float64), (n, k)) for r in range(k - 1)]
+    ranks = [np.broadcast_to((np.arange(k) == r).astype(np.float64), (n, k)) for r in range(top_k - 1)]
     cols = [lp_cnn, lp_vlm, margin, ent, margin * lp_cnn, margin * lp_vlm, ent * lp_cnn, ent * lp_vlm, *ranks]
     return np.stack(cols, axis=-1)
 
@@ -58,9 +62,9 @@ class StackingBlender(Blender):
         return self.params_
 
     def _scores(self, p: np.ndarray, idx: np.ndarray, vlm: np.ndarray, params: StackingParams) -> np.ndarray:
-        if idx.shape[1] != params.top_k:
+        if idx.shape[1] > params.top_k:
             raise ValueError(f"the stacker was fitted on top-{params.top_k} candidates, got {idx.shape[1]}")
-        x = (candidate_features(p, idx, vlm) - np.asarray(params.mean)) / np.asarray(params.scale)
+        x = (candidate_features(p, idx, vlm, params.top_k) - np.asarray(params.mean)) / np.asarray(params.scale)
         return x @ np.asarray(params.coef) + params.intercept
 
     def blend_batch(self, cnn_probs: np.ndarray, candidates: np.ndarray, vlm_scores: np.ndarray) -> np.ndarray:

@@ -76,10 +76,42 @@ async def keep_warming_up(verifier, candidates: tuple[str, ...], period_s: float
     log.info("VLM warm-up done")
 
 
+async def warm_up_all(verifier, option_sets: list[tuple[str, ...]]) -> bool:
+    """``warm_up`` for each candidate count in turn; False at the first that fails."""
+    for candidates in option_sets:
+        if not await warm_up(verifier, candidates):
+            return False
+    return True
+
+
+async def keep_warming_up_all(verifier, option_sets: list[tuple[str, ...]], period_s: float = 5.0) -> None:
+    for candidates in option_sets:
+        await keep_warming_up(verifier, candidates, period_s)
+
+
 @contextlib.asynccontextmanager
 async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None):
-    """Loads the bundle, starts the batcher and yields a servicer; closes everything after."""
-    bundle = load_bundle(cfg.bundle)
+    """Yields a servicer over one bundle, or over the model repository (``cfg.models``):
+    versions loaded, swapped, canaried and shadowed by serving.model_repository."""
+    metrics = metrics or ServiceMetrics()
+    if cfg.models is not None:
+        from serving.model_repository.service import routed_pipeline
+
+        cascade = routed_pipeline(cfg, metrics, build_cascade)
+    else:
+        cascade = build_cascade(cfg, metrics)
+    async with cascade as built:
+        pipeline, versions, info = (built, built.versions, built.model_info) if cfg.models is not None else built
+        yield CatClassifierServicer(pipeline, versions, info, metrics, max_inflight=cfg.limits.max_inflight_requests)
+
+
+@contextlib.asynccontextmanager
+async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None):
+    """Loads the bundle, starts the batcher and yields (pipeline, versions, info); closes
+    everything after. One version of the model repository is one of these."""
+    # Hashing the files and building the ONNX session take a fraction of a second: off the
+    # event loop, so a model repository loading a new version does not stall the one serving.
+    bundle = await asyncio.to_thread(load_bundle, cfg.bundle)
     m = bundle.manifest
     metrics = metrics or ServiceMetrics()
     cnn_file = bundle.cnn_path
@@ -89,21 +121,26 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
                               "(train with `catcascade train-cnn --int8`)")
         cnn_file = bundle.cnn_int8_path
     if cfg.batching.instances > 1 and cfg.cnn_threads is None and not cuda_available():
-        onnx = OverlapAwareClassifier(cnn_file, allow_spinning=cfg.cnn_spinning)
+        onnx = await asyncio.to_thread(OverlapAwareClassifier, cnn_file, allow_spinning=cfg.cnn_spinning)
     else:
         threads = cfg.cnn_threads or max(1, (os.cpu_count() or 1) // cfg.batching.instances)
-        onnx = OnnxClassifier(cnn_file, intra_op_threads=threads, allow_spinning=cfg.cnn_spinning)
+        onnx = await asyncio.to_thread(OnnxClassifier, cnn_file, intra_op_threads=threads,
+                                       allow_spinning=cfg.cnn_spinning)
     batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump()), on_batch=metrics.batch_size.observe)
     metrics.queue_depth.set_function(lambda: batcher.depth)
     metrics.batches_running.set_function(lambda: batcher.running)
-    await batcher.start()
     lim = cfg.limits
     preprocess_config = dataclasses.replace(bundle.preprocess, limits=DecodeLimits(
         max_bytes=lim.max_message_bytes, max_pixels=lim.max_pixels, max_side=lim.max_side))
     verifier = _verifier(bundle, cfg)
     warm_task = None
-    if verifier is not None and not await warm_up(verifier, tuple(m.labels[: m.cascade.top_k])):
-        warm_task = asyncio.create_task(keep_warming_up(verifier, tuple(m.labels[: m.cascade.top_k])))
+    # one warm-up request per candidate count the VLM can be asked about (each count is its own
+    # option set: its letters are tokenized once)
+    counts = (range(2, m.cascade.max_candidates + 1) if m.cascade.candidate_sets is not None
+              else (m.cascade.top_k,))
+    option_sets = [tuple(m.labels[:n]) for n in counts if n <= len(m.labels)]
+    if verifier is not None and not await warm_up_all(verifier, option_sets):
+        warm_task = asyncio.create_task(keep_warming_up_all(verifier, option_sets))
     breaker = CircuitBreaker(BreakerConfig(**cfg.breaker.model_dump()),
                              on_change=lambda state: metrics.breaker_state.set(int(state)))
     pipeline = CascadePipeline(
@@ -111,7 +148,9 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
         policy=EscalationPolicy(m.cascade.escalation), blender=make_blender(m.cascade.blend),
         verifier=verifier, temperature=m.cnn.temperature, breaker=breaker if verifier else None, metrics=metrics,
         config=PipelineConfig(candidates=m.cascade.top_k, vlm_min_budget_ms=lim.vlm_min_budget_ms,
-                              max_concurrent_escalations=lim.max_concurrent_escalations))
+                              max_concurrent_escalations=lim.max_concurrent_escalations,
+                              candidate_sets=m.cascade.candidate_sets,
+                              rationale_max_tokens=cfg.vlm.rationale_max_tokens))
     metrics.inflight_escalations.set_function(lambda: pipeline.inflight_escalations)
     vlm_name = (getattr(verifier.config, "model", "") if cfg.vlm.backend == "vllm" else
                 getattr(verifier.config, "name", "")) if verifier else ""
@@ -119,13 +158,16 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
     versions = pb.ModelVersions(bundle=bundle.version_string,
                                 cnn=f"{m.cnn.architecture}:{cfg.cnn_precision}@{cnn_sha[:12]}",
                                 vlm=(f"{m.vlm.base_model}+{vlm_name}" if m.vlm and verifier else ""))
+    sets = m.cascade.candidate_sets
+    rule = (f"{sets.method} sets covering {100 * (1 - sets.alpha):g}%, at most {sets.max_size}" if sets is not None
+            else f"top-{m.cascade.top_k}")
     info = pb.ModelInfo(labels=m.labels, versions=versions, image_size=bundle.preprocess.image_size,
                         escalation_threshold=m.cascade.escalation.threshold,
                         escalation_metric=m.cascade.escalation.metric, blend_weight=m.cascade.blend.weight,
-                        vlm_enabled=verifier is not None)
-    servicer = CatClassifierServicer(pipeline, versions, info, metrics, max_inflight=lim.max_inflight_requests)
+                        vlm_enabled=verifier is not None, vlm_candidate_rule=rule)
+    await batcher.start()
     try:
-        yield servicer
+        yield pipeline, versions, info
     finally:
         if warm_task is not None:
             warm_task.cancel()

@@ -35,9 +35,11 @@ class CatcascadeClient:
         self.stub = pb_grpc.CatClassifierStub(self.channel)
 
     def classify(self, image: bytes | str | Path, top_k: int = 0, mode: str = "auto",
-                 request_id: str = "") -> pb.ClassifyResponse:
+                 request_id: str = "", explain: bool = False) -> pb.ClassifyResponse:
+        """``explain`` asks the VLM for a short rationale (ClassifyResponse.rationale)."""
         data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
-        req = pb.ClassifyRequest(image=data, top_k=top_k, escalation=MODES[mode], request_id=request_id)
+        req = pb.ClassifyRequest(image=data, top_k=top_k, escalation=MODES[mode], request_id=request_id,
+                                 explain=explain)
         return self.stub.Classify(req, timeout=self.timeout_s, metadata=self.metadata)
 
     def model_info(self) -> pb.ModelInfo:

@@ -19,7 +19,15 @@ def serve_config_from_args(args):
     from serving.config import ServeConfig
 
     data = (yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
-    data.setdefault("bundle", str(DEFAULT_BUNDLE))
+    if getattr(args, "models", None) is not None or getattr(args, "admin_port", None) is not None:
+        models = dict(data.get("models") or {})
+        if args.models is not None:
+            models["repository"] = str(args.models)
+        if args.admin_port is not None:
+            models["admin_port"] = args.admin_port
+        data["models"] = models
+    if not data.get("models"):
+        data.setdefault("bundle", str(DEFAULT_BUNDLE))
     for key, value in (("bundle", args.bundle), ("host", args.host), ("port", args.port),
                        ("cnn_precision", args.precision)):
         if value is not None:
@@ -40,6 +48,7 @@ def _serve(args) -> int:
     from ensemble.bundle import BundleError
     from serving.app import serve_forever
     from serving.log_format import configure_logging
+    from serving.model_repository.loading import VersionRejected
 
     try:
         cfg = serve_config_from_args(args)
@@ -47,7 +56,7 @@ def _serve(args) -> int:
         asyncio.run(serve_forever(cfg))
     except ValidationError as e:
         raise CommandError(f"invalid configuration:\n{e}") from None
-    except (BundleError, OSError, ValueError) as e:
+    except (BundleError, VersionRejected, OSError, ValueError) as e:
         raise CommandError(str(e)) from None
     return 0
 
@@ -67,7 +76,7 @@ def _classify(args) -> int:
                           tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
         for p in paths:
             try:
-                r = client.classify(p, top_k=args.top_k, mode=args.mode)
+                r = client.classify(p, top_k=args.top_k, mode=args.mode, explain=args.explain)
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.UNAVAILABLE:
                     raise CommandError(f"cannot reach a catcascade server at {args.target}: {e.details()}") from None
@@ -85,7 +94,12 @@ def _classify(args) -> int:
     elif rows:
         from rich.console import Console
 
-        Console(width=200).print(results_table(rows))
+        console = Console(width=200)
+        console.print(results_table(rows))
+        for name, r in rows:
+            if r.HasField("rationale"):
+                why = r.rationale
+                console.print(f"{name}: " + (f"why {why.label}: {why.text}" if why.text else why.error), markup=False)
     return 1 if failed else 0
 
 
@@ -111,7 +125,8 @@ def _serve_vlm(args) -> int:
     from vlm_stage.vllm_server import VllmServer, VllmServerConfig
 
     try:
-        cfg = VllmServerConfig.for_bundle(load_bundle(args.bundle), host=args.host, port=args.port, dtype=args.dtype)
+        cfg = VllmServerConfig.for_bundle(load_bundle(args.bundle), host=args.host, port=args.port, dtype=args.dtype,
+                                          runtime_lora=not args.no_runtime_lora)
     except ValueError as e:
         raise CommandError(str(e)) from None
     server = VllmServer(cfg, log_path=args.log)
@@ -132,6 +147,10 @@ def register(sub) -> None:
     s = sub.add_parser("serve", help="run the gRPC server")
     s.add_argument("--config", type=Path, help="YAML ServeConfig (flags override it)")
     s.add_argument("--bundle", type=Path)
+    s.add_argument("--models", type=Path, help="a model repository (DIR/<version>/ bundles, DIR/routing.yaml) "
+                   "instead of --bundle: reloads, canary, shadow (docs/operations.md)")
+    s.add_argument("--admin-port", type=int, help="port of the ModelAdmin service (with --models; admin tokens "
+                   "from $CATCASCADE_ADMIN_TOKENS or models.admin_tokens in --config)")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.add_argument("--precision", choices=["fp32", "int8"], help="CNN model file to serve (default fp32)")
@@ -148,6 +167,7 @@ def register(sub) -> None:
     c.add_argument("--mode", choices=["auto", "never", "always"], default="auto")
     c.add_argument("--timeout", type=float, default=30.0, help="per-request deadline in seconds")
     c.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    c.add_argument("--explain", action="store_true", help="ask the VLM for a short rationale of the breed it favours")
     c.add_argument("--token", help="bearer token (default: $CATCASCADE_TOKEN)")
     c.add_argument("--tls-ca", help="CA certificate: connect with TLS")
     c.add_argument("--tls-cert", help="client certificate (mutual TLS)")
@@ -173,4 +193,6 @@ def register(sub) -> None:
     v.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: float32 on a CPU, vLLM's choice on CUDA; bfloat16 is much faster on CPUs with "
                         "AVX-512 BF16/AMX (scores then differ from the float32 in-process backend by ~1e-2)")
+    v.add_argument("--no-runtime-lora", action="store_true",
+                   help="refuse runtime LoRA loading (then a model repository cannot bring new adapters)")
     v.set_defaults(func=_serve_vlm)

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serving.model_repository.config import ModelsConfig
+
 
 class BatchingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -33,6 +35,8 @@ class VlmEndpointConfig(BaseModel):
                                       "for servers started without it (slower)")
     timeout_s: float = Field(10.0, gt=0)
     max_retries: int = Field(2, ge=0, le=10)
+    rationale_max_tokens: int = Field(48, ge=1, le=512, description="token cap of a rationale (ClassifyRequest."
+                                      "explain): a sentence or two; also bounds what one costs")
 
     @field_validator("urls")
     @classmethod
@@ -104,7 +108,9 @@ class AuthConfig(BaseModel):
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    bundle: Path
+    bundle: Path | None = Field(None, description="the bundle to serve; or models.repository")
+    models: ModelsConfig | None = Field(None, description="a model repository (DIR/<version>/ bundles) instead of "
+                                        "one bundle: reloads, canary, shadow (docs/operations.md)")
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
     cnn_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads per batch; default: "
@@ -122,6 +128,14 @@ class ServeConfig(BaseModel):
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; None = off")
     log_format: Literal["text", "json"] = "text"
     grace_s: float = Field(5.0, ge=0, description="drain time for in-flight requests on shutdown")
+
+    @model_validator(mode="after")
+    def _bundle_or_models(self) -> "ServeConfig":
+        if self.bundle is None and self.models is None:
+            raise ValueError("nothing to serve: give bundle (one bundle) or models.repository (a model repository)")
+        if self.bundle is not None and self.models is not None:
+            raise ValueError("give bundle (one bundle) or models.repository (a model repository), not both")
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "ServeConfig":

@@ -1,7 +1,11 @@
-"""The cascade for one request: decode -> batched CNN -> calibrate -> policy -> VLM -> blend.
+"""The cascade for one request: decode -> batched CNN -> calibrate -> candidates -> policy ->
+VLM -> blend (-> rationale, on request).
 
 Stages are injected (a CNN batcher, a verifier, a policy, a blender), so tests and other
-deployments can rewire them; the pipeline itself holds no model code.
+deployments can rewire them; the pipeline itself holds no model code. The VLM is asked about the
+CNN's top ``candidates``, or, with conformal candidate sets in the cascade settings, about the
+image's own set (ensemble/candidate_sets.py); a set of one breed needs no VLM in AUTO mode.
+A rationale is a separate VLM call after the answer is final, so it cannot change it.
 """
 from __future__ import annotations
 
@@ -18,10 +22,13 @@ from PIL import Image
 from cnn_stage.preprocessing import PreprocessConfig, decode_image, preprocess
 from cnn_stage.topk import TopK, softmax, top_k
 from ensemble.blending import Blender
+from ensemble.candidate_sets import set_size
+from ensemble.config import CandidateSetConfig
 from ensemble.escalation_policy import EscalationDecision, EscalationMode, EscalationPolicy, EscalationReason
 from serving.batcher import DynamicBatcher
-from serving.circuit_breaker import CircuitBreaker
+from serving.circuit_breaker import BreakerState, CircuitBreaker
 from serving.metrics import ServiceMetrics
+from vlm_stage.rationale import Rationale
 from vlm_stage.scoring import CandidateScores
 
 log = logging.getLogger(__name__)
@@ -29,6 +36,8 @@ log = logging.getLogger(__name__)
 
 class Verifier(Protocol):
     async def verify(self, image: Image.Image, candidates: tuple[str, ...]) -> CandidateScores: ...
+
+    async def explain(self, image: Image.Image, breed: str, max_tokens: int) -> Rationale: ...
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,7 @@ class StageTimings:
     blend_ms: float = 0.0
     total_ms: float = 0.0
     cnn_batch_size: int = 0
+    rationale_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -51,13 +61,20 @@ class CascadeResult:
     reason: EscalationReason
     detail: str
     timings: StageTimings
+    rationale: Rationale | None = None
+    rationale_error: str = ""
+    """Why no rationale came back although one was asked for (empty otherwise)."""
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
     default_top_k: int = 3
     candidates: int = 3
-    """How many CNN candidates the VLM is asked about."""
+    """How many CNN candidates the VLM is asked about (without candidate sets)."""
+    candidate_sets: CandidateSetConfig | None = None
+    """Conformal candidate sets: the VLM is asked about the image's own set instead."""
+    rationale_max_tokens: int = 48
+    """Token cap of a rationale (ClassifyRequest.explain)."""
     vlm_min_budget_ms: float = 50.0
     """Below this much remaining deadline, the VLM is skipped (reason DEADLINE)."""
     max_concurrent_escalations: int = 32
@@ -89,6 +106,16 @@ class CascadePipeline:
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False)
 
+    @property
+    def max_candidates(self) -> int:
+        sets = self.config.candidate_sets
+        return sets.max_size if sets is not None else self.config.candidates
+
+    def candidate_count(self, size: int | None) -> int:
+        """How many of the CNN's top breeds the VLM is asked about: the image's conformal set
+        (at least 2: one option tells the VLM nothing), or the fixed number without sets."""
+        return self.config.candidates if size is None else max(2, size)
+
     def _decode(self, data: bytes, keep_for_vlm: bool) -> tuple[Image.Image | None, np.ndarray]:
         """Decode + preprocess; keeps at most a ``vlm_image_side`` copy for the VLM, so the
         memory a request holds while it waits on the VLM is bounded whatever was uploaded."""
@@ -103,8 +130,9 @@ class CascadePipeline:
         return img, x
 
     async def classify(self, data: bytes, k: int | None = None, mode: EscalationMode = EscalationMode.AUTO,
-                       deadline: float | None = None) -> CascadeResult:
-        """Classifies encoded image bytes. ``deadline`` is a time.monotonic() instant or None.
+                       deadline: float | None = None, explain: bool = False) -> CascadeResult:
+        """Classifies encoded image bytes. ``deadline`` is a time.monotonic() instant or None;
+        ``explain`` asks the VLM for a short rationale after the answer is final.
 
         Raises InvalidImageError for bad bytes and QueueFullError when the CNN queue is full.
         """
@@ -116,28 +144,78 @@ class CascadePipeline:
         t_decode = time.perf_counter()
         res = await self.cnn.submit(x)
         probs = softmax(res.output, self.temperature)
-        cnn_top = top_k(probs, self.labels, max(k, self.config.candidates))
-        decision = self.policy.decide(probs, mode)
+        cnn_top = top_k(probs, self.labels, max(k, self.max_candidates, 2))
+        sets = self.config.candidate_sets
+        size = set_size(sets, probs) if sets is not None else None
+        decision = self.policy.decide(probs, mode, size, sets.skip_singletons if sets is not None else True)
         final, vlm_scores, vlm_ms, blend_ms = probs, None, 0.0, 0.0
         if decision.escalate:
-            decision, vlm_scores, vlm_ms = await self._ask_vlm(img, cnn_top, decision, deadline)
+            decision, vlm_scores, vlm_ms = await self._ask_vlm(img, cnn_top, decision, deadline,
+                                                               self.candidate_count(size))
             if vlm_scores is not None:
                 tb = time.perf_counter()
                 cand = cnn_top.indices[: len(vlm_scores.probabilities)]
                 final = self.blender.blend(probs, cand, np.asarray(vlm_scores.probabilities))
                 blend_ms = (time.perf_counter() - tb) * 1000.0
+        answer = top_k(final, self.labels, k)
+        rationale, why_not, rationale_ms = None, "", 0.0
+        if explain:
+            rationale, why_not, rationale_ms = await self._explain(img, mode, answer, vlm_scores, deadline)
         timings = StageTimings(
             decode_ms=(t_decode - t0) * 1000.0, cnn_queue_ms=res.queue_ms, cnn_ms=res.compute_ms, vlm_ms=vlm_ms,
-            blend_ms=blend_ms, total_ms=(time.perf_counter() - t0) * 1000.0, cnn_batch_size=res.batch_size)
+            blend_ms=blend_ms, total_ms=(time.perf_counter() - t0) * 1000.0, cnn_batch_size=res.batch_size,
+            rationale_ms=rationale_ms)
         cnn_k = TopK(cnn_top.indices[:k], cnn_top.labels[:k], cnn_top.probabilities[:k])
-        return CascadeResult(top_k(final, self.labels, k), cnn_k, vlm_scores, vlm_scores is not None,
-                             decision.reason, decision.detail, timings)
+        return CascadeResult(answer, cnn_k, vlm_scores, vlm_scores is not None,
+                             decision.reason, decision.detail, timings, rationale, why_not)
+
+    async def _explain(self, img: Image.Image | None, mode: EscalationMode, answer: TopK,
+                       vlm_scores: CandidateScores | None, deadline: float | None
+                       ) -> tuple[Rationale | None, str, float]:
+        """The VLM's rationale for the breed it favours (its best candidate when it scored the
+        image, else the answer's top-1); every reason for not giving one is said."""
+        if mode == EscalationMode.NEVER:
+            return None, "not generated: the client asked for CNN only (escalation NEVER)", 0.0
+        if self.verifier is None or img is None:
+            return None, "not generated: no VLM stage is configured on this server", 0.0
+        if not hasattr(self.verifier, "explain"):
+            return None, "not generated: this VLM backend cannot explain", 0.0
+        if self.breaker is not None and self.breaker.state == BreakerState.OPEN:
+            return None, "not generated: the VLM circuit breaker is open", 0.0
+        if self.inflight_escalations >= self.config.max_concurrent_escalations:
+            return None, "not generated: the VLM is saturated", 0.0
+        timeout = None
+        if deadline is not None:
+            remaining_ms = (deadline - time.monotonic()) * 1000.0
+            if remaining_ms < self.config.vlm_min_budget_ms:
+                return None, f"not generated: {remaining_ms:.0f} ms left of the deadline", 0.0
+            timeout = (remaining_ms - self.config.vlm_min_budget_ms / 2) / 1000.0
+        if vlm_scores is not None:
+            breed = vlm_scores.candidates[int(np.argmax(vlm_scores.probabilities))]
+        else:
+            breed = answer.labels[0]
+        t = time.perf_counter()
+        self.inflight_escalations += 1
+        try:
+            rationale = await asyncio.wait_for(self.verifier.explain(img, breed, self.config.rationale_max_tokens),
+                                               timeout)
+        except asyncio.TimeoutError:
+            return None, "not generated: the VLM did not answer within the deadline", (time.perf_counter() - t) * 1000.0
+        except (RuntimeError, OSError, ValueError) as e:  # VlmUnavailableError, RationaleError, transport errors
+            if self.metrics is not None:
+                self.metrics.vlm_errors.labels("rationale").inc()
+            log.warning("no rationale: %s", e)
+            return None, f"not generated: {e}"[:300], (time.perf_counter() - t) * 1000.0
+        finally:
+            self.inflight_escalations -= 1
+        return rationale, "", (time.perf_counter() - t) * 1000.0
 
     def _skip(self, reason: EscalationReason, decision: EscalationDecision, detail: str, vlm_ms: float = 0.0):
         return EscalationDecision(False, reason, decision.confidence, detail), None, vlm_ms
 
     async def _ask_vlm(self, img: Image.Image, cnn_top: TopK, decision: EscalationDecision,
-                       deadline: float | None) -> tuple[EscalationDecision, CandidateScores | None, float]:
+                       deadline: float | None, n_candidates: int | None = None
+                       ) -> tuple[EscalationDecision, CandidateScores | None, float]:
         """Asks the VLM unless something says not to; every skip comes with its reason."""
         if self.verifier is None:
             return self._skip(EscalationReason.VLM_DISABLED, decision, "no VLM stage is configured on this server")
@@ -154,7 +232,7 @@ class CascadePipeline:
         if self.breaker is not None and not self.breaker.allow():
             return self._skip(EscalationReason.VLM_UNAVAILABLE, decision,
                               "VLM circuit breaker is open after repeated failures")
-        candidates = cnn_top.labels[: self.config.candidates]
+        candidates = cnn_top.labels[: n_candidates or self.config.candidates]
         t = time.perf_counter()
         self.vlm_calls += 1
         self.inflight_escalations += 1

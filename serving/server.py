@@ -45,9 +45,15 @@ def result_to_proto(request_id: str, r: CascadeResult, versions: pb.ModelVersion
         escalation_reason=int(r.reason),
         escalation_detail=r.detail,
         timings=pb.StageTimings(decode_ms=t.decode_ms, cnn_queue_ms=t.cnn_queue_ms, cnn_ms=t.cnn_ms, vlm_ms=t.vlm_ms,
-                                blend_ms=t.blend_ms, total_ms=t.total_ms, cnn_batch_size=t.cnn_batch_size),
+                                blend_ms=t.blend_ms, total_ms=t.total_ms, cnn_batch_size=t.cnn_batch_size,
+                                rationale_ms=t.rationale_ms),
         versions=versions,
     )
+    if r.rationale is not None:
+        resp.rationale.CopyFrom(pb.Rationale(text=r.rationale.text, label=r.rationale.label,
+                                             tokens=r.rationale.tokens, model=r.rationale.model))
+    elif r.rationale_error:
+        resp.rationale.CopyFrom(pb.Rationale(error=r.rationale_error))
     if r.vlm is not None:
         resp.vlm.CopyFrom(pb.VlmScores(candidates=_scores(r.vlm.candidates, r.vlm.probabilities),
                                        none_probability=r.vlm.none_probability, model=r.vlm.model,
@@ -90,7 +96,7 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
                                f"server overloaded: {self.inflight} requests in flight (limit {self.max_inflight})")
         self.inflight += 1
         try:
-            result = await self.pipeline.classify(request.image, k or None, mode, deadline)
+            result = await self.pipeline.classify(request.image, k or None, mode, deadline, explain=request.explain)
         except InvalidImageError as e:
             log.info("invalid image request_id=%s: %s", request_id, e, extra={"request_id": request_id})
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
@@ -99,11 +105,15 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
         finally:
             self.inflight -= 1
         self._observe(result)
-        log.info("classified request_id=%s escalated=%s reason=%s total_ms=%.1f", request_id, result.escalated,
-                 result.reason.name, result.timings.total_ms,
+        # A model repository's router tags each result with the version that answered it.
+        versions = getattr(result, "versions", None) or self.versions
+        log.info("classified request_id=%s escalated=%s reason=%s total_ms=%.1f version=%s", request_id,
+                 result.escalated, result.reason.name, result.timings.total_ms,
+                 versions.model_version or versions.bundle,
                  extra={"request_id": request_id, "escalation_reason": result.reason.name,
-                        "total_ms": round(result.timings.total_ms, 2)})
-        return result_to_proto(request_id, result, self.versions)
+                        "total_ms": round(result.timings.total_ms, 2),
+                        "model_version": versions.model_version or versions.bundle, "route": versions.route})
+        return result_to_proto(request_id, result, versions)
 
     def _observe(self, r: CascadeResult) -> None:
         m, t = self.metrics, r.timings
@@ -113,6 +123,8 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
         if r.escalated:
             m.stage_ms.labels("vlm").observe(t.vlm_ms)
             m.stage_ms.labels("blend").observe(t.blend_ms)
+        if r.rationale is not None:
+            m.stage_ms.labels("rationale").observe(t.rationale_ms)
         m.escalations.labels(r.reason.name).inc()
 
     async def Classify(self, request, context: grpc.aio.ServicerContext):
@@ -170,7 +182,7 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
             reader_task.cancel()
 
     async def GetModelInfo(self, request, context):
-        return self.model_info
+        return getattr(self.pipeline, "model_info", None) or self.model_info  # a router's follows its live version
 
 
 def server_credentials(tls) -> grpc.ServerCredentials:

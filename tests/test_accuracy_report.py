@@ -27,7 +27,7 @@ def _assert_real_png(path):
 
 def test_report_renders_table_and_pngs(tmp_path):
     scores = synthetic_score_set(SyntheticScoreConfig(n=600, seed=4))
-    result = evaluate_offline(scores, OfflineEvalConfig())
+    result = evaluate_offline(scores, OfflineEvalConfig(bootstrap=200))
     report = render_report(result, tmp_path, {"source": "synthetic"})
     text = report.read_text()
     for name in ("cnn-only", "cascade@0%", "cascade@5%", "cascade@30%", "cascade@100%", "vlm-always"):
@@ -36,7 +36,7 @@ def test_report_renders_table_and_pngs(tmp_path):
         assert f"]({png})" in text
         _assert_real_png(tmp_path / png)
     data = json.loads((tmp_path / "results.json").read_text())
-    assert len(data["systems"]) == 9 and data["context"]["source"] == "synthetic"
+    assert len(data["systems"]) == 16 and data["context"]["source"] == "synthetic"  # + 7 conformal rows
     assert data["minority_classes"]  # imbalanced synthetic classes
     _assert_rates_meet_budgets(data["systems"], vlm_share=float(scores.has_vlm.mean()), n_per_fold=300)
 
@@ -58,9 +58,13 @@ def test_bench_accuracy_and_fit_cascade_from_score_files(tmp_path, capsys):
     path = synthetic_score_set(SyntheticScoreConfig(n=800, seed=5)).save(tmp_path / "val.npz")
     out = tmp_path / "bench"
     assert cli(["bench-accuracy", "--scores", str(path), "--out", str(out), "--budgets", "0,20,100",
-                "--blender", "stacking", "--minority-boost", "1.5"]) == 0
-    rows = [s["name"] for s in json.loads((out / "results.json").read_text())["systems"]]
+                "--blender", "stacking", "--minority-boost", "1.5", "--conformal-alpha", "none", "--bootstrap", "50",
+                "--rules", "top1,learned", "--deferral", "learned"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    rows = [s["name"] for s in data["systems"]]
     assert rows == ["cnn-only", "cascade@0%", "cascade@20%", "cascade@100%", "vlm-always"]
+    assert set(data["deferral"]["rules"]) == {"top1", "learned"} and data["conformal"] is None
+    assert data["fitted"][0]["thresholds"]["cascade@20%"]["metric"] == "learned"
     for png in PLOTS:
         _assert_real_png(out / png)
     cfg_path = tmp_path / "cascade.json"
@@ -71,9 +75,21 @@ def test_bench_accuracy_and_fit_cascade_from_score_files(tmp_path, capsys):
     scores = ScoreSet.load(path)
     rate = EscalationPolicy(cfg.escalation).escalate_mask(scores.cnn_probs()).mean()
     assert abs(rate - 0.25) <= 1 / len(scores)
-    assert _rates(out) == {"cnn-only": 0.0, "cascade@0%": 0.0, "cascade@100%": pytest.approx(scores.has_vlm.mean()),
-                           "cascade@20%": pytest.approx(0.2 * scores.has_vlm.mean(), abs=0.09),
-                           "vlm-always": pytest.approx(scores.has_vlm.mean())}
+    rates = {name: rate for name, rate in _rates(out).items() if name in ("cnn-only", "vlm-always") or
+             name.startswith("cascade@")}
+    assert rates == {"cnn-only": 0.0, "cascade@0%": 0.0, "cascade@100%": pytest.approx(scores.has_vlm.mean()),
+                     "cascade@20%": pytest.approx(0.2 * scores.has_vlm.mean(), abs=0.09),
+                     "vlm-always": pytest.approx(scores.has_vlm.mean())}
+    assert cfg.candidate_sets is None and cfg.escalation.learned is None
+    capsys.readouterr()
+    assert cli(["fit-cascade", str(path), "--budget", "20", "--deferral", "learned", "--conformal-alpha", "0.1",
+                "--bootstrap", "50", "--out", str(cfg_path)]) == 0
+    printed = capsys.readouterr().out
+    for rule in ("top1", "margin", "entropy", "learned"):  # compared on the same cross-fitted folds first
+        assert f"  {rule} " in printed
+    cfg = CascadeConfig.model_validate_json(cfg_path.read_text())
+    assert cfg.escalation.metric == "learned" and cfg.escalation.learned.num_classes == 12
+    assert cfg.candidate_sets.alpha == 0.1 and "candidate sets" in printed
 
 
 def _rates(out) -> dict[str, float]:
@@ -90,6 +106,10 @@ def test_cli_reports_bad_inputs_without_traceback(tmp_path, capsys):
     assert "budget" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli(["bench-accuracy", "--scores", str(path), "--budgets", "10,abc"])
+    with pytest.raises(SystemExit):
+        cli(["bench-accuracy", "--scores", str(path), "--rules", "top1,psychic"])
+    with pytest.raises(SystemExit):
+        cli(["fit-cascade", str(path), "--budget", "20", "--conformal-alpha", "2"])
 
 
 @pytest.mark.integration

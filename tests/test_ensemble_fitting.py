@@ -18,6 +18,7 @@ from ensemble.stacking import StackingBlender
 from ensemble.synthetic_scores import SyntheticScoreConfig, synthetic_score_set
 
 NOISE = 0.01  # balanced-accuracy tolerance for "not worse" on 4,000 paired images
+LEAN = dict(rules=(), conformal_alpha=None, bootstrap=0)  # the rows these tests look at, nothing else
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +178,7 @@ def test_blenders_need_rows_where_both_stages_ran(strong):
 
 @pytest.mark.parametrize("blender", ["log_linear", "stacking"])
 def test_uninformative_vlm_does_not_lower_balanced_accuracy(blender, useless):
-    result = evaluate_offline(useless, OfflineEvalConfig(blender=blender))
+    result = evaluate_offline(useless, OfflineEvalConfig(blender=blender, **LEAN))
     cnn = result.system("cnn-only").summary.balanced_accuracy
     assert result.system("vlm-always").summary.balanced_accuracy < cnn - 0.2  # the VLM alone is bad...
     for s in result.systems:
@@ -187,7 +188,7 @@ def test_uninformative_vlm_does_not_lower_balanced_accuracy(blender, useless):
 
 @pytest.mark.parametrize("blender", ["log_linear", "stacking"])
 def test_strong_vlm_gain_is_mostly_recovered_at_30_percent(blender, strong):
-    result = evaluate_offline(strong, OfflineEvalConfig(blender=blender))
+    result = evaluate_offline(strong, OfflineEvalConfig(blender=blender, **LEAN))
     cnn = result.system("cnn-only").summary.balanced_accuracy
     at30 = result.system("cascade@30%")
     always = max(result.system("vlm-always").summary.balanced_accuracy,
@@ -241,7 +242,8 @@ def test_score_file_errors(tmp_path, strong):
 def test_temperature_refit_per_fold_improves_ece_of_overconfident_scores():
     s = synthetic_score_set(SyntheticScoreConfig(n=2000, seed=3))
     s.cnn_logits *= 3.0  # over-confident CNN
-    plain = evaluate_offline(s, OfflineEvalConfig(budgets=(0.0,))).system("cnn-only").summary.ece
-    refit = evaluate_offline(s, OfflineEvalConfig(budgets=(0.0,), refit_temperature=True)).system("cnn-only").summary.ece
+    plain = evaluate_offline(s, OfflineEvalConfig(budgets=(0.0,), **LEAN)).system("cnn-only").summary.ece
+    refit_cfg = OfflineEvalConfig(budgets=(0.0,), refit_temperature=True, **LEAN)
+    refit = evaluate_offline(s, refit_cfg).system("cnn-only").summary.ece
     assert refit < plain / 2
     assert expected_calibration_error(s.cnn_probs(), s.labels) == pytest.approx(plain, abs=1e-12)

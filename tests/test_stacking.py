@@ -61,8 +61,19 @@ def test_stacker_refuses_what_it_cannot_do():
         StackingBlender.from_config(BlendConfig())
     with pytest.raises(RuntimeError, match=r"^StackingBlender is not fitted: call fit\(\) or load fitted parameters$"):
         StackingBlender().blend_batch(P, IDX, VLM)
-    with pytest.raises(ValueError, match=r"^the stacker was fitted on top-3 candidates, got 2$"):
-        StackingBlender(params=_params()).blend_batch(P, IDX[:, :2], VLM[:, :2])
+    with pytest.raises(ValueError, match=r"^the stacker was fitted on top-3 candidates, got 4$"):
+        StackingBlender(params=_params()).blend_batch(P, np.array([[0, 1, 2, 3]]), np.full((1, 4), 0.25))
+
+
+def test_fewer_candidates_than_fitted_use_the_first_rank_columns():
+    """A conformal set of 2 under a stacker fitted on 3: ranks 0 and 1 keep their columns."""
+    params = _params()
+    f = candidate_features(P, IDX[:, :2], VLM[:, :2], top_k=3)
+    assert f.shape == (1, 2, 10) and f[0, :, 8:].tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    z = ((f[0] - 0.5) / 2.0) @ np.array(params.coef) + 0.7
+    q = softmax(z / 1.5) * 0.8
+    out = StackingBlender(params=params).blend_batch(P, IDX[:, :2], VLM[:, :2])
+    assert out[0] == pytest.approx([q[0], q[1], 0.2, 0.0], abs=1e-12)
 
 
 def _dataset(n=300, k=3, c=5, seed=0):

@@ -308,3 +308,39 @@ def test_well_formed_answer_parses_to_scores_and_usage():
     top, n = answer_logprobs(_answer([{"token": "A", "logprob": -0.5}, {"token": " B", "logprob": None}]))
     assert top == [("A", -0.5), (" B", float("-inf"))] and n == 7
     assert answer_logprobs(_answer(usage=None))[1] == 0
+
+
+def test_explain_is_a_separate_capped_free_text_request():
+    from vlm_stage.rationale import RationaleError
+
+    seen = []
+
+    def handler(request):
+        body = json.loads(request.content)
+        seen.append(body)
+        text = "  A flat face and\n a long coat.  " if "Persian" in json.dumps(body["messages"]) else ""
+        return httpx.Response(200, json={"choices": [{"message": {"content": text}, "finish_reason": "stop"}],
+                                         "usage": {"prompt_tokens": 90, "completion_tokens": 9}})
+
+    cfg = VlmClientConfig(urls=["http://vlm"])
+    why, v = _run(lambda v: v.explain(IMAGE, "Persian", max_tokens=20), cfg, handler)
+    assert why.text == "A flat face and a long coat." and why.tokens == 9 and why.label == "Persian"
+    body = seen[0]
+    assert body["max_tokens"] == 20 and body["min_tokens"] == 8 and body["temperature"] == 0.0
+    assert "logprobs" not in body and "allowed_token_ids" not in body  # free text, not a scoring call
+    assert v.requests_sent == 1 and v.prompt_tokens == 90
+    with pytest.raises(RationaleError, match="no text"):
+        _run(lambda v: v.explain(IMAGE, "Bengal"), cfg, handler)
+    with pytest.raises(ValueError, match="max_tokens"):
+        _run(lambda v: v.explain(IMAGE, "Persian", max_tokens=0), cfg, handler)
+
+
+@pytest.mark.parametrize("body", [{"choices": []}, {"choices": [{"message": None}]}, [1], {"choices": [{}]},
+                                  {"choices": [{"message": {"content": "ok"}}], "usage": {"completion_tokens": "x"}}],
+                         ids=["no choices", "message null", "a list", "no message", "usage not a number"])
+def test_malformed_rationale_answer_is_a_rationale_error(body):
+    from vlm_stage.rationale import RationaleError
+
+    with pytest.raises(RationaleError, match="malformed body"):
+        _run(lambda v: v.explain(IMAGE, "Persian"), VlmClientConfig(urls=["http://x:1"]),
+             lambda request: httpx.Response(200, json=body))

@@ -48,14 +48,22 @@ def test_dtype_is_float32_on_a_cpu_unless_asked(monkeypatch):
 def test_max_lora_rank_is_raised_to_fit_the_largest_adapter(tmp_path):
     cfg = VllmServerConfig(model="/m", lora_modules={"a": _adapter(tmp_path, "a", 8), "b": _adapter(tmp_path, "b", 24)})
     cmd = cfg.command(1)
-    assert _flag(cmd, "--max-lora-rank") == "32" and _flag(cmd, "--max-loras") == "2"
+    assert _flag(cmd, "--max-lora-rank") == "32" and _flag(cmd, "--max-loras") == "4"
+    assert _flag(VllmServerConfig(model="/m", lora_modules=cfg.lora_modules, max_loras=1).command(1),
+                 "--max-loras") == "2"  # never fewer than the adapters loaded at start
     assert cmd[cmd.index("--lora-modules") + 1:cmd.index("--lora-modules") + 3] == [
         f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"]
 
 
-def test_no_adapters_no_lora_flags_and_prefix_caching_can_be_turned_off():
-    cmd = VllmServerConfig(model="/m", prefix_caching=False).command(1)
+def test_no_adapters_and_no_runtime_lora_no_lora_flags_and_prefix_caching_can_be_turned_off():
+    cmd = VllmServerConfig(model="/m", prefix_caching=False, runtime_lora=False).command(1)
     assert "--enable-lora" not in cmd and "--no-enable-prefix-caching" in cmd
+
+
+def test_runtime_lora_enables_lora_without_adapters_at_start():
+    cmd = VllmServerConfig(model="/m").command(1)
+    assert "--enable-lora" in cmd and "--lora-modules" not in cmd
+    assert _flag(cmd, "--max-loras") == "4" and _flag(cmd, "--max-lora-rank") == "16"
 
 
 @pytest.mark.parametrize("kwargs,message", [

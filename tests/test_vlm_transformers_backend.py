@@ -64,3 +64,18 @@ def test_config_is_validated():
     with pytest.raises(ValueError):
         TransformersBackendConfig(model="x", scoring_mode="essay")
     assert TransformersBackendConfig(model="m", adapter="a").name == "a"
+
+
+def test_rationale_is_capped_text_and_leaves_scores_alone(verifier):
+    from vlm_stage.rationale import MIN_TOKENS, RationaleError
+
+    img = _image(3)
+    before = verifier.score(img, ("Persian", "Siamese", "Bengal"))
+    why = asyncio.run(verifier.explain(img, "Persian", max_tokens=12))
+    assert why.text and why.text == why.text.strip() and why.label == "Persian"
+    assert MIN_TOKENS <= why.tokens <= 12  # the untrained model may not stop by itself: the cap does
+    after = verifier.score(img, ("Persian", "Siamese", "Bengal"))
+    assert after.probabilities == before.probabilities
+    with pytest.raises(ValueError, match="max_tokens"):
+        verifier.rationale(img, "Persian", max_tokens=0)
+    assert issubclass(RationaleError, RuntimeError)  # the pipeline reports it as "not generated"

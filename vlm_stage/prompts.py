@@ -22,6 +22,9 @@ MC_INSTRUCTIONS = (
 MC_QUESTION = "Options:\n{options}\nAnswer with the letter only."
 YES_NO_INSTRUCTIONS = "You are an expert in cat breeds. Look at the photo of a cat."
 YES_NO_QUESTION = "Is this cat a {breed}? Answer yes or no."
+RATIONALE_INSTRUCTIONS = "You are an expert in cat breeds. Look at the photo of a cat."
+RATIONALE_QUESTION = ("In one or two short sentences, say what in the photo suggests that this cat is a {breed} "
+                      "(coat, colour, face, ears, build).")
 NONE_OPTION = "None of these"
 YES, NO = "yes", "no"
 
@@ -59,6 +62,11 @@ def build_multiple_choice(candidates: list[str] | tuple[str, ...], include_none:
     letters = option_letters(len(options))
     listing = "\n".join(f"{letter}. {name}" for letter, name in zip(letters, options))
     return Prompt(MC_INSTRUCTIONS, MC_QUESTION.format(options=listing), tuple(letters))
+
+
+def build_rationale(breed: str) -> Prompt:
+    """A free-text question (no constrained answer): why the photo suggests ``breed``."""
+    return Prompt(RATIONALE_INSTRUCTIONS, RATIONALE_QUESTION.format(breed=display_name(breed)), ())
 
 
 def build_yes_no(breed: str) -> Prompt:

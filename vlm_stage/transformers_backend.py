@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from vlm_stage.prompts import Prompt, ScoringMode, build_multiple_choice, build_yes_no
+from vlm_stage.prompts import Prompt, ScoringMode, build_multiple_choice, build_rationale, build_yes_no
+from vlm_stage.rationale import (DEFAULT_MAX_TOKENS, Rationale, RationaleError, check_max_tokens, clean_text,
+                                 min_tokens)
 from vlm_stage.scoring import CandidateScores, first_token_ids, letter_distribution, scores_from_letter_logprobs, scores_from_yes_probs
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,36 @@ class TransformersVerifier:
     async def verify(self, image: Image.Image, candidates: list[str] | tuple[str, ...]) -> CandidateScores:
         """Probabilities for each candidate (in the given order) and for "none of these"."""
         return await asyncio.to_thread(self.score, image, candidates)
+
+    def rationale(self, image: Image.Image, breed: str, max_tokens: int = DEFAULT_MAX_TOKENS) -> Rationale:
+        """Synchronous ``explain``: greedy generation of at most ``max_tokens`` new tokens."""
+        import torch
+
+        t0 = time.perf_counter()
+        max_tokens = check_max_tokens(max_tokens)
+        side = self.config.max_image_side
+        img = image.convert("RGB") if max(image.size) <= side else _bounded(image, side)
+        text = self.processor.apply_chat_template(build_rationale(breed).messages({"type": "image"}),
+                                                  add_generation_prompt=True, tokenize=False)
+        inputs = self.processor(images=[img], text=[text], return_tensors="pt", add_special_tokens=False)
+        with self._lock, torch.inference_mode():
+            inputs = inputs.to(self.device)
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+            out = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False,
+                                      min_new_tokens=min_tokens(max_tokens),
+                                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        new = out[0, inputs["input_ids"].shape[1]:]
+        self.requests_sent += 1
+        self.prompt_tokens += int(inputs["attention_mask"].sum())
+        answer = clean_text(self.tokenizer.decode(new, skip_special_tokens=True))
+        if not answer:
+            raise RationaleError("the VLM generated no text for the rationale")
+        return Rationale(answer, breed, int(len(new)), self.config.name, (time.perf_counter() - t0) * 1000.0)
+
+    async def explain(self, image: Image.Image, breed: str, max_tokens: int = DEFAULT_MAX_TOKENS) -> Rationale:
+        """A sentence or two on why the photo suggests ``breed`` (see ``rationale``)."""
+        return await asyncio.to_thread(self.rationale, image, breed, max_tokens)
 
     async def warm_up(self, candidates: tuple[str, ...]) -> None:
         await self.verify(Image.new("RGB", (64, 64), (128, 128, 128)), candidates)

@@ -7,7 +7,8 @@ server, started with ``--logprobs-mode processed_logprobs``, returns the logprob
 mask, i.e. the distribution over the options. ``constraint="grammar"`` uses
 ``structured_outputs`` instead, for servers started without that flag. Requests go to the
 least-loaded of several server URLs, with a timeout and bounded, jittered retries on
-transient errors.
+transient errors. ``explain`` asks, on request, for a short free-text rationale: a separate,
+unconstrained completion with a token cap, after the scoring (vlm_stage/rationale.py).
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from typing import Literal
 import httpx
 from PIL import Image
 
-from vlm_stage.prompts import Prompt, ScoringMode, build_multiple_choice, build_yes_no
+from vlm_stage.prompts import Prompt, ScoringMode, build_multiple_choice, build_rationale, build_yes_no
+from vlm_stage.rationale import (DEFAULT_MAX_TOKENS, Rationale, RationaleError, check_max_tokens, clean_text,
+                                 min_tokens)
 from vlm_stage.scoring import (CandidateScores, ScoringError, check_constrained, first_token_ids, letter_distribution,
                                scores_from_letter_logprobs, scores_from_yes_probs)
 
@@ -236,9 +239,140 @@ class VllmVerifier:
         return CandidateScores(scores.candidates, scores.probabilities, scores.none_probability, scores.model,
                                scores.mode, (time.perf_counter() - t0) * 1000.0, n_requests, n_tokens)
 
+    async def explain(self, image: Image.Image, breed: str, max_tokens: int = DEFAULT_MAX_TOKENS) -> Rationale:
+        """A sentence or two on why the photo suggests ``breed``: greedy decoding, at most
+        ``max_tokens`` tokens. Raises RationaleError when the model returns no text."""
+        t0 = time.perf_counter()
+        max_tokens = check_max_tokens(max_tokens)
+        url = image_to_data_url(image, self.config.max_image_side, self.config.jpeg_quality)
+        body = {
+            "model": self.config.model,
+            "messages": build_rationale(breed).messages({"type": "image_url", "image_url": {"url": url}}),
+            "max_tokens": max_tokens,
+            "min_tokens": min_tokens(max_tokens),
+            "temperature": 0.0,
+        }
+        payload = await self._post("/v1/chat/completions", body)
+        self.requests_sent += 1
+        try:  # a 200 of another shape is a RationaleError, like an empty answer
+            usage = payload.get("usage") or {}
+            prompt_tokens, tokens = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+            choice = payload["choices"][0]
+            text, finish = clean_text(str(choice["message"].get("content") or "")), choice.get("finish_reason")
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise RationaleError(f"vLLM answered the rationale request with a malformed body "
+                                 f"({type(e).__name__}: {e}): {str(payload)[:200]}") from None
+        self.prompt_tokens += prompt_tokens
+        if not text:
+            raise RationaleError(f"the VLM returned no text for the rationale (finish_reason {finish!r})")
+        return Rationale(text, breed, tokens, self.config.model, (time.perf_counter() - t0) * 1000.0)
+
     async def warm_up(self, candidates: tuple[str, ...]) -> None:
         """The first request per option set tokenizes the options (and, with the grammar
         constraint, makes vLLM compile the grammar: seconds on a CPU): pay that before serving,
         not on a user's request."""
         img = Image.new("RGB", (64, 64), (128, 128, 128))
         await self.verify(img, candidates)
+
+
+class AdapterLoadError(RuntimeError):
+    """A vLLM server refused to load (or could not be asked to load) a LoRA adapter."""
+
+
+class AdapterServersUnreachable(AdapterLoadError):
+    """Some servers could not be reached; the others (``loaded_on``) hold the adapter."""
+
+    def __init__(self, message: str, unreachable: list[str], loaded_on: list[str]):
+        super().__init__(message)
+        self.unreachable = unreachable
+        self.loaded_on = loaded_on
+
+
+class VllmAdapterAdmin:
+    """Loads and unloads LoRA adapters in running vLLM servers, by name, without a restart.
+
+    Needs servers started with ``--enable-lora`` and the environment variable
+    ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` (``catcascade serve-vlm`` sets both), which
+    enable ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``. The adapter folder
+    must be readable by every server at the path given.
+    """
+
+    def __init__(self, urls: list[str], timeout_s: float = 120.0, transport: httpx.AsyncBaseTransport | None = None):
+        if not urls:
+            raise ValueError("at least one vLLM server URL is required")
+        self.urls = [u.rstrip("/") for u in urls]
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
+                                         transport=transport)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def served_models(self, url: str) -> dict[str, str | None]:
+        """Model names one server answers to (base and adapters), each with its ``root``
+        (an adapter's folder)."""
+        resp = await self._client.get(f"{url}/v1/models")
+        resp.raise_for_status()
+        return {m["id"]: m.get("root") for m in resp.json().get("data", [])}
+
+    async def load(self, name: str, path: str, urls: list[str] | None = None) -> None:
+        """Loads the adapter at ``path`` under ``name`` on every server (or on ``urls``). A
+        server that already serves ``name`` from the same folder counts as loaded. On a
+        refusal the servers that took it drop it again, so all servers agree, and
+        AdapterLoadError is raised; servers that cannot be reached are skipped and named in
+        AdapterServersUnreachable (the reachable ones keep the adapter)."""
+        done: list[str] = []
+        unreachable: list[str] = []
+        for url in urls or self.urls:
+            try:
+                resp = await self._client.post(f"{url}/v1/load_lora_adapter",
+                                               json={"lora_name": name, "lora_path": path})
+            except httpx.TransportError as e:
+                unreachable.append(f"{url} ({type(e).__name__})")
+                continue
+            if resp.status_code == 200:
+                done.append(url)
+                continue
+            if resp.status_code == 400 and "already been loaded" in resp.text:
+                if (await self.served_models(url)).get(name) == path:
+                    continue
+            await self._undo(done, name)
+            if resp.status_code in (404, 405):
+                raise AdapterLoadError(f"vLLM at {url} has no runtime LoRA loading (HTTP {resp.status_code}): start it "
+                                       "with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "
+                                       "(catcascade serve-vlm does)")
+            raise AdapterLoadError(f"vLLM at {url} refused adapter {name!r} from {path} "
+                                   f"(HTTP {resp.status_code}): {_error_message(resp)}")
+        if unreachable:
+            raise AdapterServersUnreachable(f"cannot reach vLLM at {', '.join(unreachable)} to load adapter {name!r}",
+                                            unreachable, done)
+
+    async def unload(self, name: str) -> None:
+        """Unloads ``name`` from every server; a server that does not have it is fine."""
+        errors = []
+        for url in self.urls:
+            try:
+                resp = await self._client.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": name})
+            except httpx.HTTPError as e:
+                errors.append(f"{url}: {e!r}")
+                continue
+            if resp.status_code not in (200, 404):
+                errors.append(f"{url}: HTTP {resp.status_code}: {_error_message(resp)}")
+        if errors:
+            raise AdapterLoadError(f"unloading adapter {name!r} failed on " + "; ".join(errors))
+
+    async def _undo(self, urls: list[str], name: str) -> None:
+        for url in urls:
+            try:
+                await self._client.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": name})
+            except httpx.HTTPError:
+                pass
+
+
+def _error_message(resp: httpx.Response) -> str:
+    """vLLM's error message from an error response (its JSON ``error.message``), else the text."""
+    try:
+        body = resp.json()
+        err = body.get("error", body)
+        return str(err.get("message", err) if isinstance(err, dict) else err)[:500]
+    except ValueError:
+        return resp.text[:500]

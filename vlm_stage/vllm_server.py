@@ -52,9 +52,19 @@ class VllmServerConfig:
     dtype: str = "auto"
     """auto: vLLM's choice on CUDA, float32 on a CPU (the in-process backend's CPU default, so
     the two agree to 2e-3); bfloat16 uses AVX-512 BF16 / AMX on CPUs that have them."""
+    runtime_lora: bool = True
+    """Let clients load and unload LoRA adapters while the server runs (the model repository
+    does, for new versions): sets ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` and enables LoRA
+    even with no adapter at start. The endpoints read any folder the server can: keep the
+    server on loopback or a private network (vLLM's own advice)."""
+    max_loras: int = 4
+    """Adapters in one batch (vLLM's --max-loras), at least the number of lora_modules: room
+    for a live and a candidate version's adapters beside the ones loaded at start."""
     extra_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.max_model_len < 64:
@@ -104,10 +114,11 @@ class VllmServerConfig:
             # top_logprobs after the allowed_token_ids mask: the distribution over the options
             "--logprobs-mode", "processed_logprobs",
         ]
-        if self.lora_modules:
+        if self.lora_modules or self.runtime_lora:
             cmd += ["--enable-lora", "--max-lora-rank", str(self.lora_rank()),
-                    "--max-loras", str(max(1, len(self.lora_modules))), "--lora-modules"]
-            cmd += [f"{name}={path}" for name, path in self.lora_modules.items()]
+                    "--max-loras", str(max(self.max_loras, len(self.lora_modules)))]
+        if self.lora_modules:
+            cmd += ["--lora-modules"] + [f"{name}={path}" for name, path in self.lora_modules.items()]
         if not _has_cuda():
             cmd += ["--dtype", "float32" if self.dtype == "auto" else self.dtype, "--enforce-eager"]
         elif self.dtype != "auto":
@@ -129,6 +140,8 @@ class VllmServer:
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.cpu_kv_cache_gb))
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if self.config.runtime_lora:
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(self.config.command(self.port), stdout=self._log, stderr=subprocess.STDOUT,

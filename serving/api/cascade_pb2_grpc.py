@@ -191,3 +191,318 @@ class CatClassifier:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ModelAdminStub:
+    """---------------------------------------------------------------------------------------
+    Model lifecycle administration (`catcascade serve --models DIR`). Served on its own port
+    (models.admin_port) and only to callers with an admin token, never a client token.
+
+    Versions in the model repository: list, reload, candidate (canary or shadow), promote,
+    roll back, and the numbers that say whether to promote.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListModels = channel.unary_unary(
+                '/catcascade.v1.ModelAdmin/ListModels',
+                request_serializer=serving_dot_api_dot_cascade__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=serving_dot_api_dot_cascade__pb2.ModelList.FromString,
+                _registered_method=True)
+        self.ReloadModels = channel.unary_unary(
+                '/catcascade.v1.ModelAdmin/ReloadModels',
+                request_serializer=serving_dot_api_dot_cascade__pb2.ReloadModelsRequest.SerializeToString,
+                response_deserializer=serving_dot_api_dot_cascade__pb2.ReloadReport.FromString,
+                _registered_method=True)
+        self.SetCandidate = channel.unary_unary(
+                '/catcascade.v1.ModelAdmin/SetCandidate',
+                request_serializer=serving_dot_api_dot_cascade__pb2.SetCandidateRequest.SerializeToString,
+                response_deserializer=serving_dot_api_dot_cascade__pb2.ModelList.FromString,
+                _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/catcascade.v1.ModelAdmin/Promote',
+                request_serializer=serving_dot_api_dot_cascade__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=serving_dot_api_dot_cascade__pb2.ModelList.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/catcascade.v1.ModelAdmin/Rollback',
+                request_serializer=serving_dot_api_dot_cascade__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=serving_dot_api_dot_cascade__pb2.ModelList.FromString,
+                _registered_method=True)
+        self.GetAgreementReport = channel.unary_unary(
+                '/catcascade.v1.ModelAdmin/GetAgreementReport',
+                request_serializer=serving_dot_api_dot_cascade__pb2.AgreementReportRequest.SerializeToString,
+                response_deserializer=serving_dot_api_dot_cascade__pb2.AgreementReport.FromString,
+                _registered_method=True)
+
+
+class ModelAdminServicer:
+    """---------------------------------------------------------------------------------------
+    Model lifecycle administration (`catcascade serve --models DIR`). Served on its own port
+    (models.admin_port) and only to callers with an admin token, never a client token.
+
+    Versions in the model repository: list, reload, candidate (canary or shadow), promote,
+    roll back, and the numbers that say whether to promote.
+    """
+
+    def ListModels(self, request, context):
+        """The repository's versions, their states and the routing now in force.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReloadModels(self, request, context):
+        """Re-reads the repository and its routing file now (as a file change or SIGHUP does).
+        Broken versions are reported in `rejected`; the live version keeps serving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetCandidate(self, request, context):
+        """Sets (or, with an empty version, clears) the candidate. Returns once the candidate is
+        loaded, verified and warmed and takes its share; FAILED_PRECONDITION when it is rejected.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Promote(self, request, context):
+        """Makes the candidate (or the named version) live; the old live version is kept as
+        `previous` for Rollback. FAILED_PRECONDITION when the version cannot be loaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Makes `previous` live again and clears the candidate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAgreementReport(self, request, context):
+        """Live against candidate since the candidate was set: top-1 agreement, escalation rates,
+        latencies.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ModelAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=serving_dot_api_dot_cascade__pb2.ListModelsRequest.FromString,
+                    response_serializer=serving_dot_api_dot_cascade__pb2.ModelList.SerializeToString,
+            ),
+            'ReloadModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadModels,
+                    request_deserializer=serving_dot_api_dot_cascade__pb2.ReloadModelsRequest.FromString,
+                    response_serializer=serving_dot_api_dot_cascade__pb2.ReloadReport.SerializeToString,
+            ),
+            'SetCandidate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCandidate,
+                    request_deserializer=serving_dot_api_dot_cascade__pb2.SetCandidateRequest.FromString,
+                    response_serializer=serving_dot_api_dot_cascade__pb2.ModelList.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=serving_dot_api_dot_cascade__pb2.PromoteRequest.FromString,
+                    response_serializer=serving_dot_api_dot_cascade__pb2.ModelList.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=serving_dot_api_dot_cascade__pb2.RollbackRequest.FromString,
+                    response_serializer=serving_dot_api_dot_cascade__pb2.ModelList.SerializeToString,
+            ),
+            'GetAgreementReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAgreementReport,
+                    request_deserializer=serving_dot_api_dot_cascade__pb2.AgreementReportRequest.FromString,
+                    response_serializer=serving_dot_api_dot_cascade__pb2.AgreementReport.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'catcascade.v1.ModelAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('catcascade.v1.ModelAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ModelAdmin:
+    """---------------------------------------------------------------------------------------
+    Model lifecycle administration (`catcascade serve --models DIR`). Served on its own port
+    (models.admin_port) and only to callers with an admin token, never a client token.
+
+    Versions in the model repository: list, reload, candidate (canary or shadow), promote,
+    roll back, and the numbers that say whether to promote.
+    """
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/catcascade.v1.ModelAdmin/ListModels',
+            serving_dot_api_dot_cascade__pb2.ListModelsRequest.SerializeToString,
+            serving_dot_api_dot_cascade__pb2.ModelList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/catcascade.v1.ModelAdmin/ReloadModels',
+            serving_dot_api_dot_cascade__pb2.ReloadModelsRequest.SerializeToString,
+            serving_dot_api_dot_cascade__pb2.ReloadReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCandidate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/catcascade.v1.ModelAdmin/SetCandidate',
+            serving_dot_api_dot_cascade__pb2.SetCandidateRequest.SerializeToString,
+            serving_dot_api_dot_cascade__pb2.ModelList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/catcascade.v1.ModelAdmin/Promote',
+            serving_dot_api_dot_cascade__pb2.PromoteRequest.SerializeToString,
+            serving_dot_api_dot_cascade__pb2.ModelList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/catcascade.v1.ModelAdmin/Rollback',
+            serving_dot_api_dot_cascade__pb2.RollbackRequest.SerializeToString,
+            serving_dot_api_dot_cascade__pb2.ModelList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAgreementReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/catcascade.v1.ModelAdmin/GetAgreementReport',
+            serving_dot_api_dot_cascade__pb2.AgreementReportRequest.SerializeToString,
+            serving_dot_api_dot_cascade__pb2.AgreementReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,72 @@
+"""Puts a new bundle into the repository as a version, whole and verified.
+
+A freshly trained bundle is rarely complete: ``train-cnn`` writes the CNN alone, the VLM
+section and adapter come from the version being replaced or from ``train-vlm``, and the
+escalation and blend settings from ``fit-cascade``. Staging assembles them in a hidden folder
+beside the repository's versions, verifies the result with the loader the server uses, and
+renames it into place, so the watcher never sees half a version.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from ensemble.bundle import BundleError, load_bundle
+from ensemble.config import CascadeConfig
+
+
+def stage_version(source: Path, repository: Path, version: str, *, vlm_from: Path | None = None,
+                  adapter: Path | None = None, cascade: Path | None = None) -> Path:
+    """Copies bundle ``source`` to ``repository/version``.
+
+    ``vlm_from``: a bundle whose VLM section (base model and adapter) the new version takes
+    (a base model folder inside that bundle is referenced by absolute path, not copied);
+    ``adapter``: a PEFT adapter folder (``train-vlm --out``) to serve instead; ``cascade``: a
+    ``fit-cascade --out`` JSON for the manifest's ``cascade`` section. Raises BundleError.
+    """
+    repository, source = Path(repository), Path(source)
+    if not repository.is_dir():
+        raise BundleError(f"model repository not found: {repository}")
+    if not version or Path(version).name != version or version.startswith("."):
+        raise BundleError(f"a version is a plain folder name, got {version!r}")
+    target = repository / version
+    if target.exists():
+        raise BundleError(f"{target} exists: versions are immutable, stage under a new name")
+    load_bundle(source)  # the source itself must be sound
+    tmp = repository / f".{version}.staging-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(source, tmp, symlinks=True)
+        bundle = load_bundle(tmp, verify=False)
+        m = bundle.manifest
+        if vlm_from is not None:
+            other = load_bundle(vlm_from, verify=False)
+            if other.manifest.vlm is None:
+                raise BundleError(f"{vlm_from} has no vlm section to take")
+            m.vlm = other.manifest.vlm.model_copy()
+            base = Path(vlm_from) / m.vlm.base_model
+            if base.exists():
+                m.vlm.base_model = str(base.resolve())
+            if adapter is None and other.vlm_adapter_path() is not None:
+                adapter = other.vlm_adapter_path()
+        if adapter is not None:
+            if m.vlm is None:
+                raise BundleError("an adapter needs a vlm section: give --vlm-from, or a source bundle with one")
+            if not (Path(adapter) / "adapter_config.json").is_file():
+                raise BundleError(f"no adapter_config.json in {adapter} (expected a PEFT adapter folder)")
+            dest = tmp / "vlm" / "adapter"
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(adapter, dest)
+            m.vlm.adapter_dir = "vlm/adapter"
+        if cascade is not None:
+            try:
+                m.cascade = CascadeConfig.from_file(cascade)
+            except (OSError, ValueError) as e:
+                raise BundleError(f"cannot use {cascade} as cascade settings: {e}") from None
+        bundle.save()
+        load_bundle(tmp)  # what the server will check
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

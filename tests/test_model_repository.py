@@ -1,0 +1,395 @@
+"""The model repository's parts that need no server: routing file, version order, the canary
+split, the agreement numbers, config edges and the vLLM adapter client's error handling."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from serving.model_repository.agreement import AgreementWindow
+from serving.model_repository.config import ModelsConfig, Routing, read_routing, write_routing
+from serving.model_repository.repository import list_versions, natural_key, repository_fingerprint
+from serving.model_repository.traffic_split import in_share
+from vlm_stage.vllm_client import AdapterLoadError, VllmAdapterAdmin
+
+
+def _version(repo, name):
+    (repo / name).mkdir()
+    (repo / name / "manifest.json").write_text("{}")
+
+
+def test_versions_sort_naturally_and_skip_hidden_and_manifestless_folders(tmp_path):
+    for name in ("v10", "v2", "v1", ".v3.tmp"):
+        _version(tmp_path, name)
+    (tmp_path / "notes").mkdir()
+    assert list_versions(tmp_path) == ["v1", "v2", "v10"]
+    assert sorted(["2024-01-10", "2024-01-02", "2023-12-31"], key=natural_key) == ["2023-12-31", "2024-01-02",
+                                                                                    "2024-01-10"]
+
+
+def test_fingerprint_changes_with_a_version_file_or_the_routing_file(tmp_path):
+    _version(tmp_path, "v1")
+    before = repository_fingerprint(tmp_path, "routing.yaml")
+    assert repository_fingerprint(tmp_path, "routing.yaml") == before
+    (tmp_path / "routing.yaml").write_text("live: v1\n")
+    after_routing = repository_fingerprint(tmp_path, "routing.yaml")
+    assert after_routing != before
+    (tmp_path / "v1" / "cnn.onnx").write_bytes(b"x")
+    assert repository_fingerprint(tmp_path, "routing.yaml") != after_routing
+
+
+def test_routing_file_round_trips_and_is_validated(tmp_path):
+    path = tmp_path / "routing.yaml"
+    assert read_routing(path) is None
+    r = Routing(live="v1", candidate="v2", mode="canary", share=0.2, previous="v0", seed=7)
+    write_routing(path, r)
+    assert read_routing(path) == r
+    assert not list(tmp_path.glob(".*tmp"))  # written atomically through a temporary file
+    for bad, message in (("live: v1\ncandidate: v1\n", "already the live version"),
+                         ("live: ../v1\n", "folder name"),
+                         ("live: v1\nshare: 1.5\n", "less than or equal to 1"),
+                         ("live: v1\nmode: blue-green\n", "canary"),
+                         ("live: v1\ncolour: red\n", "Extra inputs")):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match=message):
+            read_routing(path)
+    path.write_text("live: [v1\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        read_routing(path)
+
+
+def test_canary_split_is_deterministic_uniform_and_seeded():
+    inputs = [os.urandom(64) for _ in range(20_000)]
+    picked = [in_share(x, 0.2, seed=0) for x in inputs]
+    assert abs(sum(picked) / len(inputs) - 0.2) < 0.015  # 5 standard deviations
+    assert picked == [in_share(x, 0.2, seed=0) for x in inputs]  # the same input, the same route
+    other_seed = [in_share(x, 0.2, seed=1) for x in inputs]
+    assert other_seed != picked and abs(sum(other_seed) / len(inputs) - 0.2) < 0.015
+    assert not any(in_share(x, 0.0) for x in inputs[:100]) and all(in_share(x, 1.0) for x in inputs[:100])
+
+
+def test_agreement_window_reports_agreement_escalations_and_latency_percentiles():
+    clock = iter([100.0, 112.5]).__next__
+    w = AgreementWindow("v1", "v2", clock=clock)
+    for i in range(100):
+        w.live.record(float(i + 1), escalated=i < 10)
+        w.candidate.record(2.0 * (i + 1), escalated=i < 30)
+    w.candidate.record_error()
+    for i in range(50):
+        w.compare("Bengal", "Bengal" if i < 45 else "Sphynx")
+    rep = w.report()
+    assert rep["compared"] == 50 and rep["top1_agreement"] == pytest.approx(0.9)
+    assert rep["live"]["escalation_rate"] == pytest.approx(0.10)
+    assert rep["candidate"]["escalation_rate"] == pytest.approx(0.30)  # errors are not answers
+    assert rep["candidate"]["requests"] == 101 and rep["candidate"]["errors"] == 1
+    assert rep["live"]["latency_p50_ms"] == pytest.approx(50.5) and rep["candidate"]["latency_p50_ms"] == pytest.approx(101.0)
+    assert rep["live"]["latency_p95_ms"] == pytest.approx(95.05)
+    assert rep["window_s"] == pytest.approx(12.5)
+
+
+def test_serve_config_takes_a_bundle_or_a_repository_not_both(tmp_path):
+    from serving.config import ServeConfig
+
+    assert ServeConfig(models={"repository": str(tmp_path)}).bundle is None
+    with pytest.raises(ValidationError, match="not both"):
+        ServeConfig(bundle=tmp_path, models={"repository": str(tmp_path)})
+    with pytest.raises(ValidationError, match="nothing to serve"):
+        ServeConfig()
+    with pytest.raises(ValidationError, match="model repository not found"):
+        ServeConfig(models={"repository": str(tmp_path / "missing")})
+    with pytest.raises(ValidationError, match="file name inside the repository"):
+        ServeConfig(models={"repository": str(tmp_path), "routing_file": "../routing.yaml"})
+
+
+def test_serve_flags_build_a_repository_config(tmp_path):
+    from catcascade.cli import build_parser
+    from serving.commands import serve_config_from_args
+
+    args = build_parser().parse_args(["serve", "--models", str(tmp_path), "--admin-port", "0"])
+    cfg = serve_config_from_args(args)
+    assert cfg.bundle is None and cfg.models.repository == tmp_path and cfg.models.admin_port == 0
+
+
+def test_admin_tokens_are_required_and_must_differ_from_client_tokens(monkeypatch):
+    from serving.model_repository.admin import run_admin_server
+
+    async def start(tokens, client_tokens):
+        async with run_admin_server(None, "127.0.0.1", 0, tokens, client_tokens=client_tokens):
+            pass
+
+    with pytest.raises(ValueError, match="no admin token"):
+        asyncio.run(start([], []))
+    with pytest.raises(ValueError, match="must differ from the client tokens"):
+        asyncio.run(start(["shared", "a"], ["shared"]))
+    monkeypatch.setenv("CATCASCADE_ADMIN_TOKENS", "x, y")
+    assert ModelsConfig(repository=".", admin_tokens=["z"]).tokens() == ["z", "x", "y"]
+
+
+def _admin(handler, urls=("http://a", "http://b")):
+    calls = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        calls.append((str(request.url), json.loads(request.content) if request.content else None))
+        return handler(request)
+
+    return VllmAdapterAdmin(list(urls), transport=httpx.MockTransport(record)), calls
+
+
+def test_adapter_load_that_one_server_refuses_is_undone_on_the_others():
+    def handler(request):
+        if request.url.host == "b" and request.url.path == "/v1/load_lora_adapter":
+            return httpx.Response(500, json={"error": {"message": "LoRA rank 512 is greater than max_lora_rank 16"}})
+        return httpx.Response(200, text="Success")
+
+    admin, calls = _admin(handler)
+    with pytest.raises(AdapterLoadError, match="refused adapter 'cats-1'.*max_lora_rank 16"):
+        asyncio.run(admin.load("cats-1", "/adapters/one"))
+    assert calls == [("http://a/v1/load_lora_adapter", {"lora_name": "cats-1", "lora_path": "/adapters/one"}),
+                     ("http://b/v1/load_lora_adapter", {"lora_name": "cats-1", "lora_path": "/adapters/one"}),
+                     ("http://a/v1/unload_lora_adapter", {"lora_name": "cats-1"})]
+
+
+def test_adapter_load_explains_a_server_without_runtime_loading_and_accepts_an_identical_reload():
+    admin, _ = _admin(lambda request: httpx.Response(404, json={"detail": "Not Found"}), urls=["http://a"])
+    with pytest.raises(AdapterLoadError, match="VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"):
+        asyncio.run(admin.load("cats-1", "/adapters/one"))
+
+    def already(request):
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "cats-1", "root": "/adapters/one"}]})
+        return httpx.Response(400, json={"error": {"message": "The lora adapter 'cats-1' has already been loaded."}})
+
+    admin, calls = _admin(already, urls=["http://a"])
+    asyncio.run(admin.load("cats-1", "/adapters/one"))  # the same folder: nothing to do
+    with pytest.raises(AdapterLoadError, match="already been loaded"):
+        asyncio.run(admin.load("cats-1", "/adapters/other"))
+
+
+def test_adapter_unload_tolerates_a_server_that_no_longer_has_it():
+    admin, calls = _admin(lambda request: httpx.Response(404 if request.url.host == "a" else 200))
+    asyncio.run(admin.unload("cats-1"))
+    assert [c[0] for c in calls] == ["http://a/v1/unload_lora_adapter", "http://b/v1/unload_lora_adapter"]
+    admin, _ = _admin(lambda request: httpx.Response(500, text="boom"), urls=["http://a"])
+    with pytest.raises(AdapterLoadError, match="HTTP 500: boom"):
+        asyncio.run(admin.unload("cats-1"))
+
+
+def _cnn_only_bundle(root, labels=("a", "b", "c")):
+    """A bundle folder that load_bundle accepts (the ONNX file's contents are not run here)."""
+    from ensemble.bundle import Bundle, BundleManifest, sha256_file
+
+    root.mkdir()
+    (root / "cnn.onnx").write_bytes(b"onnx bytes")
+    preprocess = {"image_size": 32, "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.5] * 3}
+    cnn = {"architecture": "convnext_atto", "sha256": sha256_file(root / "cnn.onnx")}
+    Bundle(root, BundleManifest(name="cats", version="2", labels=list(labels), preprocess=preprocess, cnn=cnn)).save()
+    return root
+
+
+def test_stage_assembles_a_version_from_a_cnn_bundle_the_live_vlm_and_fitted_settings(tmp_path):
+    from ensemble.bundle import VlmSpec, load_bundle
+    from serving.model_repository.staging import stage_version
+
+    repo = tmp_path / "models"
+    repo.mkdir()
+    new = _cnn_only_bundle(tmp_path / "new")
+    live = _cnn_only_bundle(tmp_path / "live")
+    (live / "vlm" / "base").mkdir(parents=True)
+    (live / "vlm" / "adapter").mkdir()
+    (live / "vlm" / "adapter" / "adapter_config.json").write_text('{"r": 8}')
+    b = load_bundle(live)
+    b.manifest.vlm = VlmSpec(base_model="vlm/base", adapter_dir="vlm/adapter", adapter_name="cats")
+    b.save()
+    cascade = tmp_path / "cascade.json"
+    cascade.write_text('{"escalation": {"metric": "margin", "threshold": 0.25}}')
+
+    path = stage_version(new, repo, "v2", vlm_from=live, cascade=cascade)
+    staged = load_bundle(path)
+    assert path == repo / "v2" and list_versions(repo) == ["v2"]
+    assert staged.manifest.vlm.base_model == str((live / "vlm" / "base").resolve())
+    assert (path / "vlm" / "adapter" / "adapter_config.json").read_text() == '{"r": 8}'
+    assert staged.manifest.cascade.escalation.metric == "margin" and staged.manifest.cascade.escalation.threshold == 0.25
+    assert not [p for p in repo.iterdir() if p.name.startswith(".")]
+
+    from ensemble.bundle import BundleError
+
+    with pytest.raises(BundleError, match="versions are immutable"):
+        stage_version(new, repo, "v2")
+    with pytest.raises(BundleError, match="needs a vlm section"):
+        stage_version(new, repo, "v3", adapter=live / "vlm" / "adapter")
+    (new / "cnn.onnx").write_bytes(b"changed")
+    with pytest.raises(BundleError, match="sha256"):
+        stage_version(new, repo, "v4")
+    assert list_versions(repo) == ["v2"] and not [p for p in repo.iterdir() if p.name.startswith(".")]
+
+
+def test_adapter_load_skips_unreachable_servers_and_says_which():
+    from vlm_stage.vllm_client import AdapterServersUnreachable
+
+    def handler(request):
+        if request.url.host == "a":
+            raise httpx.ConnectError("connection refused")
+        return httpx.Response(200, text="Success")
+
+    admin, calls = _admin(handler)
+    with pytest.raises(AdapterServersUnreachable, match="cannot reach vLLM at http://a") as err:
+        asyncio.run(admin.load("cats-1", "/adapters/one"))
+    assert err.value.loaded_on == ["http://b"]  # the reachable server keeps it
+
+
+def test_adapter_pool_loads_on_a_server_that_was_down_or_lost_its_adapters(tmp_path):
+    """vLLM forgets runtime-loaded adapters when it restarts: the pool reloads them."""
+    from serving.model_repository.adapters import AdapterPool, adapter_digest
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"r": 8}')
+    state = {"up": False, "served": set()}
+    posts = []
+
+    def handler(request):
+        if not state["up"]:
+            raise httpx.ConnectError("connection refused")
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": n, "root": None} for n in state["served"]]})
+        body = json.loads(request.content)
+        posts.append((request.url.path, body["lora_name"]))
+        if request.url.path == "/v1/load_lora_adapter":
+            state["served"].add(body["lora_name"])
+        return httpx.Response(200, text="Success")
+
+    async def scenario():
+        pool = AdapterPool(["http://v"], transport=httpx.MockTransport(handler))
+        name = await pool.acquire("cats", folder)  # vLLM still starting: not a refusal
+        assert name == f"cats-{adapter_digest(folder)[:12]}" and pool.loaded == [name]
+        assert await pool.reconcile() == []  # still down
+        state["up"] = True
+        assert await pool.reconcile() == [("http://v", name)]
+        assert await pool.reconcile() == []  # nothing missing
+        state["served"].clear()  # vLLM restarted
+        assert await pool.reconcile() == [("http://v", name)]
+        await pool.release(name)
+        assert pool.loaded == [] and posts[-1] == ("/v1/unload_lora_adapter", name)
+        await pool.aclose()
+
+    asyncio.run(scenario())
+
+
+class _FakeCascade:
+    """What the router calls for a version (serving.app.build_cascade in the server): a
+    pipeline whose requests wait on ``gate`` and answer with the version's first label."""
+
+    def __init__(self, labels, preprocess_config):
+        self.labels = labels
+        self.preprocess_config = preprocess_config
+        self.gate: asyncio.Event | None = None
+        self.started = 0
+        self.closed = False
+
+    async def classify(self, data, k=None, mode=None, deadline=None):
+        from cnn_stage.topk import TopK
+        from ensemble.escalation_policy import EscalationReason
+        from serving.pipeline import CascadeResult, StageTimings
+
+        self.started += 1
+        if self.gate is not None and data != b"warm-up":
+            await self.gate.wait()
+        top = TopK((0,), (self.labels[0],), (1.0,))
+        return CascadeResult(top, top, None, False, EscalationReason.CONFIDENT, "", StageTimings(total_ms=1.0))
+
+
+def _router_on(tmp_path, **models):
+    import contextlib
+
+    from serving.api import cascade_pb2 as pb
+    from serving.config import ServeConfig
+    from serving.metrics import ServiceMetrics
+    from serving.model_repository.router import ModelRouter
+
+    repo = tmp_path / "models"
+    repo.mkdir()
+    _cnn_only_bundle(repo / "v1", labels=("a", "b"))
+    _cnn_only_bundle(repo / "v2", labels=("a2", "b2"))
+    (repo / "routing.yaml").write_text("live: v1\n")
+    built = {}
+
+    @contextlib.asynccontextmanager
+    async def factory(cfg, metrics):
+        from ensemble.bundle import load_bundle
+
+        b = load_bundle(cfg.bundle)
+        cascade = _FakeCascade(b.labels, b.preprocess)
+        built.setdefault(cfg.bundle.name, []).append(cascade)
+        try:
+            yield cascade, pb.ModelVersions(bundle=b.version_string), pb.ModelInfo(labels=b.labels)
+        finally:
+            cascade.closed = True
+
+    cfg = ServeConfig(models={"repository": str(repo), **models})
+    return ModelRouter(cfg.models, cfg, ServiceMetrics(), factory), built
+
+
+def test_a_swap_leaves_requests_in_flight_on_their_version_and_releases_it_after_them(tmp_path, monkeypatch):
+    import serving.model_repository.loading as loading
+
+    monkeypatch.setattr(loading, "_png", lambda size: b"warm-up")
+    router, built = _router_on(tmp_path)
+
+    async def scenario():
+        await router.reload()
+        v1 = built["v1"][0]
+        v1.gate = asyncio.Event()
+        in_flight = [asyncio.create_task(router.classify(b"img-%d" % i)) for i in range(3)]
+        while v1.started < 4:  # the warm-up request, then the three
+            await asyncio.sleep(0)
+        await router.promote("v2")  # loads and warms v2, then swaps, while v1's three wait
+        after = await router.classify(b"img-new")
+        assert after.versions.model_version == "v2" and after.labels.labels == ("a2",)
+        assert not v1.closed and [v.name for v in router.draining] == ["v1"]
+        v1.gate.set()
+        done = await asyncio.gather(*in_flight)
+        assert [r.versions.model_version for r in done] == ["v1"] * 3
+        assert [r.labels.labels for r in done] == [("a",)] * 3
+        for _ in range(100):
+            if v1.closed:
+                break
+            await asyncio.sleep(0.01)
+        assert v1.closed and not router.draining
+        assert router.model_info.versions.model_version == "v2" and router.routing.previous == "v1"
+        await router.aclose()
+        assert built["v2"][0].closed
+
+    asyncio.run(scenario())
+
+
+def test_a_shadow_copy_never_holds_up_the_live_answer_and_excess_copies_are_dropped(tmp_path, monkeypatch):
+    import serving.model_repository.loading as loading
+
+    monkeypatch.setattr(loading, "_png", lambda size: b"warm-up")
+    router, built = _router_on(tmp_path, shadow_max_concurrency=1)
+
+    async def scenario():
+        await router.reload()
+        await router.set_candidate("v2", "shadow", 1.0)
+        shadow = built["v2"][0]
+        shadow.gate = asyncio.Event()  # shadow copies hang until released
+        first = await asyncio.wait_for(router.classify(b"one"), 5)
+        second = await asyncio.wait_for(router.classify(b"two"), 5)
+        assert first.versions.model_version == second.versions.model_version == "v1"
+        assert first.versions.route == "live" and first.labels.labels == ("a",)
+        assert router.window.shadow_dropped == 1  # one copy was running: the second was not started
+        shadow.gate.set()
+        for _ in range(100):
+            if router.window.compared:
+                break
+            await asyncio.sleep(0.01)
+        rep = router.window.report()
+        assert rep["compared"] == 1 and rep["top1_agreement"] == 0.0  # "a" against "a2"
+        assert rep["live"]["requests"] == 2 and rep["candidate"]["requests"] == 1
+        await router.aclose()
+
+    asyncio.run(scenario())
