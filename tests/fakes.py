@@ -13,6 +13,7 @@ from ensemble.config import BlendConfig, EscalationConfig
 from ensemble.escalation_policy import EscalationPolicy
 from serving.batcher import BatchResult
 from serving.pipeline import CascadePipeline, PipelineConfig
+from vlm_stage.rationale import Rationale
 from vlm_stage.scoring import CandidateScores
 
 LABELS = ["Abyssinian", "Bengal", "Birman", "Bombay", "Persian", "Siamese"]
@@ -39,14 +40,18 @@ class FakeBatcher:
 
 @dataclass
 class FakeVerifier:
-    """A VLM that gives fixed scores to whatever candidates it is asked about, or raises
-    ``error``; with ``hold`` set, each call waits until ``release`` is set (or forever)."""
+    """A VLM that gives fixed scores to whatever candidates it is asked about (the first
+    len(candidates) of ``probabilities``), or raises ``error``; with ``hold`` set, each call
+    waits until ``release`` is set (or forever). ``explain`` answers likewise."""
 
-    probabilities: tuple[float, ...] = (0.1, 0.2, 0.6)
+    probabilities: tuple[float, ...] = (0.1, 0.2, 0.6, 0.04, 0.03, 0.02)
     none_probability: float = 0.1
     error: BaseException | None = None
     hold: bool = False
+    explain_error: BaseException | None = None
+    hold_explain: bool = False
     calls: list[tuple[tuple[int, int], tuple[str, ...]]] = field(default_factory=list)
+    explained: list[tuple[str, int]] = field(default_factory=list)
     waiting: int = 0
 
     def __post_init__(self) -> None:
@@ -68,6 +73,18 @@ class FakeVerifier:
         return CandidateScores(tuple(candidates), self.probabilities[:n], self.none_probability, "fake", "multiple_choice",
                                latency_ms=1.0)
 
+    async def explain(self, image, breed: str, max_tokens: int) -> Rationale:
+        self.explained.append((breed, max_tokens))
+        self.waiting += 1
+        try:
+            if self.hold_explain:
+                await self.release.wait()
+        finally:
+            self.waiting -= 1
+        if self.explain_error is not None:
+            raise self.explain_error
+        return Rationale(f"it looks like a {breed}", breed, 7, "fake", 1.0)
+
 
 class FakeClock:
     def __init__(self, t: float = 0.0):
@@ -87,11 +104,11 @@ async def until(condition, what: str, timeout_s: float = 30.0) -> None:
 
 
 def fake_pipeline(verifier=None, threshold: float = 0.6, temperature: float = 2.0, weight: float = 0.5, cnn=None,
-                  breaker=None, metrics=None, **config) -> CascadePipeline:
+                  breaker=None, metrics=None, preprocess: PreprocessConfig | None = None, **config) -> CascadePipeline:
     """The real CascadePipeline over the fake CNN and VLM: a top-1 policy at ``threshold`` and
     the log-linear blender at ``weight``; ``config`` goes to PipelineConfig."""
     return CascadePipeline(
-        labels=LABELS, preprocess_config=PreprocessConfig(image_size=32), cnn=cnn or FakeBatcher(),
+        labels=LABELS, preprocess_config=preprocess or PreprocessConfig(image_size=32), cnn=cnn or FakeBatcher(),
         policy=EscalationPolicy(EscalationConfig(metric="top1", threshold=threshold)),
         blender=LogLinearBlender(BlendConfig(weight=weight)), verifier=verifier, temperature=temperature,
         config=PipelineConfig(**config), breaker=breaker, metrics=metrics)

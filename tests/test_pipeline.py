@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import httpx
@@ -261,3 +262,212 @@ def test_bad_image_and_full_queue_are_raised_to_the_caller():
         classify(make(FakeVerifier()), image=b"not an image")
     with pytest.raises(QueueFullError):
         classify(make(FakeVerifier(), cnn=FakeBatcher(error=QueueFullError("full"))))
+
+
+def _timings_hold_together(r):
+    t = r.timings
+    assert 0 < t.decode_ms <= t.total_ms and 0 <= t.vlm_ms <= t.total_ms and 0 <= t.blend_ms <= t.total_ms
+    assert 0 <= t.rationale_ms <= t.total_ms
+
+
+@pytest.mark.parametrize("make_args,mode,reason", [
+    ({}, EscalationMode.ALWAYS, EscalationReason.VLM_DISABLED),
+    ({"verifier": FakeVerifier(), "max_concurrent_escalations": 0}, EscalationMode.ALWAYS, EscalationReason.SHED),
+    ({"verifier": FakeVerifier(), "vlm_min_budget_ms": 60_000.0}, EscalationMode.ALWAYS, EscalationReason.DEADLINE),
+])
+def test_skips_before_calling_the_vlm_cost_no_vlm_time(make_args, mode, reason):
+    r = classify(make(**make_args), mode=mode, deadline=time.monotonic() + 30)
+    assert r.reason == reason and not r.escalated and r.timings.vlm_ms == 0.0 and r.timings.blend_ms == 0.0
+    _timings_hold_together(r)
+
+
+def test_vlm_time_is_measured_around_the_call():
+    async def go():
+        verifier = FakeVerifier(hold=True)
+        pipeline = make(verifier)
+        task = asyncio.create_task(pipeline.classify(IMAGE, None, EscalationMode.ALWAYS))
+        await until(lambda: verifier.waiting == 1, "the VLM call is under way")
+        t0 = time.perf_counter()
+        await until(lambda: time.perf_counter() - t0 > 0.05, "some time passes inside the VLM call")
+        held_ms = (time.perf_counter() - t0) * 1000.0
+        verifier.release.set()
+        r = await task
+        pipeline.close()
+        return r, held_ms
+
+    r, held_ms = asyncio.run(go())
+    assert r.escalated and held_ms <= r.timings.vlm_ms <= r.timings.total_ms
+    _timings_hold_together(r)
+
+
+def test_vlm_failure_time_is_measured_too():
+    async def go():
+        verifier = FakeVerifier(hold=True, error=VlmUnavailableError("down"))
+        pipeline = make(verifier)
+        task = asyncio.create_task(pipeline.classify(IMAGE, None, EscalationMode.ALWAYS))
+        await until(lambda: verifier.waiting == 1, "the VLM call is under way")
+        t0 = time.perf_counter()
+        await until(lambda: time.perf_counter() - t0 > 0.05, "some time passes inside the VLM call")
+        verifier.release.set()
+        r = await task
+        pipeline.close()
+        return r, (time.perf_counter() - t0) * 1000.0
+
+    r, held_ms = asyncio.run(go())
+    assert r.reason == EscalationReason.VLM_UNAVAILABLE and 50.0 <= r.timings.vlm_ms <= r.timings.total_ms
+
+
+def test_decoding_uses_the_bundles_limits_and_draft_mode():
+    from cnn_stage.preprocessing import DecodeLimits, PreprocessConfig
+
+    tight = PreprocessConfig(image_size=32, limits=DecodeLimits(max_pixels=1000))
+    with pytest.raises(InvalidImageError, match="image has 1200 pixels; the limit is 1000"):
+        classify(make(FakeVerifier(), preprocess=tight))
+    verifier = FakeVerifier()
+    # a JPEG is decoded once, at the smallest DCT scale covering the CNN's resize (36 px here):
+    # 800x600 -> 1/8 -> 100x75, which the VLM gets as it is (under vlm_image_side)
+    classify(make(verifier), image=jpeg_bytes((800, 600), seed=4), mode=EscalationMode.ALWAYS)
+    # a PNG has no draft mode: the full image, bounded for the VLM
+    classify(make(verifier, vlm_image_side=100), image=jpeg_bytes((400, 200), seed=2, fmt="PNG"),
+             mode=EscalationMode.ALWAYS)
+    classify(make(verifier, vlm_image_side=100), image=jpeg_bytes((100, 40), seed=2, fmt="PNG"),
+             mode=EscalationMode.ALWAYS)
+    assert [size for size, _ in verifier.calls] == [(100, 75), (100, 50), (100, 40)]
+
+
+# --- conformal candidate sets ------------------------------------------------------------
+# Calibrated P (sorted): 0.367, 0.246, 0.165, 0.090, 0.082, 0.050. The mass above each rank
+# (APS score) is 0, 0.367, 0.613, 0.778, 0.868, 0.950: qhat 0.2 gives a set of 1, 0.5 of 2,
+# 0.7 of 3, 0.8 of 4.
+
+def _sets(qhat, **kw):
+    from ensemble.config import CandidateSetConfig
+
+    return CandidateSetConfig(method="aps", qhat=qhat, **kw)
+
+
+@pytest.mark.parametrize("qhat,asked", [(0.5, ("Bengal", "Bombay")), (0.7, ("Bengal", "Bombay", "Persian")),
+                                        (0.8, ("Bengal", "Bombay", "Persian", "Abyssinian"))])
+def test_the_vlm_is_asked_about_the_images_conformal_set(qhat, asked):
+    verifier = FakeVerifier()
+    r = classify(make(verifier, candidate_sets=_sets(qhat), candidates=3), k=1)
+    assert r.escalated and verifier.calls[0][1] == asked and r.vlm.candidates == asked
+    assert len(r.labels.labels) == 1 and len(r.cnn.labels) == 1
+
+
+def test_a_singleton_set_is_answered_by_the_cnn_unless_asked_otherwise():
+    verifier = FakeVerifier()
+    r = classify(make(verifier, candidate_sets=_sets(0.2)))
+    assert not r.escalated and not verifier.calls and r.reason == EscalationReason.CONFIDENT
+    assert r.detail == f"the conformal candidate set holds one breed; top1 confidence {P.max():.3f} < 0.600"
+    always = classify(make(verifier, candidate_sets=_sets(0.2)), mode=EscalationMode.ALWAYS)
+    assert always.escalated and verifier.calls[-1][1] == ("Bengal", "Bombay")  # one option tells the VLM nothing
+    kept = classify(make(verifier, candidate_sets=_sets(0.2, skip_singletons=False)))
+    assert kept.escalated and kept.reason == EscalationReason.LOW_CONFIDENCE and verifier.calls[-1][1] == (
+        "Bengal", "Bombay")
+
+
+# --- rationales (ClassifyRequest.explain) -------------------------------------------------
+
+def explain(pipeline, mode=EscalationMode.AUTO, deadline=None):
+    async def go():
+        try:
+            return await pipeline.classify(IMAGE, None, mode, deadline, explain=True)
+        finally:
+            pipeline.close()
+
+    return asyncio.run(go())
+
+
+def test_rationale_is_for_the_breed_the_vlm_favours():
+    verifier = FakeVerifier(probabilities=(0.1, 0.2, 0.6))
+    r = explain(make(verifier, rationale_max_tokens=20), EscalationMode.ALWAYS)
+    assert verifier.explained == [("Persian", 20)]
+    assert r.rationale.label == "Persian" and r.rationale.text == "it looks like a Persian" and r.rationale_error == ""
+    assert r.timings.rationale_ms > 0
+    _timings_hold_together(r)
+
+
+def test_rationale_without_escalation_is_for_the_answers_top1():
+    verifier = FakeVerifier()
+    r = explain(make(verifier, threshold=0.3))
+    assert not r.escalated and not verifier.calls and verifier.explained == [("Bengal", 48)]
+    assert r.rationale.label == "Bengal" and r.rationale_error == ""
+
+
+def test_no_rationale_unless_asked():
+    verifier = FakeVerifier()
+    r = classify(make(verifier), mode=EscalationMode.ALWAYS)
+    assert r.rationale is None and r.rationale_error == "" and not verifier.explained and r.timings.rationale_ms == 0.0
+
+
+class ScoringOnly:
+    """A VLM backend that can score but not explain."""
+
+    async def verify(self, image, candidates):
+        return await FakeVerifier().verify(image, candidates)
+
+
+@pytest.mark.parametrize("make_args,mode,why", [
+    ({"verifier": FakeVerifier()}, EscalationMode.NEVER,
+     "not generated: the client asked for CNN only (escalation NEVER)"),
+    ({}, EscalationMode.ALWAYS, "not generated: no VLM stage is configured on this server"),
+    ({"verifier": ScoringOnly()}, EscalationMode.ALWAYS, "not generated: this VLM backend cannot explain"),
+    ({"verifier": FakeVerifier(), "max_concurrent_escalations": 0}, EscalationMode.ALWAYS,
+     "not generated: the VLM is saturated"),
+], ids=["never", "no verifier", "cannot explain", "saturated"])
+def test_every_reason_for_no_rationale_is_said(make_args, mode, why):
+    r = explain(make(**make_args), mode)
+    assert r.rationale is None and r.rationale_error == why and r.timings.rationale_ms == 0.0
+    if "verifier" in make_args and hasattr(make_args["verifier"], "explained"):
+        assert make_args["verifier"].explained == []
+
+
+def test_no_rationale_while_the_breaker_is_open():
+    breaker = CircuitBreaker(BreakerConfig(failure_threshold=1, cooldown_s=60.0), clock=FakeClock())
+    verifier = FakeVerifier(error=VlmUnavailableError("down"))
+    r = explain(make(verifier, breaker=breaker), EscalationMode.ALWAYS)  # the failed call opens the breaker
+    assert r.reason == EscalationReason.VLM_UNAVAILABLE and breaker.state == BreakerState.OPEN
+    assert r.rationale is None and r.rationale_error == "not generated: the VLM circuit breaker is open"
+    assert verifier.explained == []
+
+
+def test_no_rationale_when_the_deadline_is_too_close():
+    verifier = FakeVerifier()
+    r = explain(make(verifier, vlm_min_budget_ms=60_000.0), EscalationMode.ALWAYS, deadline=time.monotonic() + 30)
+    assert r.reason == EscalationReason.DEADLINE and r.rationale is None and not verifier.explained
+    assert re.fullmatch(r"not generated: \d+ ms left of the deadline", r.rationale_error), r.rationale_error
+
+
+def test_rationale_timeout_and_failure_are_said_and_counted():
+    verifier, metrics = FakeVerifier(hold_explain=True), ServiceMetrics()
+    pipeline = make(verifier, threshold=0.3, vlm_min_budget_ms=200.0, metrics=metrics)
+    t0 = time.monotonic()
+    r = explain(pipeline, deadline=t0 + 1.0)
+    assert r.rationale is None and r.rationale_error == "not generated: the VLM did not answer within the deadline"
+    assert time.monotonic() - t0 >= 0.85 and r.timings.rationale_ms >= 850  # the deadline less half the budget
+    assert pipeline.inflight_escalations == 0
+    from vlm_stage.rationale import RationaleError
+
+    failing = make(FakeVerifier(explain_error=RationaleError("the VLM returned no text")), metrics=metrics)
+    r = explain(failing, EscalationMode.ALWAYS)
+    assert r.rationale is None and r.rationale_error == "not generated: the VLM returned no text"
+    assert metrics.vlm_errors.labels("rationale")._value.get() == 1 and failing.inflight_escalations == 0
+
+
+def test_a_rationale_in_progress_counts_as_a_vlm_call_in_flight():
+    async def go():
+        verifier = FakeVerifier(hold_explain=True)
+        pipeline = make(verifier, threshold=0.3, max_concurrent_escalations=1)
+        task = asyncio.create_task(pipeline.classify(IMAGE, None, EscalationMode.AUTO, None, True))
+        await until(lambda: verifier.waiting == 1, "the rationale is being written")
+        assert pipeline.inflight_escalations == 1
+        shed = await pipeline.classify(IMAGE, None, EscalationMode.ALWAYS)
+        verifier.release.set()
+        done = await task
+        pipeline.close()
+        return shed, done, pipeline
+
+    shed, done, pipeline = asyncio.run(go())
+    assert shed.reason == EscalationReason.SHED and done.rationale.label == "Bengal"
+    assert pipeline.inflight_escalations == 0
