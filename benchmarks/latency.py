@@ -410,6 +410,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-spinning", action="store_true", help="serve with ONNX Runtime thread spinning off")
     p.add_argument("--instances", type=int, default=2,
                    help="CNN batches run at once in the server (batching.instances, default 2 as in serving)")
+    p.add_argument("--engine", nargs="+", default=["local"],
+                   help="local, ray (decode on the CNN replica), ray-front-door (decode on the front door): more "
+                        "than one, or any ray, compares engines in one run (benchmarks/engine_comparison.py)")
     p.add_argument("--out", type=Path, default=Path("artifacts/bench/latency"))
     p.add_argument("--explain-cost", type=int, default=0, metavar="N",
                    help="also classify N images with ClassifyRequest.explain off then on (needs --vlm): the cost "
@@ -425,6 +428,11 @@ def main(args: argparse.Namespace) -> int:
     from serving.api import cascade_pb2 as pb
     from vlm_stage.vllm_server import free_port
 
+    if args.engine != ["local"]:
+        from benchmarks.engine_comparison import main as compare_engines
+
+        return compare_engines(args, server_cls=ServerProcess, closed_loop=closed_loop, load_images=load_images,
+                               make_speed_bundle=make_speed_bundle)
     console = Console(width=200)
     out_dir = args.out
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from catcascade.errors import CommandError
 # inside the handlers); add one line per feature module.
 COMMAND_REGISTRARS: list[str] = [
     "serving.commands",
+    "serving.engines.ray_local_cluster",
     "serving.model_repository.commands",
     "training.train_cnn_command",
     "training.train_vlm_command",

@@ -2,11 +2,14 @@
 pair of sessions for servers that run several batches at once on a CPU."""
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def _import_ort():
@@ -19,14 +22,57 @@ def _import_ort():
 
 def cuda_available() -> bool:
     """Whether ONNX Runtime can run on a GPU here (onnxruntime-gpu and a visible device)."""
-    return "CUDAExecutionProvider" in _import_ort().get_available_providers()
+    return CUDA in _import_ort().get_available_providers()
+
+
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+DEVICES = ("auto", "cuda", "cpu")
+
+
+def select_providers(available: list[str], device: str = "auto", device_id: int = 0) -> list:
+    """ONNX Runtime providers for ``device`` given the build's ``available`` ones (pure).
+
+    auto: the CUDA provider on ``device_id`` when this build has it, the CPU provider always
+    after it (ORT falls back to it for operators CUDA lacks, or when CUDA fails to load);
+    cuda: the same, but an error when the build has no CUDA provider; cpu: CPU only.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cuda" and CUDA not in available:
+        raise ValueError(f"device cuda: this onnxruntime build has no CUDA provider (has {list(available)}); "
+                         "install onnxruntime-gpu (`make setup ACCEL=gpu`)")
+    if device != "cpu" and CUDA in available:
+        return [(CUDA, {"device_id": device_id}), CPU]
+    return [CPU]
+
+
+def fallback_warning(requested: list, active: list[str]) -> str | None:
+    """A message when CUDA was asked for but the session runs without it (pure). ORT does not
+    raise then (missing CUDA or cuDNN libraries, no visible device): it runs on the CPU."""
+    names = [p[0] if isinstance(p, tuple) else p for p in requested]
+    if CUDA in names and CUDA not in active:
+        return ("ONNX Runtime's CUDA provider was requested but did not load (CUDA/cuDNN libraries or the "
+                f"device missing?): running on {', '.join(active)}")
+    return None
+
+
+def _preload_cuda_libraries(ort) -> None:
+    """onnxruntime-gpu loads the CUDA and cuDNN libraries of the nvidia-* wheels (the ones
+    torch uses; gpu.txt pins both to CUDA 13) only if torch was imported first, or after
+    ``preload_dlls()``. A no-op on the CPU build."""
+    if ort.get_device() != "GPU" or not hasattr(ort, "preload_dlls"):
+        return
+    try:
+        ort.preload_dlls()
+    except OSError as e:  # the session then falls back to the CPU, and says so
+        log.warning("could not preload CUDA/cuDNN libraries for ONNX Runtime: %s", e)
 
 
 class OnnxClassifier:
     """Runs an exported classifier: float32 NCHW in, logits out."""
 
-    def __init__(self, path: str | Path, intra_op_threads: int | None = None, providers: list[str] | None = None,
-                 allow_spinning: bool = True, profile_dir: str | Path | None = None):
+    def __init__(self, path: str | Path, intra_op_threads: int | None = None, providers: list | None = None,
+                 allow_spinning: bool = True, profile_dir: str | Path | None = None, device: str = "auto"):
         ort = _import_ort()
         self.path = Path(path)
         opts = ort.SessionOptions()
@@ -42,11 +88,15 @@ class OnnxClassifier:
             opts.enable_profiling = True
             opts.profile_file_prefix = str(Path(profile_dir) / "onnxruntime_profile")
         if providers is None:
-            available = ort.get_available_providers()
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+            providers = select_providers(ort.get_available_providers(), device)
+        if any((p[0] if isinstance(p, tuple) else p) == CUDA for p in providers):
+            _preload_cuda_libraries(ort)
         self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
         self.providers = self.session.get_providers()
+        warning = fallback_warning(providers, self.providers)
+        if warning:
+            log.warning(warning)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         if batch.ndim != 4:

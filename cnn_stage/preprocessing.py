@@ -15,23 +15,17 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cnn_stage.decode_budget import (DecodeLimits, InvalidImageError, check_dimensions, estimated_decode_bytes,
+                                     exif_orientation, inspect_structure, jpeg_draft_scale)
+
+__all__ = ["DecodeLimits", "InvalidImageError", "PreprocessConfig", "decode_image", "preprocess", "load_and_preprocess"]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Upscaling resizes the whole image up to this many times scale_size^2 pixels (aspect ratios up
+# to 32:1), the crop's source box beyond.
+_MAX_UPSCALED_AREA = 32
 _INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-
-
-class InvalidImageError(ValueError):
-    """The bytes are not an image this service accepts; the message says why."""
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """Bounds applied to untrusted image bytes before and while decoding."""
-
-    max_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 40_000_000
-    max_side: int = 12_000
-    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
 
 
 @dataclass(frozen=True)
@@ -89,44 +83,53 @@ class PreprocessConfig:
 
 
 def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size: int | None = None) -> Image.Image:
-    """Decodes untrusted bytes into an RGB image, or raises InvalidImageError.
+    """Decodes untrusted bytes into an upright RGB image, or raises InvalidImageError.
 
-    The header is checked (format allow-list, dimensions, pixel count) before any pixel is
-    decoded, so decompression bombs are refused cheaply. With ``draft_size`` a JPEG is
-    decoded at the smallest DCT scale that still covers that size.
+    Everything that bounds the cost is checked before any pixel is decoded: byte size, the
+    container's structure (JPEG segments and scans, PNG chunks: cnn_stage.decode_budget),
+    dimensions, pixel count and aspect ratio, then the memory the decode will take. With
+    ``draft_size`` a JPEG is decoded at the smallest DCT scale that still covers that size.
+    The EXIF orientation is applied, so a phone photo tagged "rotate 90" comes out upright.
     """
     if not data:
-        raise InvalidImageError("image is empty (0 bytes)")
+        raise InvalidImageError("image is empty (0 bytes)", "empty")
     if len(data) > limits.max_bytes:
-        raise InvalidImageError(f"image is {len(data)} bytes; the limit is {limits.max_bytes}")
+        raise InvalidImageError(f"image is {len(data)} bytes; the limit is {limits.max_bytes}", "bytes")
+    structure = inspect_structure(data, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data": the EXIF is then ignored
             img = Image.open(io.BytesIO(data), formats=list(limits.formats))
     except UnidentifiedImageError:
         raise InvalidImageError(
-            f"bytes are not a decodable image in an accepted format ({', '.join(limits.formats)})"
+            f"bytes are not a decodable image in an accepted format ({', '.join(limits.formats)})", "format"
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise InvalidImageError(f"image refused as a decompression bomb: {e}") from None
+        raise InvalidImageError(f"image refused as a decompression bomb: {e}", "pixels") from None
     except Exception as e:  # Pillow raises many types on hostile headers
-        raise InvalidImageError(f"cannot read image header (truncated or corrupt): {e}") from None
+        raise InvalidImageError(f"cannot read image header (truncated or corrupt): {e}", "corrupt") from None
     width, height = img.size
-    if width < 1 or height < 1 or max(width, height) > limits.max_side:
-        raise InvalidImageError(f"image is {width}x{height}; each side must be 1..{limits.max_side} px")
-    if width * height > limits.max_pixels:
-        raise InvalidImageError(f"image has {width * height} pixels; the limit is {limits.max_pixels}")
-    if img.format == "JPEG" and img.mode in ("RGB", "L") and (not draft_size or min(width, height) // draft_size < 2):
-        fast = _decode_jpeg_turbo(data)
-        if fast is not None:
-            return fast
-    try:
-        if draft_size and img.format == "JPEG":
-            img.draft("RGB", (draft_size, draft_size))
-        img.load()
-        return img if img.mode == "RGB" else img.convert("RGB")
-    except Exception as e:
-        raise InvalidImageError(f"image data is truncated or corrupt ({img.format}): {e}") from None
+    check_dimensions(width, height, limits)
+    transpose = exif_orientation(img)
+    is_jpeg = img.format == "JPEG"
+    scale = jpeg_draft_scale(width, height, draft_size) if is_jpeg else 1
+    fast = is_jpeg and img.mode in ("RGB", "L") and scale == 1 and _simplejpeg() is not None
+    need = estimated_decode_bytes(img, structure, scale, fast, transpose is not None)
+    if need > limits.max_decode_mb * 2**20:
+        raise InvalidImageError(
+            f"decoding this {width}x{height} {img.format} ({img.mode}) would take about {need / 2**20:.0f} MB; "
+            f"the limit is {limits.max_decode_mb:g} MB", "memory")
+    out = _decode_jpeg_turbo(data) if fast else None
+    if out is None:
+        try:
+            if scale > 1:
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()
+            out = img if img.mode == "RGB" else img.convert("RGB")
+        except Exception as e:
+            raise InvalidImageError(f"image data is truncated or corrupt ({img.format}): {e}", "corrupt") from None
+    return out.transpose(transpose) if transpose is not None else out
 
 
 @functools.cache
@@ -159,7 +162,10 @@ def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
 
     When downscaling, resize-short-side-then-center-crop is one resize of just the crop's
     source box (Pillow samples the same positions and reads neighbours outside the box for
-    the filter), which skips resampling the pixels the crop would throw away.
+    the filter), which skips resampling the pixels the crop would throw away. Upscaling
+    resizes the whole image (exactly torchvision's pixels) unless the aspect ratio would make
+    that large (a 1x12000 image would become 256x3072000): then the crop's source box is
+    resampled in two passes, within one grey level of the whole resize.
     """
     w, h = img.size
     s = cfg.scale_size  # torchvision's Resize(int): short side to s, long side truncated
@@ -171,6 +177,10 @@ def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     if new_w < w:  # downscaling: resample only the crop's source box
         sx, sy = w / new_w, h / new_h
         img = img.resize((size, size), resample, box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
+    elif new_w * new_h > _MAX_UPSCALED_AREA * s * s:  # bounded: size x h, then size x size
+        sx, sy = w / new_w, h / new_h
+        img = img.resize((size, h), resample, box=(left * sx, 0, (left + size) * sx, h))
+        img = img.resize((size, size), resample, box=(0, top * sy, size, (top + size) * sy))
     else:
         if (new_w, new_h) != (w, h):
             img = img.resize((new_w, new_h), resample)

@@ -10,6 +10,7 @@ import signal
 
 from ensemble.bundle import Bundle, BundleError, load_bundle
 from cnn_stage.onnx_runtime import OnnxClassifier, OverlapAwareClassifier, cuda_available
+from cnn_stage.native_memory import tune_malloc
 from cnn_stage.preprocessing import DecodeLimits
 from ensemble.blender_registry import make_blender
 from ensemble.escalation_policy import EscalationPolicy
@@ -93,6 +94,7 @@ async def keep_warming_up_all(verifier, option_sets: list[tuple[str, ...]], peri
 async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None):
     """Yields a servicer over one bundle, or over the model repository (``cfg.models``):
     versions loaded, swapped, canaried and shadowed by serving.model_repository."""
+    tune_malloc(cfg.memory.malloc_arena_max, cfg.memory.malloc_mmap_threshold_kb)  # before any worker thread
     metrics = metrics or ServiceMetrics()
     if cfg.models is not None:
         from serving.model_repository.service import routed_pipeline
@@ -120,19 +122,29 @@ async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
             raise BundleError(f"cnn_precision int8, but bundle {bundle.root} has no INT8 model "
                               "(train with `catcascade train-cnn --int8`)")
         cnn_file = bundle.cnn_int8_path
-    if cfg.batching.instances > 1 and cfg.cnn_threads is None and not cuda_available():
+    ray_stages = None
+    if cfg.engine == "ray":  # CNN (and VLM) stages as Ray Serve deployments; same front door and pipeline
+        from serving.engines.ray_engine import open_ray_stages
+
+        ray_stages = await open_ray_stages(cfg, bundle, on_batch=metrics.batch_size.observe)
+        batcher = ray_stages.cnn
+    elif cfg.batching.instances > 1 and cfg.cnn_threads is None and not cuda_available():
         onnx = await asyncio.to_thread(OverlapAwareClassifier, cnn_file, allow_spinning=cfg.cnn_spinning)
     else:
         threads = cfg.cnn_threads or max(1, (os.cpu_count() or 1) // cfg.batching.instances)
         onnx = await asyncio.to_thread(OnnxClassifier, cnn_file, intra_op_threads=threads,
                                        allow_spinning=cfg.cnn_spinning)
-    batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump()), on_batch=metrics.batch_size.observe)
+    if ray_stages is None:
+        batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump()),
+                                 on_batch=metrics.batch_size.observe)
     metrics.queue_depth.set_function(lambda: batcher.depth)
     metrics.batches_running.set_function(lambda: batcher.running)
     lim = cfg.limits
     preprocess_config = dataclasses.replace(bundle.preprocess, limits=DecodeLimits(
-        max_bytes=lim.max_message_bytes, max_pixels=lim.max_pixels, max_side=lim.max_side))
-    verifier = _verifier(bundle, cfg)
+        max_bytes=lim.max_message_bytes, max_pixels=lim.max_pixels, max_side=lim.max_side,
+        max_aspect_ratio=lim.max_aspect_ratio, max_decode_mb=lim.max_decode_mb, max_jpeg_scans=lim.max_jpeg_scans,
+        max_jpeg_scan_blocks=lim.max_jpeg_scan_blocks, max_segments=lim.max_segments))
+    verifier = ray_stages.verifier if ray_stages else _verifier(bundle, cfg)
     warm_task = None
     # one warm-up request per candidate count the VLM can be asked about (each count is its own
     # option set: its letters are tokenized once)
@@ -150,7 +162,9 @@ async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
         config=PipelineConfig(candidates=m.cascade.top_k, vlm_min_budget_ms=lim.vlm_min_budget_ms,
                               max_concurrent_escalations=lim.max_concurrent_escalations,
                               candidate_sets=m.cascade.candidate_sets,
-                              rationale_max_tokens=cfg.vlm.rationale_max_tokens))
+                              rationale_max_tokens=cfg.vlm.rationale_max_tokens,
+                              max_decode_queue=lim.max_decode_queue,
+                              trim_after_decode_ms=cfg.memory.trim_after_decode_ms))
     metrics.inflight_escalations.set_function(lambda: pipeline.inflight_escalations)
     vlm_name = (getattr(verifier.config, "model", "") if cfg.vlm.backend == "vllm" else
                 getattr(verifier.config, "name", "")) if verifier else ""
@@ -175,15 +189,25 @@ async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
         pipeline.close()
         if verifier is not None:
             await verifier.aclose()
+        if ray_stages is not None:
+            await ray_stages.close()
 
 
 @contextlib.asynccontextmanager
 async def running_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None):
-    """The whole service per ``cfg`` (limits, TLS, auth included); yields (servicer, port, health)."""
+    """The whole service per ``cfg`` (limits, TLS, auth, the metrics endpoint included); yields
+    (servicer, port, health). With ``metrics_port`` set, ``servicer.metrics.http_server`` is
+    the /metrics server."""
     async with build_service(cfg, metrics) as servicer:
-        async with run_server(servicer, cfg.host, cfg.port, max_message_bytes=cfg.limits.max_message_bytes,
-                              grace_s=cfg.grace_s, tls=cfg.tls, tokens=cfg.auth.tokens()) as (_, port, health):
-            yield servicer, port, health
+        if cfg.metrics_port is not None:
+            servicer.metrics.serve_http(cfg.metrics_port, cfg.metrics_host, tls=cfg.metrics_tls,
+                                        tokens=cfg.metrics_auth.tokens())
+        try:
+            async with run_server(servicer, cfg.host, cfg.port, max_message_bytes=cfg.limits.max_message_bytes,
+                                  grace_s=cfg.grace_s, tls=cfg.tls, tokens=cfg.auth.tokens()) as (_, port, health):
+                yield servicer, port, health
+        finally:
+            servicer.metrics.stop_http()
 
 
 async def serve_forever(cfg: ServeConfig, ready=None) -> None:
@@ -193,10 +217,11 @@ async def serve_forever(cfg: ServeConfig, ready=None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     metrics = ServiceMetrics()
-    if cfg.metrics_port is not None:
-        http_server, _ = metrics.serve_http(cfg.metrics_port, cfg.host)
-        print(f"Prometheus metrics on http://{cfg.host}:{http_server.server_port}/metrics", flush=True)
     async with running_service(cfg, metrics) as (_, port, _health):
+        if metrics.http_server is not None:
+            print(f"Prometheus metrics on {'https' if cfg.metrics_tls else 'http'}://{cfg.metrics_host}:"
+                  f"{metrics.http_server.server_port}/metrics"
+                  f"{' (bearer token)' if cfg.metrics_auth.tokens() else ''}", flush=True)
         log.info("catcascade serving on %s:%d (VLM: %s)", cfg.host, port, cfg.vlm.urls or "off")
         print(f"catcascade serving on {cfg.host}:{port} ({'TLS' if cfg.tls else 'plaintext'}"
               f"{', auth' if cfg.auth.tokens() else ''})", flush=True)

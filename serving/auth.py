@@ -1,7 +1,9 @@
-"""Bearer-token authentication as a grpc.aio server interceptor."""
+"""Bearer-token authentication as a grpc.aio server interceptor (and the token check the
+metrics endpoint shares)."""
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
 import grpc
 
@@ -29,19 +31,45 @@ def _deny_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMetho
     return grpc.unary_unary_rpc_method_handler(abort, **kw)
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>`` metadata with one of the accepted tokens."""
+def bearer_credentials(value: str | bytes | None) -> str | None:
+    """The token of an ``Authorization`` value ``Bearer <token>``: the scheme is
+    case-insensitive (RFC 9110 section 11.1) and spaces around the token are not part of it.
+    None for another scheme or no token."""
+    if not isinstance(value, str):
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip(" \t")
+    return token if scheme.lower() == "bearer" and token else None
+
+
+class TokenSet:
+    """Accepted bearer tokens, compared in constant time."""
 
     def __init__(self, tokens: list[str]):
         if not tokens:
-            raise ValueError("BearerTokenInterceptor needs at least one token")
+            raise ValueError("a token set needs at least one token")
         self._tokens = [t.encode() for t in tokens]
+
+    def accepts(self, authorization: str | None) -> bool:
+        given = bearer_credentials(authorization)
+        if given is None:
+            return False
+        g = given.encode()
+        return any(hmac.compare_digest(g, t) for t in self._tokens)  # no early exit: timing says nothing
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Requires ``authorization: Bearer <token>`` metadata with one of the accepted tokens;
+    ``on_refused(method)`` is called for every call it refuses (a metrics counter)."""
+
+    def __init__(self, tokens: list[str], on_refused: Callable[[str], None] | None = None):
+        self._tokens = TokenSet(tokens)
+        self._on_refused = on_refused
 
     def _ok(self, metadata) -> bool:
         for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                given = value[len("Bearer "):].encode()
-                return any(hmac.compare_digest(given, t) for t in self._tokens)
+            if key == "authorization":
+                return self._tokens.accepts(value)
         return False
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -50,4 +78,6 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if self._ok(handler_call_details.invocation_metadata):
             return handler
+        if self._on_refused is not None:
+            self._on_refused(handler_call_details.method)
         return _deny_handler(handler, "missing or invalid bearer token (metadata 'authorization: Bearer <token>')")

@@ -32,6 +32,10 @@ def serve_config_from_args(args):
                        ("cnn_precision", args.precision)):
         if value is not None:
             data[key] = str(value) if isinstance(value, Path) else value
+    if getattr(args, "engine", None):
+        data["engine"] = args.engine
+    if getattr(args, "ray_address", None):
+        data["ray"] = dict(data.get("ray") or {}, address=args.ray_address)
     vlm = dict(data.get("vlm") or {})
     for key, value in (("urls", args.vlm_url), ("model", args.vlm_model), ("backend", args.vlm_backend)):
         if value:
@@ -47,6 +51,7 @@ def _serve(args) -> int:
 
     from ensemble.bundle import BundleError
     from serving.app import serve_forever
+    from serving.engines.cnn_engine import EngineUnavailableError
     from serving.log_format import configure_logging
     from serving.model_repository.loading import VersionRejected
 
@@ -56,7 +61,7 @@ def _serve(args) -> int:
         asyncio.run(serve_forever(cfg))
     except ValidationError as e:
         raise CommandError(f"invalid configuration:\n{e}") from None
-    except (BundleError, VersionRejected, OSError, ValueError) as e:
+    except (BundleError, VersionRejected, OSError, ValueError, EngineUnavailableError) as e:
         raise CommandError(str(e)) from None
     return 0
 
@@ -158,6 +163,9 @@ def register(sub) -> None:
     s.add_argument("--vlm-model", help="vLLM model name (default: the bundle's adapter)")
     s.add_argument("--vlm-backend", choices=["vllm", "transformers", "none"],
                    help="default: vllm with --vlm-url, else none; transformers runs the bundle's VLM in-process")
+    s.add_argument("--engine", choices=["local", "ray"], help="where the CNN stage runs (default local); ray: "
+                   "Ray Serve deployments on a cluster, see docs/scale-out.md")
+    s.add_argument("--ray-address", help="the Ray cluster's GCS address host:port (engine ray; default: a local Ray)")
     s.set_defaults(func=_serve)
 
     c = sub.add_parser("classify", help="classify image files through a running server")

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serving.engines.ray_config import RayEngineConfig
 from serving.model_repository.config import ModelsConfig
 
 
@@ -63,9 +64,34 @@ class LimitsConfig(BaseModel):
     max_message_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="largest accepted request")
     max_pixels: int = Field(40_000_000, ge=1, description="decoded width*height limit (decompression bombs)")
     max_side: int = Field(12_000, ge=16)
+    max_aspect_ratio: float = Field(20.0, ge=1, description="longest side / shortest side; beyond, INVALID_ARGUMENT "
+                                    "(the centre crop would keep a sliver)")
+    max_decode_mb: float = Field(128.0, ge=1, description="memory a decode may take, estimated from the header "
+                                 "before any pixel is decoded (Pillow's copies, a progressive JPEG's coefficients)")
+    max_jpeg_scans: int = Field(100, ge=1, description="scans in one JPEG (progressive ones have about 10)")
+    max_jpeg_scan_blocks: int = Field(40_000_000, ge=1, description="8x8 blocks a JPEG's scans visit in total "
+                                      "(bounds the work of many-scan files)")
+    max_segments: int = Field(20_000, ge=16, description="JPEG marker segments or PNG chunks in one image")
+    max_decode_queue: int = Field(64, ge=1, description="images waiting for a decode thread; beyond, "
+                                  "RESOURCE_EXHAUSTED")
     max_inflight_requests: int = Field(512, ge=1, description="beyond this, RESOURCE_EXHAUSTED")
     max_concurrent_escalations: int = Field(32, ge=0, description="VLM calls in flight; beyond, escalations are shed")
     vlm_min_budget_ms: float = Field(50.0, ge=0, description="skip the VLM when less deadline than this remains")
+
+
+class MemoryConfig(BaseModel):
+    """glibc malloc settings applied at start, so memory a large decode used goes back to the
+    OS instead of staying resident (cnn_stage.native_memory; no-ops off glibc)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    malloc_arena_max: int | None = Field(2, ge=1, description="malloc arenas (glibc default 8 x cores); null = "
+                                         "glibc's default")
+    malloc_mmap_threshold_kb: int | None = Field(1024, ge=64, description="allocations from this size are mapped "
+                                                 "and unmapped on free; fixing it stops glibc raising it after "
+                                                 "large frees; null = glibc's dynamic threshold")
+    trim_after_decode_ms: float | None = Field(100.0, ge=0, description="malloc_trim after a decode that took "
+                                               "longer (large images); null = never")
 
 
 class BreakerSettings(BaseModel):
@@ -92,17 +118,32 @@ class TlsConfig(BaseModel):
         return p
 
 
+def _check_token(token: str, source: str) -> str:
+    if not token.isprintable() or any(c.isspace() for c in token) or not token.isascii():
+        raise ValueError(f"a bearer token from {source} contains whitespace, control or non-ASCII characters "
+                         "(tokens are sent as gRPC metadata: printable ASCII, no spaces)")
+    return token
+
+
 class AuthConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     bearer_tokens: list[str] = Field(default_factory=list, description="accepted tokens; empty = no auth")
-    bearer_tokens_env: str | None = Field(None, description="or: an environment variable holding comma-separated tokens")
+    bearer_tokens_env: str | None = Field(None, description="or: an environment variable holding comma-separated "
+                                          "tokens (spaces around each are trimmed)")
+
+    @field_validator("bearer_tokens")
+    @classmethod
+    def _tokens_clean(cls, tokens: list[str]) -> list[str]:
+        return [_check_token(t, "auth.bearer_tokens") for t in tokens]
 
     def tokens(self) -> list[str]:
+        """The configured tokens plus the environment's, read now: ``"a, b"`` gives a and b."""
         import os
 
         extra = os.environ.get(self.bearer_tokens_env, "") if self.bearer_tokens_env else ""
-        return [t for t in self.bearer_tokens + extra.split(",") if t.strip()]
+        from_env = [_check_token(t.strip(), f"${self.bearer_tokens_env}") for t in extra.split(",") if t.strip()]
+        return self.bearer_tokens + from_env
 
 
 class ServeConfig(BaseModel):
@@ -123,11 +164,21 @@ class ServeConfig(BaseModel):
     vlm: VlmEndpointConfig = VlmEndpointConfig()
     limits: LimitsConfig = LimitsConfig()
     breaker: BreakerSettings = BreakerSettings()
+    memory: MemoryConfig = MemoryConfig()
     tls: TlsConfig | None = None
     auth: AuthConfig = AuthConfig()
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; None = off")
+    metrics_host: str = Field("127.0.0.1", description="address /metrics binds to, apart from the gRPC host: "
+                              "loopback by default (a local agent or sidecar scrapes it)")
+    metrics_tls: TlsConfig | None = Field(None, description="HTTPS for /metrics; client_ca_file requires client "
+                                          "certificates (mutual TLS)")
+    metrics_auth: AuthConfig = Field(default_factory=AuthConfig, description="bearer tokens /metrics requires "
+                                     "(Prometheus scrape_config authorization); empty = none")
     log_format: Literal["text", "json"] = "text"
     grace_s: float = Field(5.0, ge=0, description="drain time for in-flight requests on shutdown")
+    engine: Literal["local", "ray"] = Field("local", description="where the CNN stage runs: in this process, or "
+                                            "as Ray Serve deployments (with the VLM client) on a Ray cluster")
+    ray: RayEngineConfig = RayEngineConfig()
 
     @model_validator(mode="after")
     def _bundle_or_models(self) -> "ServeConfig":
@@ -135,6 +186,8 @@ class ServeConfig(BaseModel):
             raise ValueError("nothing to serve: give bundle (one bundle) or models.repository (a model repository)")
         if self.bundle is not None and self.models is not None:
             raise ValueError("give bundle (one bundle) or models.repository (a model repository), not both")
+        if self.engine == "ray" and self.bundle is None:
+            raise ValueError("engine ray serves one bundle (set bundle); a model repository runs on the local engine")
         return self
 
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,14 +20,16 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from cnn_stage.native_memory import release_free_memory
 from cnn_stage.preprocessing import PreprocessConfig, decode_image, preprocess
 from cnn_stage.topk import TopK, softmax, top_k
 from ensemble.blending import Blender
 from ensemble.candidate_sets import set_size
 from ensemble.config import CandidateSetConfig
 from ensemble.escalation_policy import EscalationDecision, EscalationMode, EscalationPolicy, EscalationReason
-from serving.batcher import DynamicBatcher
+from serving.batcher import QueueFullError
 from serving.circuit_breaker import BreakerState, CircuitBreaker
+from serving.engines.cnn_engine import CnnEngine
 from serving.metrics import ServiceMetrics
 from vlm_stage.rationale import Rationale
 from vlm_stage.scoring import CandidateScores
@@ -82,10 +85,18 @@ class PipelineConfig:
     decode_threads: int = 2
     vlm_image_side: int = 448
     """Longest side of the copy kept for the VLM (bounds memory and image tokens)."""
+    max_decode_queue: int = 64
+    """Images waiting for a decode thread; beyond it, requests are refused (QueueFullError)."""
+    trim_after_decode_ms: float | None = None
+    """malloc_trim after a decode slower than this (a large image), so its memory goes back to the OS."""
+
+
+class DeadlineExceededError(RuntimeError):
+    """The request's deadline passed before its work started; nothing was done for it."""
 
 
 class CascadePipeline:
-    def __init__(self, labels: list[str], preprocess_config: PreprocessConfig, cnn: DynamicBatcher,
+    def __init__(self, labels: list[str], preprocess_config: PreprocessConfig, cnn: CnnEngine,
                  policy: EscalationPolicy, blender: Blender, verifier: Verifier | None = None,
                  temperature: float = 1.0, config: PipelineConfig = PipelineConfig(),
                  breaker: CircuitBreaker | None = None, metrics: ServiceMetrics | None = None):
@@ -100,11 +111,51 @@ class CascadePipeline:
         self.breaker = breaker
         self.metrics = metrics
         self._decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
+        self.decode_waiting = 0
+        self.decodes_started = 0
+        self._decode_lock = threading.Lock()
         self.vlm_calls = 0
         self.inflight_escalations = 0
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False)
+
+    async def _decode_in_pool(self, data: bytes, keep_for_vlm: bool,
+                              deadline: float | None) -> tuple[Image.Image | None, np.ndarray]:
+        """Runs ``_decode`` on the decode pool. The pool's queue is bounded; a job whose
+        request is cancelled (client gone, deadline passed in gRPC) before a thread picks it
+        up is dropped, and a job that starts after its deadline returns at once, so the
+        decode threads only ever work for requests someone still waits on."""
+        with self._decode_lock:
+            if self.decode_waiting >= self.config.max_decode_queue:
+                raise QueueFullError(f"decode queue is full ({self.decode_waiting} images waiting)")
+            self.decode_waiting += 1
+
+        def job():
+            late = deadline is not None and time.monotonic() >= deadline
+            with self._decode_lock:
+                self.decode_waiting -= 1
+                self.decodes_started += not late
+            if not late and self.metrics is not None:
+                self.metrics.decodes_started.inc()
+            if late:
+                self._count_skipped_decode("deadline")
+                raise DeadlineExceededError("the deadline passed while the image waited to be decoded")
+            return self._decode(data, keep_for_vlm)
+
+        future = self._decode_pool.submit(job)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if future.cancel():  # never ran, never will: give its queue slot back
+                with self._decode_lock:
+                    self.decode_waiting -= 1
+                self._count_skipped_decode("cancelled")
+            raise
+
+    def _count_skipped_decode(self, why: str) -> None:
+        if self.metrics is not None:
+            self.metrics.decodes_skipped.labels(why).inc()
 
     @property
     def max_candidates(self) -> int:
@@ -120,13 +171,18 @@ class CascadePipeline:
         """Decode + preprocess; keeps at most a ``vlm_image_side`` copy for the VLM, so the
         memory a request holds while it waits on the VLM is bounded whatever was uploaded."""
         cfg = self.preprocess_config
+        t0 = time.perf_counter()
         img = decode_image(data, cfg.limits, draft_size=cfg.scale_size)
         x = preprocess(img, cfg)
-        if not keep_for_vlm:
-            return None, x
-        side = self.config.vlm_image_side
-        if max(img.size) > side:
-            img.thumbnail((side, side), Image.Resampling.BICUBIC)
+        if keep_for_vlm:
+            side = self.config.vlm_image_side
+            if max(img.size) > side:
+                img.thumbnail((side, side), Image.Resampling.BICUBIC)
+        else:
+            img = None  # the decoded image is freed before the trim below
+        trim_ms = self.config.trim_after_decode_ms
+        if trim_ms is not None and (time.perf_counter() - t0) * 1000.0 > trim_ms:
+            release_free_memory()
         return img, x
 
     async def classify(self, data: bytes, k: int | None = None, mode: EscalationMode = EscalationMode.AUTO,
@@ -134,21 +190,27 @@ class CascadePipeline:
         """Classifies encoded image bytes. ``deadline`` is a time.monotonic() instant or None;
         ``explain`` asks the VLM for a short rationale after the answer is final.
 
-        Raises InvalidImageError for bad bytes and QueueFullError when the CNN queue is full.
+        Raises InvalidImageError for bad bytes, QueueFullError when the decode or CNN queue is
+        full, DeadlineExceededError when the deadline passed before decoding started.
         """
         t0 = time.perf_counter()
         k = k or self.config.default_top_k
-        loop = asyncio.get_running_loop()
         keep = mode != EscalationMode.NEVER and self.verifier is not None
-        img, x = await loop.run_in_executor(self._decode_pool, self._decode, data, keep)
-        t_decode = time.perf_counter()
-        res = await self.cnn.submit(x)
+        if getattr(self.cnn, "decodes_images", False):  # the engine decodes where the model runs (Ray replicas)
+            img, res = None, await self.cnn.submit_encoded(data)
+            t_decode = t0 + res.decode_ms / 1000.0
+        else:
+            img, x = await self._decode_in_pool(data, keep, deadline)
+            t_decode = time.perf_counter()
+            res = await self.cnn.submit(x)
         probs = softmax(res.output, self.temperature)
         cnn_top = top_k(probs, self.labels, max(k, self.max_candidates, 2))
         sets = self.config.candidate_sets
         size = set_size(sets, probs) if sets is not None else None
         decision = self.policy.decide(probs, mode, size, sets.skip_singletons if sets is not None else True)
         final, vlm_scores, vlm_ms, blend_ms = probs, None, 0.0, 0.0
+        if img is None and keep and (decision.escalate or explain):  # decoded remotely: the VLM's copy, if needed
+            img, _ = await self._decode_in_pool(data, True, deadline)
         if decision.escalate:
             decision, vlm_scores, vlm_ms = await self._ask_vlm(img, cnn_top, decision, deadline,
                                                                self.candidate_count(size))

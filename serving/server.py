@@ -21,8 +21,9 @@ from serving.api import cascade_pb2 as pb
 from serving.api import cascade_pb2_grpc as pb_grpc
 from serving.auth import BearerTokenInterceptor
 from serving.batcher import QueueFullError
+from serving.engines.cnn_engine import EngineUnavailableError
 from serving.metrics import ServiceMetrics
-from serving.pipeline import CascadePipeline, CascadeResult
+from serving.pipeline import CascadePipeline, CascadeResult, DeadlineExceededError
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CatClassifier"].full_name
@@ -82,6 +83,9 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
     def _validate(self, request: pb.ClassifyRequest) -> tuple[str, int, EscalationMode]:
         if len(request.request_id) > MAX_REQUEST_ID:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request_id longer than {MAX_REQUEST_ID} characters")
+        if not request.request_id.isprintable():  # control characters and line breaks could forge log lines
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               "request_id must be printable characters (no control characters or line breaks)")
         if request.top_k > min(MAX_TOP_K, len(self.pipeline.labels)):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"top_k={request.top_k} exceeds the {len(self.pipeline.labels)} known labels")
@@ -98,10 +102,15 @@ class CatClassifierServicer(pb_grpc.CatClassifierServicer):
         try:
             result = await self.pipeline.classify(request.image, k or None, mode, deadline, explain=request.explain)
         except InvalidImageError as e:
+            self.metrics.images_refused.labels(e.reason).inc()
             log.info("invalid image request_id=%s: %s", request_id, e, extra={"request_id": request_id})
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except QueueFullError as e:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {e}") from None
+        except DeadlineExceededError as e:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(e)) from None
+        except EngineUnavailableError as e:  # e.g. the Ray engine's CNN replicas died: clients may retry
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
         finally:
             self.inflight -= 1
         self._observe(result)
@@ -201,7 +210,9 @@ async def run_server(servicer: CatClassifierServicer, host: str = "127.0.0.1", p
     On exit, health flips to NOT_SERVING, new calls are refused and in-flight calls get
     ``grace_s`` seconds to finish.
     """
-    interceptors = [BearerTokenInterceptor(tokens)] if tokens else []
+    refused = servicer.metrics.unauthenticated
+    interceptors = ([BearerTokenInterceptor(tokens, on_refused=lambda method: refused.labels(method).inc())]
+                    if tokens else [])
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", max_message_bytes + 64 * 1024),
         ("grpc.max_send_message_length", 4 * 1024 * 1024),

@@ -13,9 +13,8 @@ from PIL import Image
 from serving.service_thread import ServiceThread as GrpcServerThread  # noqa: F401 - tests import it from here
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE_DATA = Path(os.environ.get("CATCASCADE_SAMPLE_DATA") or REPO.parent / "shared" / "data" / "oxford-pet-cats-sample")
-"""The real cat photos (never copied into the repo); CATCASCADE_SAMPLE_DATA points elsewhere,
-e.g. from a git worktree that is not beside ``shared/``."""
+# $CATCASCADE_SAMPLE_DATA for checkouts that are not beside shared/ (git worktrees elsewhere)
+SAMPLE_DATA = Path(os.environ.get("CATCASCADE_SAMPLE_DATA", REPO.parent / "shared" / "data" / "oxford-pet-cats-sample"))
 
 
 def jpeg_bytes(size=(120, 90), color=(200, 120, 40), seed: int | None = None, fmt: str = "JPEG") -> bytes:

@@ -135,6 +135,7 @@ def check_readable(samples: list[Sample], progress: bool = False) -> tuple[list[
     from PIL import Image
     from tqdm import tqdm
 
+    from cnn_stage.decode_budget import check_dimensions
     from cnn_stage.preprocessing import DecodeLimits
 
     limits = DecodeLimits()
@@ -147,8 +148,7 @@ def check_readable(samples: list[Sample], progress: bool = False) -> tuple[list[
                 raise ValueError("file exceeds the decoder's size limit")
             with Image.open(s.path, formats=list(limits.formats)) as img:
                 w, h = img.size
-            if w * h > limits.max_pixels or max(w, h) > limits.max_side:
-                raise ValueError(f"{w}x{h} exceeds the decoder's limits")
+            check_dimensions(w, h, limits)  # side, pixel count and aspect ratio, as serving checks them
             good.append(s)
         except Exception as e:  # missing, truncated, wrong format: all are reported the same way
             bad.append(str(s.path))

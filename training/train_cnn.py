@@ -26,6 +26,24 @@ from training.imbalance import IMBALANCE_STRATEGIES
 log = logging.getLogger(__name__)
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def mixed_precision(precision: str, cuda: bool, bf16_supported: bool) -> str:
+    """accelerate's ``mixed_precision`` for a requested precision on this device (pure: the
+    caller probes the GPU). auto: bf16 autocast on GPUs with bf16 (Ampere and later), fp16
+    with loss scaling on older ones (T4, V100), fp32 on a CPU, where autocast gains little."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return ("bf16" if bf16_supported else "fp16") if cuda else "no"
+    if precision == "bf16" and cuda and not bf16_supported:
+        raise ValueError("precision bf16: this GPU has no bf16 support; use fp16 (or auto)")
+    if precision == "fp16" and not cuda:
+        raise ValueError("precision fp16 needs a CUDA GPU (loss-scaled fp16 autocast); use bf16 or fp32 on a CPU")
+    return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]
+
+
 @dataclass
 class CnnTrainConfig:
     """Everything that decides a CNN training run (written beside the bundle it produces)."""
@@ -67,7 +85,7 @@ class CnnTrainConfig:
     """cutmix alpha; 0 = off."""
     mix_prob: float = 1.0
     precision: str = "auto"
-    """auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32"""
+    """auto (bf16 autocast on a GPU that has bf16, else fp16 with loss scaling; fp32 on CPU) | bf16 | fp16 | fp32"""
     patience: int = 3
     """Stop after this many epochs without a better validation balanced accuracy."""
     seed: int = 0
@@ -83,8 +101,8 @@ class CnnTrainConfig:
                              f"got {self.phase_epochs}")
         if self.imbalance not in IMBALANCE_STRATEGIES:
             raise ValueError(f"imbalance must be one of {', '.join(IMBALANCE_STRATEGIES)}, got {self.imbalance!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.pretrained and self.checkpoint:
             raise ValueError("give pretrained (timm hub weights) or checkpoint (a local file), not both")
         checks = {
@@ -203,15 +221,16 @@ def train_cnn(cfg: CnnTrainConfig, train, val, labels: list[str], metrics_path: 
 
     if resume and checkpoint_dir is None:
         raise ValueError("resume needs checkpoint_dir")
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
+    cuda = torch.cuda.is_available()
+    precision = mixed_precision(cfg.precision, cuda, cuda and torch.cuda.is_bf16_supported())
     # Frozen stages produce no gradients; DDP must be told, since phases change what is frozen.
     # cpu=True without a GPU lets several CPU processes (torchrun) train together over gloo.
-    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=not torch.cuda.is_available(),
+    accelerator = Accelerator(mixed_precision=precision, cpu=not cuda,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     main = accelerator.is_main_process
     if main:
         log.info("training %s on %d process(es), device %s, %s", cfg.model, accelerator.num_processes,
-                 accelerator.device, "bf16 autocast" if use_bf16 else "fp32")
+                 accelerator.device, "fp32" if precision == "no" else f"{precision} autocast")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)

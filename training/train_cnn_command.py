@@ -186,7 +186,7 @@ _TRAIN_FLAGS = {
     "mixup": ("--mixup", float, "mixup alpha (0 = off)"),
     "cutmix": ("--cutmix", float, "cutmix alpha (0 = off)"),
     "mix_prob": ("--mix-prob", float, "probability of mixing a batch"),
-    "precision": ("--precision", str, "auto (bf16 on GPU) | bf16 | fp32"),
+    "precision": ("--precision", str, "auto (bf16 on GPUs with bf16, else fp16; fp32 on CPU) | bf16 | fp16 | fp32"),
     "patience": ("--patience", int, "early stopping: epochs without a better val balanced accuracy"),
     "seed": ("--seed", int, "seed of the split and of training"),
     "num_workers": ("--workers", int, "DataLoader worker processes"),

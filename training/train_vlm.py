@@ -14,30 +14,19 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from vlm_stage import families
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
-_LANGUAGE = r".*language_model.*\.({})"
-# Vision towers: CLIP/SigLIP (LLaVA) and Qwen-VL's `visual` blocks.
-_VISION = r".*(vision_tower|visual)\..*\.(q_proj|k_proj|v_proj|out_proj|qkv|proj|fc1|fc2|gate_proj|up_proj|down_proj)"
-TARGET_PARTS = {
-    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "mlp": ("gate_proj", "up_proj", "down_proj"),
-    "vision": (),
-}
-LANGUAGE_ATTENTION = _LANGUAGE.format("q_proj|k_proj|v_proj|o_proj")
+TARGET_PARTS = families.TARGET_PARTS
 
 
-def target_modules_regex(parts: tuple[str, ...] | list[str]) -> str:
-    """A PEFT ``target_modules`` regex for the named parts (attention, mlp: language model; vision)."""
-    unknown = [p for p in parts if p not in TARGET_PARTS]
-    if unknown or not parts:
-        raise ValueError(f"target parts must be a non-empty subset of {sorted(TARGET_PARTS)}, got {list(parts)}")
-    names = [n for p in parts for n in TARGET_PARTS[p]]
-    pieces = [_LANGUAGE.format("|".join(names))] if names else []
-    if "vision" in parts:
-        pieces.append(_VISION)
-    return "|".join(f"(?:{p})" for p in pieces)
+def target_modules_regex(parts: tuple[str, ...] | list[str], base_model: str | None = None) -> str:
+    """A PEFT ``target_modules`` regex for the named parts (attention, mlp: language model;
+    vision: the tower of ``base_model``'s family, any family's when None)."""
+    family = families.family_for(base_model) if base_model else families.GENERIC
+    return family.target_modules(parts)
 
 
 @dataclass
@@ -75,14 +64,14 @@ class VlmTrainConfig:
             raise ValueError(f"batch_size and lr must be positive, got {self.batch_size}, {self.lr}")
         self.target = tuple(self.target)
         if self.target_modules is None:
-            target_modules_regex(self.target)  # validates the names
+            target_modules_regex(self.target, self.base_model)  # validates the names
         if "vision" in self.target or (self.target_modules and "vision" in self.target_modules):
             log.warning("LoRA on the vision tower: vLLM serves LoRA on the language model only and drops (or "
                         "rejects) vision-tower adapter weights, so the served model will differ from the trained one")
 
     @property
     def target_regex(self) -> str:
-        return self.target_modules or target_modules_regex(self.target)
+        return self.target_modules or target_modules_regex(self.target, self.base_model)
 
 
 def _conversation(example):
@@ -102,27 +91,60 @@ def _row(conv, answer_only: bool) -> dict:
     return row
 
 
+@dataclass(frozen=True)
+class LoadPlan:
+    """How the base model is loaded for training: the weights' dtype, and 4-bit quantisation."""
+
+    dtype: str
+    """bfloat16 | float16 | float32: the unquantised weights, and QLoRA's compute dtype."""
+    qlora: bool
+    bf16_training: bool
+    """SFTConfig(bf16=...): autocast to bf16 in the trainer."""
+
+    def quantization(self) -> dict | None:
+        """BitsAndBytesConfig fields for QLoRA (NF4, double quantisation), or None."""
+        if not self.qlora:
+            return None
+        return {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                "bnb_4bit_compute_dtype": self.dtype}
+
+
+def load_plan(qlora: bool, bf16: bool | None, cuda: bool, bf16_supported: bool) -> LoadPlan:
+    """The loading choices for a device (pure: the caller probes CUDA and bf16 support).
+
+    bf16 None means bf16 on a GPU that has it (fp16 compute for QLoRA on older GPUs, fp32
+    weights otherwise) and fp32 on a CPU. QLoRA needs CUDA: bitsandbytes' 4-bit kernels.
+    """
+    if qlora and not cuda:
+        raise RuntimeError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit kernels); train with qlora=False on CPU")
+    use_bf16 = (cuda and bf16_supported) if bf16 is None else bf16
+    if use_bf16 and cuda and not bf16_supported:
+        raise RuntimeError("bf16 requested but this GPU has no bf16 support; pass --no-bf16")
+    if use_bf16:
+        dtype = "bfloat16"
+    else:
+        dtype = "float16" if qlora else "float32"
+    return LoadPlan(dtype=dtype, qlora=qlora, bf16_training=use_bf16)
+
+
 def load_base_model(cfg: VlmTrainConfig):
-    """Loads the VLM and its processor; QLoRA (4-bit NF4, double quantisation, bf16 compute)
-    only on CUDA, with a clear error otherwise."""
+    """Loads the VLM and its processor (the family's image bounds) as ``load_plan`` says."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     cuda = torch.cuda.is_available()
-    kwargs = {"dtype": torch.bfloat16 if (cfg.bf16 if cfg.bf16 is not None else cuda) else torch.float32}
-    if cfg.qlora:
-        if not cuda:
-            raise RuntimeError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit kernels); train with qlora=False on CPU")
+    plan = load_plan(cfg.qlora, cfg.bf16, cuda, cuda and torch.cuda.is_bf16_supported())
+    kwargs = {"dtype": getattr(torch, plan.dtype)}
+    if plan.qlora:
         try:
             import bitsandbytes  # noqa: F401
             from transformers import BitsAndBytesConfig
         except ImportError as e:  # pragma: no cover
             raise ImportError("QLoRA needs bitsandbytes: `pip install bitsandbytes` (or `make setup`)") from e
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_use_double_quant=True,
-                                                           bnb_4bit_compute_dtype=torch.bfloat16)
+        q = plan.quantization()
+        kwargs["quantization_config"] = BitsAndBytesConfig(**{**q, "bnb_4bit_compute_dtype": getattr(torch, plan.dtype)})
     model = AutoModelForImageTextToText.from_pretrained(cfg.base_model, **kwargs)
-    processor = AutoProcessor.from_pretrained(cfg.base_model)
+    processor = families.family_for(cfg.base_model).load_processor(cfg.base_model)
     return model, processor
 
 
@@ -176,7 +198,7 @@ def train_lora(cfg: VlmTrainConfig, examples, out_dir: str | Path, work_dir: str
         summary["accuracy_before"] = verification_accuracy(model, processor, eval_examples, progress)
     rows = [_row(c, cfg.answer_only_loss) for c in convs]
     cuda = torch.cuda.is_available()
-    bf16 = cfg.bf16 if cfg.bf16 is not None else cuda
+    bf16 = load_plan(cfg.qlora, cfg.bf16, cuda, cuda and torch.cuda.is_bf16_supported()).bf16_training
     extra = dict(cfg.extra)
     if cfg.gradient_checkpointing:
         extra.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})

@@ -76,6 +76,8 @@ def _train_vlm(args) -> int:
         if not torch.cuda.is_available():
             raise _cli_error("--qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); drop --qlora to train in "
                              "full precision on this machine")
+    if args.attach and not (args.attach / "manifest.json").is_file():
+        raise _cli_error(f"--attach: no bundle manifest in {args.attach}")
     local = Path(args.base_model)
     if not local.exists() and (local.is_absolute() or args.base_model.startswith(".")):
         raise _cli_error(f"base model folder not found: {args.base_model}")
@@ -84,6 +86,8 @@ def _train_vlm(args) -> int:
                              eval_examples=held_out or None)
     except OSError as e:  # e.g. a hub id that cannot be downloaded here
         raise _cli_error(f"cannot load {args.base_model}: {e}") from None
+    if args.attach:
+        _attach(args.attach, args.out, args.base_model, summary)
     before = (summary.get("accuracy_before") or {}).get("accuracy")
     after = (summary.get("accuracy_after") or {}).get("accuracy")
     losses = summary["losses"]
@@ -94,6 +98,33 @@ def _train_vlm(args) -> int:
     print(f"serve it: catcascade serve-vlm (bundle) or python -m vllm.entrypoints.openai.api_server "
           f"--model {args.base_model} --enable-lora --max-lora-rank {args.rank} --lora-modules cats={args.out}")
     return 0
+
+
+def _attach(bundle_dir: Path, adapter: Path, base_model: str, summary: dict) -> None:
+    """Copies the adapter into BUNDLE/vlm/adapter and points the manifest's vlm section at it
+    and at the base model (a hub id, or a local folder by absolute path)."""
+    import shutil
+
+    from ensemble.bundle import BundleError, VlmSpec, load_bundle
+
+    try:
+        bundle = load_bundle(bundle_dir)
+    except BundleError as e:
+        raise _cli_error(str(e)) from None
+    dest = bundle.root / "vlm" / "adapter"
+    if dest.resolve() != Path(adapter).resolve():
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(adapter, dest)
+    local = Path(base_model)
+    base = str(local.resolve()) if local.exists() else base_model
+    old = bundle.manifest.vlm
+    bundle.manifest.vlm = VlmSpec(base_model=base, adapter_dir="vlm/adapter", adapter_name="cats",
+                                  served_model_name=old.served_model_name if old else "catcascade-vlm",
+                                  scoring_mode=old.scoring_mode if old else "multiple_choice",
+                                  max_model_len=max(1024, old.max_model_len if old else 0))
+    bundle.manifest.provenance["vlm_train"] = summary
+    bundle.save()
+    print(f"attached to {bundle.root}: vlm base {base}, adapter vlm/adapter (served as 'cats')")
 
 
 def register(subparsers) -> None:
@@ -130,4 +161,6 @@ def register(subparsers) -> None:
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
     t.add_argument("--qlora", action="store_true", help="4-bit NF4 base (bitsandbytes; CUDA only)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--attach", type=Path, metavar="BUNDLE",
+                   help="then copy the adapter into BUNDLE/vlm/adapter and set the manifest's VLM (base + adapter)")
     t.set_defaults(func=_train_vlm)

@@ -1,132 +1,22 @@
-"""Builds a tiny LLaVA (random weights) from a config, for tests and the offline demo.
+"""Tiny vision-language models (random weights) built from a config, for tests and the demo.
 
 No weights can be downloaded on the machines this project is tested on, so the demo and the
-tests use a ~1M-parameter LLaVA that the project builds itself: a byte-level BPE tokenizer
-trained on the prompt vocabulary, a 56 px CLIP vision tower and a 2-layer Llama (head_dim 64,
-which vLLM's CPU attention supports). vLLM loads it from the folder like any hub model.
+tests use ~1M-parameter models that the project builds itself, one per family
+(vlm_stage/families/): the tiny LLaVA of the demo bundle, and tiny Qwen2.5-VL and Qwen2-VL
+in the layout of the default base model. vLLM loads them from the folder like hub models.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-IMAGE_SIZE = 56
-# Renders OpenAI-style content lists in order (text, image, text), as vLLM and TRL pass them.
-# The assistant turn starts after "ASSISTANT:\n" in the generation prompt and in training alike,
-# so the answer letter is its own token in both (a leading space would make BPE emit " A"
-# in training while the constrained server samples "A"). The {% generation %} markers let
-# TRL's assistant_only_loss find the answer tokens; vLLM renders them as plain text.
-CHAT_TEMPLATE = (
-    "{% macro render(content) %}{% if content is string %}{{ content }}"
-    "{% else %}{% for c in content %}"
-    "{% if c['type'] == 'image' or c['type'] == 'image_url' %}<image>\n"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}{% endmacro %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "ASSISTANT:\n{% generation %}{{ render(message['content']) }}</s>{% endgeneration %}\n"
-    "{% else %}USER: {{ render(message['content']) }}\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:\n{% endif %}"
-)
+from vlm_stage.families import family_named
+from vlm_stage.families.llava import (CHAT_TEMPLATE, IMAGE_SIZE, SIZES, SPECIAL_TOKENS, TinyLlavaSize,  # noqa: F401
+                                      build_tiny_llava, to_hub_layout)
 
 
-def _tokenizer_corpus(labels: list[str]) -> list[str]:
-    from vlm_stage.prompts import build_multiple_choice, build_yes_no
-
-    texts = []
-    for i in range(0, len(labels), 3):
-        p = build_multiple_choice(labels[i:i + 3])
-        texts.append(f"USER: {p.before_image}\n{p.after_image}\nASSISTANT:\nA</s>\nB C D")
-    texts += [build_yes_no(label).after_image + "\nASSISTANT:\nyes</s>\nno</s>" for label in labels]
-    return texts * 20
-
-
-@dataclass(frozen=True)
-class TinyLlavaSize:
-    """Dimensions of the random LLaVA; head_dim = hidden / heads must be 64 for vLLM's CPU attention."""
-
-    hidden: int = 128
-    layers: int = 2
-    heads: int = 2
-    kv_heads: int = 1
-    intermediate: int = 256
-    vision_hidden: int = 32
-    vision_layers: int = 2
-
-    def __post_init__(self) -> None:
-        if self.hidden % self.heads or self.hidden // self.heads != 64:
-            raise ValueError(f"hidden / heads must be 64 (vLLM CPU attention), got {self.hidden} / {self.heads}")
-        if self.heads % self.kv_heads:
-            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
-
-
-SIZES = {
-    "tiny": TinyLlavaSize(),
-    # ~40M parameters: enough compute per token for batching to matter in speed comparisons.
-    "small": TinyLlavaSize(hidden=768, layers=6, heads=12, kv_heads=4, intermediate=2048, vision_hidden=128,
-                           vision_layers=4),
-    # ~200M parameters: closer to where a real VLM's compute per token puts the comparison.
-    "medium": TinyLlavaSize(hidden=1024, layers=12, heads=16, kv_heads=4, intermediate=4096, vision_hidden=256,
-                            vision_layers=4),
-}
-
-
-def build_tiny_llava(out_dir: str | Path, labels: list[str], seed: int = 0, size: TinyLlavaSize = SIZES["tiny"]) -> Path:
-    """Writes a loadable tiny LLaVA (model + processor) to ``out_dir`` and returns it."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_tokenizer_corpus(labels), trainer)
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                     pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
-    hf_tok.chat_template = CHAT_TEMPLATE
-    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=hf_tok, chat_template=CHAT_TEMPLATE,
-                               patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=size.vision_hidden, intermediate_size=2 * size.vision_hidden,
-                                       num_hidden_layers=size.vision_layers, num_attention_heads=2,
-                                       image_size=IMAGE_SIZE, patch_size=14, projection_dim=size.vision_hidden),
-        text_config=LlamaConfig(vocab_size=len(hf_tok), hidden_size=size.hidden, intermediate_size=size.intermediate,
-                                num_hidden_layers=size.layers, num_attention_heads=size.heads,
-                                num_key_value_heads=size.kv_heads, max_position_embeddings=1024,
-                                bos_token_id=1, eos_token_id=2, pad_token_id=3),
-        image_token_index=hf_tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    to_hub_layout(out)
-    return out
-
-
-def to_hub_layout(model_dir: Path) -> None:
-    """transformers 5.x saves the CLIP tower as ``vision_tower.*``; vLLM expects the hub's
-    ``vision_tower.vision_model.*``. Rewrites the safetensors keys in place."""
-    from safetensors.torch import load_file, save_file
-
-    for path in Path(model_dir).glob("*.safetensors"):
-        state = load_file(str(path))
-        renamed = {}
-        for k, v in state.items():
-            for prefix in ("model.vision_tower.", "vision_tower."):
-                if k.startswith(prefix) and not k.startswith(prefix + "vision_model."):
-                    k = prefix + "vision_model." + k[len(prefix):]
-                    break
-            renamed[k] = v.contiguous()
-        save_file(renamed, str(path), metadata={"format": "pt"})
+def build_tiny_vlm(out_dir: str | Path, labels: list[str], family: str = "llava", seed: int = 0) -> Path:
+    """Writes a loadable tiny model of ``family`` (llava, qwen2_5_vl, qwen2_vl) to ``out_dir``."""
+    fam = family_named(family)
+    if fam.build_tiny is None:
+        raise ValueError(f"no tiny build for the {family} family")
+    return fam.build_tiny(out_dir, labels, seed=seed)

@@ -188,7 +188,9 @@ def _bounded(img: Image.Image, side: int) -> Image.Image:
 def load_model(config: TransformersBackendConfig):
     """Loads the base VLM, its processor and (if configured) the PEFT adapter, in eval mode."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_stage.families import family_for
 
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -199,5 +201,5 @@ def load_model(config: TransformersBackendConfig):
 
         model = PeftModel.from_pretrained(model, config.adapter)
     model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(config.model)
+    processor = family_for(config.model).load_processor(config.model)  # the family's image bounds
     return model, processor

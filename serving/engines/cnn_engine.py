@@ -1,0 +1,50 @@
+"""What CascadePipeline awaits from the CNN stage, whichever engine runs it.
+
+The local engine is serving.batcher.DynamicBatcher (ONNX Runtime in this process); the Ray
+engine (serving.engines.ray_engine) sends the same work to a Ray Serve deployment. An engine
+that decodes where the model runs (``decodes_images``) is handed the encoded bytes instead of
+the tensor, so the front door never decodes on the CNN path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from serving.batcher import BatchResult
+
+
+class EngineUnavailableError(RuntimeError):
+    """The CNN stage cannot be reached (e.g. its replicas died); clients get UNAVAILABLE."""
+
+
+@dataclass(frozen=True)
+class EncodedResult(BatchResult):
+    """A BatchResult from an engine that also decoded the image (decode_ms is its time)."""
+
+    decode_ms: float = 0.0
+
+
+@runtime_checkable
+class CnnEngine(Protocol):
+    """``submit(x)``: one preprocessed CHW float32 image in, its logits and timings out."""
+
+    async def submit(self, x: np.ndarray) -> BatchResult: ...
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for the model (a metric)."""
+
+    @property
+    def running(self) -> int:
+        """Batches (local) or calls (remote) in the model right now (a metric)."""
+
+
+@runtime_checkable
+class EncodedCnnEngine(CnnEngine, Protocol):
+    """An engine that decodes and preprocesses where the model runs."""
+
+    decodes_images: bool
+
+    async def submit_encoded(self, data: bytes) -> EncodedResult: ...
