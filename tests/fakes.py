@@ -31,7 +31,7 @@ class FakeBatcher:
         self.error = error
         self.inputs: list[np.ndarray] = []
 
-    async def submit(self, x: np.ndarray) -> BatchResult:
+    async def submit(self, x: np.ndarray, priority: int = 0, deadline: float | None = None) -> BatchResult:
         self.inputs.append(x)
         if self.error is not None:
             raise self.error
@@ -58,7 +58,7 @@ class FakeVerifier:
         self.release = asyncio.Event()
         self.entered = asyncio.Event()
 
-    async def verify(self, image, candidates) -> CandidateScores:
+    async def verify(self, image, candidates, *, priority: int = 0) -> CandidateScores:
         self.calls.append((image.size, tuple(candidates)))
         self.waiting += 1
         self.entered.set()
