@@ -72,10 +72,12 @@ class _Item:
 
 class DynamicBatcher:
     def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], config: BatcherConfig = BatcherConfig(),
-                 on_batch: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, clock: Callable[[], float] = time.perf_counter):
+        """``clock`` (seconds) times the queue and the batches; tests pass a fake one."""
         self.run_batch = run_batch
         self.config = config
         self.on_batch = on_batch
+        self._clock = clock
         self._queue: asyncio.PriorityQueue[_Item] | None = None
         self._arrivals = itertools.count()
         self._workers: list[asyncio.Task] = []
@@ -114,19 +116,19 @@ class DynamicBatcher:
             raise RuntimeError("DynamicBatcher.start() was not awaited")
         fut = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Item(priority, next(self._arrivals), x, fut, time.perf_counter(), deadline))
+            self._queue.put_nowait(_Item(priority, next(self._arrivals), x, fut, self._clock(), deadline))
         except asyncio.QueueFull:
             raise QueueFullError(f"CNN queue is full ({self.config.max_queue_size} waiting)") from None
         return await fut
 
     async def _collect(self) -> list[_Item]:
         items = [await self._queue.get()]
-        deadline = time.perf_counter() + self.config.max_queue_delay_ms / 1000.0
+        deadline = self._clock() + self.config.max_queue_delay_ms / 1000.0
         while len(items) < self.config.max_batch_size:
             if not self._queue.empty():
                 items.append(self._queue.get_nowait())
                 continue
-            remaining = deadline - time.perf_counter()
+            remaining = deadline - self._clock()
             if remaining <= 0:
                 break
             try:
@@ -155,7 +157,7 @@ class DynamicBatcher:
             items = await self._collect()
             if not items:
                 continue
-            start = time.perf_counter()
+            start = self._clock()
             self.running += 1
             try:
                 out = await loop.run_in_executor(self._executor, self.run_batch, np.stack([it.x for it in items]))
@@ -166,7 +168,7 @@ class DynamicBatcher:
                 continue
             finally:
                 self.running -= 1
-            compute_ms = (time.perf_counter() - start) * 1000.0
+            compute_ms = (self._clock() - start) * 1000.0
             self.batch_s = compute_ms / 1000.0 if not self.batch_s else 0.8 * self.batch_s + 0.2 * compute_ms / 1000.0
             self.batch_sizes.append(len(items))
             del self.batch_sizes[:-10000]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -27,10 +28,29 @@ def jpeg_bytes(size=(120, 90), color=(200, 120, 40), seed: int | None = None, fm
     return buf.getvalue()
 
 
+def missing(what: str) -> NoReturn:
+    """Skips a test whose environment lacks ``what`` (shared data, a tool, a library), except
+    under CI (the environment variable ``CI`` set), which is supposed to have everything: there
+    a silent skip would hide a broken setup, so the test fails instead."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} (CI is set, so this is a failure, not a skip)", pytrace=False)
+    pytest.skip(what)
+
+
+def import_or_missing(module: str, install_hint: str):
+    """``pytest.importorskip`` that fails under CI (see ``missing``)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        missing(f"{module} is not installed ({install_hint})")
+
+
 @pytest.fixture(scope="session")
 def sample_data() -> Path:
     if not SAMPLE_DATA.is_dir():
-        pytest.skip(f"real cat photos not found at {SAMPLE_DATA} (shared data folder absent)")
+        missing(f"real cat photos not found at {SAMPLE_DATA} (shared data folder absent)")
     return SAMPLE_DATA
 
 

@@ -10,6 +10,7 @@ from PIL import Image
 
 from benchmarks.accuracy import PLOTS, render_report
 from ensemble.config import CascadeConfig
+from ensemble.escalation_policy import EscalationPolicy
 from ensemble.offline_eval import OfflineEvalConfig, evaluate_offline
 from ensemble.score_files import ScoreSet
 from ensemble.synthetic_scores import SyntheticScoreConfig, synthetic_score_set
@@ -37,6 +38,20 @@ def test_report_renders_table_and_pngs(tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     assert len(data["systems"]) == 16 and data["context"]["source"] == "synthetic"  # + 7 conformal rows
     assert data["minority_classes"]  # imbalanced synthetic classes
+    _assert_rates_meet_budgets(data["systems"], vlm_share=float(scores.has_vlm.mean()), n_per_fold=300)
+
+
+def _assert_rates_meet_budgets(systems: list[dict], vlm_share: float, n_per_fold: int):
+    """Each cascade row escalates its budget's share of images: thresholds fitted on one fold
+    carry over to the other, up to sampling noise (3 binomial standard deviations)."""
+    rows = {r["name"]: r for r in systems}
+    assert rows["cnn-only"]["escalation_rate"] == 0.0 and rows["cascade@0%"]["escalation_rate"] == 0.0
+    assert rows["cascade@100%"]["escalation_rate"] == pytest.approx(vlm_share)
+    assert rows["vlm-always"]["escalation_rate"] == pytest.approx(vlm_share)
+    for r in systems:
+        if r["name"].startswith("cascade@") and 0.0 < r["budget"] < 1.0:
+            noise = 3 * (r["budget"] * (1 - r["budget"]) / n_per_fold) ** 0.5 + 1 / n_per_fold
+            assert abs(r["escalation_rate"] - r["budget"] * vlm_share) <= noise, r
 
 
 def test_bench_accuracy_and_fit_cascade_from_score_files(tmp_path, capsys):
@@ -56,6 +71,15 @@ def test_bench_accuracy_and_fit_cascade_from_score_files(tmp_path, capsys):
     assert cli(["fit-cascade", str(path), "--budget", "25", "--out", str(cfg_path)]) == 0
     cfg = CascadeConfig.model_validate_json(cfg_path.read_text())
     assert cfg.escalation.fit_summary["budget"] == 0.25 and 0 < cfg.blend.weight <= 1
+    # fitted on the whole file: on that file the policy escalates the budget, to one image
+    scores = ScoreSet.load(path)
+    rate = EscalationPolicy(cfg.escalation).escalate_mask(scores.cnn_probs()).mean()
+    assert abs(rate - 0.25) <= 1 / len(scores)
+    rates = {name: rate for name, rate in _rates(out).items() if name in ("cnn-only", "vlm-always") or
+             name.startswith("cascade@")}
+    assert rates == {"cnn-only": 0.0, "cascade@0%": 0.0, "cascade@100%": pytest.approx(scores.has_vlm.mean()),
+                     "cascade@20%": pytest.approx(0.2 * scores.has_vlm.mean(), abs=0.09),
+                     "vlm-always": pytest.approx(scores.has_vlm.mean())}
     assert cfg.candidate_sets is None and cfg.escalation.learned is None
     capsys.readouterr()
     assert cli(["fit-cascade", str(path), "--budget", "20", "--deferral", "learned", "--conformal-alpha", "0.1",
@@ -66,6 +90,10 @@ def test_bench_accuracy_and_fit_cascade_from_score_files(tmp_path, capsys):
     cfg = CascadeConfig.model_validate_json(cfg_path.read_text())
     assert cfg.escalation.metric == "learned" and cfg.escalation.learned.num_classes == 12
     assert cfg.candidate_sets.alpha == 0.1 and "candidate sets" in printed
+
+
+def _rates(out) -> dict[str, float]:
+    return {r["name"]: r["escalation_rate"] for r in json.loads((out / "results.json").read_text())["systems"]}
 
 
 def test_cli_reports_bad_inputs_without_traceback(tmp_path, capsys):
@@ -108,6 +136,7 @@ def test_score_and_bench_accuracy_on_real_photos(demo_bundle, vllm_server, sampl
     names = [r["name"] for r in data["systems"]]
     assert names[0] == "cnn-only" and "cascade@30%" in names and names[-1] == "vlm-always"
     for r in data["systems"]:
-        assert 0.0 <= r["balanced_accuracy"] <= 1.0 and 0.0 <= r["escalation_rate"] <= 1.0
+        assert 0.0 <= r["balanced_accuracy"] <= 1.0
+    _assert_rates_meet_budgets(data["systems"], vlm_share=float(scores.has_vlm.mean()), n_per_fold=n_images // 2)
     for png in PLOTS:
         _assert_real_png(out / png)

@@ -30,27 +30,36 @@ def test_concurrent_requests_share_batches_and_get_their_own_rows():
     assert all(r.batch_size in calls for r in res)
 
 
+async def _until(condition, what: str, timeout_s: float = 30.0) -> None:
+    """Polls ``condition`` on the event loop (other tasks run in between) until it holds."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.001)
+
+
 def test_full_queue_refuses_at_once():
     gate = threading.Event()
 
     def run(batch):
-        gate.wait(5)
+        assert gate.wait(30)
         return batch
 
     async def go():
         b = DynamicBatcher(run, BatcherConfig(max_batch_size=1, max_queue_size=2))
         await b.start()
         first = asyncio.create_task(b.submit(np.zeros(1)))
-        await asyncio.sleep(0.05)  # the worker holds item 1 in run()
-        queued = [asyncio.create_task(b.submit(np.zeros(1))) for _ in range(2)]
-        await asyncio.sleep(0.01)
-        with pytest.raises(QueueFullError):
+        await _until(lambda: b.running == 1 and b.depth == 0, "the worker holds item 1 in run()")
+        queued = [asyncio.create_task(b.submit(np.full(1, i + 1.0))) for i in range(2)]
+        await _until(lambda: b.depth == 2, "two items wait in the queue")
+        with pytest.raises(QueueFullError, match="2 waiting"):
             await b.submit(np.zeros(1))
         gate.set()
-        await asyncio.gather(first, *queued)
+        out = await asyncio.gather(first, *queued)
         await b.stop()
+        return out
 
-    asyncio.run(go())
+    assert [float(r.output[0]) for r in asyncio.run(go())] == [0.0, 1.0, 2.0]
 
 
 def test_failed_batch_fails_its_requests_but_not_the_worker():
@@ -75,23 +84,23 @@ def test_failed_batch_fails_its_requests_but_not_the_worker():
 
 @pytest.mark.parametrize("instances", [1, 2])
 def test_instances_run_that_many_batches_at_once(instances):
-    """Each batch waits until `instances` batches are running together (or times out): with
-    one instance they never overlap, with two they do, and every request gets its own row."""
+    """The first batches are held in the model until `instances` of them are inside it at once
+    and the event loop has seen that many running (what the catcascade_cnn_batches_running
+    gauge reads); then every batch runs freely. With one instance batches never overlap, with
+    two they do, and every request gets its own row."""
     lock = threading.Lock()
     state = {"running": 0, "peak": 0}
-    barrier = threading.Barrier(instances, timeout=0.3)
+    gate = threading.Event()
 
     def run(batch):
         with lock:
             state["running"] += 1
             state["peak"] = max(state["peak"], state["running"])
         try:
-            barrier.wait()
-        except threading.BrokenBarrierError:
-            pass
-        time.sleep(0.01)  # long enough for the event loop to see the batch running
-        with lock:
-            state["running"] -= 1
+            assert gate.wait(30), "batches never overlapped"
+        finally:
+            with lock:
+                state["running"] -= 1
         return batch * 2
 
     seen_running = []
@@ -100,9 +109,13 @@ def test_instances_run_that_many_batches_at_once(instances):
         b = DynamicBatcher(run, BatcherConfig(max_batch_size=2, instances=instances))
         await b.start()
         pending = asyncio.gather(*(b.submit(np.full(1, i, dtype=np.float32)) for i in range(8)))
-        while not pending.done():
-            seen_running.append(b.running)  # what the catcascade_cnn_batches_running gauge reads
-            await asyncio.sleep(0.001)
+
+        def all_instances_busy():
+            seen_running.append(b.running)
+            return b.running == instances and state["running"] == instances
+
+        await _until(all_instances_busy, f"{instances} batches run at once")
+        gate.set()
         res = await pending
         assert b.running == 0
         await b.stop()
@@ -116,3 +129,140 @@ def test_instances_run_that_many_batches_at_once(instances):
 def test_instances_must_be_positive():
     with pytest.raises(ValueError):
         BatcherConfig(instances=0)
+
+
+class StepClock:
+    """A fake clock: time moves only when the test (or the fake model) says so."""
+
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_timings_come_from_the_clock():
+    """Batch A enters the model at t=0 and is held there while B queues and 2 ms pass; the
+    model then takes 5 ms per batch. A: queue 0 ms, model 7 ms; B: queue 7 ms, model 5 ms."""
+    clock, gate = StepClock(), threading.Event()
+
+    def run(batch):
+        assert gate.wait(30)
+        clock.t += 0.005
+        return batch + 1
+
+    async def go():
+        b = DynamicBatcher(run, BatcherConfig(max_batch_size=1), clock=clock)
+        await b.start()
+        a = asyncio.create_task(b.submit(np.zeros(1)))
+        await _until(lambda: b.running == 1 and b.depth == 0, "A is in the model")
+        second = asyncio.create_task(b.submit(np.ones(1)))
+        await _until(lambda: b.depth == 1, "B is queued")
+        clock.t += 0.002
+        gate.set()
+        out = await asyncio.gather(a, second)
+        await b.stop()
+        return out
+
+    ra, rb = asyncio.run(go())
+    assert (ra.queue_ms, ra.compute_ms, ra.batch_size) == (pytest.approx(0.0, abs=1e-9), pytest.approx(7.0), 1)
+    assert (rb.queue_ms, rb.compute_ms, rb.batch_size) == (pytest.approx(7.0), pytest.approx(5.0), 1)
+    assert ra.output.tolist() == [1.0] and rb.output.tolist() == [2.0]
+
+
+def test_batch_sizes_reach_the_callback_and_a_bounded_history():
+    sizes, names = [], set()
+
+    def run(batch):
+        names.add(threading.current_thread().name.split("_")[0])
+        return batch
+
+    async def go():
+        b = DynamicBatcher(run, BatcherConfig(max_batch_size=4), on_batch=sizes.append)
+        b.batch_sizes.extend([7] * 10000)
+        await b.start()
+        tasks = {t.get_name() for t in asyncio.all_tasks()}
+        await asyncio.gather(*(b.submit(np.zeros(1)) for _ in range(6)))
+        await b.stop()
+        return b.batch_sizes, tasks
+
+    history, tasks = asyncio.run(go())
+    assert sizes == [4, 2] and len(history) == 10000 and history[-2:] == [4, 2] and history[0] == 7
+    assert names == {"cnn"} and "cnn-batcher-0" in tasks
+
+
+def test_requests_cancelled_while_queued_are_dropped_and_the_worker_goes_on():
+    gate, seen = threading.Event(), []
+
+    def run(batch):
+        seen.append(batch[:, 0].tolist())
+        assert gate.wait(30)
+        return batch
+
+    async def go():
+        b = DynamicBatcher(run, BatcherConfig(max_batch_size=4))
+        await b.start()
+        first = asyncio.create_task(b.submit(np.full(1, 1.0)))
+        await _until(lambda: b.running == 1, "batch 1 is in the model")
+        dropped = asyncio.create_task(b.submit(np.full(1, 2.0)))
+        await _until(lambda: b.depth == 1, "item 2 is queued")
+        dropped.cancel()
+        gate.set()
+        await first
+        await _until(lambda: b.depth == 0 and b.running == 0, "the cancelled item is collected and skipped")
+        last = await asyncio.wait_for(b.submit(np.full(1, 3.0)), 30)
+        await b.stop()
+        return last
+
+    assert asyncio.run(go()).output.tolist() == [3.0]
+    assert seen == [[1.0], [3.0]]
+
+
+def test_submit_before_start_is_a_clear_error():
+    b = DynamicBatcher(lambda x: x)
+    with pytest.raises(RuntimeError, match=r"^DynamicBatcher\.start\(\) was not awaited$"):
+        asyncio.run(b.submit(np.zeros(1)))
+    assert b.depth == 0
+
+
+@pytest.mark.parametrize("field", ["max_batch_size", "max_queue_size", "instances"])
+def test_config_fields_must_be_positive(field):
+    assert getattr(BatcherConfig(**{field: 1}), field) == 1  # the smallest valid value
+    with pytest.raises(ValueError, match=rf"^invalid batcher config BatcherConfig\(.*{field}=0"):
+        BatcherConfig(**{field: 0})
+
+
+def test_queue_delay_may_be_zero_but_not_negative():
+    assert BatcherConfig(max_queue_delay_ms=0).max_queue_delay_ms == 0
+    with pytest.raises(ValueError, match="max_queue_delay_ms=-1"):
+        BatcherConfig(max_queue_delay_ms=-1)
+
+
+def test_queue_delay_waits_for_more_requests_to_fill_a_batch():
+    """With a (long) queue delay the worker holds a lone request until the batch fills; a full
+    batch goes at once, long before the delay is over."""
+    calls = []
+
+    def run(batch):
+        calls.append(len(batch))
+        return batch
+
+    async def go():
+        b = DynamicBatcher(run, BatcherConfig(max_batch_size=3, max_queue_delay_ms=60_000))
+        await b.start()
+        first = asyncio.create_task(b.submit(np.zeros(1)))
+        await _until(lambda: b.depth == 0, "the worker holds request 1 and waits for more")
+        assert b.running == 0 and not calls
+        rest = [asyncio.create_task(b.submit(np.ones(1))) for _ in range(2)]
+        out = await asyncio.wait_for(asyncio.gather(first, *rest), 30)
+        await b.stop()
+        return out
+
+    out = asyncio.run(go())
+    assert calls == [3] and [r.batch_size for r in out] == [3, 3, 3]
+
+
+def test_stop_without_start_is_harmless():
+    b = DynamicBatcher(lambda x: x)
+    asyncio.run(b.stop())
+    assert b.depth == 0 and b.running == 0

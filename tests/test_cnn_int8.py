@@ -47,8 +47,19 @@ def test_static_int8_model_loads_and_agrees_measurably(fp32_model, jpeg_files, t
     int8 = run_batched(OnnxClassifier(out, intra_op_threads=1), x, batch_size=5)
     assert int8.shape == fp32.shape == (len(x), 4)
     score = agreement(fp32, int8)
-    assert 0.0 <= score <= 1.0
+    assert score == np.mean(fp32.argmax(1) == int8.argmax(1)) >= 0.9  # same top-1 on nearly every image
     assert np.abs(int8 - fp32).max() < 0.5 * (np.abs(fp32).max() + 1e-3)  # close, not garbage
+
+
+def test_agreement_is_the_share_of_matching_top1():
+    from cnn_stage.quantization import agreement
+
+    fp32 = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 5.0], [0.0, 0.0, 1.0]])
+    int8 = np.array([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0], [9.0, 0.0, 5.0], [0.0, 0.5, 1.0]])
+    assert agreement(fp32, int8) == 0.5  # rows 0 and 3 agree, rows 1 and 2 do not
+    assert agreement(fp32, fp32) == 1.0
+    assert agreement(fp32[1:3], int8[1:3]) == 0.0
+    assert agreement(fp32[:1], int8[:1]) == 1.0
 
 
 def test_quantization_rejects_bad_inputs(fp32_model, tmp_path):

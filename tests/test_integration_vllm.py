@@ -92,21 +92,6 @@ def test_token_mask_and_grammar_constraints_give_the_same_scores(vllm_server):
     assert mask.none_probability == pytest.approx(grammar.none_probability, abs=1e-4)
 
 
-def test_unreachable_server_raises_clear_error():
-    from vlm_stage.vllm_client import VlmUnavailableError
-    from vlm_stage.vllm_server import free_port
-
-    async def go():
-        v = VllmVerifier(VlmClientConfig(urls=[f"http://127.0.0.1:{free_port()}"], max_retries=1, backoff_s=0.01))
-        try:
-            await v.verify(Image.new("RGB", (32, 32)), CANDIDATES)
-        finally:
-            await v.aclose()
-
-    with pytest.raises(VlmUnavailableError, match="after 2 attempts"):
-        asyncio.run(go())
-
-
 def test_adapter_trained_this_session_is_served_by_name(demo_bundle, vllm_server):
     """The demo bundle's adapter is trained in this session by train_lora (TRL + PEFT, CPU):
     its logged loss falls, vLLM serves the saved folder by name, and the adapter's scores

@@ -102,6 +102,23 @@ def test_size_limit():
         decode_image(jpeg_bytes(), DecodeLimits(max_bytes=100))
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_pixel_and_side_limits_are_the_projects_own(fmt):
+    """Below Pillow's bomb guard (89 Mpx), the header checks against DecodeLimits refuse."""
+    data = jpeg_bytes((50, 40), fmt=fmt)  # 2,000 pixels
+    with pytest.raises(InvalidImageError, match="^image has 2000 pixels; the limit is 1999$"):
+        decode_image(data, DecodeLimits(max_pixels=1999))
+    assert decode_image(data, DecodeLimits(max_pixels=2000)).size == (50, 40)
+    with pytest.raises(InvalidImageError, match="^image is 50x40; each side must be 1..49 px$"):
+        decode_image(data, DecodeLimits(max_side=49))
+    assert decode_image(data, DecodeLimits(max_side=50)).size == (50, 40)
+    header = _png_header_only(20_000, 2_000)  # 40 Mpx: under Pillow's guard, over the default limits
+    with pytest.raises(InvalidImageError, match="^image is 20000x2000; each side must be 1..12000 px$"):
+        decode_image(header)
+    with pytest.raises(InvalidImageError, match="^image has 40000000 pixels; the limit is 39999999$"):
+        decode_image(header, DecodeLimits(max_pixels=39_999_999, max_side=20_000))
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="crop_pct"):
         PreprocessConfig(crop_pct=2.0)

@@ -97,7 +97,10 @@ def test_decode_work_for_calls_that_are_gone_is_skipped(make_server):
         calls = [stub.Classify.future(pb.ClassifyRequest(image=heavy, escalation=pb.ESCALATION_MODE_NEVER),
                                       timeout=0.3) for _ in range(n)]
         codes = [c.exception().code() if c.exception() else grpc.StatusCode.OK for c in calls]
-    assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) >= n - 4, codes
+    # each call ends with its deadline or is refused by admission (which knows the queue cannot
+    # meet a 0.3 s deadline); either way no answer is computed for a caller who is gone
+    gone = codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) + codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert gone >= n - 4, codes
     deadline = time.monotonic() + 60
     while pipeline.decode_waiting and time.monotonic() < deadline:  # let started decodes finish
         time.sleep(0.05)

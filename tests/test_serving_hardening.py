@@ -122,6 +122,12 @@ def test_overload_burst_is_refused_fast_not_left_to_time_out(make_server):
     is answered (before: 208 of 800 DEADLINE_EXCEEDED, no RESOURCE_EXHAUSTED). A small server
     (batches of one) keeps the burst within what gRPC takes in on two shared cores. Timing on
     a shared machine is noisy: the bounds are loose, the benchmark has the figures."""
+    import os
+
+    if os.getloadavg()[0] > 2 * (os.cpu_count() or 1):
+        # the burst is calibrated against this server's capacity measured a moment before; other
+        # processes competing for the cores make that measurement meaningless
+        pytest.skip(f"machine too busy for a calibrated overload burst (load average {os.getloadavg()[0]:.1f})")
     server = make_server(vlm={"urls": []}, batching={"max_batch_size": 1, "instances": 1}, cnn_threads=1)
     capacity = measure_capacity(server.target, "never")
     registry = server.servicer.metrics.registry

@@ -53,6 +53,21 @@ def test_oversized_message_is_refused_before_decoding(make_server):
         assert len(c.classify(jpeg_bytes(), mode="never").labels) == 3
 
 
+def test_the_servers_own_pixel_and_side_limits(make_server):
+    """limits.max_pixels / max_side below Pillow's own bomb guard (89 Mpx): the project's
+    checks are the ones that refuse, with their own messages."""
+    server = make_server(limits={"max_pixels": 10_000, "max_side": 300})
+    with CatcascadeClient(server.target) as c:
+        with pytest.raises(grpc.RpcError) as err:
+            c.classify(jpeg_bytes((120, 100)), mode="never")  # 12,000 pixels
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == "image has 12000 pixels; the limit is 10000"
+        with pytest.raises(grpc.RpcError) as err:
+            c.classify(jpeg_bytes((301, 20)), mode="never")
+        assert err.value.details() == "image is 301x20; each side must be 1..300 px"
+        assert len(c.classify(jpeg_bytes((100, 100)), mode="never").labels) == 3
+
+
 def test_escalations_are_shed_before_requests_are_refused(make_server, vllm_server):
     server = make_server(vlm={"urls": [vllm_server.url]}, limits={"max_concurrent_escalations": 1})
     moderate = run_load(server.target, random_jpegs(8), n_requests=40, concurrency=6, mode="always")
@@ -124,13 +139,34 @@ def test_bearer_token_auth(make_server):
         assert len(c.classify(jpeg_bytes(), mode="never").labels) == 3
     from serving.api import cascade_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(server.target) as ch:  # streams are guarded too; health is open
-        stream = pb_grpc.CatClassifierStub(ch).ClassifyStream(iter([pb.ClassifyRequest(image=jpeg_bytes())]))
-        with pytest.raises(grpc.RpcError) as err:
-            list(stream)
-        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    good = (("authorization", "Bearer s3cret"),)
+
+    def stream(ch, metadata=None):
+        reqs = [pb.ClassifyRequest(image=jpeg_bytes(), request_id="s1", escalation=pb.ESCALATION_MODE_NEVER)]
+        return list(pb_grpc.CatClassifierStub(ch).ClassifyStream(iter(reqs), metadata=metadata, timeout=60))
+
+    def services(ch, metadata=None):
+        answers = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), metadata=metadata, timeout=60)
+        return {s.name for a in answers for s in a.list_services_response.service}
+
+    # GetModelInfo, streams and reflection are guarded like Classify; health is open
+    with grpc.insecure_channel(server.target) as ch:
+        for call in (lambda: pb_grpc.CatClassifierStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=60),
+                     lambda: stream(ch), lambda: services(ch),
+                     lambda: stream(ch, (("authorization", "Bearer wrong"),)),
+                     lambda: services(ch, (("authorization", "s3cret"),))):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "bearer token" in err.value.details()
         assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest()).status == \
             health_pb2.HealthCheckResponse.SERVING
+        assert pb_grpc.CatClassifierStub(ch).GetModelInfo(pb.GetModelInfoRequest(), metadata=good).labels
+        assert [r.request_id for r in stream(ch, good)] == ["s1"]
+        assert SERVICE_NAME in services(ch, good)
 
 
 def _write_pki(tmp_path):
@@ -209,39 +245,6 @@ def test_prometheus_metrics(grpc_server, client):
                    "catcascade_cnn_batch_size_count", "catcascade_cnn_queue_depth", "catcascade_vlm_breaker_state",
                    "catcascade_cnn_batches_running 0.0"):
         assert needle in text, needle
-
-
-class SlowVerifier:
-    """Stands in for the VLM (what the pipeline calls) so requests stay in flight long enough
-    to observe draining; the server, gRPC and ONNX Runtime under test are real."""
-
-    async def verify(self, image, candidates):
-        from vlm_stage.scoring import CandidateScores
-
-        await asyncio.sleep(1.5)
-        n = len(candidates)
-        return CandidateScores(tuple(candidates), tuple([0.9 / n] * n), 0.1, "slow", "multiple_choice")
-
-
-def test_graceful_shutdown_drains_in_flight_requests(make_server):
-    from concurrent.futures import ThreadPoolExecutor
-
-    server = make_server(grace_s=10)
-    server.servicer.pipeline.verifier = SlowVerifier()
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(lambda i=i: CatcascadeClient(server.target).classify(jpeg_bytes(seed=i), mode="always"))
-                   for i in range(4)]
-        deadline = time.monotonic() + 20
-        while server.servicer.pipeline.inflight_escalations < 4 and time.monotonic() < deadline:
-            time.sleep(0.02)  # wait until all four are waiting on the slow VLM
-        assert server.servicer.pipeline.inflight_escalations == 4
-        server.stop()
-        results = [f.result(timeout=15) for f in futures]
-    assert all(r.escalated and r.vlm.model == "slow" for r in results)
-    with CatcascadeClient(server.target, timeout_s=2) as late:
-        with pytest.raises(grpc.RpcError) as err:
-            late.classify(jpeg_bytes(), mode="never")
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def test_in_process_transformers_backend_when_no_vllm_server(make_server):

@@ -75,7 +75,9 @@ def test_decode_fuzz_with_atheris(tmp_path):
     import subprocess
     import sys
 
-    pytest.importorskip("atheris")
+    from tests.conftest import import_or_missing
+
+    import_or_missing("atheris", "requirements/dev.txt")
     script = tmp_path / "fuzz_decode.py"
     script.write_text(
         "import sys, atheris\n"

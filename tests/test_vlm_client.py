@@ -231,6 +231,85 @@ def test_unconstrained_logprobs_are_refused_with_the_server_flag_to_fix_it():
         _run(lambda v: v.verify(IMAGE, CANDIDATES), VlmClientConfig(urls=["http://x:1"]), handler)
 
 
+def test_unreachable_server_raises_clear_error():
+    """Nothing listens on the port: connection refused, retried, then one clear error."""
+    from vlm_stage.vllm_server import free_port
+
+    async def go():
+        v = VllmVerifier(VlmClientConfig(urls=[f"http://127.0.0.1:{free_port()}"], max_retries=1, backoff_s=0.01))
+        try:
+            await v.verify(IMAGE, CANDIDATES)
+        finally:
+            await v.aclose()
+
+    with pytest.raises(VlmUnavailableError, match="after 2 attempts.*ConnectError"):
+        asyncio.run(go())
+
+
+def _answer(top_logprobs=None, **replace) -> dict:
+    """A well-formed chat completion body, with parts replaced by ``replace`` (None drops them)."""
+    top = top_logprobs if top_logprobs is not None else [{"token": t, "logprob": math.log(0.25)} for t in "ABCD"]
+    body = {"choices": [{"message": {"content": "A"}, "logprobs": {"content": [{"token": "A", "top_logprobs": top}]}}],
+            "usage": {"prompt_tokens": 7}}
+    body.update(replace)
+    return body
+
+
+MALFORMED = {
+    "no choices": _answer(choices=[]),
+    "choices null": _answer(choices=None),
+    "logprobs null": _answer(choices=[{"message": {"content": "A"}, "logprobs": None}]),
+    "content empty": _answer(choices=[{"message": {"content": "A"}, "logprobs": {"content": []}}]),
+    "top_logprobs null": _answer(choices=[{"logprobs": {"content": [{"token": "A", "top_logprobs": None}]}}]),
+    "entry without logprob": _answer([{"token": "A"}]),
+    "logprob a string": _answer([{"token": t, "logprob": "-1.4"} for t in "ABCD"]),
+    "logprob a list": _answer([{"token": t, "logprob": [-1.4]} for t in "ABCD"]),
+    "logprob positive": _answer([{"token": t, "logprob": 800.0} for t in "ABCD"]),
+    "every logprob null": _answer([{"token": t, "logprob": None} for t in "ABCD"]),
+    "logprobs NaN": _answer([{"token": t, "logprob": float("nan")} for t in "ABCD"]),
+    "usage not a number": _answer(usage={"prompt_tokens": "many"}),
+    "body a list": [1, 2, 3],
+}
+
+
+@pytest.mark.parametrize("body", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_logprobs_in_a_200_answer_are_a_scoring_error(body):
+    """The pipeline answers CNN-only on ScoringError; any other exception type would escape it."""
+    from vlm_stage.scoring import ScoringError
+
+    def handler(request):
+        return httpx.Response(200, content=json.dumps(body, allow_nan=True).encode())
+
+    with pytest.raises(ScoringError):
+        _run(lambda v: v.verify(IMAGE, CANDIDATES), VlmClientConfig(urls=["http://x:1"]), _chat_only(handler))
+
+
+def test_a_200_answer_that_is_not_json_is_a_clear_error():
+    def handler(request):
+        return httpx.Response(200, text="<html>proxy error</html>")
+
+    with pytest.raises(VlmUnavailableError, match="not JSON.*proxy error"):
+        _run(lambda v: v.verify(IMAGE, CANDIDATES), VlmClientConfig(urls=["http://x:1"]), handler)
+
+
+def test_tokenize_without_tokens_is_a_scoring_error():
+    from vlm_stage.scoring import ScoringError
+
+    def handler(request):
+        return httpx.Response(200, json={"count": 1})
+
+    with pytest.raises(ScoringError, match="token list"):
+        _run(lambda v: v.verify(IMAGE, CANDIDATES), VlmClientConfig(urls=["http://x:1"]), handler)
+
+
+def test_well_formed_answer_parses_to_scores_and_usage():
+    from vlm_stage.vllm_client import answer_logprobs
+
+    top, n = answer_logprobs(_answer([{"token": "A", "logprob": -0.5}, {"token": " B", "logprob": None}]))
+    assert top == [("A", -0.5), (" B", float("-inf"))] and n == 7
+    assert answer_logprobs(_answer(usage=None))[1] == 0
+
+
 def test_explain_is_a_separate_capped_free_text_request():
     from vlm_stage.rationale import RationaleError
 
@@ -254,3 +333,14 @@ def test_explain_is_a_separate_capped_free_text_request():
         _run(lambda v: v.explain(IMAGE, "Bengal"), cfg, handler)
     with pytest.raises(ValueError, match="max_tokens"):
         _run(lambda v: v.explain(IMAGE, "Persian", max_tokens=0), cfg, handler)
+
+
+@pytest.mark.parametrize("body", [{"choices": []}, {"choices": [{"message": None}]}, [1], {"choices": [{}]},
+                                  {"choices": [{"message": {"content": "ok"}}], "usage": {"completion_tokens": "x"}}],
+                         ids=["no choices", "message null", "a list", "no message", "usage not a number"])
+def test_malformed_rationale_answer_is_a_rationale_error(body):
+    from vlm_stage.rationale import RationaleError
+
+    with pytest.raises(RationaleError, match="malformed body"):
+        _run(lambda v: v.explain(IMAGE, "Persian"), VlmClientConfig(urls=["http://x:1"]),
+             lambda request: httpx.Response(200, json=body))

@@ -47,17 +47,30 @@ def test_lora_training_on_cpu_lowers_the_loss_and_changes_the_scores(tiny_vlm, e
     losses = summary["losses"]
     assert summary["steps"] == 8 and len(losses) == 8
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
-    assert 0.0 <= summary["accuracy_before"]["accuracy"] <= 1.0 and summary["accuracy_after"]["n"] == 6
+    assert summary["accuracy_before"]["n"] == summary["accuracy_after"]["n"] == 6
     adapter_cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 4 and "language_model" in adapter_cfg["target_modules"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((tmp_path / "adapter" / "train_summary.json").read_text())["losses"] == losses
 
     img = Image.open(examples[0].image_path).convert("RGB")
-    base = TransformersVerifier(TransformersBackendConfig(model=str(tiny_vlm))).score(img, examples[0].candidates)
+    base = TransformersVerifier(TransformersBackendConfig(model=str(tiny_vlm)))
     tuned = TransformersVerifier(TransformersBackendConfig(model=str(tiny_vlm), adapter=str(tmp_path / "adapter")))
-    after = tuned.score(img, examples[0].candidates)
-    assert max(abs(a - b) for a, b in zip(base.probabilities, after.probabilities)) > 1e-3
+    before, after = base.score(img, examples[0].candidates), tuned.score(img, examples[0].candidates)
+    assert max(abs(a - b) for a, b in zip(before.probabilities, after.probabilities)) > 1e-3
+
+    def held_out_accuracy(verifier):
+        """The served scoring, one image at a time: the most likely option against the answer."""
+        right = 0
+        for e in examples[30:]:
+            with Image.open(e.image_path) as im:
+                s = verifier.score(im.convert("RGB"), e.candidates)
+            options = (*s.probabilities, s.none_probability)
+            right += e.prompt().choices[options.index(max(options))] == e.answer
+        return right / 6
+
+    assert summary["accuracy_before"]["accuracy"] == held_out_accuracy(base)
+    assert summary["accuracy_after"]["accuracy"] == held_out_accuracy(tuned)
 
 
 def test_loss_covers_the_answer_tokens_only(tiny_vlm, examples):
@@ -148,7 +161,8 @@ def test_train_vlm_command_on_llava_format_data(tiny_vlm, examples, tmp_path, ca
     assert rc == 0
     report = _report(capsys.readouterr().out)
     assert report["steps"] == 2 and report["held_out"] == 9 and report["examples"] == 27
-    assert 0.0 <= report["accuracy_before"] <= 1.0 and 0.0 <= report["accuracy_after"] <= 1.0
+    for accuracy in (report["accuracy_before"], report["accuracy_after"]):  # right answers out of 9
+        assert 0 <= accuracy <= 1 and accuracy * 9 == pytest.approx(round(accuracy * 9), abs=1e-9)
     cfg = json.loads((out / "train_config.json").read_text())
     assert cfg["gradient_checkpointing"] is True and "gate_proj" in cfg["target_modules"]
     assert "gate_proj" in json.loads((out / "adapter_config.json").read_text())["target_modules"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 
@@ -28,6 +29,16 @@ def _normalise_token(token: str) -> str:
     return token.strip().lstrip("Ġ▁").strip()
 
 
+def _probability(logprob) -> float:
+    """exp(logprob); 0 for a missing or -inf logprob. Anything that is not a log-probability
+    (a string, a positive number) is a ScoringError: the answer cannot be trusted."""
+    if logprob is None:
+        return 0.0
+    if not isinstance(logprob, numbers.Real) or logprob > 1e-3:
+        raise ScoringError(f"{logprob!r} is not a log-probability")
+    return math.exp(logprob) if math.isfinite(logprob) else 0.0
+
+
 def letter_distribution(top_logprobs: list[tuple[str, float]], letters: list[str] | tuple[str, ...]) -> dict[str, float]:
     """Renormalises the probabilities of the allowed letters found among the top logprobs.
 
@@ -38,8 +49,8 @@ def letter_distribution(top_logprobs: list[tuple[str, float]], letters: list[str
     mass = {letter: 0.0 for letter in letters}
     for token, logprob in top_logprobs:
         key = _normalise_token(token).lower()
-        if key in allowed and logprob is not None and math.isfinite(logprob):
-            mass[allowed[key]] += math.exp(logprob)
+        if key in allowed:
+            mass[allowed[key]] += _probability(logprob)
     total = sum(mass.values())
     if total <= 0.0:
         seen = [t for t, _ in top_logprobs][:10]
@@ -64,8 +75,7 @@ def check_constrained(top_logprobs: list[tuple[str, float]], letters, tolerance:
     """Raises ScoringError unless the options carry all the probability mass, which is what a
     server that restricts the answer to the options' tokens returns."""
     wanted = {x.lower() for x in letters}
-    mass = sum(math.exp(lp) for t, lp in top_logprobs
-               if lp is not None and math.isfinite(lp) and _normalise_token(t).lower() in wanted)
+    mass = sum(_probability(lp) for t, lp in top_logprobs if _normalise_token(t).lower() in wanted)
     if abs(mass - 1.0) > tolerance:
         raise ScoringError(
             f"the options {list(letters)} carry {mass:.4f} of the answer's probability, not 1: the vLLM server "
@@ -85,8 +95,8 @@ def scores_from_yes_probs(yes_probs: list[float], candidates, model: str) -> Can
     gets prod(1 - P(yes_c)), then everything is renormalised."""
     if len(yes_probs) != len(candidates):
         raise ValueError(f"{len(candidates)} candidates but {len(yes_probs)} yes/no answers")
+    if not all(0.0 <= p <= 1.0 for p in yes_probs):  # then total >= 1 - max(p) + max(p) > 0
+        raise ScoringError(f"yes/no probabilities must lie in [0, 1], got {list(yes_probs)}")
     none = math.prod(1.0 - p for p in yes_probs)
     total = sum(yes_probs) + none
-    if total <= 0:
-        raise ScoringError("yes/no answers carry no probability mass")
     return CandidateScores(tuple(candidates), tuple(p / total for p in yes_probs), none / total, model, "yes_no")

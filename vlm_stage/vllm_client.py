@@ -87,6 +87,26 @@ def prefix_cache_counters(url: str, timeout_s: float = 5.0) -> dict[str, float]:
     return out
 
 
+def answer_logprobs(payload) -> tuple[list[tuple[str, float]], int]:
+    """The answer token's top logprobs and the prompt's token count, from a chat completion.
+
+    A server can answer HTTP 200 with a body of another shape (a proxy's error page, an
+    incompatible vLLM version, a bug): that is a ScoringError, so the caller answers CNN-only,
+    never an exception of whatever type the bad field happens to raise.
+    """
+    try:
+        content = payload["choices"][0]["logprobs"]["content"]
+        if not content:
+            raise ScoringError("vLLM returned no logprobs for the answer token")
+        top = [(str(t["token"]), float("-inf") if t["logprob"] is None else float(t["logprob"]))
+               for t in content[0]["top_logprobs"]]
+        prompt_tokens = int((payload.get("usage") or {}).get("prompt_tokens") or 0)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        raise ScoringError(f"vLLM answered with malformed logprobs ({type(e).__name__}: {e}): "
+                           f"{str(payload)[:200]}") from None
+    return top, prompt_tokens
+
+
 @dataclass
 class _Endpoint:
     url: str
@@ -141,8 +161,14 @@ class VllmVerifier:
         """The options' first tokens, from the server's own tokenizer (``/tokenize``), once per
         option set: every server behind one model name shares a tokenizer."""
         if choices not in self._option_ids:
-            encodings = [(await self._post("/tokenize", {"model": self.config.model, "prompt": c,
-                                                          "add_special_tokens": False}))["tokens"] for c in choices]
+            encodings = []
+            for c in choices:
+                answer = await self._post("/tokenize", {"model": self.config.model, "prompt": c,
+                                                        "add_special_tokens": False})
+                tokens = answer.get("tokens") if isinstance(answer, dict) else None
+                if not isinstance(tokens, list):
+                    raise ScoringError(f"vLLM's /tokenize answered without a token list: {str(answer)[:200]}")
+                encodings.append(tokens)
             self._option_ids[choices] = first_token_ids(choices, encodings)
         return self._option_ids[choices]
 
@@ -168,12 +194,8 @@ class VllmVerifier:
             body["priority"] = priority
         payload = await self._post("/v1/chat/completions", body)
         self.requests_sent += 1
-        prompt_tokens = int((payload.get("usage") or {}).get("prompt_tokens") or 0)
+        top, prompt_tokens = answer_logprobs(payload)
         self.prompt_tokens += prompt_tokens
-        content = payload["choices"][0]["logprobs"]["content"]
-        if not content:
-            raise ScoringError("vLLM returned no logprobs for the answer token")
-        top = [(t["token"], t["logprob"]) for t in content[0]["top_logprobs"]]
         if self.config.constraint == "allowed_tokens":
             check_constrained(top, prompt.choices)
         return top, prompt_tokens
@@ -193,7 +215,11 @@ class VllmVerifier:
                     raise httpx.HTTPStatusError(f"HTTP {resp.status_code}", request=resp.request, response=resp)
                 if resp.status_code != 200:
                     raise VlmUnavailableError(f"vLLM at {endpoint.url} answered HTTP {resp.status_code}: {resp.text[:300]}")
-                return resp.json()
+                try:
+                    return resp.json()
+                except ValueError:
+                    raise VlmUnavailableError(f"vLLM at {endpoint.url} answered HTTP 200 with a body that is not "
+                                              f"JSON: {resp.text[:100]!r}") from None
             except (httpx.TransportError, httpx.HTTPStatusError) as e:
                 last_error = e
                 failed.add(endpoint.url)
@@ -241,13 +267,17 @@ class VllmVerifier:
         }
         payload = await self._post("/v1/chat/completions", body)
         self.requests_sent += 1
-        usage = payload.get("usage") or {}
-        self.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-        text = clean_text(payload["choices"][0]["message"].get("content") or "")
+        try:  # a 200 of another shape is a RationaleError, like an empty answer
+            usage = payload.get("usage") or {}
+            prompt_tokens, tokens = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+            choice = payload["choices"][0]
+            text, finish = clean_text(str(choice["message"].get("content") or "")), choice.get("finish_reason")
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise RationaleError(f"vLLM answered the rationale request with a malformed body "
+                                 f"({type(e).__name__}: {e}): {str(payload)[:200]}") from None
+        self.prompt_tokens += prompt_tokens
         if not text:
-            raise RationaleError(f"the VLM returned no text for the rationale "
-                                 f"(finish_reason {payload['choices'][0].get('finish_reason')!r})")
-        tokens = int(usage.get("completion_tokens") or 0)
+            raise RationaleError(f"the VLM returned no text for the rationale (finish_reason {finish!r})")
         return Rationale(text, breed, tokens, self.config.model, (time.perf_counter() - t0) * 1000.0)
 
     async def warm_up(self, candidates: tuple[str, ...]) -> None:

@@ -1,0 +1,114 @@
+"""Fakes of what the cascade pipeline calls (the CNN batcher, the VLM verifier), for unit tests
+of the pipeline and the server. Integration tests use the real ONNX Runtime and vLLM instead."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cnn_stage.preprocessing import PreprocessConfig
+from ensemble.blender import LogLinearBlender
+from ensemble.config import BlendConfig, EscalationConfig
+from ensemble.escalation_policy import EscalationPolicy
+from serving.batcher import BatchResult
+from serving.pipeline import CascadePipeline, PipelineConfig
+from vlm_stage.rationale import Rationale
+from vlm_stage.scoring import CandidateScores
+
+LABELS = ["Abyssinian", "Bengal", "Birman", "Bombay", "Persian", "Siamese"]
+LOGITS = np.array([0.2, 3.0, -1.0, 2.2, 1.4, 0.0], dtype=np.float32)
+"""CNN order Bengal, Bombay, Persian, Abyssinian, Siamese, Birman; unsure at temperature 2.
+float32, as ONNX Runtime returns them."""
+
+
+class FakeBatcher:
+    """Answers every image with fixed logits and fixed timings, like DynamicBatcher.submit."""
+
+    def __init__(self, logits: np.ndarray = LOGITS, queue_ms: float = 1.5, compute_ms: float = 2.5,
+                 batch_size: int = 3, error: Exception | None = None):
+        self.logits, self.queue_ms, self.compute_ms, self.batch_size = logits, queue_ms, compute_ms, batch_size
+        self.error = error
+        self.inputs: list[np.ndarray] = []
+
+    async def submit(self, x: np.ndarray, priority: int = 0, deadline: float | None = None) -> BatchResult:
+        self.inputs.append(x)
+        if self.error is not None:
+            raise self.error
+        return BatchResult(self.logits.copy(), self.queue_ms, self.compute_ms, self.batch_size)
+
+
+@dataclass
+class FakeVerifier:
+    """A VLM that gives fixed scores to whatever candidates it is asked about (the first
+    len(candidates) of ``probabilities``), or raises ``error``; with ``hold`` set, each call
+    waits until ``release`` is set (or forever). ``explain`` answers likewise."""
+
+    probabilities: tuple[float, ...] = (0.1, 0.2, 0.6, 0.04, 0.03, 0.02)
+    none_probability: float = 0.1
+    error: BaseException | None = None
+    hold: bool = False
+    explain_error: BaseException | None = None
+    hold_explain: bool = False
+    calls: list[tuple[tuple[int, int], tuple[str, ...]]] = field(default_factory=list)
+    explained: list[tuple[str, int]] = field(default_factory=list)
+    waiting: int = 0
+
+    def __post_init__(self) -> None:
+        self.release = asyncio.Event()
+        self.entered = asyncio.Event()
+
+    async def verify(self, image, candidates, *, priority: int = 0) -> CandidateScores:
+        self.calls.append((image.size, tuple(candidates)))
+        self.waiting += 1
+        self.entered.set()
+        try:
+            if self.hold:
+                await self.release.wait()
+        finally:
+            self.waiting -= 1
+        if self.error is not None:
+            raise self.error
+        n = len(candidates)
+        return CandidateScores(tuple(candidates), self.probabilities[:n], self.none_probability, "fake", "multiple_choice",
+                               latency_ms=1.0)
+
+    async def explain(self, image, breed: str, max_tokens: int) -> Rationale:
+        self.explained.append((breed, max_tokens))
+        self.waiting += 1
+        try:
+            if self.hold_explain:
+                await self.release.wait()
+        finally:
+            self.waiting -= 1
+        if self.explain_error is not None:
+            raise self.explain_error
+        return Rationale(f"it looks like a {breed}", breed, 7, "fake", 1.0)
+
+
+class FakeClock:
+    def __init__(self, t: float = 0.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+async def until(condition, what: str, timeout_s: float = 30.0) -> None:
+    """Polls ``condition`` on the event loop (other tasks run in between) until it holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.001)
+
+
+def fake_pipeline(verifier=None, threshold: float = 0.6, temperature: float = 2.0, weight: float = 0.5, cnn=None,
+                  breaker=None, metrics=None, preprocess: PreprocessConfig | None = None, **config) -> CascadePipeline:
+    """The real CascadePipeline over the fake CNN and VLM: a top-1 policy at ``threshold`` and
+    the log-linear blender at ``weight``; ``config`` goes to PipelineConfig."""
+    return CascadePipeline(
+        labels=LABELS, preprocess_config=preprocess or PreprocessConfig(image_size=32), cnn=cnn or FakeBatcher(),
+        policy=EscalationPolicy(EscalationConfig(metric="top1", threshold=threshold)),
+        blender=LogLinearBlender(BlendConfig(weight=weight)), verifier=verifier, temperature=temperature,
+        config=PipelineConfig(**config), breaker=breaker, metrics=metrics)
