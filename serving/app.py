@@ -223,7 +223,8 @@ async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None,
     if watchdog_probe is not None and option_sets:
         candidates = option_sets[0]
         watchdog = VlmWatchdog(lambda: watchdog_probe.warm_up(candidates), breaker,
-                               WatchdogConfig(period_s=b.health_period_s, timeout_s=b.health_timeout_s),
+                               WatchdogConfig(period_s=b.health_period_s, timeout_s=b.health_timeout_s,
+                                              idle_period_s=max(b.health_idle_period_s, b.health_period_s)),
                                on_failure=lambda kind: metrics.vlm_errors.labels(kind).inc())
         watchdog_task = asyncio.create_task(watchdog.run(), name="vlm-watchdog")
     vlm_name = (getattr(verifier.config, "model", "") if cfg.vlm.backend == "vllm" else

@@ -96,6 +96,9 @@ class CircuitBreaker:
         self._probe_started = 0.0
         self.last_success: float | None = None
         """clock() of the last successful call (the watchdog skips its probe when recent)."""
+        self.last_attempt: float | None = None
+        """clock() of the last call that asked for a lease on its own behalf (``probe=None``),
+        granted or not: the watchdog probes fast only when calls came after the last success."""
 
     @property
     def state(self) -> BreakerState:
@@ -116,6 +119,8 @@ class CircuitBreaker:
         time, and only for callers allowed to probe (``probe``; default: the config's
         ``probe_with_requests``)."""
         state = self.state
+        if probe is None:
+            self.last_attempt = self._clock()
         if state == BreakerState.CLOSED:
             return BreakerLease(self, self._epoch, probe=False)
         may_probe = self.config.probe_with_requests if probe is None else probe

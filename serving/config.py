@@ -112,8 +112,10 @@ class BreakerSettings(BaseModel):
     probe_timeout_s: float = Field(10.0, gt=0, description="a half-open probe not settled within this counts as "
                                    "failed (the breaker re-opens; it never stays half-open)")
     health_period_s: float = Field(1.0, ge=0, description="background VLM health probe (a tiny scoring request) "
-                                   "whenever no escalation succeeded for this long; 0 = off (then user requests "
-                                   "probe a half-open breaker)")
+                                   "whenever escalations were asked for and none succeeded for this long; 0 = off "
+                                   "(then user requests probe a half-open breaker)")
+    health_idle_period_s: float = Field(30.0, gt=0, description="the probe's pace when no escalation was asked for "
+                                        "(each probe is a real VLM inference); at least health_period_s")
     health_timeout_s: float = Field(3.0, gt=0, description="a health probe not answered within this opens the "
                                     "breaker: a hung VLM is detected whatever the clients' deadlines")
 

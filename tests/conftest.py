@@ -70,8 +70,30 @@ def vllm_server(demo_bundle, tmp_path_factory):
 
     cfg = VllmServerConfig.for_bundle(load_bundle(demo_bundle))
     server = VllmServer(cfg, log_path=tmp_path_factory.mktemp("logs") / "vllm.log").start()
+    _SESSION_VLLM.append(server)
     yield server
+    _SESSION_VLLM.remove(server)
     server.stop()
+
+
+_SESSION_VLLM: list = []
+
+
+@pytest.fixture(scope="module")
+def session_vllm_stopped():
+    """For a module that needs a vLLM server of its own (another model family): the session's
+    server, if it was started, is stopped meanwhile and started again on the same port after, so
+    that no more than one vLLM server runs at a time (two of them starting and serving on two
+    shared cores slowed a start-up past its timeout). Clients of the session's gRPC server see
+    vLLM gone meanwhile; the ``client`` fixture waits for the breaker to close again."""
+    running = [s for s in _SESSION_VLLM if s.process is not None]
+    for server in running:
+        server.stop()
+    try:
+        yield
+    finally:
+        for server in running:
+            server.start()
 
 
 @pytest.fixture(scope="session")

@@ -138,6 +138,8 @@ def test_watchdog_opens_on_a_hang_and_closes_after_cooldown():
         dog = VlmWatchdog(check, b, WatchdogConfig(period_s=1, timeout_s=0.05), clock, on_failure=kinds.append)
         assert await dog.check_once() is True and b.state == BreakerState.CLOSED
         check.mode = "hang"
+        clock.t += 0.1
+        b.acquire().release()  # an escalation that ended without a verdict (its client's deadline)
         assert await dog.check_once() is False
         assert b.state == BreakerState.OPEN and kinds == ["health_timeout"]
         assert await dog.check_once() is None  # cooling down: no probe
@@ -170,6 +172,42 @@ def test_watchdog_is_quiet_while_traffic_succeeds_and_does_not_reset_failures():
         assert b.state == BreakerState.OPEN
 
     asyncio.run(main())
+
+
+def test_watchdog_probes_at_the_idle_pace_until_escalations_go_unanswered():
+    """Each probe is a real VLM inference: with nobody escalating it probes every
+    idle_period_s; as soon as an escalation is asked for and nothing answers within period_s,
+    it probes every period_s."""
+    async def main():
+        clock, check = FakeClock(), ScriptedCheck()
+        b = CircuitBreaker(BreakerConfig(probe_with_requests=False), clock)
+        dog = VlmWatchdog(check, b, WatchdogConfig(period_s=1, timeout_s=1, idle_period_s=30), clock)
+        assert await dog.check_once() is True and check.calls == 1  # the first word on start
+        for _ in range(29):
+            clock.t += 1
+            assert await dog.check_once() is None
+        clock.t += 1
+        assert await dog.check_once() is True and check.calls == 2  # idle_period_s later
+        clock.t += 1
+        b.acquire().release()  # an escalation, no verdict
+        assert await dog.check_once() is True and check.calls == 3
+        clock.t += 1
+        assert await dog.check_once() is None  # the probe answered after that call: quiet again
+        clock.t += 0.5
+        with b.acquire() as lease:
+            lease.success()
+        clock.t += 2
+        assert await dog.check_once() is None and check.calls == 3  # answered escalations
+        b.acquire().release()
+        clock.t += 1.5  # asked for, nothing answered within period_s
+        assert await dog.check_once() is True and check.calls == 4
+
+    asyncio.run(main())
+
+
+def test_watchdog_idle_period_may_not_be_shorter_than_its_period():
+    with pytest.raises(ValueError):
+        WatchdogConfig(period_s=5, idle_period_s=1)
 
 
 # --- admission --------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 Qwen/Qwen2.5-VL-3B-Instruct) trained by `catcascade train-vlm`, served with its LoRA adapter
 by the real vLLM, scored in both modes, and used by the cascade over the real gRPC server.
 
-One vLLM server of its own for the module (the session's serves the LLaVA demo bundle)."""
+One vLLM server of its own for the module (the session's serves the LLaVA demo bundle and is
+stopped meanwhile: one vLLM server at a time)."""
 from __future__ import annotations
 
 import asyncio
@@ -44,7 +45,7 @@ def qwen_bundle(demo_bundle, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def qwen_vllm(qwen_bundle, tmp_path_factory):
+def qwen_vllm(qwen_bundle, tmp_path_factory, session_vllm_stopped):
     from ensemble.bundle import load_bundle
     from vlm_stage.vllm_server import VllmServer, VllmServerConfig
 

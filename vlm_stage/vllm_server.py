@@ -190,8 +190,10 @@ class VllmServer:
             except httpx.HTTPError:
                 pass
             time.sleep(1.0)
+        tail = self.log_tail(12)
         self.stop()
-        raise TimeoutError(f"vLLM server not ready after {self.config.startup_timeout_s:.0f} s; log: {self.log_path}")
+        raise TimeoutError(f"vLLM server not ready after {self.config.startup_timeout_s:.0f} s; log: {self.log_path}; "
+                           f"last log lines:\n{tail}")
 
     def log_tail(self, lines: int = 30) -> str:
         try:

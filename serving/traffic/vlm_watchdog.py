@@ -3,10 +3,14 @@
 Escalations bounded by short client deadlines end as "no verdict", so a VLM that accepts
 connections and never answers (a hung vLLM) would never be seen by the breaker, and every
 escalation would burn its client's whole deadline. The watchdog sends a request of its own
-(a tiny image, the real scoring path) with its own timeout, whenever no escalation has
-succeeded for ``period_s``: under healthy traffic it sends nothing. A probe that fails or
-times out opens the breaker at once; in half-open state the watchdog is the probe, and its
-success closes the breaker, so recovery needs no user request to gamble on the VLM.
+(a tiny image, the real scoring path) with its own timeout, whenever escalations were asked
+for and none has succeeded for ``period_s``: under healthy traffic it sends nothing. With no
+escalation traffic at all it probes only every ``idle_period_s`` (so that health still reads
+true): each probe is a real inference, and vLLM's CPU worker busy-polls for a second after
+every step, so a probe a second kept a whole core busy on an idle server. A probe that fails or
+times out opens the breaker at once; in half-open state the watchdog is the probe (every
+``period_s``), and its success closes the breaker, so recovery needs no user request to gamble
+on the VLM.
 """
 from __future__ import annotations
 
@@ -24,12 +28,15 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class WatchdogConfig:
     period_s: float = 1.0
-    """How often to check when no escalation succeeded within the last period."""
+    """How often to check when escalations were asked for and none succeeded within the last
+    period (and how often a half-open breaker is probed)."""
     timeout_s: float = 3.0
     """A probe request not answered within this means the VLM hangs."""
+    idle_period_s: float = 30.0
+    """How often to probe when no escalation was asked for since the last success or probe."""
 
     def __post_init__(self) -> None:
-        if self.period_s <= 0 or self.timeout_s <= 0:
+        if self.period_s <= 0 or self.timeout_s <= 0 or self.idle_period_s < self.period_s:
             raise ValueError(f"invalid watchdog config {self}")
 
 
@@ -47,19 +54,25 @@ class VlmWatchdog:
         self._on_failure = on_failure
         self.probes = 0
         self.failures = 0
+        self._last_probe: float | None = None
 
     async def check_once(self) -> bool | None:
         """One round: True/False for a probe that passed/failed, None when none was needed."""
         state = self.breaker.state
         if state == BreakerState.OPEN:
             return None  # cooling down
-        last = self.breaker.last_success
-        if state == BreakerState.CLOSED and last is not None and self._clock() - last < self.config.period_s:
-            return None  # traffic has just shown the VLM answering
+        now, last = self._clock(), self.breaker.last_success
+        if state == BreakerState.CLOSED:
+            if last is not None and now - last < self.config.period_s:
+                return None  # traffic has just shown the VLM answering
+            if not self._calls_since_last_word() and self._last_probe is not None \
+                    and now - self._last_probe < self.config.idle_period_s:
+                return None  # nobody is waiting on the VLM: probe at the idle pace
         lease = self.breaker.acquire(probe=True)
         if lease is None:
             return None  # a request is the probe now
         self.probes += 1
+        self._last_probe = now
         try:
             await asyncio.wait_for(self.check(), self.config.timeout_s)
         except Exception as e:  # a timeout, a transport error, a bad answer: the VLM is not serving
@@ -78,6 +91,14 @@ class VlmWatchdog:
             return True
         finally:
             lease.release()
+
+    def _calls_since_last_word(self) -> bool:
+        """Whether escalations asked for the VLM after its last success and the last probe."""
+        attempt = self.breaker.last_attempt
+        if attempt is None:
+            return False
+        heard = max((t for t in (self.breaker.last_success, self._last_probe) if t is not None), default=None)
+        return heard is None or attempt > heard
 
     async def run(self) -> None:
         while True:
