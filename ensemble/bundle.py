@@ -20,6 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cnn_stage.preprocessing import PreprocessConfig
+from ensemble.confidence_histogram import ConfidenceHistogram
 from ensemble.config import CascadeConfig
 
 MANIFEST = "manifest.json"
@@ -35,6 +36,9 @@ class CnnSpec(BaseModel):
     temperature: float = Field(1.0, gt=0)
     int8_file: str | None = Field(None, description="optional INT8 ONNX model, same inputs and labels")
     int8_sha256: str | None = None
+    confidence_histogram: ConfidenceHistogram | None = Field(
+        None, description="calibrated top-1 probability on the validation set, binned: the reference the "
+                          "server's drift index compares live traffic with (absent in older bundles)")
 
     @model_validator(mode="after")
     def _int8_pair(self) -> "CnnSpec":

@@ -31,6 +31,7 @@ class EscalationReason(enum.IntEnum):
     DEADLINE = 6
     SHED = 7
     VLM_DISABLED = 8
+    TENANT_BUDGET = 9
 
 
 @dataclass(frozen=True)

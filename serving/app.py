@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -19,13 +20,17 @@ from serving.batcher import BatcherConfig, DynamicBatcher
 from serving.circuit_breaker import BreakerConfig, CircuitBreaker
 from serving.metrics import ServiceMetrics
 from serving.config import ServeConfig
+from serving.engines.thread_priority import build_in_lowered_thread
+from serving.observability.tracing import NoTracing, make_tracing
 from serving.pipeline import CascadePipeline, PipelineConfig
 from serving.server import CatClassifierServicer, run_server
+from serving.traffic.admission import AdmissionConfig, AdmissionController
+from serving.traffic.vlm_watchdog import VlmWatchdog, WatchdogConfig
 
 log = logging.getLogger(__name__)
 
 
-def _verifier(bundle: Bundle, cfg: ServeConfig):
+def _verifier(bundle: Bundle, cfg: ServeConfig, request_headers=None):
     """The VLM stage the config asks for: vLLM over HTTP, the bundle's VLM in-process, or none."""
     backend = cfg.vlm.backend
     if backend == "none":
@@ -46,7 +51,9 @@ def _verifier(bundle: Bundle, cfg: ServeConfig):
     model = cfg.vlm.model or spec.adapter_name or spec.served_model_name
     return VllmVerifier(VlmClientConfig(urls=cfg.vlm.urls, model=model, scoring_mode=mode,
                                         timeout_s=cfg.vlm.timeout_s, max_retries=cfg.vlm.max_retries,
-                                        constraint=cfg.vlm.constraint))
+                                        constraint=cfg.vlm.constraint,
+                                        max_connections=max(64, cfg.limits.max_concurrent_escalations)),
+                        request_headers=request_headers)
 
 
 async def warm_up(verifier, candidates: tuple[str, ...], timeout_s: float = 180.0) -> bool:
@@ -77,6 +84,16 @@ async def keep_warming_up(verifier, candidates: tuple[str, ...], period_s: float
     log.info("VLM warm-up done")
 
 
+def _watchdog_probe(verifier, cfg: ServeConfig):
+    """A probe client of its own for the VLM watchdog (vLLM backend, health_period_s > 0):
+    one attempt, its own timeout, and its requests kept out of the verifier's counters."""
+    from vlm_stage.vllm_client import VllmVerifier
+
+    if not isinstance(verifier, VllmVerifier) or cfg.breaker.health_period_s <= 0:
+        return None
+    return verifier.probe(cfg.breaker.health_timeout_s)
+
+
 async def warm_up_all(verifier, option_sets: list[tuple[str, ...]]) -> bool:
     """``warm_up`` for each candidate count in turn; False at the first that fails."""
     for candidates in option_sets:
@@ -96,21 +113,44 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
     versions loaded, swapped, canaried and shadowed by serving.model_repository."""
     tune_malloc(cfg.memory.malloc_arena_max, cfg.memory.malloc_mmap_threshold_kb)  # before any worker thread
     metrics = metrics or ServiceMetrics()
+    tracing = make_tracing(cfg.tracing)
+    tenants = None
+    if cfg.auth.tenants or cfg.tenant_budgets.active:
+        from serving.traffic.tenant_budgets import TenantBudgets
+
+        tenants = TenantBudgets(cfg.tenant_budgets, cfg.auth.tenants, registry=metrics.registry)
+    # every version of the model repository shares the service's tracing and tenant buckets
+    factory = functools.partial(build_cascade, tracing=tracing,
+                                tenant_budgets=tenants if cfg.tenant_budgets.active else None)
     if cfg.models is not None:
         from serving.model_repository.service import routed_pipeline
 
-        cascade = routed_pipeline(cfg, metrics, build_cascade)
+        cascade = routed_pipeline(cfg, metrics, factory)
     else:
-        cascade = build_cascade(cfg, metrics)
-    async with cascade as built:
-        pipeline, versions, info = (built, built.versions, built.model_info) if cfg.models is not None else built
-        yield CatClassifierServicer(pipeline, versions, info, metrics, max_inflight=cfg.limits.max_inflight_requests)
+        cascade = factory(cfg, metrics)
+    cache = None
+    if cfg.cache.enabled:
+        from serving.traffic.response_cache import ResponseCache
+
+        cache = ResponseCache(cfg.cache, size_of=lambda r: r.ByteSize(), registry=metrics.registry)
+    try:
+        async with cascade as built:
+            pipeline, versions, info = (built, built.versions, built.model_info) if cfg.models is not None else built
+            admission = AdmissionController(AdmissionConfig(**cfg.admission.model_dump()))
+            yield CatClassifierServicer(pipeline, versions, info, metrics, max_inflight=cfg.limits.max_inflight_requests,
+                                        cache=cache, tracing=tracing, tenants=tenants,
+                                        drift=cfg.drift if cfg.drift.enabled else None, admission=admission)
+    finally:
+        tracing.shutdown()
 
 
 @contextlib.asynccontextmanager
-async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None):
+async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None, tracing: NoTracing | None = None,
+                        tenant_budgets=None):
     """Loads the bundle, starts the batcher and yields (pipeline, versions, info); closes
-    everything after. One version of the model repository is one of these."""
+    everything after. One version of the model repository is one of these. ``tracing`` and
+    ``tenant_budgets`` (serving.traffic.tenant_budgets.TenantBudgets) are the service's."""
+    tracing = tracing or NoTracing()
     # Hashing the files and building the ONNX session take a fraction of a second: off the
     # event loop, so a model repository loading a new version does not stall the one serving.
     bundle = await asyncio.to_thread(load_bundle, cfg.bundle)
@@ -122,20 +162,23 @@ async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
             raise BundleError(f"cnn_precision int8, but bundle {bundle.root} has no INT8 model "
                               "(train with `catcascade train-cnn --int8`)")
         cnn_file = bundle.cnn_int8_path
+    nice = cfg.compute_nice
     ray_stages = None
     if cfg.engine == "ray":  # CNN (and VLM) stages as Ray Serve deployments; same front door and pipeline
         from serving.engines.ray_engine import open_ray_stages
 
         ray_stages = await open_ray_stages(cfg, bundle, on_batch=metrics.batch_size.observe)
         batcher = ray_stages.cnn
-    elif cfg.batching.instances > 1 and cfg.cnn_threads is None and not cuda_available():
-        onnx = await asyncio.to_thread(OverlapAwareClassifier, cnn_file, allow_spinning=cfg.cnn_spinning)
     else:
-        threads = cfg.cnn_threads or max(1, (os.cpu_count() or 1) // cfg.batching.instances)
-        onnx = await asyncio.to_thread(OnnxClassifier, cnn_file, intra_op_threads=threads,
-                                       allow_spinning=cfg.cnn_spinning)
-    if ray_stages is None:
-        batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump()),
+        def make_classifier():
+            if cfg.batching.instances > 1 and cfg.cnn_threads is None and not cuda_available():
+                return OverlapAwareClassifier(cnn_file, allow_spinning=cfg.cnn_spinning)
+            threads = cfg.cnn_threads or max(1, (os.cpu_count() or 1) // cfg.batching.instances)
+            return OnnxClassifier(cnn_file, intra_op_threads=threads, allow_spinning=cfg.cnn_spinning)
+
+        # off the event loop, in a thread below it: ONNX Runtime's pool threads inherit its priority
+        onnx = await asyncio.to_thread(build_in_lowered_thread, make_classifier, nice)
+        batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump(), thread_nice=nice),
                                  on_batch=metrics.batch_size.observe)
     metrics.queue_depth.set_function(lambda: batcher.depth)
     metrics.batches_running.set_function(lambda: batcher.running)
@@ -144,7 +187,9 @@ async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
         max_bytes=lim.max_message_bytes, max_pixels=lim.max_pixels, max_side=lim.max_side,
         max_aspect_ratio=lim.max_aspect_ratio, max_decode_mb=lim.max_decode_mb, max_jpeg_scans=lim.max_jpeg_scans,
         max_jpeg_scan_blocks=lim.max_jpeg_scan_blocks, max_segments=lim.max_segments))
-    verifier = ray_stages.verifier if ray_stages else _verifier(bundle, cfg)
+    # (with the Ray engine the VLM client runs in a Ray deployment: no trace headers are added there)
+    verifier = ray_stages.verifier if ray_stages else _verifier(
+        bundle, cfg, tracing.outgoing_headers if tracing.enabled else None)
     warm_task = None
     # one warm-up request per candidate count the VLM can be asked about (each count is its own
     # option set: its letters are tokenized once)
@@ -153,7 +198,11 @@ async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
     option_sets = [tuple(m.labels[:n]) for n in counts if n <= len(m.labels)]
     if verifier is not None and not await warm_up_all(verifier, option_sets):
         warm_task = asyncio.create_task(keep_warming_up_all(verifier, option_sets))
-    breaker = CircuitBreaker(BreakerConfig(**cfg.breaker.model_dump()),
+    b = cfg.breaker
+    watchdog_probe = _watchdog_probe(verifier, cfg)
+    breaker = CircuitBreaker(BreakerConfig(failure_threshold=b.failure_threshold, cooldown_s=b.cooldown_s,
+                                           probe_timeout_s=b.probe_timeout_s,
+                                           probe_with_requests=watchdog_probe is None),
                              on_change=lambda state: metrics.breaker_state.set(int(state)))
     pipeline = CascadePipeline(
         labels=m.labels, preprocess_config=preprocess_config, cnn=batcher,
@@ -161,11 +210,22 @@ async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
         verifier=verifier, temperature=m.cnn.temperature, breaker=breaker if verifier else None, metrics=metrics,
         config=PipelineConfig(candidates=m.cascade.top_k, vlm_min_budget_ms=lim.vlm_min_budget_ms,
                               max_concurrent_escalations=lim.max_concurrent_escalations,
+                              escalation_queue_size=lim.escalation_queue_size,
                               candidate_sets=m.cascade.candidate_sets,
                               rationale_max_tokens=cfg.vlm.rationale_max_tokens,
                               max_decode_queue=lim.max_decode_queue,
-                              trim_after_decode_ms=cfg.memory.trim_after_decode_ms))
+                              trim_after_decode_ms=cfg.memory.trim_after_decode_ms,
+                              vlm_call_budget_s=cfg.vlm.call_budget_s, decode_nice=nice),
+        tracing=tracing, tenant_budgets=tenant_budgets)
+    pipeline.confidence_reference = m.cnn.confidence_histogram  # the drift index's reference
     metrics.inflight_escalations.set_function(lambda: pipeline.inflight_escalations)
+    watchdog_task = None
+    if watchdog_probe is not None and option_sets:
+        candidates = option_sets[0]
+        watchdog = VlmWatchdog(lambda: watchdog_probe.warm_up(candidates), breaker,
+                               WatchdogConfig(period_s=b.health_period_s, timeout_s=b.health_timeout_s),
+                               on_failure=lambda kind: metrics.vlm_errors.labels(kind).inc())
+        watchdog_task = asyncio.create_task(watchdog.run(), name="vlm-watchdog")
     vlm_name = (getattr(verifier.config, "model", "") if cfg.vlm.backend == "vllm" else
                 getattr(verifier.config, "name", "")) if verifier else ""
     cnn_sha = m.cnn.int8_sha256 if cfg.cnn_precision == "int8" else m.cnn.sha256
@@ -183,8 +243,11 @@ async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
     try:
         yield pipeline, versions, info
     finally:
-        if warm_task is not None:
-            warm_task.cancel()
+        for task in (warm_task, watchdog_task):
+            if task is not None:
+                task.cancel()
+        if watchdog_probe is not None:
+            await watchdog_probe.aclose()
         await batcher.stop()
         pipeline.close()
         if verifier is not None:

@@ -81,3 +81,11 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if self._on_refused is not None:
             self._on_refused(handler_call_details.method)
         return _deny_handler(handler, "missing or invalid bearer token (metadata 'authorization: Bearer <token>')")
+
+
+def bearer_token(metadata) -> str | None:
+    """The token of an ``authorization: Bearer <token>`` entry in gRPC metadata, if any."""
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            return value[len("Bearer "):]
+    return None

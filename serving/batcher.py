@@ -6,21 +6,32 @@ a worker thread so ONNX Runtime never blocks the loop. With ``instances`` > 1 (T
 instance_group count) that many workers share the queue, each with a thread of its own, so
 several batches run at once: on a CPU, two single-threaded runs get more images per second out
 of two cores than one run split over both. The queue is bounded: a full queue refuses new work
-at once instead of letting latency grow without limit.
+at once instead of letting latency grow without limit. The queue is ordered by request
+priority (serving/traffic/priorities.py: interactive before batch), then by arrival. A
+request whose deadline can no longer be met by the time a worker takes it is shed (Triton's
+queue policy with the REJECT timeout action): it gets DeadlineUnmeetableError, the CNN time
+goes to requests that can still make it.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
+from serving.engines.thread_priority import lower_current_thread
+
 
 class QueueFullError(RuntimeError):
     """The CNN queue is at capacity; the caller should shed or refuse the request."""
+
+
+class DeadlineUnmeetableError(QueueFullError):
+    """Shed from the queue: too little of the request's deadline is left for a batch to run."""
 
 
 @dataclass(frozen=True)
@@ -29,9 +40,12 @@ class BatcherConfig:
     max_queue_delay_ms: float = 0.0
     max_queue_size: int = 256
     instances: int = 1
+    thread_nice: int = 0
+    """Nice increment of the threads that run batches (serving/engines/thread_priority.py)."""
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay_ms < 0 or self.instances < 1:
+        if (self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay_ms < 0 or self.instances < 1
+                or not 0 <= self.thread_nice <= 19):
             raise ValueError(f"invalid batcher config {self}")
 
 
@@ -45,11 +59,15 @@ class BatchResult:
     batch_size: int
 
 
-@dataclass
+@dataclass(order=True)
 class _Item:
-    x: np.ndarray
-    future: asyncio.Future
-    enqueued: float
+    priority: int
+    arrival: int
+    x: np.ndarray = field(compare=False)
+    future: asyncio.Future = field(compare=False)
+    enqueued: float = field(compare=False)
+    deadline: float | None = field(default=None, compare=False)
+    """time.monotonic() instant the answer is due, or None."""
 
 
 class DynamicBatcher:
@@ -60,15 +78,20 @@ class DynamicBatcher:
         self.config = config
         self.on_batch = on_batch
         self._clock = clock
-        self._queue: asyncio.Queue[_Item] | None = None
+        self._queue: asyncio.PriorityQueue[_Item] | None = None
+        self._arrivals = itertools.count()
         self._workers: list[asyncio.Task] = []
-        self._executor = ThreadPoolExecutor(max_workers=config.instances, thread_name_prefix="cnn")
+        self._executor = ThreadPoolExecutor(max_workers=config.instances, thread_name_prefix="cnn",
+                                            initializer=lower_current_thread, initargs=(config.thread_nice,))
         self.batch_sizes: list[int] = []
         self.running = 0
         """Batches in the model right now (at most ``instances``)."""
+        self.batch_s = 0.0
+        """Recent time one batch takes in the model (decayed mean), for deadline shedding."""
+        self.shed = 0
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue(self.config.max_queue_size)
+        self._queue = asyncio.PriorityQueue(self.config.max_queue_size)
         self._workers = [asyncio.create_task(self._loop(), name=f"cnn-batcher-{i}") for i in range(self.config.instances)]
 
     async def stop(self) -> None:
@@ -85,12 +108,15 @@ class DynamicBatcher:
     def depth(self) -> int:
         return self._queue.qsize() if self._queue else 0
 
-    async def submit(self, x: np.ndarray) -> BatchResult:
+    async def submit(self, x: np.ndarray, priority: int = 0, deadline: float | None = None) -> BatchResult:
+        """Queues one input; lower ``priority`` values are taken first, then first come.
+        ``deadline`` (a time.monotonic() instant): past the point where a batch can still
+        finish before it, the request is shed with DeadlineUnmeetableError."""
         if self._queue is None:
             raise RuntimeError("DynamicBatcher.start() was not awaited")
         fut = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Item(x, fut, self._clock()))
+            self._queue.put_nowait(_Item(priority, next(self._arrivals), x, fut, self._clock(), deadline))
         except asyncio.QueueFull:
             raise QueueFullError(f"CNN queue is full ({self.config.max_queue_size} waiting)") from None
         return await fut
@@ -109,7 +135,21 @@ class DynamicBatcher:
                 items.append(await asyncio.wait_for(self._queue.get(), remaining))
             except asyncio.TimeoutError:
                 break
-        return [it for it in items if not it.future.cancelled()]
+        return self._shed([it for it in items if not it.future.cancelled()])
+
+    def _shed(self, items: list[_Item]) -> list[_Item]:
+        """Fails the items whose deadline comes before a batch could finish; keeps the rest."""
+        now = time.monotonic()
+        keep = []
+        for it in items:
+            if it.deadline is not None and it.deadline - now < self.batch_s:
+                self.shed += 1
+                it.future.set_exception(DeadlineUnmeetableError(
+                    f"shed from the CNN queue: {max(0.0, it.deadline - now) * 1000:.0f} ms of the deadline left, "
+                    f"a batch takes {self.batch_s * 1000:.0f} ms"))
+            else:
+                keep.append(it)
+        return keep
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -129,6 +169,7 @@ class DynamicBatcher:
             finally:
                 self.running -= 1
             compute_ms = (self._clock() - start) * 1000.0
+            self.batch_s = compute_ms / 1000.0 if not self.batch_s else 0.8 * self.batch_s + 0.2 * compute_ms / 1000.0
             self.batch_sizes.append(len(items))
             del self.batch_sizes[:-10000]
             if self.on_batch:

@@ -8,6 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from serving.engines.ray_config import RayEngineConfig
 from serving.model_repository.config import ModelsConfig
+from serving.observability.drift import DriftConfig
+from serving.observability.tracing import TracingConfig
+from serving.traffic.response_cache import ResponseCacheConfig
+from serving.traffic.tenant_budgets import TenantBudgetsConfig
 
 
 class BatchingConfig(BaseModel):
@@ -34,8 +38,11 @@ class VlmEndpointConfig(BaseModel):
         "allowed_tokens", description="allowed_tokens: a token mask, needs vLLM started with --logprobs-mode "
                                       "processed_logprobs (catcascade serve-vlm does); grammar: structured outputs, "
                                       "for servers started without it (slower)")
-    timeout_s: float = Field(10.0, gt=0)
+    timeout_s: float = Field(10.0, gt=0, description="HTTP timeout of one attempt")
     max_retries: int = Field(2, ge=0, le=10)
+    call_budget_s: float = Field(5.0, gt=0, description="the server's own bound on one escalation's VLM call, "
+                                 "retries included: past it the call counts as a VLM failure for the breaker, "
+                                 "whatever the client's deadline (a hung VLM is caught even under long deadlines)")
     rationale_max_tokens: int = Field(48, ge=1, le=512, description="token cap of a rationale (ClassifyRequest."
                                       "explain): a sentence or two; also bounds what one costs")
 
@@ -75,7 +82,10 @@ class LimitsConfig(BaseModel):
     max_decode_queue: int = Field(64, ge=1, description="images waiting for a decode thread; beyond, "
                                   "RESOURCE_EXHAUSTED")
     max_inflight_requests: int = Field(512, ge=1, description="beyond this, RESOURCE_EXHAUSTED")
-    max_concurrent_escalations: int = Field(32, ge=0, description="VLM calls in flight; beyond, escalations are shed")
+    max_concurrent_escalations: int = Field(32, ge=0, description="VLM calls in flight; beyond, escalations wait "
+                                            "(escalation_queue_size) or are shed")
+    escalation_queue_size: int = Field(0, ge=0, description="escalations that may wait for a VLM slot, interactive "
+                                       "before batch; 0 = shed at once")
     vlm_min_budget_ms: float = Field(50.0, ge=0, description="skip the VLM when less deadline than this remains")
 
 
@@ -99,6 +109,29 @@ class BreakerSettings(BaseModel):
 
     failure_threshold: int = Field(3, ge=1)
     cooldown_s: float = Field(5.0, gt=0)
+    probe_timeout_s: float = Field(10.0, gt=0, description="a half-open probe not settled within this counts as "
+                                   "failed (the breaker re-opens; it never stays half-open)")
+    health_period_s: float = Field(1.0, ge=0, description="background VLM health probe (a tiny scoring request) "
+                                   "whenever no escalation succeeded for this long; 0 = off (then user requests "
+                                   "probe a half-open breaker)")
+    health_timeout_s: float = Field(3.0, gt=0, description="a health probe not answered within this opens the "
+                                    "breaker: a hung VLM is detected whatever the clients' deadlines")
+
+
+class AdmissionSettings(BaseModel):
+    """Queue-delay admission (serving/traffic/admission.py): refuse with RESOURCE_EXHAUSTED at
+    once when the estimated queue wait would miss the request's deadline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    safety_factor: float = Field(1.5, ge=1.0, description="multiplies the estimated wait")
+    slack_ms: float = Field(30.0, ge=0, description="time kept for what follows the CNN (answer, jitter)")
+    max_queue_wait_ms: float = Field(10_000.0, gt=0, description="longest estimated wait admitted for requests "
+                                     "without a deadline")
+    initial_service_ms: float = Field(20.0, gt=0, description="cost per request assumed before any is measured")
+    halflife_s: float = Field(0.5, gt=0, description="how fast the measured cost per request adapts, in "
+                              "seconds of busy time")
 
 
 class TlsConfig(BaseModel):
@@ -131,11 +164,22 @@ class AuthConfig(BaseModel):
     bearer_tokens: list[str] = Field(default_factory=list, description="accepted tokens; empty = no auth")
     bearer_tokens_env: str | None = Field(None, description="or: an environment variable holding comma-separated "
                                           "tokens (spaces around each are trimmed)")
+    tenants: dict[str, str] = Field(default_factory=dict, description="tenant name -> its bearer token (accepted "
+                                    "like bearer_tokens); names the tenant for tenant_budgets and metrics")
 
     @field_validator("bearer_tokens")
     @classmethod
     def _tokens_clean(cls, tokens: list[str]) -> list[str]:
         return [_check_token(t, "auth.bearer_tokens") for t in tokens]
+
+    @field_validator("tenants")
+    @classmethod
+    def _distinct_tokens(cls, tenants: dict[str, str]) -> dict[str, str]:
+        if any(not t.strip() for t in tenants.values()):
+            raise ValueError("tenant tokens must not be empty")
+        if len(set(tenants.values())) != len(tenants):
+            raise ValueError("two tenants share a token: each tenant needs its own")
+        return {name: _check_token(t, f"auth.tenants[{name!r}]") for name, t in tenants.items()}
 
     def tokens(self) -> list[str]:
         """The configured tokens plus the environment's, read now: ``"a, b"`` gives a and b."""
@@ -143,7 +187,7 @@ class AuthConfig(BaseModel):
 
         extra = os.environ.get(self.bearer_tokens_env, "") if self.bearer_tokens_env else ""
         from_env = [_check_token(t.strip(), f"${self.bearer_tokens_env}") for t in extra.split(",") if t.strip()]
-        return self.bearer_tokens + from_env
+        return self.bearer_tokens + from_env + list(self.tenants.values())
 
 
 class ServeConfig(BaseModel):
@@ -160,13 +204,23 @@ class ServeConfig(BaseModel):
     cnn_precision: Literal["fp32", "int8"] = Field("fp32", description="int8 serves the bundle's cnn.int8.onnx")
     cnn_spinning: bool = Field(True, description="let ONNX Runtime's threads spin between batches: lower latency "
                                "when idle, less CPU left for decoding under load")
+    compute_nice: int = Field(0, ge=0, le=19, description="run the decode and CNN threads this far below the event "
+                              "loop (Linux nice increment), so that under overload the loop that takes requests in, "
+                              "refuses the excess and sends answers comes first. Best where the server has its cores "
+                              "(a container); on a machine shared with other busy processes the compute threads also "
+                              "yield to those. 0 = off")
     batching: BatchingConfig = BatchingConfig()
     vlm: VlmEndpointConfig = VlmEndpointConfig()
     limits: LimitsConfig = LimitsConfig()
     breaker: BreakerSettings = BreakerSettings()
+    admission: AdmissionSettings = AdmissionSettings()
     memory: MemoryConfig = MemoryConfig()
     tls: TlsConfig | None = None
     auth: AuthConfig = AuthConfig()
+    cache: ResponseCacheConfig = ResponseCacheConfig()
+    tracing: TracingConfig = TracingConfig()
+    tenant_budgets: TenantBudgetsConfig = TenantBudgetsConfig()
+    drift: DriftConfig = DriftConfig()
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; None = off")
     metrics_host: str = Field("127.0.0.1", description="address /metrics binds to, apart from the gRPC host: "
                               "loopback by default (a local agent or sidecar scrapes it)")
@@ -188,6 +242,15 @@ class ServeConfig(BaseModel):
             raise ValueError("give bundle (one bundle) or models.repository (a model repository), not both")
         if self.engine == "ray" and self.bundle is None:
             raise ValueError("engine ray serves one bundle (set bundle); a model repository runs on the local engine")
+        return self
+
+    @model_validator(mode="after")
+    def _budgeted_tenants_exist(self) -> "ServeConfig":
+        from serving.traffic.tenant_budgets import ANONYMOUS
+
+        unknown = sorted(set(self.tenant_budgets.tenants) - set(self.auth.tenants) - {ANONYMOUS})
+        if unknown:
+            raise ValueError(f"tenant_budgets names tenants that auth.tenants does not define: {unknown}")
         return self
 
     @classmethod

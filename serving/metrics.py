@@ -36,6 +36,11 @@ class ServiceMetrics:
                                        "token, by method", ["method"], registry=r)
         self.breaker_state = Gauge("catcascade_vlm_breaker_state", "VLM circuit breaker: 0 closed, 1 open, 2 half-open",
                                    registry=r)
+        self.admission_refusals = Counter("catcascade_admission_refusals",
+                                          "Requests refused because the queue would miss their deadline "
+                                          "(deadline) or wait too long (queue_wait)", ["reason"], registry=r)
+        self.admission_wait_ms = Gauge("catcascade_admission_wait_estimate_milliseconds",
+                                       "Estimated wait through decode and CNN for a request arriving now", registry=r)
 
     def serve_http(self, port: int, host: str = "127.0.0.1", tls=None, tokens: list[str] | None = None):
         """Starts the /metrics endpoint (HTTPS with ``tls``, bearer-token protected with

@@ -41,6 +41,22 @@ class ServiceThread:
             raise self._error
         return self
 
+    def on_loop(self, fn, timeout_s: float = 30.0):
+        """Runs ``fn()`` on the service's event loop and returns its result: a safe way for
+        other threads to read state the loop owns (the breaker, queue depths)."""
+        import concurrent.futures
+
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run():
+            try:
+                fut.set_result(fn())
+            except BaseException as e:
+                fut.set_exception(e)
+
+        self.loop.call_soon_threadsafe(run)
+        return fut.result(timeout_s)
+
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"

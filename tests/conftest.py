@@ -85,8 +85,18 @@ def grpc_server(demo_bundle, vllm_server):
 
 @pytest.fixture
 def client(grpc_server):
+    """A client of the session server, once its VLM breaker is closed (a test that stopped or
+    froze vLLM may have opened it; its watchdog closes it again within seconds)."""
+    import time
+
+    from serving.circuit_breaker import BreakerState
     from serving.client import CatcascadeClient
 
+    breaker = grpc_server.servicer.pipeline.breaker
+    deadline = time.monotonic() + 90
+    while (breaker is not None and grpc_server.on_loop(lambda: breaker.state) != BreakerState.CLOSED
+           and time.monotonic() < deadline):
+        time.sleep(0.2)
     with CatcascadeClient(grpc_server.target, timeout_s=60) as c:
         yield c
 

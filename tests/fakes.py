@@ -31,7 +31,7 @@ class FakeBatcher:
         self.error = error
         self.inputs: list[np.ndarray] = []
 
-    async def submit(self, x: np.ndarray) -> BatchResult:
+    async def submit(self, x: np.ndarray, priority: int = 0, deadline: float | None = None) -> BatchResult:
         self.inputs.append(x)
         if self.error is not None:
             raise self.error

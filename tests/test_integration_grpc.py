@@ -57,7 +57,7 @@ def _expected_final(bundle, resp) -> np.ndarray:
     from ensemble.blender_registry import make_blender
 
     cnn = _cnn_probs(bundle, resp)
-    if not resp.HasField("vlm"):
+    if resp.vlm is None:
         return cnn
     candidates = [bundle.labels.index(c.label) for c in resp.vlm.candidates]
     vlm = np.array([c.probability for c in resp.vlm.candidates])
@@ -96,7 +96,7 @@ def test_auto_mode_serves_the_bundles_policy_and_blend(client, bundle, demo_bund
         if resp.escalated:
             assert [c.label for c in resp.vlm.candidates] == [s.label for s in resp.cnn_top_k[:3]]
         else:
-            assert not resp.HasField("vlm") and resp.timings.vlm_ms == 0
+            assert resp.vlm is None and resp.timings.vlm_ms == 0
         assert _final_probs(bundle, resp) == pytest.approx(_expected_final(bundle, resp), abs=2e-6)
     assert outcomes == {True, False}, "the images should exercise both branches of the policy"
 
@@ -116,7 +116,7 @@ def test_never_makes_no_vlm_call(client, grpc_server, demo_bundle):
     before = verifier.requests_sent
     for path in _synthetic_jpegs(demo_bundle, 4):
         resp = client.classify(path, mode="never")
-        assert not resp.escalated and not resp.HasField("vlm")
+        assert not resp.escalated and resp.vlm is None
         assert resp.escalation_reason == pb.ESCALATION_REASON_REQUESTED_NEVER
         assert resp.timings.vlm_ms == 0
     assert verifier.requests_sent == before

@@ -14,7 +14,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("training",),
     ("serving",),
     ("benchmarks",),
-    ("catcascade",),  # the command line, which assembles every layer's commands
+    ("catcascade",),  # the command line (assembles every layer's commands) and catcascade.client (re-exports serving.client)
 ]
 PACKAGES = ("catcascade", "cnn_stage", "vlm_stage", "ensemble", "training", "serving", "benchmarks")
 

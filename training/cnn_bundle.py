@@ -4,7 +4,8 @@
 2. ONNX export with a dynamic batch axis, checked against torch (max |dp| < 1e-4);
 3. optionally a static INT8 copy calibrated on real training images, with its top-1 agreement
    against fp32 (and accuracy) measured on held-out images through ONNX Runtime;
-4. the `CnnSpec` and a provenance summary for the manifest.
+4. the `CnnSpec` (with the validation set's calibrated confidence histogram, the drift
+   reference) and a provenance summary for the manifest.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ def calibrate_and_export(result, out_dir: str | Path, architecture: str, image_s
     from ensemble.bundle import CnnSpec, sha256_file
     from cnn_stage.onnx_export import export_onnx
     from cnn_stage.preprocessing import PreprocessConfig
+    from ensemble.confidence_histogram import top1_confidence_histogram
     from ensemble.metrics import expected_calibration_error
     from ensemble.temperature import TemperatureScaler
 
@@ -57,8 +59,11 @@ def calibrate_and_export(result, out_dir: str | Path, architecture: str, image_s
     parity = export_onnx(result.model, out / CNN_FILE, image_size)
     report = {"temperature": scaler.temperature_, "ece_before": ece_before, "ece_after": ece_after,
               "ece_bins": 15, "onnx_max_prob_diff": parity}
+    # The reference for the server's drift index: how confident the calibrated CNN is on
+    # images it was not trained on.
     spec = dict(architecture=architecture, file=CNN_FILE, sha256=sha256_file(out / CNN_FILE),
-                temperature=scaler.temperature_)
+                temperature=scaler.temperature_,
+                confidence_histogram=top1_confidence_histogram(scaler.predict_proba(result.val_logits)))
     if eval_samples or int8_calibration:
         from cnn_stage.onnx_runtime import OnnxClassifier
         from cnn_stage.quantization import QuantizationConfig, agreement, load_images, quantize_int8, run_batched

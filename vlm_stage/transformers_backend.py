@@ -138,8 +138,10 @@ class TransformersVerifier:
         return CandidateScores(scores.candidates, scores.probabilities, scores.none_probability, name, scores.mode,
                                (time.perf_counter() - t0) * 1000.0, n_requests, n_tokens)
 
-    async def verify(self, image: Image.Image, candidates: list[str] | tuple[str, ...]) -> CandidateScores:
-        """Probabilities for each candidate (in the given order) and for "none of these"."""
+    async def verify(self, image: Image.Image, candidates: list[str] | tuple[str, ...], *,
+                     priority: int = 0) -> CandidateScores:
+        """Probabilities for each candidate (in the given order) and for "none of these".
+        ``priority`` is accepted for interface parity with vLLM and ignored (one model in-process)."""
         return await asyncio.to_thread(self.score, image, candidates)
 
     def rationale(self, image: Image.Image, breed: str, max_tokens: int = DEFAULT_MAX_TOKENS) -> Rationale:

@@ -8,7 +8,9 @@ mask, i.e. the distribution over the options. ``constraint="grammar"`` uses
 ``structured_outputs`` instead, for servers started without that flag. Requests go to the
 least-loaded of several server URLs, with a timeout and bounded, jittered retries on
 transient errors. ``explain`` asks, on request, for a short free-text rationale: a separate,
-unconstrained completion with a token cap, after the scoring (vlm_stage/rationale.py).
+unconstrained completion with a token cap, after the scoring (vlm_stage/rationale.py). A
+request's ``priority`` goes into the body for vLLM's priority scheduling (lower first);
+``request_headers`` (e.g. W3C ``traceparent``) go on every HTTP request.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import io
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal, Mapping
 
 import httpx
 from PIL import Image
@@ -115,9 +117,13 @@ class _Endpoint:
 class VllmVerifier:
     """Scores an image's candidate breeds with a VLM behind one or more vLLM servers."""
 
-    def __init__(self, config: VlmClientConfig, transport: httpx.AsyncBaseTransport | None = None):
-        """``transport`` replaces the network (unit tests of routing and retries only)."""
+    def __init__(self, config: VlmClientConfig, transport: httpx.AsyncBaseTransport | None = None,
+                 request_headers: Callable[[], Mapping[str, str]] | None = None):
+        """``transport`` replaces the network (unit tests of routing and retries only).
+        ``request_headers`` is called per HTTP request for extra headers, such as the caller's
+        trace context (this stage knows nothing of tracing; the server passes it in)."""
         self.config = config
+        self.request_headers = request_headers
         self._endpoints = [_Endpoint(u) for u in config.urls]
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(config.timeout_s, connect=min(2.0, config.timeout_s)),
@@ -136,7 +142,8 @@ class VllmVerifier:
     def probe(self, timeout_s: float) -> "VllmVerifier":
         """A verifier for start-up checks (one attempt, a long timeout) that shares this one's
         option tokens, so what the warm-up learns serves the first user request."""
-        probe = VllmVerifier(dataclasses.replace(self.config, timeout_s=timeout_s, max_retries=0))
+        probe = VllmVerifier(dataclasses.replace(self.config, timeout_s=timeout_s, max_retries=0),
+                             request_headers=self.request_headers)
         probe._option_ids = self._option_ids
         return probe
 
@@ -165,7 +172,7 @@ class VllmVerifier:
             self._option_ids[choices] = first_token_ids(choices, encodings)
         return self._option_ids[choices]
 
-    async def _chat(self, prompt: Prompt, image_url: str) -> tuple[list[tuple[str, float]], int]:
+    async def _chat(self, prompt: Prompt, image_url: str, priority: int = 0) -> tuple[list[tuple[str, float]], int]:
         """One constrained, one-token chat completion; returns the options' logprobs and the
         prompt's token count."""
         body = {
@@ -183,6 +190,8 @@ class VllmVerifier:
             body["top_logprobs"] = min(20, len(prompt.choices) + 2)
         else:
             body["allowed_token_ids"] = await self._option_token_ids(prompt.choices)
+        if priority:
+            body["priority"] = priority
         payload = await self._post("/v1/chat/completions", body)
         self.requests_sent += 1
         top, prompt_tokens = answer_logprobs(payload)
@@ -200,7 +209,8 @@ class VllmVerifier:
             endpoint.outstanding += 1
             t0 = time.perf_counter()
             try:
-                resp = await self._client.post(f"{endpoint.url}{path}", json=body)
+                headers = self.request_headers() if self.request_headers is not None else None
+                resp = await self._client.post(f"{endpoint.url}{path}", json=body, headers=headers)
                 if resp.status_code in _TRANSIENT_STATUS:
                     raise httpx.HTTPStatusError(f"HTTP {resp.status_code}", request=resp.request, response=resp)
                 if resp.status_code != 200:
@@ -221,18 +231,21 @@ class VllmVerifier:
                 del endpoint.latencies_ms[:-1000]
         raise VlmUnavailableError(f"vLLM unavailable after {self.config.max_retries + 1} attempts: {last_error!r}")
 
-    async def verify(self, image: Image.Image, candidates: list[str] | tuple[str, ...]) -> CandidateScores:
-        """Probabilities for each candidate (in the given order) and for "none of these"."""
+    async def verify(self, image: Image.Image, candidates: list[str] | tuple[str, ...], *,
+                     priority: int = 0) -> CandidateScores:
+        """Probabilities for each candidate (in the given order) and for "none of these".
+        ``priority``: vLLM's request priority (lower is scheduled first; needs a server
+        started with ``--scheduling-policy priority``, which `serve-vlm` passes)."""
         t0 = time.perf_counter()
         url = image_to_data_url(image, self.config.max_image_side, self.config.jpeg_quality)
         if self.config.scoring_mode == ScoringMode.MULTIPLE_CHOICE:
             prompt = build_multiple_choice(candidates, self.config.include_none)
-            top, n_tokens = await self._chat(prompt, url)
+            top, n_tokens = await self._chat(prompt, url, priority)
             scores = scores_from_letter_logprobs(top, candidates, prompt.choices, self.config.include_none, self.config.model)
             n_requests = 1
         else:
             prompts = [build_yes_no(c) for c in candidates]
-            answers = await asyncio.gather(*(self._chat(p, url) for p in prompts))
+            answers = await asyncio.gather(*(self._chat(p, url, priority) for p in prompts))
             yes = [letter_distribution(top, p.choices)[p.choices[0]] for (top, _), p in zip(answers, prompts)]
             scores = scores_from_yes_probs(yes, candidates, self.config.model)
             n_requests, n_tokens = len(prompts), sum(n for _, n in answers)

@@ -1,6 +1,7 @@
 """Starts vLLM's OpenAI-compatible server as a subprocess, waits for it, stops it cleanly."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -75,6 +76,9 @@ class VllmServerConfig:
     for a live and a candidate version's adapters beside the ones loaded at start."""
     gpu_memory_utilization: float = 0.9
     """Share of the GPU's memory vLLM may take (weights + KV cache); CUDA only."""
+    scheduling_policy: str = "priority"
+    """priority: requests carrying a lower ``priority`` value are scheduled first (ties by
+    arrival), which is how batch escalations wait behind interactive ones; fcfs: arrival order."""
     extra_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -82,6 +86,8 @@ class VllmServerConfig:
             raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.scheduling_policy not in ("priority", "fcfs"):
+            raise ValueError(f"scheduling_policy must be priority or fcfs, got {self.scheduling_policy!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.max_model_len < 64:
@@ -138,6 +144,7 @@ class VllmServerConfig:
             "--uvicorn-log-level", "warning",
             # top_logprobs after the allowed_token_ids mask: the distribution over the options
             "--logprobs-mode", "processed_logprobs",
+            "--scheduling-policy", self.scheduling_policy,
         ]
         if self.lora_modules or self.runtime_lora:
             cmd += ["--enable-lora", "--max-lora-rank", str(self.lora_rank()),
@@ -211,6 +218,20 @@ class VllmServer:
         except (ProcessLookupError, PermissionError):
             pass
         self._log.close()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Freezes the whole server (SIGSTOP to its process group) and thaws it on exit, whatever
+        happens inside: a hung server, whose kernel still accepts connections that nothing
+        answers. For fault tests and benchmarks."""
+        if self.process is None or self.process.poll() is not None:
+            raise RuntimeError("vLLM server is not running")
+        pgid = self.process.pid
+        os.killpg(pgid, signal.SIGSTOP)
+        try:
+            yield self
+        finally:
+            os.killpg(pgid, signal.SIGCONT)
 
     def __enter__(self) -> "VllmServer":
         return self.start()

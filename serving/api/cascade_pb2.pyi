@@ -24,6 +24,12 @@ class EscalationReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ESCALATION_REASON_DEADLINE: _ClassVar[EscalationReason]
     ESCALATION_REASON_SHED: _ClassVar[EscalationReason]
     ESCALATION_REASON_VLM_DISABLED: _ClassVar[EscalationReason]
+    ESCALATION_REASON_TENANT_BUDGET: _ClassVar[EscalationReason]
+
+class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRIORITY_INTERACTIVE: _ClassVar[Priority]
+    PRIORITY_BATCH: _ClassVar[Priority]
 
 class TrafficMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -42,23 +48,28 @@ ESCALATION_REASON_VLM_UNAVAILABLE: EscalationReason
 ESCALATION_REASON_DEADLINE: EscalationReason
 ESCALATION_REASON_SHED: EscalationReason
 ESCALATION_REASON_VLM_DISABLED: EscalationReason
+ESCALATION_REASON_TENANT_BUDGET: EscalationReason
+PRIORITY_INTERACTIVE: Priority
+PRIORITY_BATCH: Priority
 TRAFFIC_MODE_UNSPECIFIED: TrafficMode
 TRAFFIC_MODE_CANARY: TrafficMode
 TRAFFIC_MODE_SHADOW: TrafficMode
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("image", "top_k", "escalation", "request_id", "explain")
+    __slots__ = ("image", "top_k", "escalation", "request_id", "explain", "priority")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     ESCALATION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     top_k: int
     escalation: EscalationMode
     request_id: str
     explain: bool
-    def __init__(self, image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., escalation: _Optional[_Union[EscalationMode, str]] = ..., request_id: _Optional[str] = ..., explain: _Optional[bool] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., escalation: _Optional[_Union[EscalationMode, str]] = ..., request_id: _Optional[str] = ..., explain: _Optional[bool] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "probability")
@@ -129,7 +140,7 @@ class ModelVersions(_message.Message):
     def __init__(self, bundle: _Optional[str] = ..., cnn: _Optional[str] = ..., vlm: _Optional[str] = ..., model_version: _Optional[str] = ..., route: _Optional[str] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("request_id", "labels", "cnn_top_k", "vlm", "escalated", "escalation_reason", "escalation_detail", "timings", "versions", "error", "rationale")
+    __slots__ = ("request_id", "labels", "cnn_top_k", "vlm", "escalated", "escalation_reason", "escalation_detail", "timings", "versions", "error", "rationale", "cached")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     CNN_TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +152,7 @@ class ClassifyResponse(_message.Message):
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RATIONALE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     labels: _containers.RepeatedCompositeFieldContainer[LabelScore]
     cnn_top_k: _containers.RepeatedCompositeFieldContainer[LabelScore]
@@ -152,7 +164,8 @@ class ClassifyResponse(_message.Message):
     versions: ModelVersions
     error: RequestError
     rationale: Rationale
-    def __init__(self, request_id: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., cnn_top_k: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., vlm: _Optional[_Union[VlmScores, _Mapping]] = ..., escalated: _Optional[bool] = ..., escalation_reason: _Optional[_Union[EscalationReason, str]] = ..., escalation_detail: _Optional[str] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., versions: _Optional[_Union[ModelVersions, _Mapping]] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ..., rationale: _Optional[_Union[Rationale, _Mapping]] = ...) -> None: ...
+    cached: bool
+    def __init__(self, request_id: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., cnn_top_k: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., vlm: _Optional[_Union[VlmScores, _Mapping]] = ..., escalated: _Optional[bool] = ..., escalation_reason: _Optional[_Union[EscalationReason, str]] = ..., escalation_detail: _Optional[str] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., versions: _Optional[_Union[ModelVersions, _Mapping]] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ..., rationale: _Optional[_Union[Rationale, _Mapping]] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class RequestError(_message.Message):
     __slots__ = ("code", "message")

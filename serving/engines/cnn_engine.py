@@ -28,9 +28,12 @@ class EncodedResult(BatchResult):
 
 @runtime_checkable
 class CnnEngine(Protocol):
-    """``submit(x)``: one preprocessed CHW float32 image in, its logits and timings out."""
+    """``submit(x)``: one preprocessed CHW float32 image in, its logits and timings out;
+    ``priority`` (lower first, serving/traffic/priorities.py) orders the engine's queue where
+    it has one; ``deadline`` (a time.monotonic() instant) lets an engine shed a request that
+    can no longer make it (DeadlineUnmeetableError) where it queues."""
 
-    async def submit(self, x: np.ndarray) -> BatchResult: ...
+    async def submit(self, x: np.ndarray, priority: int = 0, deadline: float | None = None) -> BatchResult: ...
 
     @property
     def depth(self) -> int:

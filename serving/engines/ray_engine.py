@@ -148,7 +148,9 @@ class RayCnnEngine:
     async def stop(self) -> None:
         """Nothing to stop: other front doors may share the replicas."""
 
-    async def submit(self, x: np.ndarray) -> EncodedResult:
+    async def submit(self, x: np.ndarray, priority: int = 0, deadline: float | None = None) -> EncodedResult:
+        """``priority`` and ``deadline`` are accepted for the interface and not used: Ray
+        Serve's queues are FIFO and shed by their own length."""
         return await self._call("classify_tensor", x)
 
     async def submit_encoded(self, data: bytes) -> EncodedResult:

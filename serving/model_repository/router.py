@@ -141,7 +141,8 @@ class ModelRouter:
             version.exit()
         self._count(version, route, result)
         if picked and routing.mode == "shadow":  # a rationale nobody reads is not worth a VLM call
-            self._shadow(candidate, result, data, k, mode, {n: v for n, v in kwargs.items() if n != "explain"})
+            self._shadow(candidate, result, data, k, mode,
+                         {n: v for n, v in kwargs.items() if n not in ("explain", "on_cnn_done")})
         return RoutedResult(result, version.routed_versions(route))
 
     def _stats(self, version: ServedVersion):

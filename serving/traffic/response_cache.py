@@ -1,0 +1,132 @@
+"""A response cache for Classify, and single-flight for identical requests in flight together.
+
+The key is the sha256 of the image bytes with the escalation mode, top_k and the served model
+versions, so a new bundle or adapter never answers from an old one's entries. The cache is an
+LRU bounded in entries and in bytes (the serialized size of the stored responses). Only
+complete answers are stored: a CNN-only answer given because the VLM was down, shed, out of
+deadline or out of the tenant's budget is not what the next caller should get.
+
+Single-flight: while one request for a key is being computed, identical requests wait for its
+answer instead of running the models again (100 concurrent copies of one image cost one CNN
+and at most one VLM call). The computation runs in its own task, so the first caller going
+away does not cancel it for the others.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import OrderedDict
+from typing import Awaitable, Callable, Generic, Hashable, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+
+class ResponseCacheConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="answer repeated images from memory; cached answers say so "
+                          "(ClassifyResponse.cached)")
+    max_entries: int = Field(10_000, ge=1)
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="bound on the stored responses' serialized size")
+
+
+def cache_key(image: bytes, mode: int, top_k: int, model_version: str) -> bytes:
+    """sha256 over the image's own sha256, the mode, top_k and the model version."""
+    h = hashlib.sha256(hashlib.sha256(image).digest())
+    h.update(f"|{int(mode)}|{int(top_k)}|{model_version}".encode())
+    return h.digest()
+
+
+class ResponseCache(Generic[T]):
+    """LRU over (value, size) pairs, bounded by entry count and total size."""
+
+    def __init__(self, config: ResponseCacheConfig, size_of: Callable[[T], int], registry=None):
+        self.config = config
+        self._size_of = size_of
+        self._entries: OrderedDict[Hashable, tuple[T, int]] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = self.shared = self.evictions = 0
+        self._metrics = _CacheMetrics(registry, self) if registry is not None else None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable) -> T | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            if self._metrics:
+                self._metrics.lookups.labels("miss").inc()
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        if self._metrics:
+            self._metrics.lookups.labels("hit").inc()
+        return entry[0]
+
+    def count_shared(self) -> None:
+        """A request answered by an identical one in flight (single-flight), not by an entry."""
+        self.shared += 1
+        if self._metrics:
+            self._metrics.lookups.labels("shared").inc()
+
+    def put(self, key: Hashable, value: T) -> bool:
+        """Stores ``value``; False when it alone is larger than the byte bound."""
+        size = int(self._size_of(value))
+        if size > self.config.max_bytes:
+            return False
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= old[1]
+        self._entries[key] = (value, size)
+        self.bytes += size
+        while len(self._entries) > self.config.max_entries or self.bytes > self.config.max_bytes:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self.bytes -= evicted
+            self.evictions += 1
+            if self._metrics:
+                self._metrics.evictions.inc()
+        return True
+
+
+class _CacheMetrics:
+    def __init__(self, registry, cache: ResponseCache):
+        from prometheus_client import Counter, Gauge
+
+        self.lookups = Counter("catcascade_response_cache_lookups", "Response cache lookups: hit, miss, or "
+                               "shared (answered by an identical request in flight)", ["result"], registry=registry)
+        self.evictions = Counter("catcascade_response_cache_evictions", "Entries dropped to stay within the bounds",
+                                 registry=registry)
+        Gauge("catcascade_response_cache_entries", "Responses in the cache",
+              registry=registry).set_function(lambda: len(cache))
+        Gauge("catcascade_response_cache_bytes", "Serialized size of the cached responses",
+              registry=registry).set_function(lambda: cache.bytes)
+
+
+class SingleFlight(Generic[T]):
+    """Runs one computation per key at a time; callers that arrive meanwhile share its result."""
+
+    def __init__(self):
+        self._flights: dict[Hashable, asyncio.Task] = {}
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    async def run(self, key: Hashable, compute: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
+        """``(result, shared)``: shared is False for the caller whose call ran ``compute``.
+        An exception from ``compute`` reaches every caller that waited on it."""
+        task = self._flights.get(key)
+        shared = task is not None
+        if task is None:
+            task = asyncio.ensure_future(compute())
+            self._flights[key] = task
+            task.add_done_callback(lambda t: self._landed(key, t))
+        return await asyncio.shield(task), shared
+
+    def _landed(self, key: Hashable, task: asyncio.Task) -> None:
+        if self._flights.get(key) is task:
+            del self._flights[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: every caller may have gone away before it landed

@@ -1,0 +1,219 @@
+"""Unit tests of serving/traffic/: priority slots and the CNN queue's order, the response cache
+and single-flight, tenant token buckets, and the config that wires them."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from serving.batcher import BatcherConfig, DynamicBatcher
+from serving.traffic.priorities import Priority, PrioritySlots
+from serving.traffic.response_cache import ResponseCache, ResponseCacheConfig, SingleFlight, cache_key
+from serving.traffic.tenant_budgets import ANONYMOUS, TenantBudgets, TenantBudgetsConfig, TokenBucket, TokenBucketConfig
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_priority_slots_serve_interactive_waiters_before_earlier_batch_ones():
+    async def go():
+        slots = PrioritySlots(capacity=1, max_waiting=10)
+        assert await slots.acquire(Priority.BATCH)  # the one slot, taken
+        order = []
+
+        async def waiter(name, priority):
+            assert await slots.acquire(priority)
+            order.append(name)
+            slots.release()
+
+        tasks = [asyncio.create_task(waiter(f"batch{i}", Priority.BATCH)) for i in range(3)]
+        await asyncio.sleep(0)
+        tasks += [asyncio.create_task(waiter(f"interactive{i}", Priority.INTERACTIVE)) for i in range(2)]
+        await asyncio.sleep(0)
+        assert slots.waiting == 5 and slots.in_use == 1
+        assert not slots.try_acquire()  # a newcomer may not jump the queue
+        slots.release()
+        await asyncio.gather(*tasks)
+        assert slots.in_use == 0 and slots.waiting == 0
+        return order
+
+    assert asyncio.run(go()) == ["interactive0", "interactive1", "batch0", "batch1", "batch2"]
+
+
+def test_priority_slots_refuse_when_the_queue_is_full_or_the_wait_times_out():
+    async def go():
+        slots = PrioritySlots(capacity=1, max_waiting=1)
+        assert await slots.acquire()
+        waiting = asyncio.create_task(slots.acquire(Priority.BATCH))
+        await asyncio.sleep(0)
+        full = await slots.acquire(Priority.INTERACTIVE)  # the one waiting place is taken
+        timed_out = await PrioritySlots(capacity=0, max_waiting=5).acquire(timeout=0.01)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        slots.release()  # nobody waits any more: the slot is free again
+        return full, timed_out, slots.in_use, slots.try_acquire()
+
+    assert asyncio.run(go()) == (False, False, 0, True)
+
+
+def test_priority_slots_zero_capacity_without_queue_sheds_at_once():
+    async def go():
+        return await PrioritySlots(capacity=0, max_waiting=0).acquire()
+
+    assert asyncio.run(go()) is False
+
+
+def test_cnn_queue_takes_interactive_requests_first():
+    """A batch is running; batch requests queue, then interactive ones: the interactive ones
+    run in the next batch, ahead of the batch requests queued before them."""
+    import threading
+
+    release = threading.Event()
+    seen: list[list[float]] = []
+
+    def run_batch(x):
+        seen.append([float(v) for v in x[:, 0]])
+        if len(seen) == 1:
+            release.wait(10)
+        return x
+
+    async def go():
+        b = DynamicBatcher(run_batch, BatcherConfig(max_batch_size=2, instances=1))
+        await b.start()
+        first = asyncio.create_task(b.submit(np.array([0.0], np.float32)))
+        while not seen:
+            await asyncio.sleep(0.001)
+        later = [asyncio.create_task(b.submit(np.array([float(v)], np.float32), p))
+                 for v, p in ((1, Priority.BATCH), (2, Priority.BATCH), (3, Priority.INTERACTIVE),
+                              (4, Priority.INTERACTIVE))]
+        while b.depth < 4:
+            await asyncio.sleep(0.001)
+        release.set()
+        await asyncio.gather(first, *later)
+        await b.stop()
+
+    asyncio.run(go())
+    assert seen == [[0.0], [3.0, 4.0], [1.0, 2.0]]
+
+
+def test_cache_key_covers_image_mode_top_k_and_version():
+    base = cache_key(b"img", 0, 3, "v1")
+    assert base == cache_key(b"img", 0, 3, "v1") and len(base) == 32
+    assert len({base, cache_key(b"img2", 0, 3, "v1"), cache_key(b"img", 1, 3, "v1"), cache_key(b"img", 0, 5, "v1"),
+                cache_key(b"img", 0, 3, "v2")}) == 5
+
+
+def test_response_cache_is_an_lru_bounded_in_entries_and_bytes():
+    registry = CollectorRegistry()
+    cache = ResponseCache(ResponseCacheConfig(max_entries=3, max_bytes=2000), size_of=len, registry=registry)
+    for key in "abc":
+        cache.put(key, "x" * 500)
+    assert cache.get("a") == "x" * 500  # a is now the most recent
+    cache.put("d", "y" * 500)  # 4 entries > 3: the least recent (b) goes
+    assert cache.get("b") is None and len(cache) == 3
+    cache.put("e", "z" * 900)  # 4 entries again: c goes (1900 bytes)
+    cache.put("f", "w" * 700)  # 4 entries: a goes; 2100 bytes > 2000: d goes too
+    assert [k for k in "abcdef" if cache.get(k) is not None] == ["e", "f"]
+    assert cache.bytes == 1600 and cache.evictions == 4
+    assert not cache.put("huge", "h" * 5000) and cache.get("huge") is None
+    text = generate_latest(registry).decode()
+    assert 'catcascade_response_cache_lookups_total{result="hit"} 3.0' in text
+    assert 'catcascade_response_cache_lookups_total{result="miss"} 6.0' in text
+    assert "catcascade_response_cache_entries 2.0" in text and "catcascade_response_cache_evictions_total 4.0" in text
+
+
+def test_single_flight_runs_one_computation_for_concurrent_callers():
+    calls = []
+
+    async def go():
+        flights = SingleFlight()
+        gate = asyncio.Event()
+
+        async def compute():
+            calls.append(1)
+            await gate.wait()
+            return "answer"
+
+        tasks = [asyncio.create_task(flights.run("k", compute)) for _ in range(100)]
+        await asyncio.sleep(0)
+        assert len(flights) == 1
+        tasks[0].cancel()  # the first caller goes away: the others still get the answer
+        gate.set()
+        results = await asyncio.gather(*tasks[1:])
+        assert len(flights) == 0
+        again = await flights.run("k", compute)  # a later call computes anew
+        return results, again
+
+    results, again = asyncio.run(go())
+    assert len(calls) == 2 and again == ("answer", False)
+    assert {r for r in results} == {("answer", True)}
+
+
+def test_single_flight_shares_the_exception():
+    async def go():
+        flights = SingleFlight()
+
+        async def boom():
+            await asyncio.sleep(0.01)
+            raise ValueError("bad image")
+
+        return await asyncio.gather(*(flights.run("k", boom) for _ in range(3)), return_exceptions=True)
+
+    assert [type(r) for r in asyncio.run(go())] == [ValueError] * 3
+
+
+def test_token_bucket_refills_at_its_rate_up_to_its_burst():
+    clock = FakeClock()
+    bucket = TokenBucket(TokenBucketConfig(rate_per_s=2.0, burst=3), clock)
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+    clock.t = 0.5  # one token back
+    assert bucket.take() and not bucket.take()
+    clock.t = 100.0
+    assert bucket.tokens == 3.0
+    bucket.give_back()
+    assert bucket.tokens == 3.0
+
+
+def test_tenant_budgets_name_tenants_by_token_and_limit_each_alone():
+    clock, registry = FakeClock(), CollectorRegistry()
+    cfg = TenantBudgetsConfig(tenants={"alice": TokenBucketConfig(rate_per_s=0.0, burst=2)})
+    budgets = TenantBudgets(cfg, {"alice": "tok-a", "bob": "tok-b"}, registry=registry, clock=clock)
+    assert budgets.tenant_of([("authorization", "Bearer tok-a")]) == "alice"
+    assert budgets.tenant_of([("authorization", "Bearer tok-b")]) == "bob"
+    assert budgets.tenant_of([("authorization", "Bearer other")]) == ANONYMOUS
+    assert budgets.tenant_of([]) == ANONYMOUS
+    assert [budgets.allow_escalation("alice") for _ in range(3)] == [True, True, False]
+    assert all(budgets.allow_escalation("bob") for _ in range(10))  # no budget of its own, no default
+    budgets.give_back("alice")
+    assert budgets.allow_escalation("alice")
+    text = generate_latest(registry).decode()
+    assert 'catcascade_tenant_escalations_total{outcome="over_budget",tenant="alice"} 1.0' in text
+    assert 'catcascade_tenant_escalations_total{outcome="allowed",tenant="bob"} 10.0' in text
+    assert 'catcascade_tenant_budget_tokens{tenant="alice"} 0.0' in text
+
+
+def test_serve_config_tenants(tmp_path):
+    from pydantic import ValidationError
+
+    from serving.config import ServeConfig
+
+    cfg = ServeConfig(bundle=tmp_path, auth={"bearer_tokens": ["plain"], "tenants": {"alice": "tok-a"}},
+                      tenant_budgets={"default": {"rate_per_s": 1, "burst": 5},
+                                      "tenants": {"alice": {"rate_per_s": 0.5, "burst": 2}}})
+    assert cfg.auth.tokens() == ["plain", "tok-a"]
+    assert ServeConfig(bundle=tmp_path, auth={"bearer_tokens": ["x"]}).auth.tenants == {}  # old configs stay valid
+    with pytest.raises(ValidationError, match="does not define"):
+        ServeConfig(bundle=tmp_path, tenant_budgets={"tenants": {"carol": {"rate_per_s": 1, "burst": 1}}})
+    with pytest.raises(ValidationError, match="share a token"):
+        ServeConfig(bundle=tmp_path, auth={"tenants": {"a": "same", "b": "same"}})
+    with pytest.raises(ValidationError, match="burst"):
+        ServeConfig(bundle=tmp_path, auth={"tenants": {"a": "t"}},
+                    tenant_budgets={"tenants": {"a": {"rate_per_s": 1, "burst": 0}}})
