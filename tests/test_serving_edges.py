@@ -94,7 +94,11 @@ def test_decode_work_for_calls_that_are_gone_is_skipped(cnn_server):
         calls = [stub.Classify.future(pb.ClassifyRequest(image=heavy, escalation=pb.ESCALATION_MODE_NEVER),
                                       timeout=0.3) for _ in range(n)]
         codes = [c.exception().code() if c.exception() else grpc.StatusCode.OK for c in calls]
-    assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) >= n - 4, codes
+    # Either the call ran out of time, or admission control refused it up front because its
+    # deadline could not be met (RESOURCE_EXHAUSTED: more of them on a loaded machine). Neither
+    # may leave an image to be decoded for nobody.
+    gone = codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) + codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert gone >= n - 4, codes
     deadline = time.monotonic() + 60
     while pipeline.decode_waiting and time.monotonic() < deadline:  # let started decodes finish
         time.sleep(0.05)
