@@ -75,8 +75,8 @@ class FakeVerifier:
         if self.error is not None:
             raise self.error
         n = len(candidates)
-        return CandidateScores(tuple(candidates), self.probabilities[:n], self.none_probability, "fake", "multiple_choice",
-                               latency_ms=1.0)
+        return CandidateScores(tuple(candidates), self.probabilities[:n], self.none_probability, "fake",
+                               "multiple_choice", latency_ms=1.0)
 
     async def explain(self, image, breed: str, max_tokens: int) -> Rationale:
         self.explained.append((breed, max_tokens))

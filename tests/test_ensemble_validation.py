@@ -20,7 +20,8 @@ def _scores(**kw) -> ScoreSet:
     ({"ids": ["a"]}, "ids has shape (1,), expected (2,)"),
     ({"labels": [0, 3]}, "labels must lie in 0..2"),
     ({"vlm_candidates": np.zeros(2)}, "vlm_candidates has shape (2,), expected (2, k)"),
-    ({"vlm_candidates": np.zeros((2, 3)), "vlm_scores": np.zeros((2, 2))}, "vlm_scores has shape (2, 2), expected (2, 3)"),
+    ({"vlm_candidates": np.zeros((2, 3)), "vlm_scores": np.zeros((2, 2))},
+     "vlm_scores has shape (2, 2), expected (2, 3)"),
     ({"vlm_candidates": np.full((2, 3), 3), "vlm_scores": np.zeros((2, 3))}, "vlm_candidates holds a class index >= 3"),
     ({"vlm_none": np.zeros(3)}, "vlm_none has shape (3,), expected (2,)"),
     ({"temperature": 0.0}, "temperature must be > 0, got 0.0"),
@@ -37,7 +38,8 @@ def test_score_file_of_another_format_and_empty_joins_are_refused(tmp_path):
     meta = json.loads(str(data["meta"]))
     data["meta"] = np.array(json.dumps({**meta, "format_version": 99}))
     np.savez(tmp_path / "future.npz", **data)
-    with pytest.raises(ScoreFileError, match=r"format 'catcascade-scores' version 99 is not 'catcascade-scores' version 1"):
+    with pytest.raises(ScoreFileError,
+                       match=r"format 'catcascade-scores' version 99 is not 'catcascade-scores' version 1"):
         ScoreSet.load(tmp_path / "future.npz")
     with pytest.raises(ScoreFileError, match="^no score sets to join$"):
         ScoreSet.concat([])

@@ -72,7 +72,8 @@ def _local_cnn(bundle, image: bytes, temperature: float) -> np.ndarray:
     from cnn_stage.preprocessing import load_and_preprocess
     from cnn_stage.topk import softmax
 
-    logits = OnnxClassifier(bundle.cnn_path, intra_op_threads=1).run(load_and_preprocess(image, bundle.preprocess)[None])
+    x = load_and_preprocess(image, bundle.preprocess)[None]
+    logits = OnnxClassifier(bundle.cnn_path, intra_op_threads=1).run(x)
     return softmax(logits[0], temperature)
 
 

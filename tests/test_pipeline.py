@@ -155,7 +155,8 @@ def test_too_little_deadline_left_skips_the_vlm():
 def test_vlm_timeout_inside_the_deadline_answers_cnn_only_and_spares_the_breaker():
     """The VLM call gets what is left of the deadline less the reply margin (100 ms); a VLM
     that does not answer in time gives a CNN-only answer, and says nothing about its health."""
-    verifier, breaker, metrics = FakeVerifier(hold=True), CircuitBreaker(BreakerConfig(failure_threshold=1)), ServiceMetrics()
+    verifier, metrics = FakeVerifier(hold=True), ServiceMetrics()
+    breaker = CircuitBreaker(BreakerConfig(failure_threshold=1))
     pipeline = make(verifier, vlm_min_budget_ms=20.0, breaker=breaker, metrics=metrics)
     t0 = time.monotonic()
     r = classify(pipeline, mode=EscalationMode.ALWAYS, deadline=t0 + 1.0)
@@ -171,10 +172,12 @@ def test_vlm_timeout_inside_the_deadline_answers_cnn_only_and_spares_the_breaker
 def test_vlm_past_the_servers_own_budget_is_a_vlm_failure():
     """Without a client deadline the server's VLM budget bounds the call, and running out of
     it does count against the VLM (the breaker opens at its threshold of 1)."""
-    verifier, breaker, metrics = FakeVerifier(hold=True), CircuitBreaker(BreakerConfig(failure_threshold=1)), ServiceMetrics()
+    verifier, metrics = FakeVerifier(hold=True), ServiceMetrics()
+    breaker = CircuitBreaker(BreakerConfig(failure_threshold=1))
     pipeline = make(verifier, vlm_call_budget_s=0.3, breaker=breaker, metrics=metrics)
     r = classify(pipeline, mode=EscalationMode.ALWAYS)
-    assert r.reason == EscalationReason.VLM_UNAVAILABLE and r.detail == "VLM did not answer within the server's 0.3 s budget"
+    assert r.reason == EscalationReason.VLM_UNAVAILABLE
+    assert r.detail == "VLM did not answer within the server's 0.3 s budget"
     assert r.timings.vlm_ms >= 300 and breaker.state == BreakerState.OPEN
     assert metrics.vlm_errors.labels("budget")._value.get() == 1 and pipeline.inflight_escalations == 0
 
@@ -548,7 +551,8 @@ def test_a_shed_escalation_gives_its_budget_token_back():
     from serving.traffic.tenant_budgets import TenantBudgets, TenantBudgetsConfig
 
     budgets = TenantBudgets(TenantBudgetsConfig(tenants={"t": {"rate_per_s": 0.0, "burst": 1}}), clock=FakeClock())
-    shed = classify(make(FakeVerifier(), tenant_budgets=budgets, max_concurrent_escalations=0), mode=EscalationMode.ALWAYS)
+    shed = classify(make(FakeVerifier(), tenant_budgets=budgets, max_concurrent_escalations=0),
+                    mode=EscalationMode.ALWAYS)
     assert shed.reason == EscalationReason.SHED
     r = asyncio.run(make(FakeVerifier(), tenant_budgets=budgets).classify(IMAGE, None, EscalationMode.ALWAYS,
                                                                            tenant="t"))
@@ -571,8 +575,10 @@ def test_escalations_may_wait_for_a_vlm_slot():
 
     (first, second), third, pipeline = asyncio.run(go())
     assert first.escalated and second.escalated
-    assert third.reason == EscalationReason.SHED and third.detail == "VLM saturated (1 calls in flight, 1 waiting); escalation shed"
-    assert pipeline.inflight_escalations == 0 and pipeline.waiting_escalations == 0 and len(pipeline.verifier.calls) == 2
+    assert third.reason == EscalationReason.SHED
+    assert third.detail == "VLM saturated (1 calls in flight, 1 waiting); escalation shed"
+    assert pipeline.inflight_escalations == 0 and pipeline.waiting_escalations == 0
+    assert len(pipeline.verifier.calls) == 2
 
 
 def test_waiting_for_a_slot_ends_at_the_deadline():
