@@ -30,9 +30,12 @@ class FakeBatcher:
         self.logits, self.queue_ms, self.compute_ms, self.batch_size = logits, queue_ms, compute_ms, batch_size
         self.error = error
         self.inputs: list[np.ndarray] = []
+        self.submitted: list[tuple[int, float | None]] = []
+        """(priority, deadline) of each image, in order."""
 
     async def submit(self, x: np.ndarray, priority: int = 0, deadline: float | None = None) -> BatchResult:
         self.inputs.append(x)
+        self.submitted.append((priority, deadline))
         if self.error is not None:
             raise self.error
         return BatchResult(self.logits.copy(), self.queue_ms, self.compute_ms, self.batch_size)
@@ -52,6 +55,7 @@ class FakeVerifier:
     hold_explain: bool = False
     calls: list[tuple[tuple[int, int], tuple[str, ...]]] = field(default_factory=list)
     explained: list[tuple[str, int]] = field(default_factory=list)
+    priorities: list[int] = field(default_factory=list)
     waiting: int = 0
 
     def __post_init__(self) -> None:
@@ -60,6 +64,7 @@ class FakeVerifier:
 
     async def verify(self, image, candidates, *, priority: int = 0) -> CandidateScores:
         self.calls.append((image.size, tuple(candidates)))
+        self.priorities.append(priority)
         self.waiting += 1
         self.entered.set()
         try:
@@ -70,8 +75,8 @@ class FakeVerifier:
         if self.error is not None:
             raise self.error
         n = len(candidates)
-        return CandidateScores(tuple(candidates), self.probabilities[:n], self.none_probability, "fake", "multiple_choice",
-                               latency_ms=1.0)
+        return CandidateScores(tuple(candidates), self.probabilities[:n], self.none_probability, "fake",
+                               "multiple_choice", latency_ms=1.0)
 
     async def explain(self, image, breed: str, max_tokens: int) -> Rationale:
         self.explained.append((breed, max_tokens))
@@ -104,11 +109,12 @@ async def until(condition, what: str, timeout_s: float = 30.0) -> None:
 
 
 def fake_pipeline(verifier=None, threshold: float = 0.6, temperature: float = 2.0, weight: float = 0.5, cnn=None,
-                  breaker=None, metrics=None, preprocess: PreprocessConfig | None = None, **config) -> CascadePipeline:
+                  breaker=None, metrics=None, preprocess: PreprocessConfig | None = None, tenant_budgets=None,
+                  **config) -> CascadePipeline:
     """The real CascadePipeline over the fake CNN and VLM: a top-1 policy at ``threshold`` and
     the log-linear blender at ``weight``; ``config`` goes to PipelineConfig."""
     return CascadePipeline(
         labels=LABELS, preprocess_config=preprocess or PreprocessConfig(image_size=32), cnn=cnn or FakeBatcher(),
         policy=EscalationPolicy(EscalationConfig(metric="top1", threshold=threshold)),
         blender=LogLinearBlender(BlendConfig(weight=weight)), verifier=verifier, temperature=temperature,
-        config=PipelineConfig(**config), breaker=breaker, metrics=metrics)
+        config=PipelineConfig(**config), breaker=breaker, metrics=metrics, tenant_budgets=tenant_budgets)

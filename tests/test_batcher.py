@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 
@@ -266,3 +267,38 @@ def test_stop_without_start_is_harmless():
     b = DynamicBatcher(lambda x: x)
     asyncio.run(b.stop())
     assert b.depth == 0 and b.running == 0
+
+
+def test_the_batch_time_estimate_is_a_decayed_mean_and_sheds_what_cannot_make_it():
+    """Batch times from the clock: 10 s, then 20 s -> 0.8 * 10 + 0.2 * 20 = 12 s. A request
+    with 5 s of its deadline left cannot make a 12 s batch: shed, with both figures said."""
+    clock = StepClock()
+    took = iter([10.0, 20.0])
+
+    def run(batch):
+        clock.t += next(took)
+        return batch
+
+    async def go():
+        b = DynamicBatcher(run, BatcherConfig(max_batch_size=1), clock=clock)
+        await b.start()
+        await b.submit(np.zeros(1))
+        first = b.batch_s
+        await b.submit(np.zeros(1))
+        errors = []
+        for _ in range(2):
+            try:
+                await b.submit(np.zeros(1), deadline=time.monotonic() + 5.0)
+            except Exception as e:  # noqa: BLE001 - checked below
+                errors.append(e)
+        await b.stop()
+        return first, b.batch_s, b.shed, errors
+
+    first, second, shed, errors = asyncio.run(go())
+    assert first == pytest.approx(10.0) and second == pytest.approx(12.0)
+    from serving.batcher import DeadlineUnmeetableError
+
+    assert shed == 2 and all(isinstance(e, DeadlineUnmeetableError) for e in errors)
+    left = int(re.match(r"shed from the CNN queue: (\d+) ms of the deadline left, a batch takes 12000 ms$",
+                        str(errors[0])).group(1))
+    assert 1000 <= left <= 5000

@@ -18,7 +18,8 @@ P = np.array([0.5, 0.3, 0.2])
 def test_a_singleton_set_is_confident_whatever_the_score():
     policy = EscalationPolicy(EscalationConfig(threshold=0.6))
     assert policy.decide(P, set_size=1) == EscalationDecision(
-        False, EscalationReason.CONFIDENT, 0.5, "the conformal candidate set holds one breed; top1 confidence 0.500 < 0.600")
+        False, EscalationReason.CONFIDENT, 0.5,
+        "the conformal candidate set holds one breed; top1 confidence 0.500 < 0.600")
     assert policy.decide(P, set_size=2).reason == EscalationReason.LOW_CONFIDENCE
     assert policy.decide(P, set_size=1, skip_singletons=False).escalate
     assert policy.decide(P, set_size=None).escalate

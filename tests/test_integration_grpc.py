@@ -1,7 +1,9 @@
 """End to end over the real gRPC server, the real ONNX Runtime CNN and the real vLLM server."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -70,7 +72,8 @@ def _local_cnn(bundle, image: bytes, temperature: float) -> np.ndarray:
     from cnn_stage.preprocessing import load_and_preprocess
     from cnn_stage.topk import softmax
 
-    logits = OnnxClassifier(bundle.cnn_path, intra_op_threads=1).run(load_and_preprocess(image, bundle.preprocess)[None])
+    x = load_and_preprocess(image, bundle.preprocess)[None]
+    logits = OnnxClassifier(bundle.cnn_path, intra_op_threads=1).run(x)
     return softmax(logits[0], temperature)
 
 
@@ -287,3 +290,32 @@ def test_generic_grpc_tool_discovers_and_calls_the_service(grpc_server):
     assert answer.get("request_id", answer.get("requestId")) == "from-grpcurl" and len(answer["labels"]) == 3
     bad = run(f"{SERVICE_NAME}/Classify", data=json.dumps({"image": base64.b64encode(b"text").decode()}))
     assert bad.returncode != 0 and "InvalidArgument" in bad.stderr
+
+
+def test_classify_command_prints_a_table_and_json(grpc_server, demo_bundle, capsys, tmp_path):
+    """`catcascade classify` against the session server: a table, or one JSON object per image."""
+    from catcascade.cli import main as cli
+
+    images = [str(p) for p in _synthetic_jpegs(demo_bundle, 2)]
+    assert cli(["classify", "--target", grpc_server.target, "--mode", "never", *images]) == 0
+    table = capsys.readouterr().out
+    assert all(Path(p).name in table for p in images) and "requested_never" in table
+    assert cli(["classify", "--target", grpc_server.target, "--mode", "never", "--top-k", "2", "--json", *images]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["image"] for r in rows] == images and all(len(r["labels"]) == 2 for r in rows)
+    assert all(r["escalation_reason"] == "ESCALATION_REASON_REQUESTED_NEVER" for r in rows)
+    bad = tmp_path / "not-an-image.jpg"
+    bad.write_bytes(b"text")
+    assert cli(["classify", "--target", grpc_server.target, "--mode", "never", str(bad), images[0]]) == 1
+    err = capsys.readouterr().err
+    assert "not-an-image.jpg: INVALID_ARGUMENT: bytes are not a decodable image" in err
+
+
+def test_demo_without_the_vlm_classifies_the_given_images(demo_bundle, capsys):
+    from serving.demo import demo_images, run_demo
+
+    images = _synthetic_jpegs(demo_bundle, 2)
+    assert run_demo(demo_bundle, use_vlm=False, images=images, mode="never") == 0
+    out = capsys.readouterr().out
+    assert all(p.name in out for p in images) and "0/2 escalated to the VLM" in out
+    assert demo_images(demo_bundle, n_synthetic=3, n_real=0)  # held-out images from the bundle's split

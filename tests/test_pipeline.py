@@ -148,28 +148,44 @@ def test_too_little_deadline_left_skips_the_vlm():
     r = classify(make(verifier, vlm_min_budget_ms=5000.0), mode=EscalationMode.ALWAYS,
                  deadline=time.monotonic() + 2.0)
     assert not verifier.calls and not r.escalated and r.reason == EscalationReason.DEADLINE
-    assert "ms left of the deadline; the VLM needs 5000 ms" in r.detail and r.labels == r.cnn
+    assert r.detail.endswith("ms left of the deadline; the VLM needs 5000 ms, and 100 ms are kept to answer")
+    assert r.labels == r.cnn
 
 
 def test_vlm_timeout_inside_the_deadline_answers_cnn_only_and_spares_the_breaker():
-    """The VLM call gets what is left of the deadline (less half the minimum budget); a VLM
+    """The VLM call gets what is left of the deadline less the reply margin (100 ms); a VLM
     that does not answer in time gives a CNN-only answer, and says nothing about its health."""
-    verifier, breaker, metrics = FakeVerifier(hold=True), CircuitBreaker(BreakerConfig(failure_threshold=1)), ServiceMetrics()
+    verifier, metrics = FakeVerifier(hold=True), ServiceMetrics()
+    breaker = CircuitBreaker(BreakerConfig(failure_threshold=1))
     pipeline = make(verifier, vlm_min_budget_ms=20.0, breaker=breaker, metrics=metrics)
     t0 = time.monotonic()
     r = classify(pipeline, mode=EscalationMode.ALWAYS, deadline=t0 + 1.0)
     waited = time.monotonic() - t0
     assert len(verifier.calls) == 1 and not r.escalated and r.vlm is None
     assert r.reason == EscalationReason.DEADLINE and r.detail == "the VLM did not answer within the client's deadline"
-    assert r.labels == r.cnn and 0.9 <= waited and r.timings.vlm_ms > 500
-    assert breaker.state == BreakerState.CLOSED and breaker.allow()
+    assert r.labels == r.cnn and 0.85 <= waited and r.timings.vlm_ms > 500
+    assert breaker.state == BreakerState.CLOSED and breaker.acquire() is not None
     assert metrics.vlm_errors.labels("deadline")._value.get() == 1
     assert pipeline.inflight_escalations == 0
 
 
+def test_vlm_past_the_servers_own_budget_is_a_vlm_failure():
+    """Without a client deadline the server's VLM budget bounds the call, and running out of
+    it does count against the VLM (the breaker opens at its threshold of 1)."""
+    verifier, metrics = FakeVerifier(hold=True), ServiceMetrics()
+    breaker = CircuitBreaker(BreakerConfig(failure_threshold=1))
+    pipeline = make(verifier, vlm_call_budget_s=0.3, breaker=breaker, metrics=metrics)
+    r = classify(pipeline, mode=EscalationMode.ALWAYS)
+    assert r.reason == EscalationReason.VLM_UNAVAILABLE
+    assert r.detail == "VLM did not answer within the server's 0.3 s budget"
+    assert r.timings.vlm_ms >= 300 and breaker.state == BreakerState.OPEN
+    assert metrics.vlm_errors.labels("budget")._value.get() == 1 and pipeline.inflight_escalations == 0
+
+
 @pytest.mark.parametrize("error", [VlmUnavailableError("vLLM unavailable after 3 attempts"),
                                    ScoringError("none of the options"), ConnectionResetError("reset"),
-                                   ValueError("options share a first token")], ids=lambda e: type(e).__name__)
+                                   ValueError("options share a first token"), TypeError("a bug in a backend"),
+                                   KeyError("choices")], ids=lambda e: type(e).__name__)
 def test_vlm_failure_answers_cnn_only_with_the_reason(error):
     metrics = ServiceMetrics()
     pipeline = make(FakeVerifier(error=error), metrics=metrics)
@@ -178,6 +194,11 @@ def test_vlm_failure_answers_cnn_only_with_the_reason(error):
     assert r.detail == f"VLM unavailable: {error}" and r.labels == r.cnn
     assert metrics.vlm_errors.labels(type(error).__name__)._value.get() == 1
     assert pipeline.inflight_escalations == 0 and pipeline.vlm_calls == 1
+
+
+def test_a_vlm_error_without_a_message_is_named_by_its_type():
+    r = classify(make(FakeVerifier(error=ScoringError())), mode=EscalationMode.ALWAYS)
+    assert r.reason == EscalationReason.VLM_UNAVAILABLE and r.detail == "VLM unavailable: ScoringError"
 
 
 def test_vlm_answering_200_with_malformed_logprobs_gives_a_cnn_only_answer():
@@ -471,3 +492,143 @@ def test_a_rationale_in_progress_counts_as_a_vlm_call_in_flight():
     shed, done, pipeline = asyncio.run(go())
     assert shed.reason == EscalationReason.SHED and done.rationale.label == "Bengal"
     assert pipeline.inflight_escalations == 0
+
+
+# --- decode pool, priorities, budgets and queues (the paths admission control added) -------
+
+def test_a_full_decode_queue_refuses_and_a_passed_deadline_skips_the_decode():
+    with pytest.raises(QueueFullError, match=r"^decode queue is full \(0 images waiting\)$"):
+        classify(make(FakeVerifier(), max_decode_queue=0))
+    from serving.pipeline import DeadlineExceededError
+
+    metrics, cnn = ServiceMetrics(), FakeBatcher()
+    pipeline = make(FakeVerifier(), metrics=metrics, cnn=cnn)
+    with pytest.raises(DeadlineExceededError, match="the deadline passed while the image waited to be decoded"):
+        classify(pipeline, deadline=time.monotonic() - 1.0)
+    assert metrics.decodes_skipped.labels("deadline")._value.get() == 1 and pipeline.decodes_started == 0
+    assert not cnn.inputs and pipeline.decode_waiting == 0
+
+
+def test_priority_and_deadline_reach_the_cnn_and_the_vlm():
+    from serving.traffic.priorities import Priority
+
+    cnn, verifier, done, metrics = FakeBatcher(), FakeVerifier(), [], ServiceMetrics()
+    pipeline = make(verifier, cnn=cnn, metrics=metrics)
+    deadline = time.monotonic() + 60
+
+    async def go():
+        try:
+            return await pipeline.classify(IMAGE, None, EscalationMode.ALWAYS, deadline, priority=Priority.BATCH,
+                                           on_cnn_done=lambda: done.append(len(cnn.inputs)))
+        finally:
+            pipeline.close()
+
+    r = asyncio.run(go())
+    assert r.escalated and cnn.submitted == [(Priority.BATCH, deadline)] and verifier.priorities == [1]
+    assert done == [1]  # called once, after the CNN answered
+    assert pipeline.decodes_started == 1 and metrics.decodes_started._value.get() == 1 and pipeline.decode_waiting == 0
+
+
+def test_a_tenant_over_its_escalation_budget_gets_a_cnn_answer():
+    from serving.traffic.tenant_budgets import TenantBudgets, TenantBudgetsConfig
+
+    budgets = TenantBudgets(TenantBudgetsConfig(tenants={"t": {"rate_per_s": 0.0, "burst": 1}}), clock=FakeClock())
+    verifier = FakeVerifier()
+    pipeline = make(verifier, tenant_budgets=budgets)
+
+    def ask(tenant):
+        return asyncio.run(pipeline.classify(IMAGE, None, EscalationMode.ALWAYS, tenant=tenant))
+
+    assert ask("t").escalated  # the one escalation of its burst
+    over = ask("t")
+    assert not over.escalated and over.reason == EscalationReason.TENANT_BUDGET
+    assert over.detail == "tenant 't' has spent its VLM escalation budget" and over.timings.vlm_ms == 0.0
+    assert ask("other").escalated and len(verifier.calls) == 2  # others are not limited
+    pipeline.close()
+
+
+def test_a_shed_escalation_gives_its_budget_token_back():
+    from serving.traffic.tenant_budgets import TenantBudgets, TenantBudgetsConfig
+
+    budgets = TenantBudgets(TenantBudgetsConfig(tenants={"t": {"rate_per_s": 0.0, "burst": 1}}), clock=FakeClock())
+    shed = classify(make(FakeVerifier(), tenant_budgets=budgets, max_concurrent_escalations=0),
+                    mode=EscalationMode.ALWAYS)
+    assert shed.reason == EscalationReason.SHED
+    r = asyncio.run(make(FakeVerifier(), tenant_budgets=budgets).classify(IMAGE, None, EscalationMode.ALWAYS,
+                                                                           tenant="t"))
+    assert r.escalated  # the token is still there
+
+
+def test_escalations_may_wait_for_a_vlm_slot():
+    async def go():
+        verifier = FakeVerifier(hold=True)
+        pipeline = make(verifier, max_concurrent_escalations=1, escalation_queue_size=1)
+        first = asyncio.create_task(pipeline.classify(IMAGE, None, EscalationMode.ALWAYS))
+        await until(lambda: verifier.waiting == 1, "the first escalation holds the slot")
+        second = asyncio.create_task(pipeline.classify(IMAGE, None, EscalationMode.ALWAYS))
+        await until(lambda: pipeline.waiting_escalations == 1, "the second waits for the slot")
+        third = await pipeline.classify(IMAGE, None, EscalationMode.ALWAYS)  # the queue is full: shed
+        verifier.release.set()
+        out = await asyncio.gather(first, second)
+        pipeline.close()
+        return out, third, pipeline
+
+    (first, second), third, pipeline = asyncio.run(go())
+    assert first.escalated and second.escalated
+    assert third.reason == EscalationReason.SHED
+    assert third.detail == "VLM saturated (1 calls in flight, 1 waiting); escalation shed"
+    assert pipeline.inflight_escalations == 0 and pipeline.waiting_escalations == 0
+    assert len(pipeline.verifier.calls) == 2
+
+
+def test_waiting_for_a_slot_ends_at_the_deadline():
+    async def go():
+        verifier = FakeVerifier(hold=True)
+        pipeline = make(verifier, max_concurrent_escalations=1, escalation_queue_size=4, vlm_min_budget_ms=10.0,
+                        reply_margin_ms=10.0)
+        first = asyncio.create_task(pipeline.classify(IMAGE, None, EscalationMode.ALWAYS))
+        await until(lambda: verifier.waiting == 1, "the first escalation holds the slot")
+        late = await pipeline.classify(IMAGE, None, EscalationMode.ALWAYS, time.monotonic() + 0.5)
+        verifier.release.set()
+        await first
+        pipeline.close()
+        return late, pipeline
+
+    late, pipeline = asyncio.run(go())
+    assert late.reason == EscalationReason.DEADLINE and late.detail == "the deadline ran out waiting for a VLM slot"
+    assert pipeline.waiting_escalations == 0
+
+
+def test_a_half_open_breaker_lets_one_probe_through_and_says_so_to_the_others():
+    clock = FakeClock()
+    breaker = CircuitBreaker(BreakerConfig(failure_threshold=1, cooldown_s=5.0), clock=clock)
+
+    async def go():
+        verifier = FakeVerifier(error=VlmUnavailableError("down"))
+        pipeline = make(verifier, breaker=breaker)
+        await pipeline.classify(IMAGE, None, EscalationMode.ALWAYS)  # opens the breaker
+        clock.t = 5.0
+        verifier.error, verifier.hold = None, True
+        probe = asyncio.create_task(pipeline.classify(IMAGE, None, EscalationMode.ALWAYS))
+        await until(lambda: verifier.waiting == 1, "the probe is under way")
+        other = await pipeline.classify(IMAGE, None, EscalationMode.ALWAYS)
+        verifier.release.set()
+        probe = await probe
+        pipeline.close()
+        return probe, other
+
+    probe, other = asyncio.run(go())
+    assert probe.escalated and breaker.state == BreakerState.CLOSED
+    assert other.reason == EscalationReason.VLM_UNAVAILABLE
+    assert other.detail == "VLM circuit breaker is half-open (a probe is checking the VLM)"
+
+
+def test_memory_is_trimmed_after_a_slow_decode(monkeypatch):
+    import serving.pipeline
+
+    trims = []
+    monkeypatch.setattr(serving.pipeline, "release_free_memory", lambda: trims.append(1))
+    classify(make(FakeVerifier(), trim_after_decode_ms=0.0), mode=EscalationMode.NEVER)
+    classify(make(FakeVerifier(), trim_after_decode_ms=60_000.0), mode=EscalationMode.NEVER)
+    classify(make(FakeVerifier()), mode=EscalationMode.NEVER)
+    assert trims == [1]

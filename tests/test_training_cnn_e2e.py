@@ -73,7 +73,8 @@ def test_reported_calibration_and_heldout_figures_are_the_bundles_own(trained_bu
     bundle = load_bundle(trained_bundle)
     prov, temperature = bundle.manifest.provenance, bundle.manifest.cnn.temperature
     split = load_split(trained_bundle / "split.json", sample_data)
-    fp32, int8 = OnnxClassifier(bundle.cnn_path, intra_op_threads=2), OnnxClassifier(bundle.cnn_int8_path, intra_op_threads=2)
+    fp32 = OnnxClassifier(bundle.cnn_path, intra_op_threads=2)
+    int8 = OnnxClassifier(bundle.cnn_int8_path, intra_op_threads=2)
 
     def logits_and_labels(samples, model):
         x, kept = load_images([s.path for s in samples], bundle.preprocess)

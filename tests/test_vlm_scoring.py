@@ -77,7 +77,8 @@ def test_a_logprob_must_be_a_number_not_above_zero():
 def test_no_option_error_lists_the_first_ten_tokens_seen():
     top = [(f"t{i}", -1.0) for i in range(12)]
     seen = [f"t{i}" for i in range(10)]
-    with pytest.raises(ScoringError, match=re.escape(f"none of the options ['A', 'B'] among the answer's top logprobs {seen}")):
+    message = f"none of the options ['A', 'B'] among the answer's top logprobs {seen}"
+    with pytest.raises(ScoringError, match=re.escape(message)):
         letter_distribution(top, ["A", "B"])
 
 
