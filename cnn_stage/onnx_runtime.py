@@ -119,6 +119,7 @@ class OverlapAwareClassifier:
         self._lock = threading.Lock()
         self._running = 0
         self.runs = {"wide": 0, "narrow": 0}
+        self.providers = self.wide.providers  # both sessions: CPU (this class is for CPU-only hosts)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         with self._lock:

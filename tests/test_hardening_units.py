@@ -288,6 +288,29 @@ def test_admission_learns_from_late_requests_before_and_after_they_complete():
     assert adm.estimated_wait_s() == pytest.approx(adm.expected_wait_s(), rel=0.01)
 
 
+def test_admission_never_refuses_a_request_with_nothing_ahead():
+    """A slow spell can leave the measured cost above a whole deadline; refused requests
+    measure nothing, so without this an idle server would refuse everything forever."""
+    clock = FakeClock()
+    adm = AdmissionController(AdmissionConfig(initial_service_ms=10, safety_factor=1.5, slack_ms=30,
+                                              max_queue_wait_ms=100), clock)
+    slow = adm.admit(clock.t + 5.0)
+    clock.t += 2.0  # one request took 2 s to get through the CNN
+    slow.served()
+    assert adm.estimated_wait_s() > 1.0 and adm.pending == 0
+    first = adm.admit(clock.t + 1.0)  # nothing ahead: admitted although the estimate says 3 s
+    with pytest.raises(AdmissionRefused, match="1 requests ahead"):
+        adm.admit(clock.t + 1.0)  # behind it: judged by the estimate
+    with pytest.raises(AdmissionRefused, match="queue_wait|without a deadline"):
+        adm.admit(None)
+    clock.t += 0.02
+    first.served()  # fast again: the estimate learns from the admitted request
+    assert adm.service_s() < 2.0
+    with pytest.raises(AdmissionRefused):
+        adm.admit(clock.t - 0.001)  # a deadline already gone is refused even with nothing ahead
+    assert adm.admit(None) is not None
+
+
 def test_admission_config_is_validated():
     with pytest.raises(ValueError):
         AdmissionConfig(safety_factor=0.5)

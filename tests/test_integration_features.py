@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import pytest
@@ -24,7 +25,8 @@ BOB = TOKENS["bob"]
 def features_server(demo_bundle, vllm_server):
     """Every feature of issue 15 on: cache, in-memory tracing, tenants (alice may escalate twice,
     bob without limit), a 30-answer drift window, and one VLM slot with a queue behind it."""
-    cfg = ServeConfig(bundle=demo_bundle, port=0, vlm={"urls": [vllm_server.url]}, auth={"tenants": TOKENS},
+    cfg = ServeConfig(bundle=demo_bundle, port=0, vlm={"urls": [vllm_server.url], "call_budget_s": 60},
+                      auth={"tenants": TOKENS},
                       tenant_budgets={"tenants": {"alice": {"rate_per_s": 0.0001, "burst": 2}}},
                       cache={"enabled": True}, tracing={"exporter": "memory"}, drift={"window": 30},
                       limits={"max_concurrent_escalations": 1, "escalation_queue_size": 64})
@@ -159,7 +161,22 @@ def test_interactive_escalations_overtake_batch_ones_queued_earlier(features_ser
         if request.url.path.endswith("/chat/completions"):
             bodies.append(json.loads(request.content))
 
-    pipeline.verifier._client.event_hooks["request"].append(record)
+    # The VLM slot is held (the first request to vLLM waits on this gate, off the server's event
+    # loop) until every escalation is queued: how fast vLLM answers cannot change the order.
+    gate = threading.Event()
+
+    async def hold(request):
+        if request.url.path.endswith("/chat/completions"):
+            await asyncio.get_running_loop().run_in_executor(None, gate.wait, 120)
+
+    hooks = pipeline.verifier._client.event_hooks["request"]
+    hooks.extend([record, hold])
+
+    async def queued(n: int) -> int:
+        deadline = time.monotonic() + 120
+        while pipeline.waiting_escalations < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        return pipeline.waiting_escalations
 
     async def scenario():
         finished: list[str] = []
@@ -170,20 +187,21 @@ def test_interactive_escalations_overtake_batch_ones_queued_earlier(features_ser
                 return r
 
             batch = [asyncio.create_task(one(f"b{i}", jpeg_bytes(seed=600 + i), "batch")) for i in range(16)]
-            deadline = time.monotonic() + 60
-            while pipeline.waiting_escalations < 8 and time.monotonic() < deadline:
-                await asyncio.sleep(0.005)
-            waiting = pipeline.waiting_escalations
+            waiting = await queued(15)  # one holds the VLM slot, fifteen wait behind it
             interactive = [asyncio.create_task(one(f"i{i}", jpeg_bytes(seed=700 + i), "interactive"))
                            for i in range(3)]
+            all_queued = await queued(18)
+            gate.set()
             results = await asyncio.gather(*batch, *interactive)
-        return finished, results, waiting
+        return finished, results, waiting, all_queued
 
     try:
-        finished, results, waiting = asyncio.run(scenario())
+        finished, results, waiting, all_queued = asyncio.run(scenario())
     finally:
-        pipeline.verifier._client.event_hooks["request"].remove(record)
-    assert waiting >= 8
+        gate.set()
+        hooks.remove(record)
+        hooks.remove(hold)
+    assert waiting == 15 and all_queued == 18
     assert all(r.escalation_reason == EscalationReason.REQUESTED_ALWAYS and r.vlm is not None for r in results)
     last_interactive = max(finished.index(f"i{i}") for i in range(3))
     batch_after = [t for t in finished[last_interactive:] if t.startswith("b")]

@@ -21,6 +21,11 @@ The estimate is ``safety_factor * correction * (requests ahead + 1) * cost + lat
 - the event loop's lag (how late a 20 ms timer fires, a decayed maximum) is added to the
   slack: every answer needs the loop to be sent.
 
+A request with nothing ahead of it is admitted whatever the estimate (unless its deadline is
+already gone): an idle stage causes no queueing delay, and refused requests teach the estimate
+nothing, so an estimate left high by a slow spell (a frozen VLM's timeouts, a CPU-heavy
+neighbour) would otherwise refuse everything forever on an idle server.
+
 What the estimate still misses, the CNN batcher catches: it sheds a request whose deadline
 can no longer be met when its turn comes. The VLM stage needs no admission: it bounds itself
 by the remaining deadline.
@@ -152,13 +157,13 @@ class AdmissionController:
             wait_s = self.estimated_wait_s(now)
             if deadline is not None:
                 left_s = deadline - now - self.config.slack_ms / 1000.0 - self.loop_lag_s
-                if wait_s > left_s:
+                if wait_s > left_s and (self.pending > 0 or deadline <= now):
                     self.refused += 1
                     raise AdmissionRefused(
                         f"server overloaded: {self.pending} requests ahead, an estimated {wait_s * 1000.0:.0f} ms wait "
                         f"would miss the deadline ({(deadline - now) * 1000.0:.0f} ms left); retry later or "
                         "elsewhere", "deadline")
-            elif wait_s * 1000.0 > self.config.max_queue_wait_ms:
+            elif wait_s * 1000.0 > self.config.max_queue_wait_ms and self.pending > 0:
                 self.refused += 1
                 raise AdmissionRefused(
                     f"server overloaded: {self.pending} requests ahead, an estimated {wait_s * 1000.0:.0f} ms wait "
