@@ -55,6 +55,7 @@ class FakeVerifier:
     hold_explain: bool = False
     calls: list[tuple[tuple[int, int], tuple[str, ...]]] = field(default_factory=list)
     explained: list[tuple[str, int]] = field(default_factory=list)
+    explained_images: list = field(default_factory=list)
     priorities: list[int] = field(default_factory=list)
     waiting: int = 0
 
@@ -80,6 +81,7 @@ class FakeVerifier:
 
     async def explain(self, image, breed: str, max_tokens: int) -> Rationale:
         self.explained.append((breed, max_tokens))
+        self.explained_images.append(image)
         self.waiting += 1
         try:
             if self.hold_explain:

@@ -58,3 +58,32 @@ def test_the_record_shims_reset_and_count_failures_like_leases():
 def test_breaker_config_is_validated(field, value):
     with pytest.raises(ValueError, match="invalid breaker config"):
         BreakerConfig(**{field: value})
+
+
+def test_a_failed_lease_counts_once_however_often_it_is_reported():
+    b = CircuitBreaker(BreakerConfig(failure_threshold=2), FakeClock())
+    lease = b.acquire()
+    lease.failure()
+    lease.failure()
+    lease.trip()  # after its verdict a lease can no longer trip the breaker either
+    assert b.state == BreakerState.CLOSED
+    b.acquire().failure()
+    assert b.state == BreakerState.OPEN
+
+
+def test_state_changes_are_reported_once_and_only_when_they_happen():
+    clock, changes = FakeClock(), []
+    b = CircuitBreaker(BreakerConfig(failure_threshold=1, cooldown_s=5.0), clock, on_change=changes.append)
+    with b.acquire() as lease:
+        lease.success()  # closed stays closed: nothing to report
+    assert changes == []
+    b.acquire().failure()
+    clock.t += 5
+    assert b.state == BreakerState.HALF_OPEN
+    b.record_success()  # the shim's success in half-open state closes it
+    assert b.state == BreakerState.CLOSED
+    assert changes == [BreakerState.OPEN, BreakerState.HALF_OPEN, BreakerState.CLOSED]
+
+
+def test_a_probe_timeout_below_a_second_is_valid():
+    assert BreakerConfig(probe_timeout_s=0.5).probe_timeout_s == 0.5

@@ -450,6 +450,7 @@ def test_no_rationale_while_the_breaker_is_open():
     r = explain(make(verifier, breaker=breaker), EscalationMode.ALWAYS)  # the failed call opens the breaker
     assert r.reason == EscalationReason.VLM_UNAVAILABLE and breaker.state == BreakerState.OPEN
     assert r.rationale is None and r.rationale_error == "not generated: the VLM circuit breaker is not closed"
+    assert r.timings.rationale_ms == 0.0
     assert verifier.explained == []
 
 
@@ -474,6 +475,60 @@ def test_rationale_timeout_and_failure_are_said_and_counted():
     r = explain(failing, EscalationMode.ALWAYS)
     assert r.rationale is None and r.rationale_error == "not generated: the VLM returned no text"
     assert metrics.vlm_errors.labels("rationale")._value.get() == 1 and failing.inflight_escalations == 0
+
+
+def test_rationale_time_is_the_vlm_time_and_the_image_is_sent():
+    """rationale_ms is the time the VLM took (held open here for at least 60 ms), never more
+    than the wall time around the call; the VLM gets the decoded image."""
+    async def go():
+        verifier = FakeVerifier(hold_explain=True)
+        pipeline = make(verifier, threshold=0.3)
+        t0 = time.perf_counter()
+        task = asyncio.create_task(pipeline.classify(IMAGE, None, EscalationMode.AUTO, None, True))
+        await until(lambda: verifier.waiting == 1, "the rationale is being written")
+        await asyncio.sleep(0.06)
+        verifier.release.set()
+        r = await task
+        elapsed_ms = (time.perf_counter() - t0) * 1000.0
+        pipeline.close()
+        return verifier, r, elapsed_ms
+
+    verifier, r, elapsed_ms = asyncio.run(go())
+    assert r.rationale is not None and 60.0 <= r.timings.rationale_ms <= elapsed_ms
+    assert [im.size for im in verifier.explained_images] == [(40, 30)]  # IMAGE, decoded
+
+
+def test_a_failed_rationale_reports_its_time_a_bounded_message_and_a_warning(caplog):
+    from vlm_stage.rationale import RationaleError
+
+    async def go():
+        verifier = FakeVerifier(hold_explain=True, explain_error=RationaleError("x" * 1000))
+        pipeline = make(verifier, threshold=0.3)
+        t0 = time.perf_counter()
+        task = asyncio.create_task(pipeline.classify(IMAGE, None, EscalationMode.AUTO, None, True))
+        await until(lambda: verifier.waiting == 1, "the rationale is being written")
+        await asyncio.sleep(0.06)
+        verifier.release.set()
+        r = await task
+        elapsed_ms = (time.perf_counter() - t0) * 1000.0
+        pipeline.close()
+        return r, elapsed_ms
+
+    with caplog.at_level("WARNING", logger="serving.pipeline"):
+        r, elapsed_ms = asyncio.run(go())
+    assert r.rationale is None and r.rationale_error == ("not generated: " + "x" * 1000)[:300]
+    assert 60.0 <= r.timings.rationale_ms <= elapsed_ms
+    assert any(rec.getMessage() == "no rationale: " + "x" * 1000 for rec in caplog.records)
+
+
+def test_no_rationale_when_the_deadline_leaves_less_than_the_vlm_budget_after_the_reply_margin():
+    """250 ms left: more than the 200 ms VLM budget, but not once the 100 ms kept to answer are
+    taken off."""
+    verifier = FakeVerifier()
+    pipeline = make(verifier, threshold=0.3, vlm_min_budget_ms=200.0, reply_margin_ms=100.0)
+    r = explain(pipeline, deadline=time.monotonic() + 0.25)
+    assert r.rationale is None and not verifier.explained and r.timings.rationale_ms == 0.0
+    assert re.fullmatch(r"not generated: \d+ ms left of the deadline", r.rationale_error), r.rationale_error
 
 
 def test_a_rationale_in_progress_counts_as_a_vlm_call_in_flight():
