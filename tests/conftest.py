@@ -47,6 +47,23 @@ def import_or_missing(module: str, install_hint: str):
         missing(f"{module} is not installed ({install_hint})")
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """A test that runs a command in-process (``main(["serve", ...])``) configures logging
+    with a handler on that test's captured stderr; later tests would log into the closed stream
+    ("--- Logging error ---"). Every test leaves the root logger as it found it."""
+    import logging
+
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for handler in root.handlers[:]:
+        # plain stream handlers only: pytest's own (subclasses) come and go with each phase
+        if handler not in before and type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def sample_data() -> Path:
     if not SAMPLE_DATA.is_dir():
