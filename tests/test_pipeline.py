@@ -687,3 +687,36 @@ def test_memory_is_trimmed_after_a_slow_decode(monkeypatch):
     classify(make(FakeVerifier(), trim_after_decode_ms=60_000.0), mode=EscalationMode.NEVER)
     classify(make(FakeVerifier()), mode=EscalationMode.NEVER)
     assert trims == [1]
+
+
+# --- tracing: the stage spans the pipeline records -------------------------------------------
+
+def test_stage_spans_follow_the_batchers_timings():
+    """decode, cnn_queue, cnn, vlm and blend spans under the request's span; cnn_queue and cnn
+    are placed from the batcher's own readings (1.5 ms queue, 2.5 ms model here), back to back."""
+    from serving.observability.tracing import TracingConfig, make_tracing
+
+    tracing = make_tracing(TracingConfig(exporter="memory"))
+    verifier = FakeVerifier()
+    pipeline = fake_pipeline(verifier, temperature=T, cnn=FakeBatcher(queue_ms=1.5, compute_ms=2.5, batch_size=3))
+    pipeline.tracing = tracing
+
+    async def go():
+        with tracing.request_span("catcascade.Classify"):
+            return await pipeline.classify(IMAGE, None, EscalationMode.ALWAYS)
+
+    try:
+        r = asyncio.run(go())
+    finally:
+        pipeline.close()
+    spans = {s.name: s for s in tracing.memory_exporter.get_finished_spans()}
+    tracing.shutdown()
+    assert r.escalated and set(spans) == {"catcascade.Classify", "decode", "cnn_queue", "cnn", "vlm", "blend"}
+    root = spans["catcascade.Classify"].context.span_id
+    assert all(s.parent.span_id == root for name, s in spans.items() if name != "catcascade.Classify")
+    queue, cnn = spans["cnn_queue"], spans["cnn"]
+    assert queue.end_time == cnn.start_time
+    assert queue.end_time - queue.start_time == 1_500_000 and cnn.end_time - cnn.start_time == 2_500_000
+    assert dict(cnn.attributes) == {"catcascade.cnn.batch_size": 3}
+    assert cnn.end_time <= spans["vlm"].start_time <= spans["vlm"].end_time <= spans["blend"].start_time
+    assert 0.0 <= r.timings.blend_ms <= (spans["blend"].end_time - spans["blend"].start_time) / 1e6 + 0.5
