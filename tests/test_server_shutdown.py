@@ -64,7 +64,10 @@ def test_shutdown_drains_requests_in_flight_and_refuses_new_ones():
         return answers, refused
 
     answers, refused = asyncio.run(scenario())
-    assert refused == [grpc.StatusCode.UNAVAILABLE]
+    # A fresh connection to a server that has stopped listening is UNAVAILABLE; one that gRPC's
+    # core accepted just before the listener closed has its call CANCELLED by the shutdown
+    # (seen once in ten runs beside a CPU-heavy job). Either way it is refused, not answered.
+    assert len(refused) == 1 and refused[0] in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), refused
     assert sorted(a.request_id for a in answers) == ["r0", "r1", "r2", "r3"]
     assert all(a.escalated and a.vlm.model == "fake" and a.escalation_reason == pb.ESCALATION_REASON_REQUESTED_ALWAYS
                for a in answers)
