@@ -477,32 +477,10 @@ def test_rationale_timeout_and_failure_are_said_and_counted():
     assert metrics.vlm_errors.labels("rationale")._value.get() == 1 and failing.inflight_escalations == 0
 
 
-def test_rationale_time_is_the_vlm_time_and_the_image_is_sent():
-    """rationale_ms is the time the VLM took (held open here for at least 60 ms), never more
-    than the wall time around the call; the VLM gets the decoded image."""
+def _explain_held_60ms(verifier: FakeVerifier):
+    """An AUTO classification with explain, the verifier's rationale held open for at least
+    60 ms; returns the result and the wall time around the whole call."""
     async def go():
-        verifier = FakeVerifier(hold_explain=True)
-        pipeline = make(verifier, threshold=0.3)
-        t0 = time.perf_counter()
-        task = asyncio.create_task(pipeline.classify(IMAGE, None, EscalationMode.AUTO, None, True))
-        await until(lambda: verifier.waiting == 1, "the rationale is being written")
-        await asyncio.sleep(0.06)
-        verifier.release.set()
-        r = await task
-        elapsed_ms = (time.perf_counter() - t0) * 1000.0
-        pipeline.close()
-        return verifier, r, elapsed_ms
-
-    verifier, r, elapsed_ms = asyncio.run(go())
-    assert r.rationale is not None and 60.0 <= r.timings.rationale_ms <= elapsed_ms
-    assert [im.size for im in verifier.explained_images] == [(40, 30)]  # IMAGE, decoded
-
-
-def test_a_failed_rationale_reports_its_time_a_bounded_message_and_a_warning(caplog):
-    from vlm_stage.rationale import RationaleError
-
-    async def go():
-        verifier = FakeVerifier(hold_explain=True, explain_error=RationaleError("x" * 1000))
         pipeline = make(verifier, threshold=0.3)
         t0 = time.perf_counter()
         task = asyncio.create_task(pipeline.classify(IMAGE, None, EscalationMode.AUTO, None, True))
@@ -514,8 +492,24 @@ def test_a_failed_rationale_reports_its_time_a_bounded_message_and_a_warning(cap
         pipeline.close()
         return r, elapsed_ms
 
+    return asyncio.run(go())
+
+
+def test_rationale_time_is_the_vlm_time_and_the_image_is_sent():
+    """rationale_ms is the time the VLM took (held open here for at least 60 ms), never more
+    than the wall time around the call; the VLM gets the decoded image."""
+    verifier = FakeVerifier(hold_explain=True)
+    r, elapsed_ms = _explain_held_60ms(verifier)
+    assert r.rationale is not None and 60.0 <= r.timings.rationale_ms <= elapsed_ms
+    assert [im.size for im in verifier.explained_images] == [(40, 30)]  # IMAGE, decoded
+
+
+def test_a_failed_rationale_reports_its_time_a_bounded_message_and_a_warning(caplog):
+    from vlm_stage.rationale import RationaleError
+
+    verifier = FakeVerifier(hold_explain=True, explain_error=RationaleError("x" * 1000))
     with caplog.at_level("WARNING", logger="serving.pipeline"):
-        r, elapsed_ms = asyncio.run(go())
+        r, elapsed_ms = _explain_held_60ms(verifier)
     assert r.rationale is None and r.rationale_error == ("not generated: " + "x" * 1000)[:300]
     assert 60.0 <= r.timings.rationale_ms <= elapsed_ms
     assert any(rec.getMessage() == "no rationale: " + "x" * 1000 for rec in caplog.records)
