@@ -341,6 +341,23 @@ def server_credentials(tls) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
+# gRPC binds with SO_REUSEPORT by default: a second server started on a port already in use
+# binds too, silently, and the kernel splits new connections between the two (an old version
+# left running would keep answering part of the traffic). Refuse the port instead.
+EXCLUSIVE_PORT = [("grpc.so_reuseport", 0)]
+
+
+def bind_port(server, address: str, tls, what: str) -> int:
+    """Binds ``address`` (TLS when ``tls``); the bound port, or OSError saying why not."""
+    try:
+        bound = server.add_secure_port(address, server_credentials(tls)) if tls else server.add_insecure_port(address)
+    except RuntimeError:  # grpcio >= 1.60 raises instead of returning 0
+        bound = 0
+    if bound == 0:
+        raise OSError(f"cannot bind {what} to {address}: the port is in use or the address is not this machine's")
+    return bound
+
+
 @contextlib.asynccontextmanager
 async def run_server(servicer: CatClassifierServicer, host: str = "127.0.0.1", port: int = 0,
                      max_message_bytes: int = 21 * 1024 * 1024, grace_s: float = 5.0, tls=None,
@@ -356,16 +373,14 @@ async def run_server(servicer: CatClassifierServicer, host: str = "127.0.0.1", p
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", max_message_bytes + 64 * 1024),
         ("grpc.max_send_message_length", 4 * 1024 * 1024),
+        *EXCLUSIVE_PORT,
     ])
     pb_grpc.add_CatClassifierServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    address = f"{host}:{port}"
-    bound = server.add_secure_port(address, server_credentials(tls)) if tls else server.add_insecure_port(address)
-    if bound == 0:
-        raise OSError(f"cannot bind gRPC server to {address}")
+    bound = bind_port(server, f"{host}:{port}", tls, "the gRPC server")
     await server.start()
     serving = health_pb2.HealthCheckResponse.SERVING
     await health_servicer.set("", serving)

@@ -288,6 +288,23 @@ def test_admission_learns_from_late_requests_before_and_after_they_complete():
     assert adm.estimated_wait_s() == pytest.approx(adm.expected_wait_s(), rel=0.01)
 
 
+def test_admission_learns_from_requests_abandoned_late_but_not_from_early_cancels():
+    """When the CPU drops, the first requests to end are the ones whose deadline passed in the
+    queue: their wait counts (before, only completions taught the correction)."""
+    clock = FakeClock()
+    adm = AdmissionController(AdmissionConfig(initial_service_ms=10, safety_factor=1.0, slack_ms=0), clock)
+    tickets = [adm.admit(None) for _ in range(30)]  # predicted waits 10 ... 300 ms
+    clock.t += 0.05
+    for t in tickets[20:]:  # cancelled early, before their predicted waits (210-300 ms)
+        t.release()
+    assert adm.correction == 1.0
+    clock.t += 0.55  # 600 ms after admission: 2 to 6 times what was predicted, none served
+    for t in tickets[10:20]:  # abandoned late (predicted 110-200 ms)
+        t.release()
+    assert adm.correction > 1.5 and adm.service_s() == pytest.approx(0.010)  # no completion counted
+    assert adm.estimated_wait_s() > 1.5 * adm.expected_wait_s()
+
+
 def test_admission_never_refuses_a_request_with_nothing_ahead():
     """A slow spell can leave the measured cost above a whole deadline; refused requests
     measure nothing, so without this an idle server would refuse everything forever."""

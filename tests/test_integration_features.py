@@ -81,6 +81,39 @@ def test_async_client_retries_across_a_server_restart_and_gives_up_at_the_deadli
     assert 3.0 - policy.max_backoff_s - 0.3 <= elapsed <= 3.0 + 2.0, elapsed
 
 
+def test_a_new_client_is_not_refused_because_another_saw_the_port_closed():
+    """A client that called while nothing listened keeps its connection in reconnect backoff
+    (100 ms at least). A client created after the server came up must connect on its own, not
+    share that failed connection: gRPC's process-wide connection pool made it fail with
+    "Connection refused" from a live server."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from vlm_stage.vllm_server import free_port
+
+    target = f"127.0.0.1:{free_port()}"
+
+    def check(client) -> int:
+        stub = health_pb2_grpc.HealthStub(client.channel)
+        return stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+
+    with CatcascadeClient(target) as early:
+        with pytest.raises(grpc.RpcError) as err:
+            check(early)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        server = grpc.server(futures.ThreadPoolExecutor(1))  # starts in milliseconds: inside the backoff
+        health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+        server.add_insecure_port(target)
+        server.start()
+        try:
+            with CatcascadeClient(target) as late:
+                assert check(late) == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            server.stop(None)
+
+
 def test_stage_spans_carry_the_callers_trace_id_and_vllm_gets_the_traceparent(features_server):
     from opentelemetry.sdk.trace import TracerProvider
 

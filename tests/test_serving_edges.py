@@ -226,6 +226,28 @@ def test_photo_tagged_rotate_90_is_classified_upright(cnn_server, sample_data):
     assert scores(untagged) != scores(ref)
 
 
+# ----------------------------------------------------------------------------- ports
+
+
+def test_second_server_on_a_busy_port_is_refused_and_the_first_keeps_its_traffic(cnn_server, demo_bundle, capsys):
+    """gRPC's default SO_REUSEPORT let a second server bind the same port and take part of the
+    connections (an old version left running would keep answering some clients)."""
+    from catcascade.cli import main
+
+    port = int(cnn_server.target.rsplit(":", 1)[1])
+    with pytest.raises(OSError, match=f"cannot bind the gRPC server to 127.0.0.1:{port}: the port is in use"):
+        GrpcServerThread(ServeConfig(bundle=demo_bundle, port=port)).start()
+    assert main(["serve", "--bundle", str(demo_bundle), "--host", "127.0.0.1", "--port", str(port)]) == 2
+    assert f"cannot bind the gRPC server to 127.0.0.1:{port}" in capsys.readouterr().err
+    served_before = cnn_server.servicer.metrics.registry.get_sample_value(
+        "catcascade_requests_total", {"method": "Classify", "code": "OK"}) or 0
+    for i in range(8):  # new connections each time: none may land on a half-started second server
+        with CatcascadeClient(cnn_server.target, timeout_s=30) as c:
+            c.classify(jpeg_bytes(seed=i), mode="never")
+    assert cnn_server.servicer.metrics.registry.get_sample_value(
+        "catcascade_requests_total", {"method": "Classify", "code": "OK"}) == served_before + 8
+
+
 # ----------------------------------------------------------------------------- request ids
 
 

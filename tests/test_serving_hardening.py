@@ -116,11 +116,11 @@ def test_cancelled_streams_free_their_escalation_slots(make_server, vllm_server)
                          limits={"max_concurrent_escalations": 8})
     out = orphaned_streams(server, vllm_server, n_streams=2, per_stream=4, after_requests=8)
     assert "8 escalation slots held" in out.notes[0] and "all free" in out.notes[0], out.notes
-    assert out.codes == {"OK": 8} and "SHED" not in out.reasons, (out.reasons, out.notes)
+    assert out.codes == {"OK": 8} and "SHED" not in out.reasons, (out.reasons, out.notes, out.details)
     assert out.reasons["REQUESTED_ALWAYS"] == 8
 
 
-def test_overload_burst_is_refused_fast_not_left_to_time_out(make_server):
+def test_overload_burst_is_refused_fast_not_left_to_time_out(make_server, vllm_server):
     """Four times the server's capacity for 1 s, every call with a 1 s deadline, from another
     process: the excess gets RESOURCE_EXHAUSTED and what is admitted is answered (before: 208
     of 800 DEADLINE_EXCEEDED, no RESOURCE_EXHAUSTED). A small server (batches of one) keeps the
@@ -133,15 +133,20 @@ def test_overload_burst_is_refused_fast_not_left_to_time_out(make_server):
         # processes competing for the cores make that measurement meaningless
         pytest.skip(f"machine too busy for a calibrated overload burst (load average {os.getloadavg()[0]:.1f})")
     server = make_server(vlm={"urls": []}, batching={"max_batch_size": 1, "instances": 1}, cnn_threads=1)
-    capacity = measure_capacity(server.target, "never")
     registry = server.servicer.metrics.registry
 
     def cancelled_in_handler() -> float:  # admitted (past admission), then cancelled by the deadline
         return registry.get_sample_value("catcascade_requests_total", {"method": "Classify", "code": "CANCELLED"}) or 0
 
-    before = cancelled_in_handler()
-    out = burst_in_subprocess(server.target, int(4 * capacity * 1.0), 1.0, "never", rate=4 * capacity)
-    admitted_then_late = cancelled_in_handler() - before
+    # This server has no VLM, but the session's vLLM shares the cores: after each step its CPU
+    # worker spins a core for a second (a health probe from another test's server is enough),
+    # which would take half the CPU away between measuring the capacity and the burst.
+    with vllm_server.paused():
+        # the median of three: one measurement beside a CPU-heavy neighbour can be 40% off
+        capacity = sorted(measure_capacity(server.target, "never") for _ in range(3))[1]
+        before = cancelled_in_handler()
+        out = burst_in_subprocess(server.target, int(4 * capacity * 1.0), 1.0, "never", rate=4 * capacity)
+        admitted_then_late = cancelled_in_handler() - before
     assert set(out.codes) <= {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}, out.details
     assert out.codes["OK"] > 0 and out.codes["RESOURCE_EXHAUSTED"] >= out.sent // 4, out.codes
     assert any("overloaded" in d for d in out.details)

@@ -11,6 +11,12 @@ MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 # reconnect backoff (which grows to two minutes); the retry policy paces the calls themselves.
 RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                      ("grpc.max_reconnect_backoff_ms", 1000)]
+# gRPC shares connections between channels to the same address by default (a process-wide
+# subchannel pool). A new client would then inherit another channel's failed connection and
+# get "Connection refused" from a server that is up (the other channel saw the port closed, say
+# while the server restarted, and is waiting out its reconnect backoff). A client owns its
+# connections instead; channels inside one client still share theirs.
+OWN_CONNECTIONS = [("grpc.use_local_subchannel_pool", 1)]
 
 
 @dataclass(frozen=True)
@@ -34,7 +40,7 @@ class Connection:
             raise ValueError("a client certificate needs tls_ca (the server's CA) too")
 
     def options(self) -> list[tuple[str, object]]:
-        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), *RECONNECT_OPTIONS]
+        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), *RECONNECT_OPTIONS, *OWN_CONNECTIONS]
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
         return options

@@ -114,15 +114,12 @@ async def run_admin_server(router: ModelRouter, host: str, port: int, tokens: li
     if shared:
         raise ValueError("admin tokens must differ from the client tokens (auth.bearer_tokens): "
                          f"{len(shared)} token(s) appear in both")
-    from serving.server import server_credentials
+    from serving.server import EXCLUSIVE_PORT, bind_port
 
-    server = grpc.aio.server(interceptors=[BearerTokenInterceptor(tokens)])
+    server = grpc.aio.server(interceptors=[BearerTokenInterceptor(tokens)], options=EXCLUSIVE_PORT)
     pb_grpc.add_ModelAdminServicer_to_server(ModelAdminServicer(router), server)
     reflection.enable_server_reflection((ADMIN_SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"{host}:{port}"
-    bound = server.add_secure_port(address, server_credentials(tls)) if tls else server.add_insecure_port(address)
-    if bound == 0:
-        raise OSError(f"cannot bind the ModelAdmin server to {address}")
+    bound = bind_port(server, f"{host}:{port}", tls, "the ModelAdmin server")
     await server.start()
     try:
         yield bound

@@ -15,7 +15,8 @@ The estimate is ``safety_factor * correction * (requests ahead + 1) * cost + lat
 - a burst leaves less throughput than was measured before it (taking in and refusing the
   excess costs CPU too), which an average learns only as late requests complete, so:
   ``correction`` is a moving average (1 to 4, fading back to 1) of actual over predicted
-  waits of requests that queued (predictions of 100 ms or more), and ``lateness`` is how far
+  waits of requests that queued (predictions of 100 ms or more; a request abandoned after its
+  predicted wait counts with the time it waited, a lower bound), and ``lateness`` is how far
   the oldest waiting request already is past its prediction (everyone behind it is at least
   that late), known before anything completes;
 - the event loop's lag (how late a 20 ms timer fires, a decayed maximum) is added to the
@@ -185,11 +186,15 @@ class AdmissionController:
         self._advance()
         self.pending -= 1
         self._waiting.pop(id(ticket), None)
-        if served and ticket.predicted_s >= 0.1:  # shorter predictions are mostly fixed overhead
+        if ticket.predicted_s >= 0.1:  # shorter predictions are mostly fixed overhead
             now = self._clock()
-            ratio = min(4.0, max(1.0, (now - ticket.admitted_at) / ticket.predicted_s))
-            self.correction = 0.8 * self._correction_now(now) + 0.2 * ratio
-            self._correction_mark = now
+            ratio = (now - ticket.admitted_at) / ticket.predicted_s
+            # A request given up before service (its deadline passed while it queued) says the
+            # wait was at least this long: the first news of a slowdown, long before the slow
+            # requests complete. One cancelled early says nothing about the wait.
+            if served or ratio > 1.0:
+                self.correction = 0.8 * self._correction_now(now) + 0.2 * min(4.0, max(1.0, ratio))
+                self._correction_mark = now
         if served:
             decay = 0.5 ** (self._busy_since_last / self.config.halflife_s)
             self._busy_s = self._busy_s * decay + self._busy_since_last
