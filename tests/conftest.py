@@ -147,3 +147,61 @@ def tiny_vlm(tmp_path_factory) -> Path:
     from vlm_stage.tiny_model import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("tiny-vlm") / "base", DEMO_LABELS, seed=0)
+
+
+class ServeProcess:
+    """``catcascade serve`` in a process of its own, for tests whose figures the test process
+    would distort (coverage tracing, pytest's heap, other in-process servers' threads). Yields
+    itself with ``target``; ``metric(name, labels)`` reads its /metrics."""
+
+    def __init__(self, config: dict, tmp_path: Path):
+        import yaml
+
+        from vlm_stage.vllm_server import free_port
+
+        self.metrics_port = free_port()
+        self.config_path = tmp_path / "serve-process.yaml"
+        self.config_path.write_text(yaml.safe_dump({**config, "port": 0, "metrics_port": self.metrics_port}))
+        self.process = None
+        self.target = ""
+        self.lines: list[str] = []
+
+    def __enter__(self) -> "ServeProcess":
+        import re
+        import subprocess
+        import sys
+        import threading
+
+        self.process = subprocess.Popen([sys.executable, "-m", "catcascade", "serve", "--config", str(self.config_path)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        cwd=Path(__file__).resolve().parents[1])
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if m := re.search(r"catcascade serving on (\S+):(\d+)", line):
+                self.target = f"{m.group(1)}:{m.group(2)}"
+                break
+        else:
+            self.process.wait(30)
+            pytest.fail(f"serve exited with {self.process.returncode}:\n" + "".join(self.lines[-30:]))
+        threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True).start()
+        return self
+
+    def metric(self, name: str, labels: dict[str, str]) -> float:
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return 0.0
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except Exception:
+            self.process.kill()
+            self.process.wait(10)
