@@ -110,13 +110,15 @@ def run_load(target: str, images: list[bytes], n_requests: int, concurrency: int
 
 def vllm_killed_mid_run(target: str, vllm_server, n_requests: int = 120, concurrency: int = 4,
                         kill_after: int = 30) -> LoadOutcome:
-    """ALWAYS-mode load; the vLLM server process group is killed after ``kill_after`` answers."""
+    """ALWAYS-mode load; the vLLM server process group is killed after ``kill_after`` answers.
+    The caller that got the ``kill_after``-th answer kills it before its next call (from a
+    thread of its own, the kill came after all the load had been answered on a busy machine)."""
     killed = threading.Event()
 
     def on_done(done: int) -> None:
         if done >= kill_after and not killed.is_set():
             killed.set()
-            threading.Thread(target=vllm_server.stop, kwargs={"grace_s": 0.0}, daemon=True).start()
+            vllm_server.stop(grace_s=0.0)
 
     return run_load(target, random_jpegs(16), n_requests, concurrency, "always", on_done=on_done)
 
