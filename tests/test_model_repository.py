@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from serving.model_repository.agreement import AgreementWindow
-from serving.model_repository.config import ModelsConfig, Routing, read_routing, write_routing
+from serving.model_repository.config import ModelsConfig, Routing, RoutingFileEmpty, read_routing, write_routing
 from serving.model_repository.repository import list_versions, natural_key, repository_fingerprint
 from serving.model_repository.traffic_split import in_share
 from vlm_stage.vllm_client import AdapterLoadError, VllmAdapterAdmin
@@ -60,6 +60,42 @@ def test_routing_file_round_trips_and_is_validated(tmp_path):
     path.write_text("live: [v1\n")
     with pytest.raises(ValueError, match="not valid YAML"):
         read_routing(path)
+    path.write_text(" \n")
+    with pytest.raises(RoutingFileEmpty):
+        read_routing(path)
+
+
+def test_an_empty_routing_file_is_a_write_in_progress_not_a_switch_to_the_newest(tmp_path, monkeypatch):
+    """``echo "live: x" > routing.yaml`` truncates the file first: a poll that lands in
+    between read an empty routing and put the newest version (by name) live."""
+    import serving.model_repository.loading as loading
+
+    monkeypatch.setattr(loading, "_png", lambda size: b"warm-up")
+    router, built = _router_on(tmp_path)
+    routing = router.models.routing_path
+
+    async def scenario():
+        await router.reload()
+        assert router.live.name == "v1"
+        routing.write_text("")
+        await router.reload(cause="repository changed")
+        assert router.live.name == "v1" and not router.rejected
+        routing.write_text("live: v2\n")
+        await router.reload(cause="repository changed")
+        assert router.live.name == "v2"
+        await router.aclose()
+
+    asyncio.run(scenario())
+    (tmp_path / "again").mkdir()
+    fresh, _ = _router_on(tmp_path / "again")
+    fresh.models.routing_path.write_text("  \n")
+
+    async def start_up():  # nothing serves yet: an empty file means what no file means
+        await fresh.reload()
+        assert fresh.live.name == "v2"
+        await fresh.aclose()
+
+    asyncio.run(start_up())
 
 
 def test_canary_split_is_deterministic_uniform_and_seeded():

@@ -99,15 +99,22 @@ class Routing(BaseModel):
         return self
 
 
+class RoutingFileEmpty(Exception):
+    """The routing file exists but holds nothing: most likely a write in progress (``echo >``
+    and most editors truncate the file first), not a wish for the newest version."""
+
+
 def read_routing(path: Path) -> Routing | None:
     """The routing file's content, or None when there is none. Raises ValueError when the
-    file is not valid YAML or not a valid routing."""
+    file is not valid YAML or not a valid routing, RoutingFileEmpty when it is blank."""
     import yaml
 
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
         return None
+    if not text.strip():
+        raise RoutingFileEmpty(f"{path} is empty")
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:

@@ -21,7 +21,7 @@ from cnn_stage.preprocessing import InvalidImageError
 from ensemble.escalation_policy import EscalationMode
 from serving.api import cascade_pb2 as pb
 from serving.model_repository.agreement import AgreementWindow
-from serving.model_repository.config import ModelsConfig, Routing, read_routing, write_routing
+from serving.model_repository.config import ModelsConfig, Routing, RoutingFileEmpty, read_routing, write_routing
 from serving.model_repository.loading import ServedVersion, VersionRejected, load_version
 from serving.model_repository.metrics import RepositoryMetrics
 from serving.model_repository.repository import Fingerprint, list_versions, version_fingerprint
@@ -233,6 +233,12 @@ class ModelRouter:
         if routing is None:
             try:
                 routing = read_routing(self.models.routing_path) or Routing()
+            except RoutingFileEmpty:
+                if self.live is not None:  # caught mid-write: the next change of the file is read
+                    log.info("%s is empty (a write in progress?): the serving versions stay",
+                             self.models.routing_file)
+                    return outcome
+                routing = Routing()  # at start-up, as without a file: the newest version
             except ValueError as e:
                 err = VersionRejected(self.models.routing_file, "routing", str(e))
                 self._rejected(err, None, outcome)
