@@ -87,6 +87,8 @@ class LimitsConfig(BaseModel):
     escalation_queue_size: int = Field(0, ge=0, description="escalations that may wait for a VLM slot, interactive "
                                        "before batch; 0 = shed at once")
     vlm_min_budget_ms: float = Field(50.0, ge=0, description="skip the VLM when less deadline than this remains")
+    reply_margin_ms: float = Field(100.0, ge=0, description="deadline kept after the VLM to send the answer; more on "
+                                   "a loaded machine, where sending it can take longer")
 
 
 class MemoryConfig(BaseModel):

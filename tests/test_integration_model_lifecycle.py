@@ -89,6 +89,10 @@ def admin(served):
             a.set_candidate(None)
         if routing.live != "v1":
             a.promote("v1")
+        # versions retired by that are closed in the background (their adapters unloaded from
+        # vLLM): a test that lists vLLM's adapters must not see one of them still there
+        router = served.servicer.pipeline
+        _wait_for(lambda: not served.on_loop(lambda: len(router.draining)), "retired versions to be released")
         yield a
 
 
