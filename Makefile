@@ -40,7 +40,7 @@ endif
 
 # Regenerates the gRPC stubs in serving/api/ from proto/ (tests fail when they are stale).
 proto: $(STAMP)
-	$(BIN)/python -m serving.api.generate
+	$(BIN)/python -m catcascade.serving.api.generate
 
 demo: $(STAMP)
 	$(BIN)/catcascade demo --bundle $(BUNDLE)

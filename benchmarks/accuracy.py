@@ -37,7 +37,7 @@ def _budgets(text: str) -> tuple[float, ...]:
 
 
 def _rules(text: str) -> tuple[str, ...]:
-    from ensemble.deferral_comparison import RULES
+    from catcascade.ensemble.deferral_comparison import RULES
 
     values = tuple(v.strip() for v in text.split(",") if v.strip())
     bad = [v for v in values if v not in RULES]
@@ -195,7 +195,7 @@ def _reliability_bands(probs, y, n_bins: int, n_boot: int, seed: int):
     """Per-bin bootstrap 95% interval of the accuracy (NaN where a bin is empty)."""
     import numpy as np
 
-    from ensemble.bootstrap import Resampler
+    from catcascade.ensemble.bootstrap import Resampler
 
     conf = probs.max(axis=1)
     correct = (probs.argmax(axis=1) == y).astype(float)
@@ -221,7 +221,7 @@ def render_plots(result, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from ensemble.metrics import confusion, reliability_bins
+    from catcascade.ensemble.metrics import confusion, reliability_bins
 
     out.mkdir(parents=True, exist_ok=True)
     cnn, focus = result.system("cnn-only"), _focus_system(result)
@@ -378,18 +378,18 @@ def render_report(result, out: Path, context: dict | None = None) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ensemble.offline_eval import OfflineEvalConfig, evaluate_offline
-    from ensemble.score_files import ScoreSet
+    from catcascade.ensemble.offline_eval import OfflineEvalConfig, evaluate_offline
+    from catcascade.ensemble.score_files import ScoreSet
 
     out: Path = args.out
     t0 = time.perf_counter()
     if args.data is not None:
-        from training.score_runner import ScoreRunConfig, score_image_folder
+        from catcascade.training.score_runner import ScoreRunConfig, score_image_folder
 
         vllm = None
         if getattr(args, "start_vlm", False):
-            from ensemble.bundle import load_bundle
-            from vlm_stage.vllm_server import VllmServer, VllmServerConfig
+            from catcascade.ensemble.bundle import load_bundle
+            from catcascade.vlm_stage.vllm_server import VllmServer, VllmServerConfig
 
             try:
                 vcfg = VllmServerConfig.for_bundle(load_bundle(args.bundle))
@@ -456,7 +456,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from ensemble.cli_commands import user_errors
+    from catcascade.ensemble.cli_commands import user_errors
 
     def run(args) -> int:
         with user_errors():

@@ -90,7 +90,7 @@ def _decode_timings(files: list[Path], image_size: int, repeats: int = 5) -> dic
     """Per-file median of decode (draft mode) + resize + crop + normalise, and of decode+resize only."""
     from PIL import Image
 
-    from cnn_stage.preprocessing import PreprocessConfig, decode_image, load_and_preprocess, preprocess
+    from catcascade.cnn_stage.preprocessing import PreprocessConfig, decode_image, load_and_preprocess, preprocess
 
     cfg = PreprocessConfig(image_size=image_size)
     full, full_nodraft, sizes = [], [], []
@@ -128,12 +128,12 @@ def _decode_timings(files: list[Path], image_size: int, repeats: int = 5) -> dic
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from cnn_stage.model import create_convnext
-    from cnn_stage.onnx_export import export_onnx
-    from cnn_stage.onnx_runtime import OnnxClassifier
-    from cnn_stage.preprocessing import PreprocessConfig
-    from cnn_stage.quantization import QuantizationConfig, agreement, load_images, quantize_int8, run_batched
-    from cnn_stage.topk import softmax
+    from catcascade.cnn_stage.model import create_convnext
+    from catcascade.cnn_stage.onnx_export import export_onnx
+    from catcascade.cnn_stage.onnx_runtime import OnnxClassifier
+    from catcascade.cnn_stage.preprocessing import PreprocessConfig
+    from catcascade.cnn_stage.quantization import QuantizationConfig, agreement, load_images, quantize_int8, run_batched
+    from catcascade.cnn_stage.topk import softmax
 
     profile_dir = args.out / "profiles" if args.profile else None
 

@@ -118,8 +118,8 @@ def main(args, server_cls, closed_loop, load_images, make_speed_bundle) -> int:
     from rich.console import Console
     from tqdm import tqdm
 
-    from serving.api import cascade_pb2 as pb
-    from vlm_stage.vllm_server import free_port
+    from catcascade.serving.api import cascade_pb2 as pb
+    from catcascade.vlm_stage.vllm_server import free_port
 
     console = Console(width=200)
     unknown = [e for e in args.engine if e not in ENGINES]
@@ -138,7 +138,7 @@ def main(args, server_cls, closed_loop, load_images, make_speed_bundle) -> int:
     with ExitStack() as stack:
         address = None
         if any(e != "local" for e in args.engine):
-            from serving.engines.ray_local_cluster import local_cluster
+            from catcascade.serving.engines.ray_local_cluster import local_cluster
 
             address = stack.enter_context(local_cluster(nodes=2, cpus_per_node=2))
             console.print(f"Ray cluster (2 nodes, loopback) at {address}")

@@ -91,7 +91,7 @@ class SpanSink:
 def off_path_costs(repeats: int = 200_000) -> dict[str, float]:
     """Nanoseconds per request of what each feature runs while it is off (the exact hooks the
     pipeline and servicer call), and of the priority queue against a FIFO one."""
-    from serving.observability.tracing import NoTracing
+    from catcascade.serving.observability.tracing import NoTracing
 
     tracing = NoTracing()
 
@@ -157,11 +157,11 @@ def on_path_costs(image: bytes, sink_endpoint: str, repeats: int = 2000) -> dict
     OTLP to ``sink_endpoint`` (a `SpanSink`), in its background thread as in the server."""
     from prometheus_client import CollectorRegistry
 
-    from serving.api import cascade_pb2 as pb
-    from serving.observability.drift import DriftConfig, DriftMonitor
-    from serving.observability.tracing import OtelTracing, TracingConfig
-    from serving.traffic.response_cache import ResponseCache, ResponseCacheConfig, cache_key
-    from serving.traffic.tenant_budgets import TenantBudgets, TenantBudgetsConfig, TokenBucketConfig
+    from catcascade.serving.api import cascade_pb2 as pb
+    from catcascade.serving.observability.drift import DriftConfig, DriftMonitor
+    from catcascade.serving.observability.tracing import OtelTracing, TracingConfig
+    from catcascade.serving.traffic.response_cache import ResponseCache, ResponseCacheConfig, cache_key
+    from catcascade.serving.traffic.tenant_budgets import TenantBudgets, TenantBudgetsConfig, TokenBucketConfig
 
     response = pb.ClassifyResponse(request_id="r" * 32, labels=[pb.LabelScore(label="Bengal", probability=0.5)] * 3,
                                    cnn_top_k=[pb.LabelScore(label="Bengal", probability=0.5)] * 3)

@@ -290,7 +290,7 @@ class DecodeCost:
 
 _CHILD = r"""
 import gc, json, sys, time
-from cnn_stage.preprocessing import DecodeLimits, InvalidImageError, PreprocessConfig, load_and_preprocess
+from catcascade.cnn_stage.preprocessing import DecodeLimits, InvalidImageError, PreprocessConfig, load_and_preprocess
 
 args = json.loads(sys.argv[1])
 cfg = PreprocessConfig(image_size=args["image_size"], limits=DecodeLimits(**args["limits"]))  # noqa

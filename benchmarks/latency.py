@@ -65,7 +65,7 @@ class RunStats:
 def load_images(folder: Path | None, n: int = 64, seed: int = 0) -> list[bytes]:
     folder = folder or (SAMPLE_DATA if SAMPLE_DATA.is_dir() else None)
     if folder is None:
-        from training.synthetic_data import write_synthetic_dataset
+        from catcascade.training.synthetic_data import write_synthetic_dataset
 
         folder = write_synthetic_dataset(Path("artifacts/bench-images"), per_class=6, size=320, progress=False)
     paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
@@ -102,8 +102,8 @@ async def closed_loop(target: str, images: list[bytes], mode: int, concurrency: 
     the JPEG's end marker: the same pixels, a new response-cache key)."""
     import grpc
 
-    from serving.api import cascade_pb2 as pb
-    from serving.api import cascade_pb2_grpc as pb_grpc
+    from catcascade.serving.api import cascade_pb2 as pb
+    from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
 
     results: list = []
     async with grpc.aio.insecure_channel(target) as channel:
@@ -130,8 +130,8 @@ async def open_loop(target: str, images: list[bytes], mode: int, rate: float, ma
     """Requests arrive as a Poisson process at ``rate`` per second, whatever the latency."""
     import grpc
 
-    from serving.api import cascade_pb2 as pb
-    from serving.api import cascade_pb2_grpc as pb_grpc
+    from catcascade.serving.api import cascade_pb2 as pb
+    from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
 
     rng = np.random.default_rng(seed)
     results: list = []
@@ -154,8 +154,8 @@ async def explain_cost(target: str, images: list[bytes], n: int, mode: int, time
     request at a time, so both see the same images and the same machine), in the same run."""
     import grpc
 
-    from serving.api import cascade_pb2 as pb
-    from serving.api import cascade_pb2_grpc as pb_grpc
+    from catcascade.serving.api import cascade_pb2 as pb
+    from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
 
     off, on, rationale_ms, tokens, errors = [], [], [], [], Counter()
     async with grpc.aio.insecure_channel(target) as channel:
@@ -187,7 +187,7 @@ async def explain_cost(target: str, images: list[bytes], n: int, mode: int, time
 def ort_model_time(onnx_path: Path, image_size: int, batch_sizes: list[int], threads: int | None,
                    repeats: int = 20) -> dict[int, float]:
     """Median milliseconds per ONNX Runtime call at each batch size (same session options)."""
-    from cnn_stage.onnx_runtime import OnnxClassifier
+    from catcascade.cnn_stage.onnx_runtime import OnnxClassifier
 
     clf = OnnxClassifier(onnx_path, intra_op_threads=threads)
     out = {}
@@ -211,7 +211,7 @@ def ort_best_throughput(onnx_path: Path, image_size: int, batch_sizes: tuple[int
     the server's throughput is held against, whichever way the server itself is configured."""
     import threading
 
-    from cnn_stage.onnx_runtime import OnnxClassifier
+    from catcascade.cnn_stage.onnx_runtime import OnnxClassifier
 
     cores = os.cpu_count() or 1
     layouts = [(1, cores)] + ([(cores, 1)] if cores > 1 else [])
@@ -245,11 +245,11 @@ def make_speed_bundle(out: Path, image_size: int = 224, model: str = "convnext_a
     """A CNN-only bundle at full resolution (random weights: speed does not depend on them)."""
     import torch
 
-    from ensemble.bundle import Bundle, BundleManifest, CnnSpec, sha256_file
-    from cnn_stage.model import create_convnext
-    from cnn_stage.onnx_export import export_onnx
-    from cnn_stage.preprocessing import PreprocessConfig
-    from training.synthetic_data import DEMO_LABELS
+    from catcascade.ensemble.bundle import Bundle, BundleManifest, CnnSpec, sha256_file
+    from catcascade.cnn_stage.model import create_convnext
+    from catcascade.cnn_stage.onnx_export import export_onnx
+    from catcascade.cnn_stage.preprocessing import PreprocessConfig
+    from catcascade.training.synthetic_data import DEMO_LABELS
 
     if (out / "manifest.json").is_file():
         return out
@@ -434,9 +434,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ensemble.bundle import load_bundle
-    from serving.api import cascade_pb2 as pb
-    from vlm_stage.vllm_server import free_port
+    from catcascade.ensemble.bundle import load_bundle
+    from catcascade.serving.api import cascade_pb2 as pb
+    from catcascade.vlm_stage.vllm_server import free_port
 
     if args.features:
         return features_main(args)
@@ -453,7 +453,7 @@ def main(args: argparse.Namespace) -> int:
         args.bundle = Path("artifacts/demo-bundle") if args.vlm else Path(f"artifacts/speed-bundle-{args.image_size}")
     if not (args.bundle / "manifest.json").is_file():
         if args.vlm:
-            from training.demo_bundle import build_demo_bundle
+            from catcascade.training.demo_bundle import build_demo_bundle
 
             build_demo_bundle(args.bundle)
         else:
@@ -469,7 +469,7 @@ def main(args: argparse.Namespace) -> int:
 
     vllm = None
     if args.vlm:
-        from vlm_stage.vllm_server import VllmServer, VllmServerConfig
+        from catcascade.vlm_stage.vllm_server import VllmServer, VllmServerConfig
 
         vllm = VllmServer(VllmServerConfig.for_bundle(bundle), log_path=out_dir / "vllm.log").start()
     extra = ["--config", str(_write_config(out_dir, args))]
@@ -550,8 +550,8 @@ def features_main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from benchmarks import feature_overhead as fo
-    from serving.api import cascade_pb2 as pb
-    from vlm_stage.vllm_server import free_port
+    from catcascade.serving.api import cascade_pb2 as pb
+    from catcascade.vlm_stage.vllm_server import free_port
 
     console = Console(width=200)
     out_dir = args.out = args.out or Path("artifacts/bench/features")

@@ -33,7 +33,7 @@ import numpy as np
 
 
 def _make_version(repo: Path, name: str, source: Path, temperature_scale: float = 1.0) -> None:
-    from ensemble.bundle import load_bundle
+    from catcascade.ensemble.bundle import load_bundle
 
     tmp = repo / f".{name}.tmp"
     tmp.mkdir()
@@ -51,7 +51,7 @@ class _Server:
     """`catcascade serve --models` in its own process, as deployed."""
 
     def __init__(self, repo: Path, vlm_url: str | None, log: Path, token: str, config: Path | None = None):
-        from vlm_stage.vllm_server import free_port
+        from catcascade.vlm_stage.vllm_server import free_port
 
         self.port, self.admin_port = free_port(), free_port()
         cmd = [sys.executable, "-m", "catcascade", "serve", "--models", str(repo), "--port", str(self.port),
@@ -69,7 +69,7 @@ class _Server:
     def wait_ready(self, timeout_s: float = 300) -> None:
         import grpc
 
-        from serving.client import CatcascadeClient
+        from catcascade.serving.client import CatcascadeClient
 
         deadline = time.monotonic() + timeout_s
         with CatcascadeClient(self.target, timeout_s=2) as c:
@@ -110,7 +110,7 @@ def load_run(target: str, images: list[bytes], seconds: float, mode: str, concur
     (sent, latency_ms, model_version or error code, top-1 label) per request."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from serving.client import CatcascadeClient
+    from catcascade.serving.client import CatcascadeClient
 
     records, lock, stop, local = [], threading.Lock(), threading.Event(), threading.local()
 
@@ -207,8 +207,8 @@ def swap_phase(target: str, admin, images: list[bytes], args, rate: float | None
 
 def run(args) -> dict:
     from benchmarks.reliability import random_jpegs
-    from serving.client import CatcascadeClient
-    from serving.model_repository.admin_client import ModelAdminClient
+    from catcascade.serving.client import CatcascadeClient
+    from catcascade.serving.model_repository.admin_client import ModelAdminClient
 
     token = secrets.token_hex(8)
     images = random_jpegs(64, size=(320, 240), seed=0)
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shares", type=float, nargs="+", default=[0.0, 0.25, 1.0])
     args = p.parse_args(argv)
     if not (args.bundle / "manifest.json").is_file():
-        from training.demo_bundle import build_demo_bundle
+        from catcascade.training.demo_bundle import build_demo_bundle
 
         build_demo_bundle(args.bundle)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ async def _measure(call, payload, calls: int, seconds: float) -> tuple[float, fl
 
 
 def main(args) -> int:
-    from serving.engines.ray_local_cluster import local_cluster
+    from catcascade.serving.engines.ray_local_cluster import local_cluster
 
     payloads = {"30 KB bytes": os.urandom(30_000), "150 KB uint8": np.zeros((3, 224, 224), np.uint8),
                 "600 KB float32": np.zeros((3, 224, 224), np.float32)}

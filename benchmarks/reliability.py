@@ -68,8 +68,8 @@ def run_load(target: str, images: list[bytes], n_requests: int, concurrency: int
 
     import grpc
 
-    from serving.api import cascade_pb2 as pb
-    from serving.client import CatcascadeClient
+    from catcascade.serving.api import cascade_pb2 as pb
+    from catcascade.serving.client import CatcascadeClient
 
     client_kwargs.setdefault("retry", None)
     outcome = LoadOutcome()
@@ -217,7 +217,7 @@ def _record(outcome: LoadOutcome, lock: threading.Lock, code: str, reason: str |
 
 
 def _reason_name(r) -> str:
-    from serving.api import cascade_pb2 as pb
+    from catcascade.serving.api import cascade_pb2 as pb
 
     return pb.EscalationReason.Name(r.escalation_reason).removeprefix("ESCALATION_REASON_")
 
@@ -232,8 +232,8 @@ def burst(target: str, images: list[bytes], n: int, deadline_s: float | None, mo
 
     import grpc
 
-    from serving.api import cascade_pb2 as pb
-    from serving.api import cascade_pb2_grpc as pb_grpc
+    from catcascade.serving.api import cascade_pb2 as pb
+    from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
     
     outcome, lock = LoadOutcome(), threading.Lock()
     requests = [pb.ClassifyRequest(image=images[i % len(images)], escalation=pb.EscalationMode.Value(f"ESCALATION_MODE_{mode.upper()}"), request_id=f"burst-{i}")
@@ -307,7 +307,7 @@ def timed_load(target: str, images: list[bytes], seconds: float, concurrency: in
 
     import grpc
 
-    from serving.client import CatcascadeClient
+    from catcascade.serving.client import CatcascadeClient
 
     outcome, lock = LoadOutcome(), threading.Lock()
     end = time.monotonic() + seconds
@@ -391,7 +391,7 @@ def hung_vllm(target: str, vllm_server, seconds_before: float = 4.0, seconds_hun
     answers per second before and during the hang, how long until it read SERVING again."""
     import time
 
-    from serving.server import VLM_HEALTH_NAME
+    from catcascade.serving.server import VLM_HEALTH_NAME
 
     stamps: list[tuple[float, str]] = []
     stop = threading.Event()
@@ -444,10 +444,10 @@ def cancelled_probe(server, vllm_server, call_budget_s: float) -> LoadOutcome:
 
     import grpc
 
-    from serving.api import cascade_pb2 as pb
-    from serving.api import cascade_pb2_grpc as pb_grpc
-    from serving.circuit_breaker import BreakerState
-    from serving.client import CatcascadeClient
+    from catcascade.serving.api import cascade_pb2 as pb
+    from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
+    from catcascade.serving.circuit_breaker import BreakerState
+    from catcascade.serving.client import CatcascadeClient
 
     outcome, lock = LoadOutcome(), threading.Lock()
     b = server.servicer.pipeline.breaker
@@ -502,7 +502,7 @@ def cancelled_probe(server, vllm_server, call_budget_s: float) -> LoadOutcome:
 
 def _stream_requests(n: int, mode: str, hold: threading.Event | None):
     """``n`` stream messages; with ``hold``, the stream stays open (no half-close) until set."""
-    from serving.api import cascade_pb2 as pb
+    from catcascade.serving.api import cascade_pb2 as pb
     
     images = random_jpegs(n, seed=11)
     for i in range(n):
@@ -518,7 +518,7 @@ def stream_deadline(target: str, vllm_server, deadline_s: float = 2.0, messages:
 
     import grpc
 
-    from serving.api import cascade_pb2_grpc as pb_grpc
+    from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
 
     outcome, lock = LoadOutcome(), threading.Lock()
     before = rss_mb()
@@ -547,7 +547,7 @@ def orphaned_streams(server, vllm_server, n_streams: int = 8, per_stream: int = 
 
     import grpc
 
-    from serving.api import cascade_pb2_grpc as pb_grpc
+    from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
 
     pipeline = server.servicer.pipeline
     want = min(n_streams * per_stream, pipeline.config.max_concurrent_escalations)
@@ -598,14 +598,14 @@ def main(args: argparse.Namespace) -> int:
     """Runs every fault scenario against freshly started real servers and prints the table."""
     from pathlib import Path
 
-    from ensemble.bundle import load_bundle
-    from serving.config import ServeConfig
-    from serving.service_thread import ServiceThread
-    from vlm_stage.vllm_server import VllmServer, VllmServerConfig
+    from catcascade.ensemble.bundle import load_bundle
+    from catcascade.serving.config import ServeConfig
+    from catcascade.serving.service_thread import ServiceThread
+    from catcascade.vlm_stage.vllm_server import VllmServer, VllmServerConfig
 
     bundle_dir = Path(args.bundle)
     if not (bundle_dir / "manifest.json").is_file():
-        from training.demo_bundle import build_demo_bundle
+        from catcascade.training.demo_bundle import build_demo_bundle
 
         build_demo_bundle(bundle_dir)
     if args.part in ("all", "input"):
@@ -635,7 +635,7 @@ def main(args: argparse.Namespace) -> int:
         refuse.stop()
         server = ServiceThread(ServeConfig(bundle=bundle_dir, port=0, vlm={"urls": [vllm.url]},
                                               breaker={"cooldown_s": 1.0})).start()
-        from serving.client import CatcascadeClient
+        from catcascade.serving.client import CatcascadeClient
 
         bad = LoadOutcome()
         import grpc
@@ -667,8 +667,8 @@ def _write(args: argparse.Namespace, sections: list[str]) -> int:
 def run_hardening(args: argparse.Namespace, bundle_dir, vllm) -> str:
     """The serving-core hardening scenarios (issue #11), each against its own fresh server;
     returns a markdown table with the notes of each scenario under it."""
-    from serving.config import ServeConfig
-    from serving.service_thread import ServiceThread
+    from catcascade.serving.config import ServeConfig
+    from catcascade.serving.service_thread import ServiceThread
 
     rows, notes = [], []
 
@@ -837,8 +837,8 @@ def _send_all(target: str, payloads: list[tuple[str, bytes]], concurrency: int, 
 
     import grpc
 
-    from serving.api import cascade_pb2 as pb
-    from serving.api import cascade_pb2_grpc as pb_grpc
+    from catcascade.serving.api import cascade_pb2 as pb
+    from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
 
     out = outcome or EdgeOutcome()
     lock = threading.Lock()
@@ -868,7 +868,7 @@ def _send_all(target: str, payloads: list[tuple[str, bytes]], concurrency: int, 
 def _normal_requests(target: str, n: int = 20) -> list[float]:
     import time
 
-    from serving.client import CatcascadeClient
+    from catcascade.serving.client import CatcascadeClient
 
     images = random_jpegs(4, (500, 375), seed=11)
     times = []
@@ -959,7 +959,7 @@ def auth_edges(bundle: str, repeats: int = 50) -> tuple[EdgeOutcome, dict]:
 
 
 def _normal_requests_with_token(target: str) -> None:
-    from serving.client import CatcascadeClient
+    from catcascade.serving.client import CatcascadeClient
 
     with CatcascadeClient(target, timeout_s=60, token="tok-a") as c:
         for img in random_jpegs(5, seed=1):
@@ -969,10 +969,10 @@ def _normal_requests_with_token(target: str) -> None:
 _DECODE_SPEED_CHILD = r"""
 import json, sys, time
 from pathlib import Path
-from cnn_stage.native_memory import tune_malloc
+from catcascade.cnn_stage.native_memory import tune_malloc
 if sys.argv[1] == "on":
     tune_malloc(2, 1024)
-from cnn_stage.preprocessing import PreprocessConfig, load_and_preprocess
+from catcascade.cnn_stage.preprocessing import PreprocessConfig, load_and_preprocess
 from benchmarks.hostile_images import png
 cfg = PreprocessConfig()
 photos = [p.read_bytes() for p in sorted(Path(sys.argv[2]).rglob("*.jpg"))] if sys.argv[2] else []

@@ -75,13 +75,13 @@ async def _run(verifier, items, concurrency: int, warmup: int, after_warmup=None
 def _load_items(bundle_dir: Path, n: int):
     from PIL import Image
 
-    from ensemble.bundle import load_bundle
-    from training.verification_data import bundle_top_k
+    from catcascade.ensemble.bundle import load_bundle
+    from catcascade.training.verification_data import bundle_top_k
 
     bundle = load_bundle(bundle_dir)
     split = bundle_dir / "data" / "split.json"
     if split.is_file():
-        from training.datasets import load_split
+        from catcascade.training.datasets import load_split
 
         held_out = load_split(split, bundle_dir / "data")
         paths = [s.path for s in (*held_out.test, *held_out.val)]
@@ -141,12 +141,12 @@ def main(args: argparse.Namespace) -> dict:
 
     import httpx
 
-    from vlm_stage.transformers_backend import TransformersBackendConfig, TransformersVerifier
-    from vlm_stage.vllm_client import VlmClientConfig, VllmVerifier, prefix_cache_counters
-    from vlm_stage.vllm_server import VllmServer, VllmServerConfig
+    from catcascade.vlm_stage.transformers_backend import TransformersBackendConfig, TransformersVerifier
+    from catcascade.vlm_stage.vllm_client import VlmClientConfig, VllmVerifier, prefix_cache_counters
+    from catcascade.vlm_stage.vllm_server import VllmServer, VllmServerConfig
 
     if not (args.bundle / "manifest.json").is_file():
-        from training.demo_bundle import build_demo_bundle
+        from catcascade.training.demo_bundle import build_demo_bundle
 
         print(f"building the demo bundle at {args.bundle}")
         build_demo_bundle(args.bundle)
@@ -158,7 +158,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.vlm_size == "bundle":
         base, adapter = bundle.vlm_base_path(), (str(bundle.vlm_adapter_path()) if spec.adapter_dir else None)
     else:
-        from vlm_stage.tiny_model import SIZES, build_tiny_llava
+        from catcascade.vlm_stage.tiny_model import SIZES, build_tiny_llava
 
         base, adapter = args.out / f"vlm-{args.vlm_size}", None
         if not (base / "config.json").is_file():

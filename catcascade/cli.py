@@ -13,13 +13,13 @@ from catcascade.errors import CommandError
 # Imported when the parser is built, so `catcascade --help` stays fast (heavy imports live
 # inside the handlers); add one line per feature module.
 COMMAND_REGISTRARS: list[str] = [
-    "serving.commands",
-    "serving.engines.ray_local_cluster",
-    "serving.model_repository.commands",
-    "training.train_cnn_command",
-    "training.train_vlm_command",
-    "training.score_command",
-    "ensemble.cli_commands",
+    "catcascade.serving.commands",
+    "catcascade.serving.engines.ray_local_cluster",
+    "catcascade.serving.model_repository.commands",
+    "catcascade.training.train_cnn_command",
+    "catcascade.training.train_vlm_command",
+    "catcascade.training.score_command",
+    "catcascade.ensemble.cli_commands",
     "benchmarks.latency",
     "benchmarks.accuracy",
 ]

@@ -3,7 +3,7 @@
 The client lives in serving/client/ (the serving layer's commands use it); this module only
 re-exports it, from the top layer, so nothing below may import it.
 """
-from serving.client import (AsyncCatcascadeClient, CatcascadeClient, CatcascadeRpcError, ClassifyResult,
+from catcascade.serving.client import (AsyncCatcascadeClient, CatcascadeClient, CatcascadeRpcError, ClassifyResult,
                             EscalationMode, EscalationReason, LabelScore, ModelInfo, ModelVersions, Priority,
                             Rationale, RetryPolicy, Timings, TrafficMode, VlmVerdict, classify_request,
                             results_table)

@@ -32,8 +32,8 @@ def export_onnx(model, path: str | Path, image_size: int, opset: int = 20, check
     )
     if not check:
         return None
-    from cnn_stage.onnx_runtime import OnnxClassifier
-    from cnn_stage.topk import softmax
+    from catcascade.cnn_stage.onnx_runtime import OnnxClassifier
+    from catcascade.cnn_stage.topk import softmax
 
     x = torch.randn(3, 3, image_size, image_size)
     with torch.inference_mode():

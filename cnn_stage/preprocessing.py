@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cnn_stage.decode_budget import (DecodeLimits, InvalidImageError, check_dimensions, estimated_decode_bytes,
+from catcascade.cnn_stage.decode_budget import (DecodeLimits, InvalidImageError, check_dimensions, estimated_decode_bytes,
                                      exif_orientation, inspect_structure, jpeg_draft_scale)
 
 __all__ = ["DecodeLimits", "InvalidImageError", "PreprocessConfig", "decode_image", "preprocess", "load_and_preprocess"]

@@ -127,7 +127,7 @@ def load_images(paths: Iterable[Path], preprocess_config, limit: int | None = No
 
     Unreadable files are skipped and logged.
     """
-    from cnn_stage.preprocessing import InvalidImageError, load_and_preprocess
+    from catcascade.cnn_stage.preprocessing import InvalidImageError, load_and_preprocess
 
     out, kept, bad = [], [], 0
     for i, p in enumerate(paths):

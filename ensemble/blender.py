@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ensemble.blending import _EPS, Blender, check_batch, normalised_vlm, place_in_candidates, true_class_nll
-from ensemble.config import BlendConfig
+from catcascade.ensemble.blending import _EPS, Blender, check_batch, normalised_vlm, place_in_candidates, true_class_nll
+from catcascade.ensemble.config import BlendConfig
 
 
 class LogLinearBlender(Blender):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from ensemble.blender import LogLinearBlender
-from ensemble.blending import Blender
-from ensemble.config import BlendConfig
-from ensemble.stacking import StackingBlender
+from catcascade.ensemble.blender import LogLinearBlender
+from catcascade.ensemble.blending import Blender
+from catcascade.ensemble.config import BlendConfig
+from catcascade.ensemble.stacking import StackingBlender
 
 BlenderName = Literal["log_linear", "stacking"]
 BLENDERS: dict[str, type[Blender]] = {"log_linear": LogLinearBlender, "stacking": StackingBlender}

@@ -11,7 +11,7 @@ import abc
 
 import numpy as np
 
-from cnn_stage.topk import softmax
+from catcascade.cnn_stage.topk import softmax
 
 _EPS = 1e-6
 

@@ -19,9 +19,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cnn_stage.preprocessing import PreprocessConfig
-from ensemble.confidence_histogram import ConfidenceHistogram
-from ensemble.config import CascadeConfig
+from catcascade.cnn_stage.preprocessing import PreprocessConfig
+from catcascade.ensemble.confidence_histogram import ConfidenceHistogram
+from catcascade.ensemble.config import CascadeConfig
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

@@ -33,7 +33,7 @@ from typing import Literal
 
 import numpy as np
 
-from ensemble.config import CandidateSetConfig
+from catcascade.ensemble.config import CandidateSetConfig
 
 LAMBDA_GRID = (0.0, 0.001, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 _NEVER = 1e9  # qhat when the guarantee cannot be met within the cap (JSON has no infinity)

@@ -13,7 +13,7 @@ DEFAULT_BUNDLE = Path("artifacts/demo-bundle")
 @contextlib.contextmanager
 def user_errors():
     """Turns the predictable failures (bad paths, files, settings) into CommandError messages."""
-    from ensemble.bundle import BundleError
+    from catcascade.ensemble.bundle import BundleError
     from catcascade.errors import CommandError
 
     try:
@@ -25,7 +25,7 @@ def user_errors():
 def _compare_rules(scores, args) -> None:
     """The deferral rules on the same cross-fitted folds, printed as a table (what the learned
     rule is worth against top1, margin and entropy on these scores)."""
-    from ensemble.offline_eval import OfflineEvalConfig, evaluate_offline
+    from catcascade.ensemble.offline_eval import OfflineEvalConfig, evaluate_offline
 
     budget = args.budget / 100.0
     result = evaluate_offline(scores, OfflineEvalConfig(
@@ -51,9 +51,9 @@ def _compare_rules(scores, args) -> None:
 
 
 def _fit_cascade(args) -> int:
-    from ensemble.config import CascadeConfig
-    from ensemble.offline_eval import fit_cascade
-    from ensemble.score_files import ScoreSet
+    from catcascade.ensemble.config import CascadeConfig
+    from catcascade.ensemble.offline_eval import fit_cascade
+    from catcascade.ensemble.score_files import ScoreSet
 
     with user_errors():
         scores = ScoreSet.concat([ScoreSet.load(p) for p in args.scores])

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ensemble.bootstrap import Resampler, balanced_accuracy_samples, interval, paired_difference
+from catcascade.ensemble.bootstrap import Resampler, balanced_accuracy_samples, interval, paired_difference
 
 RULES = ("top1", "margin", "entropy", "learned")
 CURVE_BUDGETS = tuple(round(b, 4) for b in np.linspace(0.0, 1.0, 21))

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ensemble.config import EscalationConfig, LearnedDeferralParams
-from ensemble.confidence import confidence_scores as _confidence_scores
-from ensemble.learned_deferral import predicted_gain
+from catcascade.ensemble.config import EscalationConfig, LearnedDeferralParams
+from catcascade.ensemble.confidence import confidence_scores as _confidence_scores
+from catcascade.ensemble.learned_deferral import predicted_gain
 
 
 class EscalationMode(enum.IntEnum):

@@ -24,8 +24,8 @@ import warnings
 
 import numpy as np
 
-from ensemble.config import LearnedDeferralParams
-from ensemble.confidence import confidence_from_sorted, sorted_probs
+from catcascade.ensemble.config import LearnedDeferralParams
+from catcascade.ensemble.confidence import confidence_from_sorted, sorted_probs
 
 
 def feature_names(num_classes: int, top_k: int = 3) -> list[str]:

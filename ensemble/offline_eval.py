@@ -21,19 +21,19 @@ from typing import Literal
 
 import numpy as np
 
-from ensemble.blender import LogLinearBlender
-from ensemble.blender_registry import BlenderName, make_fitted_blender
-from ensemble.blending import blend_first
-from ensemble.bootstrap import METRICS, Resampler, interval, metric_samples, paired_difference
-from ensemble.candidate_sets import coverage, fit_candidate_sets, sizes_for, true_ranks
-from ensemble.config import BlendConfig, CascadeConfig, LearnedDeferralParams
-from ensemble.deferral_comparison import CURVE_BUDGETS, RULES, RuleCurve, compare_rules
-from ensemble.escalation_policy import EscalationPolicy
-from ensemble.learned_deferral import LearnedDeferral
-from ensemble.metrics import ClassificationSummary, minority_classes, summarize
-from ensemble.policy_fitting import Objective, fit_escalation
-from ensemble.score_files import ScoreSet
-from ensemble.temperature import TemperatureScaler
+from catcascade.ensemble.blender import LogLinearBlender
+from catcascade.ensemble.blender_registry import BlenderName, make_fitted_blender
+from catcascade.ensemble.blending import blend_first
+from catcascade.ensemble.bootstrap import METRICS, Resampler, interval, metric_samples, paired_difference
+from catcascade.ensemble.candidate_sets import coverage, fit_candidate_sets, sizes_for, true_ranks
+from catcascade.ensemble.config import BlendConfig, CascadeConfig, LearnedDeferralParams
+from catcascade.ensemble.deferral_comparison import CURVE_BUDGETS, RULES, RuleCurve, compare_rules
+from catcascade.ensemble.escalation_policy import EscalationPolicy
+from catcascade.ensemble.learned_deferral import LearnedDeferral
+from catcascade.ensemble.metrics import ClassificationSummary, minority_classes, summarize
+from catcascade.ensemble.policy_fitting import Objective, fit_escalation
+from catcascade.ensemble.score_files import ScoreSet
+from catcascade.ensemble.temperature import TemperatureScaler
 
 DEFAULT_BUDGETS = (0.0, 0.05, 0.10, 0.20, 0.30, 0.50, 1.0)
 Deferral = Literal["top1", "margin", "entropy", "learned"]

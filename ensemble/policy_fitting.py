@@ -24,9 +24,9 @@ from typing import Literal
 
 import numpy as np
 
-from ensemble.config import EscalationConfig, LearnedDeferralParams
-from ensemble.escalation_policy import confidence_scores
-from ensemble.metrics import balanced_accuracy, minority_classes
+from catcascade.ensemble.config import EscalationConfig, LearnedDeferralParams
+from catcascade.ensemble.escalation_policy import confidence_scores
+from catcascade.ensemble.metrics import balanced_accuracy, minority_classes
 
 Objective = Literal["rate", "balanced_accuracy"]
 

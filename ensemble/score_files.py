@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnn_stage.topk import softmax
+from catcascade.cnn_stage.topk import softmax
 
 FORMAT = "catcascade-scores"
 FORMAT_VERSION = 1

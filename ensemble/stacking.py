@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ensemble.blending import _EPS, Blender, check_batch, normalised_vlm, place_in_candidates, true_class_nll
-from ensemble.config import BlendConfig, StackingParams
-from ensemble.confidence import confidence_scores
+from catcascade.ensemble.blending import _EPS, Blender, check_batch, normalised_vlm, place_in_candidates, true_class_nll
+from catcascade.ensemble.config import BlendConfig, StackingParams
+from catcascade.ensemble.confidence import confidence_scores
 
 
 def feature_names(top_k: int) -> list[str]:

@@ -26,8 +26,8 @@ from typing import Literal
 
 import numpy as np
 
-from cnn_stage.topk import softmax
-from ensemble.score_files import ScoreSet
+from catcascade.cnn_stage.topk import softmax
+from catcascade.ensemble.score_files import ScoreSet
 
 Regime = Literal["uniform", "specialist", "noisy_labels"]
 

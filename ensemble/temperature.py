@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from cnn_stage.topk import softmax
+from catcascade.cnn_stage.topk import softmax
 
 
 def _nll(logits: np.ndarray, y: np.ndarray, t: float) -> float:

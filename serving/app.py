@@ -9,23 +9,23 @@ import logging
 import os
 import signal
 
-from ensemble.bundle import Bundle, BundleError, load_bundle
-from cnn_stage.onnx_runtime import OnnxClassifier, OverlapAwareClassifier, cuda_available
-from cnn_stage.native_memory import tune_malloc
-from cnn_stage.preprocessing import DecodeLimits
-from ensemble.blender_registry import make_blender
-from ensemble.escalation_policy import EscalationPolicy
-from serving.api import cascade_pb2 as pb
-from serving.batcher import BatcherConfig, DynamicBatcher
-from serving.circuit_breaker import BreakerConfig, CircuitBreaker
-from serving.metrics import ServiceMetrics
-from serving.config import ServeConfig
-from serving.engines.thread_priority import build_in_lowered_thread
-from serving.observability.tracing import NoTracing, make_tracing
-from serving.pipeline import CascadePipeline, PipelineConfig
-from serving.server import CatClassifierServicer, run_server
-from serving.traffic.admission import AdmissionConfig, AdmissionController
-from serving.traffic.vlm_watchdog import VlmWatchdog, WatchdogConfig
+from catcascade.ensemble.bundle import Bundle, BundleError, load_bundle
+from catcascade.cnn_stage.onnx_runtime import OnnxClassifier, OverlapAwareClassifier, cuda_available
+from catcascade.cnn_stage.native_memory import tune_malloc
+from catcascade.cnn_stage.preprocessing import DecodeLimits
+from catcascade.ensemble.blender_registry import make_blender
+from catcascade.ensemble.escalation_policy import EscalationPolicy
+from catcascade.serving.api import cascade_pb2 as pb
+from catcascade.serving.batcher import BatcherConfig, DynamicBatcher
+from catcascade.serving.circuit_breaker import BreakerConfig, CircuitBreaker
+from catcascade.serving.metrics import ServiceMetrics
+from catcascade.serving.config import ServeConfig
+from catcascade.serving.engines.thread_priority import build_in_lowered_thread
+from catcascade.serving.observability.tracing import NoTracing, make_tracing
+from catcascade.serving.pipeline import CascadePipeline, PipelineConfig
+from catcascade.serving.server import CatClassifierServicer, run_server
+from catcascade.serving.traffic.admission import AdmissionConfig, AdmissionController
+from catcascade.serving.traffic.vlm_watchdog import VlmWatchdog, WatchdogConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,13 @@ def _verifier(bundle: Bundle, cfg: ServeConfig, request_headers=None):
         raise ValueError(f"bundle {bundle.root} has no vlm section: set vlm.model, or serve CNN-only")
     mode = cfg.vlm.scoring_mode or (spec.scoring_mode if spec else "multiple_choice")
     if backend == "transformers":
-        from vlm_stage.transformers_backend import TransformersBackendConfig, TransformersVerifier
+        from catcascade.vlm_stage.transformers_backend import TransformersBackendConfig, TransformersVerifier
 
         adapter = bundle.vlm_adapter_path()
         return TransformersVerifier(TransformersBackendConfig(
             model=bundle.vlm_base_path(), adapter=str(adapter) if adapter else None,
             name=spec.adapter_name or spec.served_model_name, scoring_mode=mode))
-    from vlm_stage.vllm_client import VlmClientConfig, VllmVerifier
+    from catcascade.vlm_stage.vllm_client import VlmClientConfig, VllmVerifier
 
     model = cfg.vlm.model or spec.adapter_name or spec.served_model_name
     return VllmVerifier(VlmClientConfig(urls=cfg.vlm.urls, model=model, scoring_mode=mode,
@@ -60,7 +60,7 @@ async def warm_up(verifier, candidates: tuple[str, ...], timeout_s: float = 180.
     """One request with a generous timeout: the first request per option set tokenizes the
     options (and, with the grammar constraint, compiles the grammar: seconds on a CPU), which
     must not land on a user's request."""
-    from vlm_stage.vllm_client import VllmVerifier
+    from catcascade.vlm_stage.vllm_client import VllmVerifier
 
     probe = verifier
     if isinstance(verifier, VllmVerifier):
@@ -87,7 +87,7 @@ async def keep_warming_up(verifier, candidates: tuple[str, ...], period_s: float
 def _watchdog_probe(verifier, cfg: ServeConfig):
     """A probe client of its own for the VLM watchdog (vLLM backend, health_period_s > 0):
     one attempt, its own timeout, and its requests kept out of the verifier's counters."""
-    from vlm_stage.vllm_client import VllmVerifier
+    from catcascade.vlm_stage.vllm_client import VllmVerifier
 
     if not isinstance(verifier, VllmVerifier) or cfg.breaker.health_period_s <= 0:
         return None
@@ -116,21 +116,21 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
     tracing = make_tracing(cfg.tracing)
     tenants = None
     if cfg.auth.tenants or cfg.tenant_budgets.active:
-        from serving.traffic.tenant_budgets import TenantBudgets
+        from catcascade.serving.traffic.tenant_budgets import TenantBudgets
 
         tenants = TenantBudgets(cfg.tenant_budgets, cfg.auth.tenants, registry=metrics.registry)
     # every version of the model repository shares the service's tracing and tenant buckets
     factory = functools.partial(build_cascade, tracing=tracing,
                                 tenant_budgets=tenants if cfg.tenant_budgets.active else None)
     if cfg.models is not None:
-        from serving.model_repository.service import routed_pipeline
+        from catcascade.serving.model_repository.service import routed_pipeline
 
         cascade = routed_pipeline(cfg, metrics, factory)
     else:
         cascade = factory(cfg, metrics)
     cache = None
     if cfg.cache.enabled:
-        from serving.traffic.response_cache import ResponseCache
+        from catcascade.serving.traffic.response_cache import ResponseCache
 
         cache = ResponseCache(cfg.cache, size_of=lambda r: r.ByteSize(), registry=metrics.registry)
     try:
@@ -165,7 +165,7 @@ async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None,
     nice = cfg.compute_nice
     ray_stages = None
     if cfg.engine == "ray":  # CNN (and VLM) stages as Ray Serve deployments; same front door and pipeline
-        from serving.engines.ray_engine import open_ray_stages
+        from catcascade.serving.engines.ray_engine import open_ray_stages
 
         ray_stages = await open_ray_stages(cfg, bundle, on_batch=metrics.batch_size.observe)
         batcher = ray_stages.cnn

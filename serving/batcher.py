@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from serving.engines.thread_priority import lower_current_thread
+from catcascade.serving.engines.thread_priority import lower_current_thread
 
 
 class QueueFullError(RuntimeError):

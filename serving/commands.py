@@ -16,7 +16,7 @@ def serve_config_from_args(args):
     """ServeConfig from --config YAML (if any) with the command-line flags layered on top."""
     import yaml
 
-    from serving.config import ServeConfig
+    from catcascade.serving.config import ServeConfig
 
     data = (yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
     if getattr(args, "models", None) is not None or getattr(args, "admin_port", None) is not None:
@@ -49,11 +49,11 @@ def _serve(args) -> int:
 
     from pydantic import ValidationError
 
-    from ensemble.bundle import BundleError
-    from serving.app import serve_forever
-    from serving.engines.cnn_engine import EngineUnavailableError
-    from serving.log_format import configure_logging
-    from serving.model_repository.loading import VersionRejected
+    from catcascade.ensemble.bundle import BundleError
+    from catcascade.serving.app import serve_forever
+    from catcascade.serving.engines.cnn_engine import EngineUnavailableError
+    from catcascade.serving.log_format import configure_logging
+    from catcascade.serving.model_repository.loading import VersionRejected
 
     try:
         cfg = serve_config_from_args(args)
@@ -69,7 +69,7 @@ def _serve(args) -> int:
 def _classify(args) -> int:
     import grpc
 
-    from serving.client import CatcascadeClient, RetryPolicy, results_table
+    from catcascade.serving.client import CatcascadeClient, RetryPolicy, results_table
 
     paths = [Path(p) for p in args.images]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -120,14 +120,14 @@ def _classify(args) -> int:
 
 
 def _demo(args) -> int:
-    from serving.demo import run_demo
+    from catcascade.serving.demo import run_demo
 
     images = [Path(p) for p in args.images] if args.images else None
     return run_demo(Path(args.bundle), use_vlm=not args.no_vlm, images=images, mode=args.mode)
 
 
 def _build_demo(args) -> int:
-    from training.demo_bundle import build_demo_bundle
+    from catcascade.training.demo_bundle import build_demo_bundle
 
     build_demo_bundle(Path(args.out))
     return 0
@@ -137,8 +137,8 @@ def _serve_vlm(args) -> int:
     import signal
     import time
 
-    from ensemble.bundle import load_bundle
-    from vlm_stage.vllm_server import VllmServer, VllmServerConfig
+    from catcascade.ensemble.bundle import load_bundle
+    from catcascade.vlm_stage.vllm_server import VllmServer, VllmServerConfig
 
     try:
         cfg = VllmServerConfig.for_bundle(load_bundle(args.bundle), host=args.host, port=args.port, dtype=args.dtype,

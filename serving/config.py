@@ -6,12 +6,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serving.engines.ray_config import RayEngineConfig
-from serving.model_repository.config import ModelsConfig
-from serving.observability.drift import DriftConfig
-from serving.observability.tracing import TracingConfig
-from serving.traffic.response_cache import ResponseCacheConfig
-from serving.traffic.tenant_budgets import TenantBudgetsConfig
+from catcascade.serving.engines.ray_config import RayEngineConfig
+from catcascade.serving.model_repository.config import ModelsConfig
+from catcascade.serving.observability.drift import DriftConfig
+from catcascade.serving.observability.tracing import TracingConfig
+from catcascade.serving.traffic.response_cache import ResponseCacheConfig
+from catcascade.serving.traffic.tenant_budgets import TenantBudgetsConfig
 
 
 class BatchingConfig(BaseModel):
@@ -250,7 +250,7 @@ class ServeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _budgeted_tenants_exist(self) -> "ServeConfig":
-        from serving.traffic.tenant_budgets import ANONYMOUS
+        from catcascade.serving.traffic.tenant_budgets import ANONYMOUS
 
         unknown = sorted(set(self.tenant_budgets.tenants) - set(self.auth.tenants) - {ANONYMOUS})
         if unknown:

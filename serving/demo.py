@@ -18,7 +18,7 @@ def demo_images(bundle_dir: Path, n_synthetic: int = 6, n_real: int = 4, seed: i
     images: list[Path] = []
     split = bundle_dir / "data" / "split.json"
     if split.is_file():
-        from training.datasets import load_split
+        from catcascade.training.datasets import load_split
 
         test = [s.path for s in load_split(split, bundle_dir / "data").test]
         images += random.Random(seed).sample(test, min(n_synthetic, len(test)))
@@ -31,15 +31,15 @@ def demo_images(bundle_dir: Path, n_synthetic: int = 6, n_real: int = 4, seed: i
 def run_demo(bundle_dir: Path, use_vlm: bool = True, images: list[Path] | None = None, mode: str = "auto") -> int:
     from rich.console import Console
 
-    from ensemble.bundle import load_bundle
-    from serving.client import CatcascadeClient, results_table
-    from serving.config import ServeConfig, VlmEndpointConfig
-    from serving.service_thread import ServiceThread
+    from catcascade.ensemble.bundle import load_bundle
+    from catcascade.serving.client import CatcascadeClient, results_table
+    from catcascade.serving.config import ServeConfig, VlmEndpointConfig
+    from catcascade.serving.service_thread import ServiceThread
 
     console = Console(width=200)
     t0 = time.perf_counter()
     if not (bundle_dir / "manifest.json").is_file():
-        from training.demo_bundle import build_demo_bundle
+        from catcascade.training.demo_bundle import build_demo_bundle
 
         console.print(f"[bold]No bundle at {bundle_dir}: building the embedded default[/bold]")
         build_demo_bundle(bundle_dir)
@@ -50,7 +50,7 @@ def run_demo(bundle_dir: Path, use_vlm: bool = True, images: list[Path] | None =
         return 2
     vllm = None
     if use_vlm and bundle.manifest.vlm is not None:
-        from vlm_stage.vllm_server import VllmServer, VllmServerConfig
+        from catcascade.vlm_stage.vllm_server import VllmServer, VllmServerConfig
 
         console.print("[bold]Starting the vLLM server[/bold] (about a minute on a CPU)...")
         vllm = VllmServer(VllmServerConfig.for_bundle(bundle),

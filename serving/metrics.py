@@ -45,7 +45,7 @@ class ServiceMetrics:
     def serve_http(self, port: int, host: str = "127.0.0.1", tls=None, tokens: list[str] | None = None):
         """Starts the /metrics endpoint (HTTPS with ``tls``, bearer-token protected with
         ``tokens``); returns (server, thread) and keeps the server as ``http_server``."""
-        from serving.observability.metrics_endpoint import start_metrics_server
+        from catcascade.serving.observability.metrics_endpoint import start_metrics_server
 
         server, thread = start_metrics_server(self.registry, port, host, tls=tls, tokens=tokens)
         self.http_server = server

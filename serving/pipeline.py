@@ -22,23 +22,23 @@ from typing import Callable, Protocol
 import numpy as np
 from PIL import Image
 
-from cnn_stage.native_memory import release_free_memory
-from cnn_stage.preprocessing import PreprocessConfig, decode_image, preprocess
-from cnn_stage.topk import TopK, softmax, top_k
-from ensemble.blending import Blender
-from ensemble.candidate_sets import set_size
-from ensemble.config import CandidateSetConfig
-from ensemble.escalation_policy import EscalationDecision, EscalationMode, EscalationPolicy, EscalationReason
-from serving.batcher import QueueFullError
-from serving.circuit_breaker import BreakerState, CircuitBreaker
-from serving.engines.cnn_engine import CnnEngine
-from serving.engines.thread_priority import lower_current_thread
-from serving.metrics import ServiceMetrics
-from serving.observability.tracing import NoTracing, now_ns
-from serving.traffic.priorities import Priority, PrioritySlots
-from serving.traffic.tenant_budgets import TenantBudgets
-from vlm_stage.rationale import Rationale
-from vlm_stage.scoring import CandidateScores
+from catcascade.cnn_stage.native_memory import release_free_memory
+from catcascade.cnn_stage.preprocessing import PreprocessConfig, decode_image, preprocess
+from catcascade.cnn_stage.topk import TopK, softmax, top_k
+from catcascade.ensemble.blending import Blender
+from catcascade.ensemble.candidate_sets import set_size
+from catcascade.ensemble.config import CandidateSetConfig
+from catcascade.ensemble.escalation_policy import EscalationDecision, EscalationMode, EscalationPolicy, EscalationReason
+from catcascade.serving.batcher import QueueFullError
+from catcascade.serving.circuit_breaker import BreakerState, CircuitBreaker
+from catcascade.serving.engines.cnn_engine import CnnEngine
+from catcascade.serving.engines.thread_priority import lower_current_thread
+from catcascade.serving.metrics import ServiceMetrics
+from catcascade.serving.observability.tracing import NoTracing, now_ns
+from catcascade.serving.traffic.priorities import Priority, PrioritySlots
+from catcascade.serving.traffic.tenant_budgets import TenantBudgets
+from catcascade.vlm_stage.rationale import Rationale
+from catcascade.vlm_stage.scoring import CandidateScores
 
 log = logging.getLogger(__name__)
 

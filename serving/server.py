@@ -15,20 +15,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cnn_stage.preprocessing import InvalidImageError
-from ensemble.escalation_policy import EscalationMode
-from serving.api import cascade_pb2 as pb
-from serving.api import cascade_pb2_grpc as pb_grpc
-from serving.auth import BearerTokenInterceptor
-from serving.batcher import QueueFullError
-from serving.engines.cnn_engine import EngineUnavailableError
-from serving.metrics import ServiceMetrics
-from serving.observability.drift import DriftConfig, DriftMonitor, vlm_agrees
-from serving.observability.tracing import NoTracing
-from serving.pipeline import CascadePipeline, CascadeResult, DeadlineExceededError
-from serving.traffic.priorities import Priority
-from serving.traffic.response_cache import SingleFlight, cache_key
-from serving.traffic.admission import AdmissionController, AdmissionRefused
+from catcascade.cnn_stage.preprocessing import InvalidImageError
+from catcascade.ensemble.escalation_policy import EscalationMode
+from catcascade.serving.api import cascade_pb2 as pb
+from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
+from catcascade.serving.auth import BearerTokenInterceptor
+from catcascade.serving.batcher import QueueFullError
+from catcascade.serving.engines.cnn_engine import EngineUnavailableError
+from catcascade.serving.metrics import ServiceMetrics
+from catcascade.serving.observability.drift import DriftConfig, DriftMonitor, vlm_agrees
+from catcascade.serving.observability.tracing import NoTracing
+from catcascade.serving.pipeline import CascadePipeline, CascadeResult, DeadlineExceededError
+from catcascade.serving.traffic.priorities import Priority
+from catcascade.serving.traffic.response_cache import SingleFlight, cache_key
+from catcascade.serving.traffic.admission import AdmissionController, AdmissionRefused
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CatClassifier"].full_name
@@ -412,7 +412,7 @@ class VlmHealthTracker:
     def status(self):
         """SERVING only while the breaker is closed: open (failing, or a hang the watchdog saw)
         and half-open (not yet known to be back) are both NOT_SERVING."""
-        from serving.circuit_breaker import BreakerState
+        from catcascade.serving.circuit_breaker import BreakerState
 
         ok = self.pipeline.verifier is not None and (
             self.pipeline.breaker is None or self.pipeline.breaker.state == BreakerState.CLOSED)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from serving.config import ServeConfig
+from catcascade.serving.config import ServeConfig
 
 
 class ServiceThread:
@@ -21,7 +21,7 @@ class ServiceThread:
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
 
     async def _main(self):
-        from serving.app import running_service
+        from catcascade.serving.app import running_service
 
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()

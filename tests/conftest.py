@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.service_thread import ServiceThread as GrpcServerThread  # noqa: F401 - tests import it from here
+from catcascade.serving.service_thread import ServiceThread as GrpcServerThread  # noqa: F401 - tests import it from here
 
 REPO = Path(__file__).resolve().parents[1]
 # $CATCASCADE_SAMPLE_DATA for checkouts that are not beside shared/ (git worktrees elsewhere)
@@ -74,7 +74,7 @@ def sample_data() -> Path:
 @pytest.fixture(scope="session")
 def demo_bundle(tmp_path_factory) -> Path:
     """The embedded default bundle, built once (about 20 s on 2 cores)."""
-    from training.demo_bundle import DemoBundleConfig, build_demo_bundle
+    from catcascade.training.demo_bundle import DemoBundleConfig, build_demo_bundle
 
     return build_demo_bundle(tmp_path_factory.mktemp("bundle") / "demo", DemoBundleConfig(), progress=False)
 
@@ -82,8 +82,8 @@ def demo_bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def vllm_server(demo_bundle, tmp_path_factory):
     """The real vLLM OpenAI server serving the bundle's tiny VLM with its LoRA adapter."""
-    from ensemble.bundle import load_bundle
-    from vlm_stage.vllm_server import VllmServer, VllmServerConfig
+    from catcascade.ensemble.bundle import load_bundle
+    from catcascade.vlm_stage.vllm_server import VllmServer, VllmServerConfig
 
     cfg = VllmServerConfig.for_bundle(load_bundle(demo_bundle))
     server = VllmServer(cfg, log_path=tmp_path_factory.mktemp("logs") / "vllm.log").start()
@@ -115,7 +115,7 @@ def session_vllm_stopped():
 
 @pytest.fixture(scope="session")
 def grpc_server(demo_bundle, vllm_server):
-    from serving.config import ServeConfig
+    from catcascade.serving.config import ServeConfig
 
     server = GrpcServerThread(ServeConfig(bundle=demo_bundle, port=0, vlm={"urls": [vllm_server.url]})).start()
     yield server
@@ -128,8 +128,8 @@ def client(grpc_server):
     froze vLLM may have opened it; its watchdog closes it again within seconds)."""
     import time
 
-    from serving.circuit_breaker import BreakerState
-    from serving.client import CatcascadeClient
+    from catcascade.serving.circuit_breaker import BreakerState
+    from catcascade.serving.client import CatcascadeClient
 
     breaker = grpc_server.servicer.pipeline.breaker
     deadline = time.monotonic() + 90
@@ -143,8 +143,8 @@ def client(grpc_server):
 @pytest.fixture(scope="session")
 def tiny_vlm(tmp_path_factory) -> Path:
     """A tiny LLaVA (random weights) built from a config, for VLM unit tests (under a second)."""
-    from training.synthetic_data import DEMO_LABELS
-    from vlm_stage.tiny_model import build_tiny_llava
+    from catcascade.training.synthetic_data import DEMO_LABELS
+    from catcascade.vlm_stage.tiny_model import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("tiny-vlm") / "base", DEMO_LABELS, seed=0)
 
@@ -157,7 +157,7 @@ class ServeProcess:
     def __init__(self, config: dict, tmp_path: Path):
         import yaml
 
-        from vlm_stage.vllm_server import free_port
+        from catcascade.vlm_stage.vllm_server import free_port
 
         self.metrics_port = free_port()
         self.config_path = tmp_path / "serve-process.yaml"

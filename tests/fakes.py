@@ -7,14 +7,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cnn_stage.preprocessing import PreprocessConfig
-from ensemble.blender import LogLinearBlender
-from ensemble.config import BlendConfig, EscalationConfig
-from ensemble.escalation_policy import EscalationPolicy
-from serving.batcher import BatchResult
-from serving.pipeline import CascadePipeline, PipelineConfig
-from vlm_stage.rationale import Rationale
-from vlm_stage.scoring import CandidateScores
+from catcascade.cnn_stage.preprocessing import PreprocessConfig
+from catcascade.ensemble.blender import LogLinearBlender
+from catcascade.ensemble.config import BlendConfig, EscalationConfig
+from catcascade.ensemble.escalation_policy import EscalationPolicy
+from catcascade.serving.batcher import BatchResult
+from catcascade.serving.pipeline import CascadePipeline, PipelineConfig
+from catcascade.vlm_stage.rationale import Rationale
+from catcascade.vlm_stage.scoring import CandidateScores
 
 LABELS = ["Abyssinian", "Bengal", "Birman", "Bombay", "Persian", "Siamese"]
 LOGITS = np.array([0.2, 3.0, -1.0, 2.2, 1.4, 0.0], dtype=np.float32)

@@ -26,7 +26,7 @@ def _mutmut() -> str:
 
 
 def module_of(mutant: str) -> str:
-    """'serving.batcher.xǁDynamicBatcherǁsubmit__mutmut_3' -> 'serving/batcher.py'."""
+    """'catcascade.serving.batcher.xǁDynamicBatcherǁsubmit__mutmut_3' -> 'serving/batcher.py'."""
     head = re.split(r"\.x(?:_|ǁ)", mutant, maxsplit=1)[0]
     return head.replace(".", "/") + ".py"
 

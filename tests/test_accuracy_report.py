@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 
 from benchmarks.accuracy import PLOTS, render_report
-from ensemble.config import CascadeConfig
-from ensemble.escalation_policy import EscalationPolicy
-from ensemble.offline_eval import OfflineEvalConfig, evaluate_offline
-from ensemble.score_files import ScoreSet
-from ensemble.synthetic_scores import SyntheticScoreConfig, synthetic_score_set
+from catcascade.ensemble.config import CascadeConfig
+from catcascade.ensemble.escalation_policy import EscalationPolicy
+from catcascade.ensemble.offline_eval import OfflineEvalConfig, evaluate_offline
+from catcascade.ensemble.score_files import ScoreSet
+from catcascade.ensemble.synthetic_scores import SyntheticScoreConfig, synthetic_score_set
 from catcascade.cli import main as cli
 
 

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from serving.batcher import BatcherConfig, DynamicBatcher, QueueFullError
+from catcascade.serving.batcher import BatcherConfig, DynamicBatcher, QueueFullError
 
 
 def test_concurrent_requests_share_batches_and_get_their_own_rows():
@@ -296,7 +296,7 @@ def test_the_batch_time_estimate_is_a_decayed_mean_and_sheds_what_cannot_make_it
 
     first, second, shed, errors = asyncio.run(go())
     assert first == pytest.approx(10.0) and second == pytest.approx(12.0)
-    from serving.batcher import DeadlineUnmeetableError
+    from catcascade.serving.batcher import DeadlineUnmeetableError
 
     assert shed == 2 and all(isinstance(e, DeadlineUnmeetableError) for e in errors)
     left = int(re.match(r"shed from the CNN queue: (\d+) ms of the deadline left, a batch takes 12000 ms$",

@@ -8,10 +8,10 @@ import re
 import numpy as np
 import pytest
 
-from ensemble.blender import LogLinearBlender
-from ensemble.blending import check_batch, normalised_vlm, true_class_nll
-from ensemble.config import BlendConfig, EscalationConfig
-from ensemble.escalation_policy import EscalationPolicy, confidence_scores
+from catcascade.ensemble.blender import LogLinearBlender
+from catcascade.ensemble.blending import check_batch, normalised_vlm, true_class_nll
+from catcascade.ensemble.config import BlendConfig, EscalationConfig
+from catcascade.ensemble.escalation_policy import EscalationPolicy, confidence_scores
 
 EPS = 1e-6
 

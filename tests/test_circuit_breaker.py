@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.circuit_breaker import BreakerConfig, BreakerState, CircuitBreaker
+from catcascade.serving.circuit_breaker import BreakerConfig, BreakerState, CircuitBreaker
 from tests.fakes import FakeClock
 
 

@@ -28,7 +28,7 @@ def test_classify_missing_file_is_a_clear_error(capsys):
 
 def test_classify_unreachable_server_is_a_clear_error(tmp_path, capsys):
     from tests.conftest import jpeg_bytes
-    from vlm_stage.vllm_server import free_port
+    from catcascade.vlm_stage.vllm_server import free_port
 
     img = tmp_path / "cat.jpg"
     img.write_bytes(jpeg_bytes())
@@ -54,7 +54,7 @@ def test_usage_errors_exit_2(argv):
 
 def test_serve_flags_layer_over_the_yaml_config(tmp_path):
     from catcascade.cli import build_parser
-    from serving.commands import serve_config_from_args
+    from catcascade.serving.commands import serve_config_from_args
 
     cfg = tmp_path / "service.yaml"
     cfg.write_text("bundle: /b\nport: 6000\nvlm: {urls: ['http://a:1'], timeout_s: 3}\nlimits: {max_inflight_requests: 7}\n")

@@ -7,9 +7,9 @@ import random
 import grpc
 import pytest
 
-from serving.api import cascade_pb2 as pb
-from serving.client import ClassifyResult, EscalationReason, Priority, RetryPolicy, classify_request
-from serving.client.retry import Attempts, CatcascadeRpcError, is_retryable
+from catcascade.serving.api import cascade_pb2 as pb
+from catcascade.serving.client import ClassifyResult, EscalationReason, Priority, RetryPolicy, classify_request
+from catcascade.serving.client.retry import Attempts, CatcascadeRpcError, is_retryable
 
 
 class FakeClock:

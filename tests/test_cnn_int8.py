@@ -10,8 +10,8 @@ import pytest
 def fp32_model(tmp_path_factory):
     import torch
 
-    from cnn_stage.model import create_convnext
-    from cnn_stage.onnx_export import export_onnx
+    from catcascade.cnn_stage.model import create_convnext
+    from catcascade.cnn_stage.onnx_export import export_onnx
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("int8") / "cnn.onnx"
@@ -21,7 +21,7 @@ def fp32_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def jpeg_files(tmp_path_factory):
-    from training.synthetic_data import write_synthetic_dataset
+    from catcascade.training.synthetic_data import write_synthetic_dataset
 
     root = write_synthetic_dataset(tmp_path_factory.mktemp("jpegs"), ["a", "b"], per_class=8, size=80, progress=False)
     files = sorted(root.rglob("*.jpg"))
@@ -33,9 +33,9 @@ def jpeg_files(tmp_path_factory):
 def test_static_int8_model_loads_and_agrees_measurably(fp32_model, jpeg_files, tmp_path, fmt, node):
     import onnx
 
-    from cnn_stage.onnx_runtime import OnnxClassifier
-    from cnn_stage.preprocessing import PreprocessConfig
-    from cnn_stage.quantization import QuantizationConfig, agreement, load_images, quantize_int8, run_batched
+    from catcascade.cnn_stage.onnx_runtime import OnnxClassifier
+    from catcascade.cnn_stage.preprocessing import PreprocessConfig
+    from catcascade.cnn_stage.quantization import QuantizationConfig, agreement, load_images, quantize_int8, run_batched
 
     x, kept = load_images(jpeg_files, PreprocessConfig(image_size=64))
     assert len(kept) == len(jpeg_files) - 1  # the broken file is skipped, not fatal
@@ -52,7 +52,7 @@ def test_static_int8_model_loads_and_agrees_measurably(fp32_model, jpeg_files, t
 
 
 def test_agreement_is_the_share_of_matching_top1():
-    from cnn_stage.quantization import agreement
+    from catcascade.cnn_stage.quantization import agreement
 
     fp32 = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 5.0], [0.0, 0.0, 1.0]])
     int8 = np.array([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0], [9.0, 0.0, 5.0], [0.0, 0.5, 1.0]])
@@ -63,7 +63,7 @@ def test_agreement_is_the_share_of_matching_top1():
 
 
 def test_quantization_rejects_bad_inputs(fp32_model, tmp_path):
-    from cnn_stage.quantization import QuantizationConfig, agreement, quantize_int8
+    from catcascade.cnn_stage.quantization import QuantizationConfig, agreement, quantize_int8
 
     with pytest.raises(ValueError, match="calibration images"):
         quantize_int8(fp32_model, tmp_path / "q.onnx", np.zeros((0, 3, 64, 64), np.float32))
@@ -76,9 +76,9 @@ def test_quantization_rejects_bad_inputs(fp32_model, tmp_path):
 def test_bundle_verifies_the_optional_int8_file(fp32_model, jpeg_files, tmp_path):
     import shutil
 
-    from ensemble.bundle import Bundle, BundleError, BundleManifest, CnnSpec, load_bundle, sha256_file
-    from cnn_stage.preprocessing import PreprocessConfig
-    from cnn_stage.quantization import load_images, quantize_int8
+    from catcascade.ensemble.bundle import Bundle, BundleError, BundleManifest, CnnSpec, load_bundle, sha256_file
+    from catcascade.cnn_stage.preprocessing import PreprocessConfig
+    from catcascade.cnn_stage.quantization import load_images, quantize_int8
 
     shutil.copy(fp32_model, tmp_path / "cnn.onnx")
     pp = PreprocessConfig(image_size=64)

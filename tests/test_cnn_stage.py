@@ -10,8 +10,8 @@ import pytest
 def tiny_onnx(tmp_path_factory):
     import torch
 
-    from cnn_stage.model import create_convnext
-    from cnn_stage.onnx_export import export_onnx
+    from catcascade.cnn_stage.model import create_convnext
+    from catcascade.cnn_stage.onnx_export import export_onnx
 
     torch.manual_seed(0)
     model = create_convnext("convnext_atto", num_classes=5)
@@ -23,8 +23,8 @@ def tiny_onnx(tmp_path_factory):
 def test_onnx_matches_torch_for_any_batch_size(tiny_onnx):
     import torch
 
-    from cnn_stage.onnx_runtime import OnnxClassifier
-    from cnn_stage.topk import softmax
+    from catcascade.cnn_stage.onnx_runtime import OnnxClassifier
+    from catcascade.cnn_stage.topk import softmax
 
     model, path, diff = tiny_onnx
     assert diff < 1e-4
@@ -38,7 +38,7 @@ def test_onnx_matches_torch_for_any_batch_size(tiny_onnx):
 
 
 def test_onnx_rejects_non_nchw(tiny_onnx):
-    from cnn_stage.onnx_runtime import OnnxClassifier
+    from catcascade.cnn_stage.onnx_runtime import OnnxClassifier
 
     with pytest.raises(ValueError, match="NCHW"):
         OnnxClassifier(tiny_onnx[1]).run(np.zeros((3, 64, 64), np.float32))
@@ -50,7 +50,7 @@ def test_overlap_aware_runs_a_lone_batch_wide_and_overlapping_ones_narrow(tiny_o
     replaced by gated wrappers to make the overlap deterministic)."""
     import threading
 
-    from cnn_stage.onnx_runtime import OverlapAwareClassifier
+    from catcascade.cnn_stage.onnx_runtime import OverlapAwareClassifier
 
     clf = OverlapAwareClassifier(tiny_onnx[1], wide_threads=2)
     x = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
@@ -79,7 +79,7 @@ def test_overlap_aware_runs_a_lone_batch_wide_and_overlapping_ones_narrow(tiny_o
 
 
 def test_top_k_orders_and_labels():
-    from cnn_stage.topk import softmax, top_k
+    from catcascade.cnn_stage.topk import softmax, top_k
 
     p = softmax(np.array([1.0, 3.0, 2.0, 0.0]))
     t = top_k(p, ["a", "b", "c", "d"], 3)
@@ -88,7 +88,7 @@ def test_top_k_orders_and_labels():
 
 
 def test_checkpoint_must_be_safetensors(tmp_path):
-    from cnn_stage.model import create_convnext
+    from catcascade.cnn_stage.model import create_convnext
 
     bad = tmp_path / "weights.pth"
     bad.write_bytes(b"x")
@@ -101,8 +101,8 @@ def test_checkpoint_must_be_safetensors(tmp_path):
 def test_bundle_refuses_tampered_model(tiny_onnx, tmp_path):
     import shutil
 
-    from ensemble.bundle import Bundle, BundleError, BundleManifest, CnnSpec, load_bundle, sha256_file
-    from cnn_stage.preprocessing import PreprocessConfig
+    from catcascade.ensemble.bundle import Bundle, BundleError, BundleManifest, CnnSpec, load_bundle, sha256_file
+    from catcascade.cnn_stage.preprocessing import PreprocessConfig
 
     shutil.copy(tiny_onnx[1], tmp_path / "cnn.onnx")
     manifest = BundleManifest(name="t", version="1", labels=list("abcde"),

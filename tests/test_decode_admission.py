@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from benchmarks.hostile_images import hostile_corpus, jpeg_many_scans, measure_decode_costs, png
-from cnn_stage.decode_budget import inspect_structure
-from cnn_stage.preprocessing import DecodeLimits, InvalidImageError, PreprocessConfig, decode_image, preprocess
+from catcascade.cnn_stage.decode_budget import inspect_structure
+from catcascade.cnn_stage.preprocessing import DecodeLimits, InvalidImageError, PreprocessConfig, decode_image, preprocess
 
 # Generous against the goal (about 0.5 s and 150 MB at 224 px): this machine is shared and noisy.
 CPU_BOUND_S = 2.0
@@ -103,7 +103,7 @@ def test_jpeg_walk_counts_scans_and_skips_segment_payloads():
 def test_extreme_aspect_upscale_is_bounded_and_matches_the_whole_resize(wh, monkeypatch):
     """preprocess itself (without DecodeLimits) resizes only the crop's source box when the
     whole upscaled image would be large, within one grey level of the whole resize."""
-    from cnn_stage import preprocessing
+    from catcascade.cnn_stage import preprocessing
 
     w, h = wh
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
@@ -209,7 +209,7 @@ def test_bogus_exif_is_ignored_and_valid_tags_apply(name, rotated):
 
 def test_vlm_copy_is_upright_too(upright_photo):
     """The copy the pipeline keeps for the VLM comes from the same oriented decode."""
-    from serving.pipeline import CascadePipeline
+    from catcascade.serving.pipeline import CascadePipeline
 
     pipe = CascadePipeline(["a"], PreprocessConfig(), cnn=None, policy=None, blender=None)
     try:

@@ -8,19 +8,19 @@ import json
 import numpy as np
 import pytest
 
-from ensemble.blender import LogLinearBlender
-from ensemble.blending import blend_first
-from ensemble.bootstrap import Resampler, _PerImage, interval, metric_samples, paired_difference
-from ensemble.candidate_sets import coverage, fit_candidate_sets, set_size, sizes_for, true_ranks
-from ensemble.config import CascadeConfig, EscalationConfig
-from ensemble.escalation_policy import EscalationMode, EscalationPolicy, EscalationReason
-from ensemble.learned_deferral import LearnedDeferral, escalation_gain, feature_names
-from ensemble.metrics import minority_classes, summarize
-from ensemble.offline_eval import OfflineEvalConfig, evaluate_offline, fit_cascade
-from ensemble.policy_fitting import fit_escalation
-from ensemble.stacking import StackingBlender
-from ensemble.synthetic_scores import SyntheticScoreConfig, synthetic_score_set
-from vlm_stage.prompts import NONE_OPTION, build_multiple_choice
+from catcascade.ensemble.blender import LogLinearBlender
+from catcascade.ensemble.blending import blend_first
+from catcascade.ensemble.bootstrap import Resampler, _PerImage, interval, metric_samples, paired_difference
+from catcascade.ensemble.candidate_sets import coverage, fit_candidate_sets, set_size, sizes_for, true_ranks
+from catcascade.ensemble.config import CascadeConfig, EscalationConfig
+from catcascade.ensemble.escalation_policy import EscalationMode, EscalationPolicy, EscalationReason
+from catcascade.ensemble.learned_deferral import LearnedDeferral, escalation_gain, feature_names
+from catcascade.ensemble.metrics import minority_classes, summarize
+from catcascade.ensemble.offline_eval import OfflineEvalConfig, evaluate_offline, fit_cascade
+from catcascade.ensemble.policy_fitting import fit_escalation
+from catcascade.ensemble.stacking import StackingBlender
+from catcascade.ensemble.synthetic_scores import SyntheticScoreConfig, synthetic_score_set
+from catcascade.vlm_stage.prompts import NONE_OPTION, build_multiple_choice
 
 # Look-alike families (the CNN hesitates between breeds of one family); the specialist knows
 # whole families. Balanced classes: balanced accuracy is accuracy, where confidence deferral

@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from cnn_stage.preprocessing import PreprocessConfig, load_and_preprocess
-from ensemble.blender_registry import make_blender
-from ensemble.config import BlendConfig
-from ensemble.escalation_policy import EscalationMode, EscalationPolicy
-from serving.batcher import DynamicBatcher
-from serving.config import ServeConfig
-from serving.engines.cnn_engine import CnnEngine, EncodedCnnEngine, EncodedResult, EngineUnavailableError
-from serving.engines.ray_config import AutoscalingSettings
-from serving.engines.ray_engine import check_reachable
-from serving.pipeline import CascadePipeline
+from catcascade.cnn_stage.preprocessing import PreprocessConfig, load_and_preprocess
+from catcascade.ensemble.blender_registry import make_blender
+from catcascade.ensemble.config import BlendConfig
+from catcascade.ensemble.escalation_policy import EscalationMode, EscalationPolicy
+from catcascade.serving.batcher import DynamicBatcher
+from catcascade.serving.config import ServeConfig
+from catcascade.serving.engines.cnn_engine import CnnEngine, EncodedCnnEngine, EncodedResult, EngineUnavailableError
+from catcascade.serving.engines.ray_config import AutoscalingSettings
+from catcascade.serving.engines.ray_engine import check_reachable
+from catcascade.serving.pipeline import CascadePipeline
 from tests.conftest import jpeg_bytes
-from vlm_stage.scoring import CandidateScores
+from catcascade.vlm_stage.scoring import CandidateScores
 
 LABELS = ["a", "b", "c", "d"]
 

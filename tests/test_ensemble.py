@@ -5,12 +5,12 @@ import re
 import numpy as np
 import pytest
 
-from ensemble.blender import LogLinearBlender
-from ensemble.config import BlendConfig, CascadeConfig, EscalationConfig
-from ensemble.escalation_policy import EscalationMode, EscalationPolicy, EscalationReason, confidence_score
-from ensemble.metrics import expected_calibration_error
-from ensemble.temperature import TemperatureScaler
-from cnn_stage.topk import softmax
+from catcascade.ensemble.blender import LogLinearBlender
+from catcascade.ensemble.config import BlendConfig, CascadeConfig, EscalationConfig
+from catcascade.ensemble.escalation_policy import EscalationMode, EscalationPolicy, EscalationReason, confidence_score
+from catcascade.ensemble.metrics import expected_calibration_error
+from catcascade.ensemble.temperature import TemperatureScaler
+from catcascade.cnn_stage.topk import softmax
 
 
 def _overconfident(n=3000, c=5, seed=0):
@@ -134,7 +134,7 @@ def test_temperature_defaults_and_single_sample():
 
 
 def test_policy_decisions_in_full():
-    from ensemble.escalation_policy import EscalationDecision
+    from catcascade.ensemble.escalation_policy import EscalationDecision
 
     policy = EscalationPolicy(EscalationConfig(threshold=0.6, class_thresholds={2: 0.3}))
     p = np.array([0.5, 0.3, 0.2])

@@ -5,17 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ensemble.blender import LogLinearBlender
-from ensemble.blender_registry import make_blender
-from ensemble.config import BlendConfig, CascadeConfig, EscalationConfig
-from ensemble.escalation_policy import EscalationPolicy, EscalationReason, confidence_score, confidence_scores
-from ensemble.metrics import (aurc, balanced_accuracy, brier_score, confusion, expected_calibration_error, macro_f1,
+from catcascade.ensemble.blender import LogLinearBlender
+from catcascade.ensemble.blender_registry import make_blender
+from catcascade.ensemble.config import BlendConfig, CascadeConfig, EscalationConfig
+from catcascade.ensemble.escalation_policy import EscalationPolicy, EscalationReason, confidence_score, confidence_scores
+from catcascade.ensemble.metrics import (aurc, balanced_accuracy, brier_score, confusion, expected_calibration_error, macro_f1,
                               minority_classes, per_class_recall, risk_coverage_curve, summarize, top_k_accuracy)
-from ensemble.offline_eval import OfflineEvalConfig, evaluate_offline, fit_cascade
-from ensemble.policy_fitting import fit_escalation, threshold_for_rate
-from ensemble.score_files import ScoreFileError, ScoreSet
-from ensemble.stacking import StackingBlender
-from ensemble.synthetic_scores import SyntheticScoreConfig, synthetic_score_set
+from catcascade.ensemble.offline_eval import OfflineEvalConfig, evaluate_offline, fit_cascade
+from catcascade.ensemble.policy_fitting import fit_escalation, threshold_for_rate
+from catcascade.ensemble.score_files import ScoreFileError, ScoreSet
+from catcascade.ensemble.stacking import StackingBlender
+from catcascade.ensemble.synthetic_scores import SyntheticScoreConfig, synthetic_score_set
 
 NOISE = 0.01  # balanced-accuracy tolerance for "not worse" on 4,000 paired images
 LEAN = dict(rules=(), conformal_alpha=None, bootstrap=0)  # the rows these tests look at, nothing else

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from ensemble.score_files import ScoreFileError, ScoreSet
+from catcascade.ensemble.score_files import ScoreFileError, ScoreSet
 
 
 def _scores(**kw) -> ScoreSet:
@@ -46,7 +46,7 @@ def test_score_file_of_another_format_and_empty_joins_are_refused(tmp_path):
 
 
 def _manifest(**kw):
-    from ensemble.bundle import BundleManifest, CnnSpec
+    from catcascade.ensemble.bundle import BundleManifest, CnnSpec
 
     base = dict(name="t", version="1", labels=["a", "b", "c"], preprocess={"image_size": 64, "crop_pct": 0.875,
                 "mean": [0.5] * 3, "std": [0.5] * 3}, cnn=CnnSpec(architecture="convnext_atto", sha256="0"))
@@ -54,8 +54,8 @@ def _manifest(**kw):
 
 
 def test_bundle_manifest_refusals():
-    from ensemble.config import CandidateSetConfig, CascadeConfig, EscalationConfig, LearnedDeferralParams
-    from ensemble.learned_deferral import feature_names
+    from catcascade.ensemble.config import CandidateSetConfig, CascadeConfig, EscalationConfig, LearnedDeferralParams
+    from catcascade.ensemble.learned_deferral import feature_names
 
     assert _manifest().labels == ["a", "b", "c"]
     with pytest.raises(ValueError, match="bundle format_version 2 is not supported"):
@@ -70,7 +70,7 @@ def test_bundle_manifest_refusals():
 
 
 def test_bundle_files_are_checked(tmp_path):
-    from ensemble.bundle import Bundle, BundleError, load_bundle
+    from catcascade.ensemble.bundle import Bundle, BundleError, load_bundle
 
     Bundle(tmp_path, _manifest()).save()
     with pytest.raises(BundleError, match="bundle CNN file missing"):
@@ -78,7 +78,7 @@ def test_bundle_files_are_checked(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="invalid .*manifest.json"):
         load_bundle(tmp_path)
-    from ensemble.bundle import CnnSpec
+    from catcascade.ensemble.bundle import CnnSpec
 
     (tmp_path / "cnn.pt").write_bytes(b"x")
     Bundle(tmp_path, _manifest(cnn=CnnSpec(architecture="convnext_atto", sha256="0", file="cnn.pt"))).save()
@@ -94,7 +94,7 @@ def test_bundle_files_are_checked(tmp_path):
 
 
 def test_fitted_parameter_shapes_are_checked():
-    from ensemble.config import LearnedDeferralParams, StackingParams
+    from catcascade.ensemble.config import LearnedDeferralParams, StackingParams
 
     with pytest.raises(ValueError, match="learned deferral: 2 features but 1 means and 2 scales"):
         LearnedDeferralParams(num_classes=2, features=["f", "g"], mean=[0.0], scale=[1.0, 1.0], gains=[0.0],
@@ -107,12 +107,12 @@ def test_fitted_parameter_shapes_are_checked():
 
 
 def test_policy_fitting_and_offline_settings_refusals():
-    from ensemble.blender import LogLinearBlender
-    from ensemble.blender_registry import make_fitted_blender
-    from ensemble.blending import blend_first
-    from ensemble.metrics import expected_calibration_error, log_loss
-    from ensemble.offline_eval import OfflineEvalConfig
-    from ensemble.policy_fitting import fit_escalation
+    from catcascade.ensemble.blender import LogLinearBlender
+    from catcascade.ensemble.blender_registry import make_fitted_blender
+    from catcascade.ensemble.blending import blend_first
+    from catcascade.ensemble.metrics import expected_calibration_error, log_loss
+    from catcascade.ensemble.offline_eval import OfflineEvalConfig
+    from catcascade.ensemble.policy_fitting import fit_escalation
 
     p = np.full((4, 3), 1 / 3)
     with pytest.raises(ValueError, match=r"budget is a fraction of requests in \[0, 1\], got 1.5"):

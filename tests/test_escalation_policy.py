@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from ensemble.config import EscalationConfig, LearnedDeferralParams
-from ensemble.escalation_policy import (EscalationDecision, EscalationMode, EscalationPolicy, EscalationReason,
+from catcascade.ensemble.config import EscalationConfig, LearnedDeferralParams
+from catcascade.ensemble.escalation_policy import (EscalationDecision, EscalationMode, EscalationPolicy, EscalationReason,
                                         confidence_score, confidence_scores)
-from ensemble.learned_deferral import feature_names
+from catcascade.ensemble.learned_deferral import feature_names
 
 P = np.array([0.5, 0.3, 0.2])
 

@@ -6,10 +6,10 @@ import logging
 
 import pytest
 
-from cnn_stage.onnx_runtime import CPU, CUDA, fallback_warning, select_providers
-from training.train_cnn import mixed_precision
-from training.train_vlm import load_plan
-from vlm_stage.vllm_server import VllmServerConfig, device_flags
+from catcascade.cnn_stage.onnx_runtime import CPU, CUDA, fallback_warning, select_providers
+from catcascade.training.train_cnn import mixed_precision
+from catcascade.training.train_vlm import load_plan
+from catcascade.vlm_stage.vllm_server import VllmServerConfig, device_flags
 
 
 @pytest.mark.parametrize("available,device,expected", [
@@ -44,7 +44,7 @@ def test_a_session_that_asked_for_cuda_falls_back_to_the_cpu_and_says_so(tmp_pat
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from cnn_stage.onnx_runtime import OnnxClassifier
+    from catcascade.cnn_stage.onnx_runtime import OnnxClassifier
 
     graph = helper.make_graph(
         [helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=0)], "mean",
@@ -54,7 +54,7 @@ def test_a_session_that_asked_for_cuda_falls_back_to_the_cpu_and_says_so(tmp_pat
     path = tmp_path / "mean.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
-    with caplog.at_level(logging.WARNING, logger="cnn_stage.onnx_runtime"):
+    with caplog.at_level(logging.WARNING, logger="catcascade.cnn_stage.onnx_runtime"):
         clf = OnnxClassifier(path, intra_op_threads=1)
     assert clf.providers == [CPU]
     assert "CUDA provider was requested but did not load" in caplog.text

@@ -55,7 +55,7 @@ def test_a_conflicting_pin_fails_with_the_conflict_named(index):
 
 
 def test_an_unreachable_index_fails_at_once_with_a_clear_message():
-    from vlm_stage.vllm_server import free_port
+    from catcascade.vlm_stage.vllm_server import free_port
 
     with MetadataIndex(upstream=f"http://127.0.0.1:{free_port()}/simple/", timeout_s=5) as idx:
         with pytest.raises(RegistryUnreachable, match="package index unreachable: GET http://127.0.0.1"):

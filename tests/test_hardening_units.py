@@ -8,9 +8,9 @@ import asyncio
 
 import pytest
 
-from serving.circuit_breaker import BreakerConfig, BreakerState, CircuitBreaker
-from serving.traffic.admission import AdmissionConfig, AdmissionController, AdmissionRefused
-from serving.traffic.vlm_watchdog import VlmWatchdog, WatchdogConfig
+from catcascade.serving.circuit_breaker import BreakerConfig, BreakerState, CircuitBreaker
+from catcascade.serving.traffic.admission import AdmissionConfig, AdmissionController, AdmissionRefused
+from catcascade.serving.traffic.vlm_watchdog import VlmWatchdog, WatchdogConfig
 
 
 class FakeClock:
@@ -347,7 +347,7 @@ class StandInVerifier:
         self.started = asyncio.Event()
 
     async def verify(self, image, candidates):
-        from vlm_stage.scoring import CandidateScores
+        from catcascade.vlm_stage.scoring import CandidateScores
 
         self.started.set()
         if self.mode == "hang":
@@ -359,23 +359,23 @@ class StandInVerifier:
 
 
 def _pipeline(verifier, breaker, **config):
-    from cnn_stage.preprocessing import PreprocessConfig
-    from serving.pipeline import CascadePipeline, PipelineConfig
+    from catcascade.cnn_stage.preprocessing import PreprocessConfig
+    from catcascade.serving.pipeline import CascadePipeline, PipelineConfig
 
     return CascadePipeline(["a", "b", "c"], PreprocessConfig(), cnn=None, policy=None, blender=None,
                            verifier=verifier, breaker=breaker, config=PipelineConfig(**config))
 
 
 def _ask(p, deadline=None):
-    from cnn_stage.topk import TopK
-    from ensemble.escalation_policy import EscalationDecision, EscalationReason
+    from catcascade.cnn_stage.topk import TopK
+    from catcascade.ensemble.escalation_policy import EscalationDecision, EscalationReason
 
     decision = EscalationDecision(True, EscalationReason.REQUESTED_ALWAYS, 0.5, "")
     return p._ask_vlm(None, TopK((0, 1, 2), ("a", "b", "c"), (0.5, 0.3, 0.2)), decision, deadline)
 
 
 def test_cancelled_probe_escalation_leaves_the_breaker_able_to_recover():
-    from ensemble.escalation_policy import EscalationReason
+    from catcascade.ensemble.escalation_policy import EscalationReason
 
     async def main():
         clock = FakeClock()
@@ -399,7 +399,7 @@ def test_cancelled_probe_escalation_leaves_the_breaker_able_to_recover():
 
 
 def test_unexpected_verifier_exception_is_a_vlm_failure_not_a_crash():
-    from ensemble.escalation_policy import EscalationReason
+    from catcascade.ensemble.escalation_policy import EscalationReason
 
     async def main():
         clock = FakeClock()
@@ -419,7 +419,7 @@ def test_unexpected_verifier_exception_is_a_vlm_failure_not_a_crash():
 def test_server_budget_counts_against_the_vlm_but_the_clients_deadline_does_not():
     import time
 
-    from ensemble.escalation_policy import EscalationReason
+    from catcascade.ensemble.escalation_policy import EscalationReason
 
     async def main():
         b = CircuitBreaker(BreakerConfig(failure_threshold=2))
@@ -446,8 +446,8 @@ def test_compute_threads_run_below_the_loop_and_the_loop_does_not():
 
     import numpy as np
 
-    from serving.batcher import BatcherConfig, DynamicBatcher
-    from serving.engines.thread_priority import build_in_lowered_thread, thread_niceness
+    from catcascade.serving.batcher import BatcherConfig, DynamicBatcher
+    from catcascade.serving.engines.thread_priority import build_in_lowered_thread, thread_niceness
 
     base = thread_niceness()
     seen = {}
@@ -483,7 +483,7 @@ def test_batcher_sheds_what_can_no_longer_meet_its_deadline():
 
     import numpy as np
 
-    from serving.batcher import BatcherConfig, DeadlineUnmeetableError, DynamicBatcher, QueueFullError
+    from catcascade.serving.batcher import BatcherConfig, DeadlineUnmeetableError, DynamicBatcher, QueueFullError
 
     def slow(x):
         time.sleep(0.05)

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from serving.api import cascade_pb2 as pb
+from catcascade.serving.api import cascade_pb2 as pb
 from tests.conftest import jpeg_bytes
 
 pytestmark = pytest.mark.integration
@@ -70,7 +70,7 @@ def _in_gap(values: np.ndarray) -> float:
 def _varied_sizes_qhat(probs: np.ndarray) -> float:
     """A set threshold in a gap of the images' cumulative masses that gives the most different set
     sizes (so the VLM is asked about different numbers of breeds)."""
-    from ensemble.candidate_sets import set_sizes
+    from catcascade.ensemble.candidate_sets import set_sizes
 
     v = np.sort(np.sort(probs, axis=1)[:, ::-1].cumsum(axis=1)[:, :3].ravel())
     mids = [(a + b) / 2 for a, b in zip(v[:-1], v[1:]) if b - a > 1e-3]
@@ -81,13 +81,13 @@ def test_served_learned_deferral_and_conformal_candidate_sets(client, demo_bundl
     """Cascade settings with a learned rule and candidate sets, loaded from the manifest by the real
     server: each AUTO decision and each candidate count is what the policy computes from the
     image's CNN distribution (asked for in full from the running demo server)."""
-    from ensemble.candidate_sets import set_size
-    from ensemble.config import CandidateSetConfig, CascadeConfig, EscalationConfig
-    from ensemble.escalation_policy import EscalationMode, EscalationPolicy, confidence_scores
-    from ensemble.learned_deferral import LearnedDeferral
-    from ensemble.synthetic_scores import SyntheticScoreConfig, synthetic_score_set
-    from serving.client import CatcascadeClient
-    from serving.config import ServeConfig
+    from catcascade.ensemble.candidate_sets import set_size
+    from catcascade.ensemble.config import CandidateSetConfig, CascadeConfig, EscalationConfig
+    from catcascade.ensemble.escalation_policy import EscalationMode, EscalationPolicy, confidence_scores
+    from catcascade.ensemble.learned_deferral import LearnedDeferral
+    from catcascade.ensemble.synthetic_scores import SyntheticScoreConfig, synthetic_score_set
+    from catcascade.serving.client import CatcascadeClient
+    from catcascade.serving.config import ServeConfig
     from tests.conftest import GrpcServerThread
 
     labels = list(client.model_info().labels)

@@ -12,8 +12,8 @@ import pytest
 from prometheus_client import generate_latest
 
 from benchmarks.reliability import random_jpegs
-from serving.client import AsyncCatcascadeClient, CatcascadeClient, CatcascadeRpcError, EscalationReason, RetryPolicy
-from serving.config import ServeConfig
+from catcascade.serving.client import AsyncCatcascadeClient, CatcascadeClient, CatcascadeRpcError, EscalationReason, RetryPolicy
+from catcascade.serving.config import ServeConfig
 from tests.conftest import GrpcServerThread, jpeg_bytes
 
 pytestmark = pytest.mark.integration
@@ -44,7 +44,7 @@ def _labels(r):
 
 
 def test_async_client_retries_across_a_server_restart_and_gives_up_at_the_deadline(demo_bundle):
-    from vlm_stage.vllm_server import free_port
+    from catcascade.vlm_stage.vllm_server import free_port
 
     cfg = ServeConfig(bundle=demo_bundle, port=free_port())
     target = f"127.0.0.1:{cfg.port}"
@@ -91,7 +91,7 @@ def test_a_new_client_is_not_refused_because_another_saw_the_port_closed():
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    from vlm_stage.vllm_server import free_port
+    from catcascade.vlm_stage.vllm_server import free_port
 
     target = f"127.0.0.1:{free_port()}"
 
@@ -264,8 +264,8 @@ def test_tenant_over_budget_gets_cnn_only_answers_while_another_still_escalates(
 
 
 def test_drift_index_rises_when_the_confidence_distribution_shifts(features_server, demo_bundle):
-    from ensemble.bundle import load_bundle
-    from training.datasets import load_split
+    from catcascade.ensemble.bundle import load_bundle
+    from catcascade.training.datasets import load_split
 
     bundle = load_bundle(demo_bundle)
     assert sum(bundle.manifest.cnn.confidence_histogram.counts) > 0  # the bundle carries its reference
@@ -305,8 +305,8 @@ def test_classify_command_uses_the_client(features_server, tmp_path, capsys):
 def test_unknown_priority_is_invalid_argument(features_server):
     import grpc
 
-    from serving.api import cascade_pb2 as pb
-    from serving.api import cascade_pb2_grpc as pb_grpc
+    from catcascade.serving.api import cascade_pb2 as pb
+    from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(features_server.target) as channel:
         stub = pb_grpc.CatClassifierStub(channel)

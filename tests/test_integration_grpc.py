@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving.api import cascade_pb2 as pb
-from serving.server import SERVICE_NAME
+from catcascade.serving.api import cascade_pb2 as pb
+from catcascade.serving.server import SERVICE_NAME
 from tests.conftest import jpeg_bytes, missing
 
 pytestmark = pytest.mark.integration
@@ -36,7 +36,7 @@ def _synthetic_jpegs(demo_bundle, n=6):
 
 @pytest.fixture(scope="module")
 def bundle(demo_bundle):
-    from ensemble.bundle import load_bundle
+    from catcascade.ensemble.bundle import load_bundle
 
     return load_bundle(demo_bundle)
 
@@ -56,7 +56,7 @@ def _final_probs(bundle, resp) -> np.ndarray:
 def _expected_final(bundle, resp) -> np.ndarray:
     """What the response's labels must be: the CNN's distribution, blended with the
     response's own VLM scores by the bundle's blender when the VLM answered."""
-    from ensemble.blender_registry import make_blender
+    from catcascade.ensemble.blender_registry import make_blender
 
     cnn = _cnn_probs(bundle, resp)
     if resp.vlm is None:
@@ -68,9 +68,9 @@ def _expected_final(bundle, resp) -> np.ndarray:
 
 def _local_cnn(bundle, image: bytes, temperature: float) -> np.ndarray:
     """The bundle's ONNX model run here, outside the server, at ``temperature``."""
-    from cnn_stage.onnx_runtime import OnnxClassifier
-    from cnn_stage.preprocessing import load_and_preprocess
-    from cnn_stage.topk import softmax
+    from catcascade.cnn_stage.onnx_runtime import OnnxClassifier
+    from catcascade.cnn_stage.preprocessing import load_and_preprocess
+    from catcascade.cnn_stage.topk import softmax
 
     x = load_and_preprocess(image, bundle.preprocess)[None]
     logits = OnnxClassifier(bundle.cnn_path, intra_op_threads=1).run(x)
@@ -81,7 +81,7 @@ def test_auto_mode_serves_the_bundles_policy_and_blend(client, bundle, demo_bund
     """For every image: the escalation decision is the bundle's policy applied to the CNN's
     distribution, and the final probabilities are the bundle's blend of that distribution
     with the VLM scores in the same response (or the CNN's own when not escalated)."""
-    from ensemble.escalation_policy import EscalationPolicy
+    from catcascade.ensemble.escalation_policy import EscalationPolicy
 
     policy = EscalationPolicy(bundle.manifest.cascade.escalation)
     n = len(bundle.labels)
@@ -168,7 +168,7 @@ def test_top_k_out_of_range_is_invalid_argument(client):
 
 
 def test_request_id_and_mode_are_validated(client, grpc_server):
-    from serving.api import cascade_pb2_grpc as pb_grpc
+    from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
 
     ok = client.classify(jpeg_bytes(), mode="never", request_id="r" * 128)
     assert ok.request_id == "r" * 128
@@ -211,7 +211,7 @@ def test_health_and_reflection(grpc_server):
 
 
 def test_stream_tags_responses_with_request_ids(grpc_server):
-    from serving.api import cascade_pb2_grpc as pb_grpc
+    from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
 
     reqs = [pb.ClassifyRequest(image=jpeg_bytes(seed=i), request_id=f"r{i}", escalation=pb.ESCALATION_MODE_NEVER)
             for i in range(5)]
@@ -235,7 +235,7 @@ def test_one_stream_has_at_most_32_requests_in_flight(grpc_server):
     32 of its requests at once (the rest wait in the stream's flow control)."""
     import threading
 
-    from serving.api import cascade_pb2_grpc as pb_grpc
+    from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
 
     servicer = grpc_server.servicer
     seen, done = [], threading.Event()
@@ -312,7 +312,7 @@ def test_classify_command_prints_a_table_and_json(grpc_server, demo_bundle, caps
 
 
 def test_demo_without_the_vlm_classifies_the_given_images(demo_bundle, capsys):
-    from serving.demo import demo_images, run_demo
+    from catcascade.serving.demo import demo_images, run_demo
 
     images = _synthetic_jpegs(demo_bundle, 2)
     assert run_demo(demo_bundle, use_vlm=False, images=images, mode="never") == 0

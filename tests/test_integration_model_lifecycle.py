@@ -14,9 +14,9 @@ import httpx
 import numpy as np
 import pytest
 
-from ensemble.bundle import load_bundle, sha256_file
-from serving.config import ServeConfig
-from serving.model_repository.admin_client import ModelAdminClient
+from catcascade.ensemble.bundle import load_bundle, sha256_file
+from catcascade.serving.config import ServeConfig
+from catcascade.serving.model_repository.admin_client import ModelAdminClient
 from tests.conftest import GrpcServerThread, jpeg_bytes
 
 pytestmark = pytest.mark.integration
@@ -98,7 +98,7 @@ def admin(served):
 
 @pytest.fixture
 def client(served):
-    from serving.client import CatcascadeClient
+    from catcascade.serving.client import CatcascadeClient
 
     with CatcascadeClient(served.target, timeout_s=60, token=CLIENT_TOKEN) as c:
         yield c
@@ -126,7 +126,7 @@ def test_swap_under_load_loses_no_request_and_switches_at_one_point(served, admi
     images = [jpeg_bytes(size=(48, 48), seed=i) for i in range(64)]
     v1_labels = set(served.servicer.pipeline.labels)
     records, errors, lock, stop = [], [], threading.Lock(), threading.Event()
-    from serving.client import CatcascadeClient
+    from catcascade.serving.client import CatcascadeClient
 
     def worker(w: int):
         with CatcascadeClient(served.target, timeout_s=60, token=CLIENT_TOKEN) as c:
@@ -288,8 +288,8 @@ def test_shadow_answers_never_reach_clients_and_agreement_is_reported(served, ad
 
 
 def test_admin_service_takes_admin_tokens_only(served, admin, client):
-    from serving.api import cascade_pb2 as pb
-    from serving.api import cascade_pb2_grpc as pb_grpc
+    from catcascade.serving.api import cascade_pb2 as pb
+    from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
 
     target = f"127.0.0.1:{served.servicer.pipeline.admin_port}"
     for token in (CLIENT_TOKEN, None):
@@ -326,8 +326,8 @@ def test_serve_models_command_reloads_on_sighup_and_the_models_command_promotes(
     import sys
 
     from catcascade.cli import main
-    from serving.client import CatcascadeClient
-    from vlm_stage.vllm_server import free_port
+    from catcascade.serving.client import CatcascadeClient
+    from catcascade.vlm_stage.vllm_server import free_port
 
     repo = tmp_path / "models"
     repo.mkdir()

@@ -28,7 +28,7 @@ def qwen_bundle(demo_bundle, tmp_path_factory):
     """The demo bundle's CNN with a tiny Qwen2.5-VL as its VLM, the adapter trained by the
     documented commands: `vlm-data` (the CNN's confusions) then `train-vlm --attach`."""
     from catcascade.cli import main
-    from vlm_stage.tiny_model import build_tiny_vlm
+    from catcascade.vlm_stage.tiny_model import build_tiny_vlm
 
     root = tmp_path_factory.mktemp("qwen") / "bundle"
     work = root.parent / "work"
@@ -46,8 +46,8 @@ def qwen_bundle(demo_bundle, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen_vllm(qwen_bundle, tmp_path_factory, session_vllm_stopped):
-    from ensemble.bundle import load_bundle
-    from vlm_stage.vllm_server import VllmServer, VllmServerConfig
+    from catcascade.ensemble.bundle import load_bundle
+    from catcascade.vlm_stage.vllm_server import VllmServer, VllmServerConfig
 
     cfg = VllmServerConfig.for_bundle(load_bundle(qwen_bundle), max_num_seqs=4)
     server = VllmServer(cfg, log_path=tmp_path_factory.mktemp("logs") / "vllm-qwen.log").start()
@@ -56,7 +56,7 @@ def qwen_vllm(qwen_bundle, tmp_path_factory, session_vllm_stopped):
 
 
 def _verify(url: str, model: str, mode: str):
-    from vlm_stage.vllm_client import VlmClientConfig, VllmVerifier
+    from catcascade.vlm_stage.vllm_client import VlmClientConfig, VllmVerifier
 
     async def go():
         v = VllmVerifier(VlmClientConfig(urls=[url], model=model, scoring_mode=mode))
@@ -85,8 +85,8 @@ def test_qwen_adapter_scores_match_the_in_process_backend(qwen_bundle, qwen_vllm
     """vLLM serves exactly what train-vlm trained: the adapter's scores and prompt token counts
     (the image's dynamic-resolution tokens included) equal the transformers backend's, and
     differ from the base model's."""
-    from vlm_stage.transformers_backend import TransformersBackendConfig, TransformersVerifier
-    from vlm_stage.vllm_client import image_to_data_url
+    from catcascade.vlm_stage.transformers_backend import TransformersBackendConfig, TransformersVerifier
+    from catcascade.vlm_stage.vllm_client import image_to_data_url
 
     served = _verify(qwen_vllm.url, "cats", mode)
     base = _verify(qwen_vllm.url, "catcascade-vlm", mode)
@@ -105,9 +105,9 @@ def test_qwen_adapter_scores_match_the_in_process_backend(qwen_bundle, qwen_vllm
 
 @pytest.mark.parametrize("scoring_mode", ["multiple_choice", "yes_no"])
 def test_cascade_over_grpc_uses_the_qwen_adapter(qwen_bundle, qwen_vllm, scoring_mode):
-    from serving.api import cascade_pb2 as pb
-    from serving.client import CatcascadeClient
-    from serving.config import ServeConfig
+    from catcascade.serving.api import cascade_pb2 as pb
+    from catcascade.serving.client import CatcascadeClient
+    from catcascade.serving.config import ServeConfig
 
     cfg = ServeConfig(bundle=qwen_bundle, port=0, vlm={"urls": [qwen_vllm.url], "scoring_mode": scoring_mode})
     server = GrpcServerThread(cfg).start()

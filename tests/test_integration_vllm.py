@@ -8,8 +8,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from vlm_stage.prompts import build_multiple_choice
-from vlm_stage.vllm_client import VlmClientConfig, VllmVerifier, image_to_data_url
+from catcascade.vlm_stage.prompts import build_multiple_choice
+from catcascade.vlm_stage.vllm_client import VlmClientConfig, VllmVerifier, image_to_data_url
 
 pytestmark = pytest.mark.integration
 CANDIDATES = ("Persian", "British_Shorthair", "Siamese")
@@ -124,7 +124,7 @@ def test_in_process_backend_matches_vllm(demo_bundle, vllm_server, mode, served,
     import base64
     import io
 
-    from vlm_stage.transformers_backend import TransformersBackendConfig, TransformersVerifier
+    from catcascade.vlm_stage.transformers_backend import TransformersBackendConfig, TransformersVerifier
 
     image = Image.new("RGB", (90, 70), (180, 90, 30))
     remote = _verify(vllm_server.url, served, mode)
@@ -141,7 +141,7 @@ def test_in_process_backend_matches_vllm(demo_bundle, vllm_server, mode, served,
 def test_usage_and_prefix_cache_for_yes_no(vllm_server):
     """Mode (b) sends one request per candidate, all sharing the image prefix: about twice
     mode (a)'s prompt tokens in three requests, and vLLM's prefix cache is consulted."""
-    from vlm_stage.vllm_client import prefix_cache_counters
+    from catcascade.vlm_stage.vllm_client import prefix_cache_counters
 
     before = prefix_cache_counters(vllm_server.url)
     a = _verify(vllm_server.url, "cats", "multiple_choice")

@@ -9,14 +9,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. A module may import its own layer and the ones below it.
 LAYERS: list[tuple[str, ...]] = [
     ("catcascade.errors",),
-    ("cnn_stage", "vlm_stage"),
-    ("ensemble",),
-    ("training",),
-    ("serving",),
+    ("catcascade.cnn_stage", "catcascade.vlm_stage"),
+    ("catcascade.ensemble",),
+    ("catcascade.training",),
+    ("catcascade.serving",),
     ("benchmarks",),
     ("catcascade",),  # the command line (assembles every layer's commands) and catcascade.client (re-exports serving.client)
 ]
-PACKAGES = ("catcascade", "cnn_stage", "vlm_stage", "ensemble", "training", "serving", "benchmarks")
+STAGES = ("cnn_stage", "vlm_stage", "ensemble", "training", "serving")
+PACKAGES = ("catcascade", *STAGES, "benchmarks")
 
 
 def layer_of(module: str) -> int:
@@ -36,7 +37,8 @@ def project_modules() -> dict[str, Path]:
                 continue  # generated gRPC stubs
             rel = path.relative_to(ROOT).with_suffix("")
             parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
-            mods[".".join(parts)] = path
+            prefix = ("catcascade",) if pkg in STAGES else ()  # installed as catcascade.<stage> (setup.py)
+            mods[".".join(prefix + parts)] = path
     return mods
 
 
@@ -102,9 +104,9 @@ def test_no_import_cycles():
 def test_layer_check_catches_an_upward_import(tmp_path):
     """The checker itself can fail: a stage module importing serving is flagged."""
     bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from serving.pipeline import CascadePipeline\n")
+    bad.write_text("def f():\n    from catcascade.serving.pipeline import CascadePipeline\n")
     deps = imports_of(bad, set(project_modules()))
-    assert "serving.pipeline" in deps and layer_of("serving.pipeline") > layer_of("cnn_stage.topk")
+    assert "catcascade.serving.pipeline" in deps and layer_of("catcascade.serving.pipeline") > layer_of("catcascade.cnn_stage.topk")
 
 
 def test_repository_tracks_no_generated_dumps():
@@ -114,3 +116,17 @@ def test_repository_tracks_no_generated_dumps():
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     dumps = [f for f in tracked if "onnxruntime_profile" in f or f.startswith("artifacts/") or f.endswith(".npz")]
     assert not dumps, dumps
+
+
+def test_stages_are_imported_by_their_installed_name():
+    """``serving.x`` and ``catcascade.serving.x`` would be two copies of one module in a source
+    checkout (two exception classes, two registries): only the installed name is used."""
+    old = []
+    for path in [*ROOT.glob("*/**/*.py")]:
+        if path.parts[len(ROOT.parts)] in (".venv", "mutants", "build") or path.name.endswith(("_pb2.py", "_pb2_grpc.py")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+            old += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in STAGES]
+    assert not old, "\n".join(old)

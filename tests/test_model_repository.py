@@ -10,11 +10,11 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from serving.model_repository.agreement import AgreementWindow
-from serving.model_repository.config import ModelsConfig, Routing, RoutingFileEmpty, read_routing, write_routing
-from serving.model_repository.repository import list_versions, natural_key, repository_fingerprint
-from serving.model_repository.traffic_split import in_share
-from vlm_stage.vllm_client import AdapterLoadError, VllmAdapterAdmin
+from catcascade.serving.model_repository.agreement import AgreementWindow
+from catcascade.serving.model_repository.config import ModelsConfig, Routing, RoutingFileEmpty, read_routing, write_routing
+from catcascade.serving.model_repository.repository import list_versions, natural_key, repository_fingerprint
+from catcascade.serving.model_repository.traffic_split import in_share
+from catcascade.vlm_stage.vllm_client import AdapterLoadError, VllmAdapterAdmin
 
 
 def _version(repo, name):
@@ -68,7 +68,7 @@ def test_routing_file_round_trips_and_is_validated(tmp_path):
 def test_an_empty_routing_file_is_a_write_in_progress_not_a_switch_to_the_newest(tmp_path, monkeypatch):
     """``echo "live: x" > routing.yaml`` truncates the file first: a poll that lands in
     between read an empty routing and put the newest version (by name) live."""
-    import serving.model_repository.loading as loading
+    import catcascade.serving.model_repository.loading as loading
 
     monkeypatch.setattr(loading, "_png", lambda size: b"warm-up")
     router, built = _router_on(tmp_path)
@@ -128,7 +128,7 @@ def test_agreement_window_reports_agreement_escalations_and_latency_percentiles(
 
 
 def test_serve_config_takes_a_bundle_or_a_repository_not_both(tmp_path):
-    from serving.config import ServeConfig
+    from catcascade.serving.config import ServeConfig
 
     assert ServeConfig(models={"repository": str(tmp_path)}).bundle is None
     with pytest.raises(ValidationError, match="not both"):
@@ -143,7 +143,7 @@ def test_serve_config_takes_a_bundle_or_a_repository_not_both(tmp_path):
 
 def test_serve_flags_build_a_repository_config(tmp_path):
     from catcascade.cli import build_parser
-    from serving.commands import serve_config_from_args
+    from catcascade.serving.commands import serve_config_from_args
 
     args = build_parser().parse_args(["serve", "--models", str(tmp_path), "--admin-port", "0"])
     cfg = serve_config_from_args(args)
@@ -151,7 +151,7 @@ def test_serve_flags_build_a_repository_config(tmp_path):
 
 
 def test_admin_tokens_are_required_and_must_differ_from_client_tokens(monkeypatch):
-    from serving.model_repository.admin import run_admin_server
+    from catcascade.serving.model_repository.admin import run_admin_server
 
     async def start(tokens, client_tokens):
         async with run_admin_server(None, "127.0.0.1", 0, tokens, client_tokens=client_tokens):
@@ -216,7 +216,7 @@ def test_adapter_unload_tolerates_a_server_that_no_longer_has_it():
 
 def _cnn_only_bundle(root, labels=("a", "b", "c")):
     """A bundle folder that load_bundle accepts (the ONNX file's contents are not run here)."""
-    from ensemble.bundle import Bundle, BundleManifest, sha256_file
+    from catcascade.ensemble.bundle import Bundle, BundleManifest, sha256_file
 
     root.mkdir()
     (root / "cnn.onnx").write_bytes(b"onnx bytes")
@@ -227,8 +227,8 @@ def _cnn_only_bundle(root, labels=("a", "b", "c")):
 
 
 def test_stage_assembles_a_version_from_a_cnn_bundle_the_live_vlm_and_fitted_settings(tmp_path):
-    from ensemble.bundle import VlmSpec, load_bundle
-    from serving.model_repository.staging import stage_version
+    from catcascade.ensemble.bundle import VlmSpec, load_bundle
+    from catcascade.serving.model_repository.staging import stage_version
 
     repo = tmp_path / "models"
     repo.mkdir()
@@ -251,7 +251,7 @@ def test_stage_assembles_a_version_from_a_cnn_bundle_the_live_vlm_and_fitted_set
     assert staged.manifest.cascade.escalation.metric == "margin" and staged.manifest.cascade.escalation.threshold == 0.25
     assert not [p for p in repo.iterdir() if p.name.startswith(".")]
 
-    from ensemble.bundle import BundleError
+    from catcascade.ensemble.bundle import BundleError
 
     with pytest.raises(BundleError, match="versions are immutable"):
         stage_version(new, repo, "v2")
@@ -264,7 +264,7 @@ def test_stage_assembles_a_version_from_a_cnn_bundle_the_live_vlm_and_fitted_set
 
 
 def test_adapter_load_skips_unreachable_servers_and_says_which():
-    from vlm_stage.vllm_client import AdapterServersUnreachable
+    from catcascade.vlm_stage.vllm_client import AdapterServersUnreachable
 
     def handler(request):
         if request.url.host == "a":
@@ -279,7 +279,7 @@ def test_adapter_load_skips_unreachable_servers_and_says_which():
 
 def test_adapter_pool_loads_on_a_server_that_was_down_or_lost_its_adapters(tmp_path):
     """vLLM forgets runtime-loaded adapters when it restarts: the pool reloads them."""
-    from serving.model_repository.adapters import AdapterPool, adapter_digest
+    from catcascade.serving.model_repository.adapters import AdapterPool, adapter_digest
 
     folder = tmp_path / "adapter"
     folder.mkdir()
@@ -327,9 +327,9 @@ class _FakeCascade:
         self.closed = False
 
     async def classify(self, data, k=None, mode=None, deadline=None):
-        from cnn_stage.topk import TopK
-        from ensemble.escalation_policy import EscalationReason
-        from serving.pipeline import CascadeResult, StageTimings
+        from catcascade.cnn_stage.topk import TopK
+        from catcascade.ensemble.escalation_policy import EscalationReason
+        from catcascade.serving.pipeline import CascadeResult, StageTimings
 
         self.started += 1
         if self.gate is not None and data != b"warm-up":
@@ -341,10 +341,10 @@ class _FakeCascade:
 def _router_on(tmp_path, **models):
     import contextlib
 
-    from serving.api import cascade_pb2 as pb
-    from serving.config import ServeConfig
-    from serving.metrics import ServiceMetrics
-    from serving.model_repository.router import ModelRouter
+    from catcascade.serving.api import cascade_pb2 as pb
+    from catcascade.serving.config import ServeConfig
+    from catcascade.serving.metrics import ServiceMetrics
+    from catcascade.serving.model_repository.router import ModelRouter
 
     repo = tmp_path / "models"
     repo.mkdir()
@@ -355,7 +355,7 @@ def _router_on(tmp_path, **models):
 
     @contextlib.asynccontextmanager
     async def factory(cfg, metrics):
-        from ensemble.bundle import load_bundle
+        from catcascade.ensemble.bundle import load_bundle
 
         b = load_bundle(cfg.bundle)
         cascade = _FakeCascade(b.labels, b.preprocess)
@@ -370,7 +370,7 @@ def _router_on(tmp_path, **models):
 
 
 def test_a_swap_leaves_requests_in_flight_on_their_version_and_releases_it_after_them(tmp_path, monkeypatch):
-    import serving.model_repository.loading as loading
+    import catcascade.serving.model_repository.loading as loading
 
     monkeypatch.setattr(loading, "_png", lambda size: b"warm-up")
     router, built = _router_on(tmp_path)
@@ -403,7 +403,7 @@ def test_a_swap_leaves_requests_in_flight_on_their_version_and_releases_it_after
 
 
 def test_a_shadow_copy_never_holds_up_the_live_answer_and_excess_copies_are_dropped(tmp_path, monkeypatch):
-    import serving.model_repository.loading as loading
+    import catcascade.serving.model_repository.loading as loading
 
     monkeypatch.setattr(loading, "_png", lambda size: b"warm-up")
     router, built = _router_on(tmp_path, shadow_max_concurrency=1)

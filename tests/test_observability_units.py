@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from ensemble.confidence_histogram import (ConfidenceHistogram, bin_counts, equal_width_edges,
+from catcascade.ensemble.confidence_histogram import (ConfidenceHistogram, bin_counts, equal_width_edges,
                                            population_stability_index, top1_confidence_histogram)
-from serving.observability.drift import DriftConfig, DriftMonitor
-from serving.observability.tracing import NoTracing, OtelTracing, TracingConfig, make_tracing
+from catcascade.serving.observability.drift import DriftConfig, DriftMonitor
+from catcascade.serving.observability.tracing import NoTracing, OtelTracing, TracingConfig, make_tracing
 
 
 def test_confidence_histogram_of_top1_probabilities():
@@ -33,7 +33,7 @@ def test_population_stability_index_is_zero_for_the_same_mix_and_large_for_a_shi
 
 
 def test_old_bundle_manifests_without_a_histogram_still_load():
-    from ensemble.bundle import CnnSpec
+    from catcascade.ensemble.bundle import CnnSpec
 
     old = CnnSpec.model_validate({"architecture": "convnext_atto", "sha256": "0" * 64, "temperature": 1.5})
     assert old.confidence_histogram is None
@@ -68,8 +68,8 @@ def test_drift_index_rises_when_confidences_shift_and_gauges_reach_prometheus():
 
 
 def test_vlm_agreement_counts_none_of_these_as_a_choice():
-    from serving.observability.drift import vlm_agrees
-    from vlm_stage.scoring import CandidateScores
+    from catcascade.serving.observability.drift import vlm_agrees
+    from catcascade.vlm_stage.scoring import CandidateScores
 
     def scores(probs, none):
         return CandidateScores(("Bengal", "Persian"), probs, none, "cats", "multiple_choice")
@@ -81,7 +81,7 @@ def test_vlm_agreement_counts_none_of_these_as_a_choice():
 
 
 def test_tracing_is_off_by_default_and_off_costs_no_spans():
-    from serving.config import ServeConfig
+    from catcascade.serving.config import ServeConfig
 
     off = make_tracing(ServeConfig(bundle="/b").tracing)
     assert isinstance(off, NoTracing) and not off.enabled
@@ -112,9 +112,9 @@ def test_tracing_continues_the_callers_trace_and_hands_it_on():
 
 
 def test_escalation_reasons_mirror_the_proto():
-    from ensemble.escalation_policy import EscalationReason
-    from serving.api import cascade_pb2 as pb
-    from serving.traffic.priorities import Priority
+    from catcascade.ensemble.escalation_policy import EscalationReason
+    from catcascade.serving.api import cascade_pb2 as pb
+    from catcascade.serving.traffic.priorities import Priority
 
     assert {f"ESCALATION_REASON_{r.name}": int(r) for r in EscalationReason} == dict(pb.EscalationReason.items())
     assert {f"PRIORITY_{p.name}": int(p) for p in Priority} == dict(pb.Priority.items())

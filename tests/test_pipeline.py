@@ -12,17 +12,17 @@ import httpx
 import numpy as np
 import pytest
 
-from cnn_stage.preprocessing import InvalidImageError
-from cnn_stage.topk import softmax
-from ensemble.escalation_policy import EscalationMode, EscalationReason
-from serving.batcher import QueueFullError
-from serving.circuit_breaker import BreakerConfig, BreakerState, CircuitBreaker
-from serving.metrics import ServiceMetrics
-from serving.pipeline import CascadePipeline
+from catcascade.cnn_stage.preprocessing import InvalidImageError
+from catcascade.cnn_stage.topk import softmax
+from catcascade.ensemble.escalation_policy import EscalationMode, EscalationReason
+from catcascade.serving.batcher import QueueFullError
+from catcascade.serving.circuit_breaker import BreakerConfig, BreakerState, CircuitBreaker
+from catcascade.serving.metrics import ServiceMetrics
+from catcascade.serving.pipeline import CascadePipeline
 from tests.conftest import jpeg_bytes
 from tests.fakes import LABELS, LOGITS, FakeBatcher, FakeClock, FakeVerifier, fake_pipeline, until
-from vlm_stage.scoring import ScoringError
-from vlm_stage.vllm_client import VlmClientConfig, VllmVerifier, VlmUnavailableError
+from catcascade.vlm_stage.scoring import ScoringError
+from catcascade.vlm_stage.vllm_client import VlmClientConfig, VllmVerifier, VlmUnavailableError
 
 T = 2.0
 P = softmax(LOGITS, T)  # the calibrated CNN distribution every test starts from
@@ -339,7 +339,7 @@ def test_vlm_failure_time_is_measured_too():
 
 
 def test_decoding_uses_the_bundles_limits_and_draft_mode():
-    from cnn_stage.preprocessing import DecodeLimits, PreprocessConfig
+    from catcascade.cnn_stage.preprocessing import DecodeLimits, PreprocessConfig
 
     tight = PreprocessConfig(image_size=32, limits=DecodeLimits(max_pixels=1000))
     with pytest.raises(InvalidImageError, match="image has 1200 pixels; the limit is 1000"):
@@ -362,7 +362,7 @@ def test_decoding_uses_the_bundles_limits_and_draft_mode():
 # 0.7 of 3, 0.8 of 4.
 
 def _sets(qhat, **kw):
-    from ensemble.config import CandidateSetConfig
+    from catcascade.ensemble.config import CandidateSetConfig
 
     return CandidateSetConfig(method="aps", qhat=qhat, **kw)
 
@@ -469,7 +469,7 @@ def test_rationale_timeout_and_failure_are_said_and_counted():
     assert r.rationale is None and r.rationale_error == "not generated: the VLM did not answer within the deadline"
     assert time.monotonic() - t0 >= 0.85 and r.timings.rationale_ms >= 850  # the deadline less half the budget
     assert pipeline.inflight_escalations == 0
-    from vlm_stage.rationale import RationaleError
+    from catcascade.vlm_stage.rationale import RationaleError
 
     failing = make(FakeVerifier(explain_error=RationaleError("the VLM returned no text")), metrics=metrics)
     r = explain(failing, EscalationMode.ALWAYS)
@@ -505,10 +505,10 @@ def test_rationale_time_is_the_vlm_time_and_the_image_is_sent():
 
 
 def test_a_failed_rationale_reports_its_time_a_bounded_message_and_a_warning(caplog):
-    from vlm_stage.rationale import RationaleError
+    from catcascade.vlm_stage.rationale import RationaleError
 
     verifier = FakeVerifier(hold_explain=True, explain_error=RationaleError("x" * 1000))
-    with caplog.at_level("WARNING", logger="serving.pipeline"):
+    with caplog.at_level("WARNING", logger="catcascade.serving.pipeline"):
         r, elapsed_ms = _explain_held_60ms(verifier)
     assert r.rationale is None and r.rationale_error == ("not generated: " + "x" * 1000)[:300]
     assert 60.0 <= r.timings.rationale_ms <= elapsed_ms
@@ -548,7 +548,7 @@ def test_a_rationale_in_progress_counts_as_a_vlm_call_in_flight():
 def test_a_full_decode_queue_refuses_and_a_passed_deadline_skips_the_decode():
     with pytest.raises(QueueFullError, match=r"^decode queue is full \(0 images waiting\)$"):
         classify(make(FakeVerifier(), max_decode_queue=0))
-    from serving.pipeline import DeadlineExceededError
+    from catcascade.serving.pipeline import DeadlineExceededError
 
     metrics, cnn = ServiceMetrics(), FakeBatcher()
     pipeline = make(FakeVerifier(), metrics=metrics, cnn=cnn)
@@ -559,7 +559,7 @@ def test_a_full_decode_queue_refuses_and_a_passed_deadline_skips_the_decode():
 
 
 def test_priority_and_deadline_reach_the_cnn_and_the_vlm():
-    from serving.traffic.priorities import Priority
+    from catcascade.serving.traffic.priorities import Priority
 
     cnn, verifier, done, metrics = FakeBatcher(), FakeVerifier(), [], ServiceMetrics()
     pipeline = make(verifier, cnn=cnn, metrics=metrics)
@@ -579,7 +579,7 @@ def test_priority_and_deadline_reach_the_cnn_and_the_vlm():
 
 
 def test_a_tenant_over_its_escalation_budget_gets_a_cnn_answer():
-    from serving.traffic.tenant_budgets import TenantBudgets, TenantBudgetsConfig
+    from catcascade.serving.traffic.tenant_budgets import TenantBudgets, TenantBudgetsConfig
 
     budgets = TenantBudgets(TenantBudgetsConfig(tenants={"t": {"rate_per_s": 0.0, "burst": 1}}), clock=FakeClock())
     verifier = FakeVerifier()
@@ -597,7 +597,7 @@ def test_a_tenant_over_its_escalation_budget_gets_a_cnn_answer():
 
 
 def test_a_shed_escalation_gives_its_budget_token_back():
-    from serving.traffic.tenant_budgets import TenantBudgets, TenantBudgetsConfig
+    from catcascade.serving.traffic.tenant_budgets import TenantBudgets, TenantBudgetsConfig
 
     budgets = TenantBudgets(TenantBudgetsConfig(tenants={"t": {"rate_per_s": 0.0, "burst": 1}}), clock=FakeClock())
     shed = classify(make(FakeVerifier(), tenant_budgets=budgets, max_concurrent_escalations=0),
@@ -673,10 +673,10 @@ def test_a_half_open_breaker_lets_one_probe_through_and_says_so_to_the_others():
 
 
 def test_memory_is_trimmed_after_a_slow_decode(monkeypatch):
-    import serving.pipeline
+    import catcascade.serving.pipeline as pipeline_module
 
     trims = []
-    monkeypatch.setattr(serving.pipeline, "release_free_memory", lambda: trims.append(1))
+    monkeypatch.setattr(pipeline_module, "release_free_memory", lambda: trims.append(1))
     classify(make(FakeVerifier(), trim_after_decode_ms=0.0), mode=EscalationMode.NEVER)
     classify(make(FakeVerifier(), trim_after_decode_ms=60_000.0), mode=EscalationMode.NEVER)
     classify(make(FakeVerifier()), mode=EscalationMode.NEVER)
@@ -688,7 +688,7 @@ def test_memory_is_trimmed_after_a_slow_decode(monkeypatch):
 def test_stage_spans_follow_the_batchers_timings():
     """decode, cnn_queue, cnn, vlm and blend spans under the request's span; cnn_queue and cnn
     are placed from the batcher's own readings (1.5 ms queue, 2.5 ms model here), back to back."""
-    from serving.observability.tracing import TracingConfig, make_tracing
+    from catcascade.serving.observability.tracing import TracingConfig, make_tracing
 
     tracing = make_tracing(TracingConfig(exporter="memory"))
     verifier = FakeVerifier()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnn_stage.preprocessing import DecodeLimits, InvalidImageError, PreprocessConfig, decode_image, preprocess
+from catcascade.cnn_stage.preprocessing import DecodeLimits, InvalidImageError, PreprocessConfig, decode_image, preprocess
 from tests.conftest import jpeg_bytes
 
 
@@ -68,7 +68,7 @@ def test_jpegs_simplejpeg_declines_still_decode_like_pillow(mode):
 def test_without_simplejpeg_pillow_decodes(monkeypatch):
     import sys
 
-    from cnn_stage import preprocessing
+    from catcascade.cnn_stage import preprocessing
 
     monkeypatch.setitem(sys.modules, "simplejpeg", None)  # import fails as if not installed
     monkeypatch.setattr(preprocessing, "_simplejpeg", functools.cache(preprocessing._simplejpeg.__wrapped__))

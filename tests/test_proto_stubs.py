@@ -1,7 +1,7 @@
 """The committed stubs in serving/api must be what `make proto` generates from proto/."""
 from __future__ import annotations
 
-from serving.api.generate import GENERATED, PACKAGE_PATH, REPO_ROOT, generate
+from catcascade.serving.api.generate import GENERATED, PACKAGE_PATH, REPO_ROOT, generate
 
 
 def test_generated_stubs_are_up_to_date(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.config import ServeConfig
+from catcascade.serving.config import ServeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = REPO / "deploy" / "ray" / "serve-config.yaml"
@@ -31,7 +31,7 @@ def _check_applications(schema) -> None:
     for app in schema.applications:
         module, _, attr = app.import_path.partition(":")
         builder = getattr(importlib.import_module(module), attr)
-        from serving.engines.ray_deployments import app_builder
+        from catcascade.serving.engines.ray_deployments import app_builder
 
         assert builder is app_builder
         cfg = ServeConfig.model_validate(app.args)  # the args are a ServeConfig

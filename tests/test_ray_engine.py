@@ -19,8 +19,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from serving.config import ServeConfig
-from serving.service_thread import ServiceThread
+from catcascade.serving.config import ServeConfig
+from catcascade.serving.service_thread import ServiceThread
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def ray_cluster():
     import ray
     from ray import serve
 
-    from serving.engines.ray_local_cluster import local_cluster
+    from catcascade.serving.engines.ray_local_cluster import local_cluster
 
     with local_cluster(nodes=2, cpus_per_node=2) as address:
         ray.init(address=address, namespace="catcascade", log_to_driver=False)
@@ -101,7 +101,7 @@ def photos() -> list[bytes]:
 
 
 def _client(server, timeout_s=60):
-    from serving.client import CatcascadeClient
+    from catcascade.serving.client import CatcascadeClient
 
     return CatcascadeClient(server.target, timeout_s=timeout_s)
 

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnn_stage.onnx_runtime import OnnxClassifier
-from cnn_stage.preprocessing import load_and_preprocess
-from cnn_stage.topk import softmax
-from ensemble.bundle import load_bundle
-from serving.config import ServeConfig
-from serving.engines.ray_deployments import (CNN_DEPLOYMENT, ReplicaAnswer, VlmStage, _CnnReplica, _deployment_options,
+from catcascade.cnn_stage.onnx_runtime import OnnxClassifier
+from catcascade.cnn_stage.preprocessing import load_and_preprocess
+from catcascade.cnn_stage.topk import softmax
+from catcascade.ensemble.bundle import load_bundle
+from catcascade.serving.config import ServeConfig
+from catcascade.serving.engines.ray_deployments import (CNN_DEPLOYMENT, ReplicaAnswer, VlmStage, _CnnReplica, _deployment_options,
                                              vlm_client_config)
 from tests.conftest import jpeg_bytes
-from vlm_stage.vllm_client import VllmVerifier
+from catcascade.vlm_stage.vllm_client import VllmVerifier
 
 IMAGE = Image.new("RGB", (90, 70), (180, 90, 30))
 
@@ -128,7 +128,7 @@ def test_vlm_replica_warm_up_reports_failure_as_text(demo_bundle):
 
 
 def test_vlm_client_config_needs_a_model(demo_bundle):
-    from ensemble.bundle import Bundle
+    from catcascade.ensemble.bundle import Bundle
 
     cfg = ServeConfig(bundle=demo_bundle, port=0, vlm={"urls": ["http://vlm.test"], "model": "other-adapter"})
     bundle = load_bundle(demo_bundle)

@@ -8,9 +8,9 @@ import asyncio
 
 import grpc
 
-from serving.api import cascade_pb2 as pb
-from serving.api import cascade_pb2_grpc as pb_grpc
-from serving.server import CatClassifierServicer, run_server
+from catcascade.serving.api import cascade_pb2 as pb
+from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
+from catcascade.serving.server import CatClassifierServicer, run_server
 from tests.conftest import jpeg_bytes
 from tests.fakes import LABELS, FakeVerifier, fake_pipeline, until
 

@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from benchmarks.hostile_images import hostile_corpus, png
-from serving.api import cascade_pb2 as pb
-from serving.api import cascade_pb2_grpc as pb_grpc
-from serving.client import CatcascadeClient
-from serving.config import ServeConfig
+from catcascade.serving.api import cascade_pb2 as pb
+from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
+from catcascade.serving.client import CatcascadeClient
+from catcascade.serving.config import ServeConfig
 from tests.conftest import GrpcServerThread, jpeg_bytes
 
 pytestmark = pytest.mark.integration
@@ -120,9 +120,9 @@ def test_decode_jobs_of_cancelled_requests_are_dropped_unstarted():
     import asyncio
     import threading
 
-    from cnn_stage.preprocessing import PreprocessConfig
-    from serving.metrics import ServiceMetrics
-    from serving.pipeline import CascadePipeline
+    from catcascade.cnn_stage.preprocessing import PreprocessConfig
+    from catcascade.serving.metrics import ServiceMetrics
+    from catcascade.serving.pipeline import CascadePipeline
 
     metrics = ServiceMetrics()
     pipe = CascadePipeline(["a"], PreprocessConfig(), cnn=None, policy=None, blender=None, metrics=metrics)
@@ -153,9 +153,9 @@ def test_decode_that_would_start_after_its_deadline_is_skipped():
     without decoding (callers whose cancellation does not reach the pool: in-process, streams)."""
     import asyncio
 
-    from cnn_stage.preprocessing import PreprocessConfig
-    from serving.metrics import ServiceMetrics
-    from serving.pipeline import CascadePipeline, DeadlineExceededError
+    from catcascade.cnn_stage.preprocessing import PreprocessConfig
+    from catcascade.serving.metrics import ServiceMetrics
+    from catcascade.serving.pipeline import CascadePipeline, DeadlineExceededError
 
     metrics = ServiceMetrics()
     pipe = CascadePipeline(["a"], PreprocessConfig(), cnn=None, policy=None, blender=None, metrics=metrics)
@@ -264,11 +264,11 @@ def test_request_id_with_control_characters_is_refused(cnn_server, request_id):
 def test_text_log_format_keeps_each_record_on_one_line():
     import logging
 
-    from serving.log_format import OneLineFormatter
+    from catcascade.serving.log_format import OneLineFormatter
 
     fmt = OneLineFormatter("%(levelname)s %(name)s: %(message)s")
     forged = "r1\n2026-01-01 00:00:00 INFO serving.server: classified request_id=admin"
-    rec = logging.LogRecord("serving.server", logging.INFO, __file__, 1, "invalid image request_id=%s: %s",
+    rec = logging.LogRecord("catcascade.serving.server", logging.INFO, __file__, 1, "invalid image request_id=%s: %s",
                             (forged, "bad\u2028bytes\x1b"), None)
     line = fmt.format(rec)
     assert "\n" not in line and "\u2028" not in line and "\x1b" not in line

@@ -10,9 +10,9 @@ import pytest
 
 from benchmarks.reliability import (burst_in_subprocess, cancelled_probe, health_status, hung_vllm, measure_capacity,
                                     orphaned_streams, random_jpegs, stream_deadline, wait_for)
-from serving.circuit_breaker import BreakerState
-from serving.config import ServeConfig
-from serving.server import VLM_HEALTH_NAME
+from catcascade.serving.circuit_breaker import BreakerState
+from catcascade.serving.config import ServeConfig
+from catcascade.serving.server import VLM_HEALTH_NAME
 from tests.conftest import GrpcServerThread, ServeProcess
 
 pytestmark = pytest.mark.integration
@@ -81,8 +81,8 @@ def test_hung_vllm_opens_the_breaker_whatever_the_client_deadlines(make_server, 
 def test_hung_vllm_under_long_deadlines_fails_by_the_server_budget(make_server, vllm_server):
     """Without the watchdog, calls with long deadlines end by the server's own VLM budget,
     count as failures and open the breaker (before: each waited the client's whole deadline)."""
-    from serving.api import cascade_pb2 as pb
-    from serving.client import CatcascadeClient
+    from catcascade.serving.api import cascade_pb2 as pb
+    from catcascade.serving.client import CatcascadeClient
 
     server = make_server(breaker={"health_period_s": 0, "failure_threshold": 2, "cooldown_s": 30},
                          vlm={"call_budget_s": 1.0})

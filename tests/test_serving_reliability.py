@@ -12,10 +12,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.reliability import bad_inputs, random_jpegs, run_load, vllm_killed_mid_run
-from serving.api import cascade_pb2 as pb
-from serving.client import CatcascadeClient
-from serving.config import ServeConfig
-from serving.server import SERVICE_NAME, VLM_HEALTH_NAME
+from catcascade.serving.api import cascade_pb2 as pb
+from catcascade.serving.client import CatcascadeClient
+from catcascade.serving.config import ServeConfig
+from catcascade.serving.server import SERVICE_NAME, VLM_HEALTH_NAME
 from tests.conftest import GrpcServerThread, jpeg_bytes
 
 pytestmark = pytest.mark.integration
@@ -92,8 +92,8 @@ def test_deadline_too_short_for_vlm_answers_cnn_only(make_server, vllm_server):
 
 
 def test_vlm_killed_mid_run_every_request_still_answered(make_server, vllm_server):
-    from serving.app import warm_up
-    from vlm_stage.vllm_client import VlmClientConfig, VllmVerifier
+    from catcascade.serving.app import warm_up
+    from catcascade.vlm_stage.vllm_client import VlmClientConfig, VllmVerifier
 
     server = make_server(vlm={"urls": [vllm_server.url], "timeout_s": 5, "max_retries": 1},
                          breaker={"failure_threshold": 2, "cooldown_s": 1.0})
@@ -144,7 +144,7 @@ def test_bearer_token_auth(make_server):
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with CatcascadeClient(server.target, token="s3cret") as c:
         assert len(c.classify(jpeg_bytes(), mode="never").labels) == 3
-    from serving.api import cascade_pb2_grpc as pb_grpc
+    from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
 
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.circuit_breaker import BreakerConfig, BreakerState, CircuitBreaker
+from catcascade.serving.circuit_breaker import BreakerConfig, BreakerState, CircuitBreaker
 
 
 class FakeClock:
@@ -48,7 +48,7 @@ def test_breaker_probe_released_without_verdict():
 def test_serve_config_validation_messages(tmp_path):
     from pydantic import ValidationError
 
-    from serving.config import ServeConfig
+    from catcascade.serving.config import ServeConfig
 
     with pytest.raises(ValidationError, match="http"):
         ServeConfig(bundle=tmp_path, vlm={"urls": ["localhost:8000"]})
@@ -63,7 +63,7 @@ def test_serve_config_validation_messages(tmp_path):
 
 
 def test_tokens_from_environment(monkeypatch, tmp_path):
-    from serving.config import ServeConfig
+    from catcascade.serving.config import ServeConfig
 
     monkeypatch.setenv("CATS_TOKENS", "a,b")
     assert ServeConfig(bundle=tmp_path, auth={"bearer_tokens_env": "CATS_TOKENS"}).auth.tokens() == ["a", "b"]
@@ -107,7 +107,7 @@ def test_vlm_warm_up_is_retried_until_the_vlm_answers():
     """A VLM that is still loading when the server starts gets warmed up once it is up."""
     import asyncio
 
-    from serving.app import keep_warming_up
+    from catcascade.serving.app import keep_warming_up
 
     class LoadingVlm:  # stands in for the VLM the unit calls
         calls = 0
@@ -126,13 +126,13 @@ def test_json_logs_carry_request_ids(capsys):
     import json
     import logging
 
-    from serving.log_format import configure_logging
+    from catcascade.serving.log_format import configure_logging
 
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
     try:
         configure_logging("json")
-        logging.getLogger("serving.server").info("classified", extra={"request_id": "r-42", "total_ms": 3.5})
+        logging.getLogger("catcascade.serving.server").info("classified", extra={"request_id": "r-42", "total_ms": 3.5})
         line = capsys.readouterr().err.strip().splitlines()[-1]
     finally:
         root.handlers[:], _ = saved[0], root.setLevel(saved[1])
@@ -143,7 +143,7 @@ def test_json_logs_carry_request_ids(capsys):
 def test_example_service_config_is_valid():
     from pathlib import Path
 
-    from serving.config import ServeConfig
+    from catcascade.serving.config import ServeConfig
 
     cfg = ServeConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "service.example.yaml")
     assert cfg.vlm.backend == "vllm" and cfg.metrics_port == 9090 and cfg.log_format == "json"

@@ -8,9 +8,9 @@ import re
 import numpy as np
 import pytest
 
-from cnn_stage.topk import softmax
-from ensemble.config import BlendConfig, StackingParams
-from ensemble.stacking import StackingBlender, candidate_features, feature_names
+from catcascade.cnn_stage.topk import softmax
+from catcascade.ensemble.config import BlendConfig, StackingParams
+from catcascade.ensemble.stacking import StackingBlender, candidate_features, feature_names
 
 P = np.array([[0.5, 0.3, 0.2, 0.0]])
 IDX = np.array([[0, 1, 3]])  # the last candidate has CNN probability 0: clipped, not -inf

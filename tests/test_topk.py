@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from cnn_stage.topk import TopK, softmax, top_k
+from catcascade.cnn_stage.topk import TopK, softmax, top_k
 
 
 def test_softmax_of_log_weights_is_the_normalised_weights():

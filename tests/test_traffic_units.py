@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from serving.batcher import BatcherConfig, DynamicBatcher
-from serving.traffic.priorities import Priority, PrioritySlots
-from serving.traffic.response_cache import ResponseCache, ResponseCacheConfig, SingleFlight, cache_key
-from serving.traffic.tenant_budgets import ANONYMOUS, TenantBudgets, TenantBudgetsConfig, TokenBucket, TokenBucketConfig
+from catcascade.serving.batcher import BatcherConfig, DynamicBatcher
+from catcascade.serving.traffic.priorities import Priority, PrioritySlots
+from catcascade.serving.traffic.response_cache import ResponseCache, ResponseCacheConfig, SingleFlight, cache_key
+from catcascade.serving.traffic.tenant_budgets import ANONYMOUS, TenantBudgets, TenantBudgetsConfig, TokenBucket, TokenBucketConfig
 
 
 class FakeClock:
@@ -203,7 +203,7 @@ def test_tenant_budgets_name_tenants_by_token_and_limit_each_alone():
 def test_serve_config_tenants(tmp_path):
     from pydantic import ValidationError
 
-    from serving.config import ServeConfig
+    from catcascade.serving.config import ServeConfig
 
     cfg = ServeConfig(bundle=tmp_path, auth={"bearer_tokens": ["plain"], "tenants": {"alice": "tok-a"}},
                       tenant_budgets={"default": {"rate_per_s": 1, "burst": 5},

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from training.schedules import warmup_cosine
-from training.unfreezing import apply_phase, block_of, layer_decay_groups, trainable_blocks
+from catcascade.training.schedules import warmup_cosine
+from catcascade.training.unfreezing import apply_phase, block_of, layer_decay_groups, trainable_blocks
 
 
 @pytest.fixture(scope="module")

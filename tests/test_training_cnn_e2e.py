@@ -27,9 +27,9 @@ def trained_bundle(sample_data, tmp_path_factory):
 def test_train_cnn_writes_a_loadable_calibrated_bundle(trained_bundle, sample_data):
     import yaml
 
-    from ensemble.bundle import load_bundle
-    from cnn_stage.onnx_runtime import OnnxClassifier
-    from cnn_stage.preprocessing import load_and_preprocess
+    from catcascade.ensemble.bundle import load_bundle
+    from catcascade.cnn_stage.onnx_runtime import OnnxClassifier
+    from catcascade.cnn_stage.preprocessing import load_and_preprocess
 
     bundle = load_bundle(trained_bundle)
     m = bundle.manifest
@@ -63,12 +63,12 @@ def test_reported_calibration_and_heldout_figures_are_the_bundles_own(trained_bu
     INT8 top-1 agreement."""
     from sklearn.metrics import balanced_accuracy_score
 
-    from cnn_stage.onnx_runtime import OnnxClassifier
-    from cnn_stage.quantization import load_images, run_batched
-    from cnn_stage.topk import softmax
-    from ensemble.bundle import load_bundle
-    from ensemble.metrics import expected_calibration_error
-    from training.datasets import load_split
+    from catcascade.cnn_stage.onnx_runtime import OnnxClassifier
+    from catcascade.cnn_stage.quantization import load_images, run_batched
+    from catcascade.cnn_stage.topk import softmax
+    from catcascade.ensemble.bundle import load_bundle
+    from catcascade.ensemble.metrics import expected_calibration_error
+    from catcascade.training.datasets import load_split
 
     bundle = load_bundle(trained_bundle)
     prov, temperature = bundle.manifest.provenance, bundle.manifest.cnn.temperature
@@ -104,8 +104,8 @@ def test_reported_calibration_and_heldout_figures_are_the_bundles_own(trained_bu
 @pytest.mark.integration
 @pytest.mark.needs_sample_data
 def test_trained_bundle_serves_over_grpc(trained_bundle, sample_data):
-    from serving.client import CatcascadeClient
-    from serving.config import ServeConfig
+    from catcascade.serving.client import CatcascadeClient
+    from catcascade.serving.config import ServeConfig
     from tests.conftest import GrpcServerThread
 
     server = GrpcServerThread(ServeConfig(bundle=trained_bundle, port=0)).start()
@@ -121,15 +121,15 @@ def test_trained_bundle_serves_over_grpc(trained_bundle, sample_data):
 
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory):
-    from training.synthetic_data import write_synthetic_dataset
+    from catcascade.training.synthetic_data import write_synthetic_dataset
 
     return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), ["Bengal", "Persian", "Sphynx"],
                                    per_class=8, size=40, progress=False)
 
 
 def test_resume_continues_after_the_last_saved_epoch(tiny_dataset, tmp_path):
-    from training.image_folder import scan_image_folder, stratified_split
-    from training.train_cnn import CnnTrainConfig, train_cnn
+    from catcascade.training.image_folder import scan_image_folder, stratified_split
+    from catcascade.training.train_cnn import CnnTrainConfig, train_cnn
 
     samples, labels = scan_image_folder(tiny_dataset)
     train, val, _ = stratified_split(samples, (0.6, 0.4, 0.0))
@@ -156,8 +156,8 @@ def test_resume_continues_after_the_last_saved_epoch(tiny_dataset, tmp_path):
     {"imbalance": "balanced_sampler", "randaugment": "rand-m9-mstd0.5", "train_norm": False},
 ], ids=["focal+mixup/cutmix", "sampler+randaugment+frozen-norm"])
 def test_training_options_run_and_select_on_balanced_accuracy(tiny_dataset, options):
-    from training.image_folder import scan_image_folder, stratified_split
-    from training.train_cnn import CnnTrainConfig, train_cnn
+    from catcascade.training.image_folder import scan_image_folder, stratified_split
+    from catcascade.training.train_cnn import CnnTrainConfig, train_cnn
 
     samples, labels = scan_image_folder(tiny_dataset)
     train, val, _ = stratified_split(samples, (0.6, 0.4, 0.0))

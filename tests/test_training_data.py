@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from training.datasets import DatasetSpec, load_split, resolve_split, scan_csv_manifest, scan_oxford_pet
-from training.image_folder import Sample, stratified_split
+from catcascade.training.datasets import DatasetSpec, load_split, resolve_split, scan_csv_manifest, scan_oxford_pet
+from catcascade.training.image_folder import Sample, stratified_split
 
 OXFORD_HEADER = "#Image CLASS-ID SPECIES BREED ID\n#ID: 1:37 Class ids\n#SPECIES: 1:Cat 2:Dog\n"
 
@@ -106,7 +106,7 @@ def test_unreadable_images_are_skipped_counted_and_saved(tmp_path, caplog):
             _jpeg(root / breed / f"{i}.jpg")
     (root / "Bengal" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (root / "Sphynx" / "empty.png").write_bytes(b"")
-    with caplog.at_level(logging.WARNING, logger="training.datasets"):
+    with caplog.at_level(logging.WARNING, logger="catcascade.training.datasets"):
         split = resolve_split(DatasetSpec(root), save_to=tmp_path / "split.json", seed=7)
     assert len(split.skipped) == 2 and any("broken.jpg" in p for p in split.skipped)
     assert "skipped 2 unreadable image(s) of 22" in caplog.text

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.imbalance import SoftTargetFocalLoss, balanced_sampler, inverse_frequency_weights, make_loss
+from catcascade.training.imbalance import SoftTargetFocalLoss, balanced_sampler, inverse_frequency_weights, make_loss
 
 
 def test_gamma_zero_is_label_smoothed_cross_entropy():
@@ -57,7 +57,7 @@ def test_balanced_sampler_draws_classes_equally():
 
 
 def test_frozen_batchnorm_keeps_its_running_statistics():
-    from training.unfreezing import freeze_batchnorm_stats
+    from catcascade.training.unfreezing import freeze_batchnorm_stats
 
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1),
                               torch.nn.BatchNorm2d(2))
@@ -74,7 +74,7 @@ def test_frozen_batchnorm_keeps_its_running_statistics():
 def test_freeze_norm_covers_downsample_layernorms():
     import timm
 
-    from training.unfreezing import apply_phase, norm_parameter_names
+    from catcascade.training.unfreezing import apply_phase, norm_parameter_names
 
     atto = timm.create_model("convnext_atto", num_classes=3)
     norms = norm_parameter_names(atto)
@@ -85,7 +85,7 @@ def test_freeze_norm_covers_downsample_layernorms():
 
 
 def test_epoch_plan_follows_phase_lengths():
-    from training.unfreezing import epoch_plan
+    from catcascade.training.unfreezing import epoch_plan
 
     assert epoch_plan((1, 2, 2)) == [(0, 0), (1, 1), (1, 1), (2, 5), (2, 5)]
     assert epoch_plan((2, 0, 1), unfreeze_all_last=False) == [(0, 0), (0, 0), (2, 2)]
@@ -100,14 +100,14 @@ def test_epoch_plan_follows_phase_lengths():
     ({"randaugment": "flip"}, "randaugment"), ({"crop_scale": (0.9, 0.2)}, "crop_scale"),
 ])
 def test_train_config_rejects_bad_values(bad, match):
-    from training.train_cnn import CnnTrainConfig
+    from catcascade.training.train_cnn import CnnTrainConfig
 
     with pytest.raises(ValueError, match=match):
         CnnTrainConfig(**bad)
 
 
 def test_optimizer_state_round_trips_through_safetensors(tmp_path):
-    from training.checkpoint import load_checkpoint, save_checkpoint
+    from catcascade.training.checkpoint import load_checkpoint, save_checkpoint
 
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 3)

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from vlm_stage.vllm_client import VlmClientConfig, VllmVerifier, VlmUnavailableError
+from catcascade.vlm_stage.vllm_client import VlmClientConfig, VllmVerifier, VlmUnavailableError
 
 CANDIDATES = ("Persian", "Siamese", "Bengal")
 IMAGE = Image.new("RGB", (40, 30), (10, 200, 30))
@@ -225,7 +225,7 @@ def test_unconstrained_logprobs_are_refused_with_the_server_flag_to_fix_it():
         return httpx.Response(200, json={"choices": [{"message": {"content": "A"}, "logprobs": {
             "content": [{"token": "A", "top_logprobs": top}]}}], "usage": {"prompt_tokens": 5}})
 
-    from vlm_stage.scoring import ScoringError
+    from catcascade.vlm_stage.scoring import ScoringError
 
     with pytest.raises(ScoringError, match="processed_logprobs"):
         _run(lambda v: v.verify(IMAGE, CANDIDATES), VlmClientConfig(urls=["http://x:1"]), handler)
@@ -233,7 +233,7 @@ def test_unconstrained_logprobs_are_refused_with_the_server_flag_to_fix_it():
 
 def test_unreachable_server_raises_clear_error():
     """Nothing listens on the port: connection refused, retried, then one clear error."""
-    from vlm_stage.vllm_server import free_port
+    from catcascade.vlm_stage.vllm_server import free_port
 
     async def go():
         v = VllmVerifier(VlmClientConfig(urls=[f"http://127.0.0.1:{free_port()}"], max_retries=1, backoff_s=0.01))
@@ -275,7 +275,7 @@ MALFORMED = {
 @pytest.mark.parametrize("body", MALFORMED.values(), ids=MALFORMED.keys())
 def test_malformed_logprobs_in_a_200_answer_are_a_scoring_error(body):
     """The pipeline answers CNN-only on ScoringError; any other exception type would escape it."""
-    from vlm_stage.scoring import ScoringError
+    from catcascade.vlm_stage.scoring import ScoringError
 
     def handler(request):
         return httpx.Response(200, content=json.dumps(body, allow_nan=True).encode())
@@ -293,7 +293,7 @@ def test_a_200_answer_that_is_not_json_is_a_clear_error():
 
 
 def test_tokenize_without_tokens_is_a_scoring_error():
-    from vlm_stage.scoring import ScoringError
+    from catcascade.vlm_stage.scoring import ScoringError
 
     def handler(request):
         return httpx.Response(200, json={"count": 1})
@@ -303,7 +303,7 @@ def test_tokenize_without_tokens_is_a_scoring_error():
 
 
 def test_well_formed_answer_parses_to_scores_and_usage():
-    from vlm_stage.vllm_client import answer_logprobs
+    from catcascade.vlm_stage.vllm_client import answer_logprobs
 
     top, n = answer_logprobs(_answer([{"token": "A", "logprob": -0.5}, {"token": " B", "logprob": None}]))
     assert top == [("A", -0.5), (" B", float("-inf"))] and n == 7
@@ -311,7 +311,7 @@ def test_well_formed_answer_parses_to_scores_and_usage():
 
 
 def test_explain_is_a_separate_capped_free_text_request():
-    from vlm_stage.rationale import RationaleError
+    from catcascade.vlm_stage.rationale import RationaleError
 
     seen = []
 
@@ -339,7 +339,7 @@ def test_explain_is_a_separate_capped_free_text_request():
                                   {"choices": [{"message": {"content": "ok"}}], "usage": {"completion_tokens": "x"}}],
                          ids=["no choices", "message null", "a list", "no message", "usage not a number"])
 def test_malformed_rationale_answer_is_a_rationale_error(body):
-    from vlm_stage.rationale import RationaleError
+    from catcascade.vlm_stage.rationale import RationaleError
 
     with pytest.raises(RationaleError, match="malformed body"):
         _run(lambda v: v.explain(IMAGE, "Persian"), VlmClientConfig(urls=["http://x:1"]),

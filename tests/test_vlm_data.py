@@ -8,9 +8,9 @@ import random
 import pytest
 from PIL import Image
 
-from training.verification_data import (Conversation, VerificationDataError, examples_from_top_k, make_example,
+from catcascade.training.verification_data import (Conversation, VerificationDataError, examples_from_top_k, make_example,
                                         read_jsonl, write_jsonl)
-from vlm_stage.prompts import NONE_OPTION
+from catcascade.vlm_stage.prompts import NONE_OPTION
 
 LABELS = ["Abyssinian", "Bengal", "Birman", "Bombay", "Persian", "Siamese"]
 
@@ -110,9 +110,9 @@ def test_invalid_json_and_empty_files(tmp_path):
 def test_cnn_top_k_from_the_bundle_supplies_the_negatives(demo_bundle):
     """The bundle's ONNX CNN ranks its own training images: the true label is almost always in
     its top-3, and the other two are what the VLM sees as hard negatives."""
-    from ensemble.bundle import load_bundle
-    from training.image_folder import scan_image_folder
-    from training.verification_data import bundle_top_k
+    from catcascade.ensemble.bundle import load_bundle
+    from catcascade.training.image_folder import scan_image_folder
+    from catcascade.training.verification_data import bundle_top_k
 
     samples, labels = scan_image_folder(demo_bundle / "data")
     assert labels == load_bundle(demo_bundle).labels

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from vlm_stage.families import GENERIC, family_for, family_named
+from catcascade.vlm_stage.families import GENERIC, family_for, family_named
 
 
 @pytest.mark.parametrize("model,family", [
@@ -38,8 +38,8 @@ def test_image_bounds_and_vllm_flags_per_family():
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
 def tiny_qwen(request, tmp_path_factory):
-    from training.synthetic_data import DEMO_LABELS
-    from vlm_stage.tiny_model import build_tiny_vlm
+    from catcascade.training.synthetic_data import DEMO_LABELS
+    from catcascade.vlm_stage.tiny_model import build_tiny_vlm
 
     return request.param, build_tiny_vlm(tmp_path_factory.mktemp(request.param) / "base", DEMO_LABELS, request.param)
 
@@ -47,7 +47,7 @@ def tiny_qwen(request, tmp_path_factory):
 def test_tiny_qwen_targets_the_language_model_and_optionally_visual(tiny_qwen):
     from transformers import AutoModelForImageTextToText
 
-    from training.train_vlm import target_modules_regex
+    from catcascade.training.train_vlm import target_modules_regex
 
     name, path = tiny_qwen
     assert family_for(path).name == name
@@ -69,7 +69,7 @@ def test_tiny_qwen_scores_through_the_in_process_backend(tiny_qwen):
     ChatML assistant marker, and the image becomes a bounded number of tokens."""
     from PIL import Image
 
-    from vlm_stage.transformers_backend import TransformersBackendConfig, TransformersVerifier
+    from catcascade.vlm_stage.transformers_backend import TransformersBackendConfig, TransformersVerifier
 
     _, path = tiny_qwen
     v = TransformersVerifier(TransformersBackendConfig(model=str(path)))

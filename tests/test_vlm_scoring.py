@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from vlm_stage.prompts import NONE_OPTION, build_multiple_choice, build_yes_no, option_letters
-from vlm_stage.scoring import (CandidateScores, ScoringError, check_constrained, first_token_ids, letter_distribution,
+from catcascade.vlm_stage.prompts import NONE_OPTION, build_multiple_choice, build_yes_no, option_letters
+from catcascade.vlm_stage.scoring import (CandidateScores, ScoringError, check_constrained, first_token_ids, letter_distribution,
                                scores_from_letter_logprobs, scores_from_yes_probs)
 
 

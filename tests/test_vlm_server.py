@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from vlm_stage.vllm_server import VllmServerConfig
+from catcascade.vlm_stage.vllm_server import VllmServerConfig
 
 
 def _adapter(tmp_path, name: str, rank: int):
@@ -35,7 +35,7 @@ def test_command_carries_prefix_caching_lora_length_and_one_image(tmp_path):
 
 
 def test_dtype_is_float32_on_a_cpu_unless_asked(monkeypatch):
-    import vlm_stage.vllm_server as vs
+    import catcascade.vlm_stage.vllm_server as vs
 
     monkeypatch.setattr(vs, "_has_cuda", lambda: False)
     assert _flag(VllmServerConfig(model="/m").command(1), "--dtype") == "float32"

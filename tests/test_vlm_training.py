@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from training.train_vlm import VlmTrainConfig, target_modules_regex, train_lora
-from training.verification_data import make_example
+from catcascade.training.train_vlm import VlmTrainConfig, target_modules_regex, train_lora
+from catcascade.training.verification_data import make_example
 
 LABELS = ["Abyssinian", "Bengal", "Birman", "Bombay", "Persian", "Siamese"]
 
@@ -17,7 +17,7 @@ LABELS = ["Abyssinian", "Bengal", "Birman", "Bombay", "Persian", "Siamese"]
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory):
     """Synthetic images whose class is their colour, as verification examples."""
-    from training.synthetic_data import write_synthetic_dataset
+    from catcascade.training.synthetic_data import write_synthetic_dataset
 
     root = write_synthetic_dataset(tmp_path_factory.mktemp("vlm-data") / "img", LABELS, 6, size=64, seed=0,
                                    progress=False)
@@ -40,7 +40,7 @@ def _module_names(model_dir):
 def test_lora_training_on_cpu_lowers_the_loss_and_changes_the_scores(tiny_vlm, examples, tmp_path):
     from PIL import Image
 
-    from vlm_stage.transformers_backend import TransformersBackendConfig, TransformersVerifier
+    from catcascade.vlm_stage.transformers_backend import TransformersBackendConfig, TransformersVerifier
 
     cfg = VlmTrainConfig(base_model=str(tiny_vlm), rank=4, alpha=8, max_steps=8, batch_size=6, lr=5e-3)
     summary = train_lora(cfg, examples[:30], tmp_path / "adapter", eval_examples=examples[30:], progress=False)
@@ -79,8 +79,8 @@ def test_loss_covers_the_answer_tokens_only(tiny_vlm, examples):
     from transformers import AutoProcessor
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-    from training.train_vlm import _row
-    from vlm_stage.transformers_backend import option_token_ids
+    from catcascade.training.train_vlm import _row
+    from catcascade.vlm_stage.transformers_backend import option_token_ids
 
     processor = AutoProcessor.from_pretrained(tiny_vlm)
     convs = [e.to_conversation() for e in examples[:4]]
@@ -116,7 +116,7 @@ def test_target_parts_select_the_right_modules(tiny_vlm):
 
 
 def test_vision_tower_lora_warns_that_vllm_drops_it(caplog):
-    with caplog.at_level(logging.WARNING, logger="training.train_vlm"):
+    with caplog.at_level(logging.WARNING, logger="catcascade.training.train_vlm"):
         VlmTrainConfig(base_model="x", target=("attention", "vision"))
     assert "vLLM serves LoRA on the language model only" in caplog.text
 
@@ -132,7 +132,7 @@ def test_qlora_without_cuda_is_a_clear_error(tiny_vlm, tmp_path):
     import torch
 
     from catcascade.cli import main
-    from training.train_vlm import load_base_model
+    from catcascade.training.train_vlm import load_base_model
 
     if torch.cuda.is_available():
         pytest.skip("CUDA present: QLoRA is allowed here")

@@ -7,8 +7,8 @@ import math
 import pytest
 from PIL import Image
 
-from vlm_stage.prompts import build_multiple_choice, build_yes_no
-from vlm_stage.transformers_backend import TransformersBackendConfig, TransformersVerifier, option_token_ids
+from catcascade.vlm_stage.prompts import build_multiple_choice, build_yes_no
+from catcascade.vlm_stage.transformers_backend import TransformersBackendConfig, TransformersVerifier, option_token_ids
 
 CANDIDATES = ("Persian", "British_Shorthair", "Siamese")
 
@@ -67,7 +67,7 @@ def test_config_is_validated():
 
 
 def test_rationale_is_capped_text_and_leaves_scores_alone(verifier):
-    from vlm_stage.rationale import MIN_TOKENS, RationaleError
+    from catcascade.vlm_stage.rationale import MIN_TOKENS, RationaleError
 
     img = _image(3)
     before = verifier.score(img, ("Persian", "Siamese", "Bengal"))

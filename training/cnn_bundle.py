@@ -44,12 +44,12 @@ def calibrate_and_export(result, out_dir: str | Path, architecture: str, image_s
     lists of `Sample` (real images; decoded through the serving path). The returned report
     holds the temperature, ECE before/after, ONNX parity and, with INT8, the agreement.
     """
-    from ensemble.bundle import CnnSpec, sha256_file
-    from cnn_stage.onnx_export import export_onnx
-    from cnn_stage.preprocessing import PreprocessConfig
-    from ensemble.confidence_histogram import top1_confidence_histogram
-    from ensemble.metrics import expected_calibration_error
-    from ensemble.temperature import TemperatureScaler
+    from catcascade.ensemble.bundle import CnnSpec, sha256_file
+    from catcascade.cnn_stage.onnx_export import export_onnx
+    from catcascade.cnn_stage.preprocessing import PreprocessConfig
+    from catcascade.ensemble.confidence_histogram import top1_confidence_histogram
+    from catcascade.ensemble.metrics import expected_calibration_error
+    from catcascade.ensemble.temperature import TemperatureScaler
 
     out = Path(out_dir)
     scaler = TemperatureScaler().fit(result.val_logits, result.val_labels)
@@ -65,8 +65,8 @@ def calibrate_and_export(result, out_dir: str | Path, architecture: str, image_s
                 temperature=scaler.temperature_,
                 confidence_histogram=top1_confidence_histogram(scaler.predict_proba(result.val_logits)))
     if eval_samples or int8_calibration:
-        from cnn_stage.onnx_runtime import OnnxClassifier
-        from cnn_stage.quantization import QuantizationConfig, agreement, load_images, quantize_int8, run_batched
+        from catcascade.cnn_stage.onnx_runtime import OnnxClassifier
+        from catcascade.cnn_stage.quantization import QuantizationConfig, agreement, load_images, quantize_int8, run_batched
 
         fp32 = OnnxClassifier(out / CNN_FILE)
         if eval_samples:

@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.image_folder import IMAGE_SUFFIXES, Sample, scan_image_folder, stratified_split
+from catcascade.training.image_folder import IMAGE_SUFFIXES, Sample, scan_image_folder, stratified_split
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,8 @@ def check_readable(samples: list[Sample], progress: bool = False) -> tuple[list[
     from PIL import Image
     from tqdm import tqdm
 
-    from cnn_stage.decode_budget import check_dimensions
-    from cnn_stage.preprocessing import DecodeLimits
+    from catcascade.cnn_stage.decode_budget import check_dimensions
+    from catcascade.cnn_stage.preprocessing import DecodeLimits
 
     limits = DecodeLimits()
     good, bad = [], []

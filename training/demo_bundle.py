@@ -33,17 +33,17 @@ class DemoBundleConfig:
 
 def build_demo_bundle(out_dir: str | Path, cfg: DemoBundleConfig = DemoBundleConfig(), progress: bool = True) -> Path:
     """Writes a complete bundle to ``out_dir`` (CNN + tiny VLM + adapter) and returns it."""
-    from ensemble.bundle import Bundle, BundleManifest, VlmSpec, library_versions
-    from ensemble.config import BlendConfig, CascadeConfig, EscalationConfig
-    from ensemble.temperature import TemperatureScaler
-    from training.cnn_bundle import calibrate_and_export
-    from training.datasets import DatasetSplit, save_split
-    from training.image_folder import scan_image_folder, stratified_split
-    from training.synthetic_data import DEMO_LABELS, write_synthetic_dataset
-    from training.train_cnn import CnnTrainConfig, train_cnn
-    from training.train_vlm import VlmTrainConfig, train_lora
-    from training.verification_data import cnn_top_k, examples_from_top_k
-    from vlm_stage.tiny_model import build_tiny_llava
+    from catcascade.ensemble.bundle import Bundle, BundleManifest, VlmSpec, library_versions
+    from catcascade.ensemble.config import BlendConfig, CascadeConfig, EscalationConfig
+    from catcascade.ensemble.temperature import TemperatureScaler
+    from catcascade.training.cnn_bundle import calibrate_and_export
+    from catcascade.training.datasets import DatasetSplit, save_split
+    from catcascade.training.image_folder import scan_image_folder, stratified_split
+    from catcascade.training.synthetic_data import DEMO_LABELS, write_synthetic_dataset
+    from catcascade.training.train_cnn import CnnTrainConfig, train_cnn
+    from catcascade.training.train_vlm import VlmTrainConfig, train_lora
+    from catcascade.training.verification_data import cnn_top_k, examples_from_top_k
+    from catcascade.vlm_stage.tiny_model import build_tiny_llava
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnn_stage.preprocessing import InvalidImageError, decode_image
+from catcascade.cnn_stage.preprocessing import InvalidImageError, decode_image
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}

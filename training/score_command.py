@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ensemble.cli_commands import DEFAULT_BUNDLE, user_errors
+from catcascade.ensemble.cli_commands import DEFAULT_BUNDLE, user_errors
 
 
 def _score(args) -> int:
-    from training.score_runner import ScoreRunConfig, score_image_folder
+    from catcascade.training.score_runner import ScoreRunConfig, score_image_folder
 
     with user_errors():
         cfg = ScoreRunConfig(batch_size=args.batch_size, vlm_urls=tuple(args.vlm_url), vlm_model=args.vlm_model,

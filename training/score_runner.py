@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.score_files import ScoreSet
+from catcascade.ensemble.score_files import ScoreSet
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class ScoreRunConfig:
 
 def _samples(data_dir: Path, bundle_labels: list[str], limit: int | None):
     """(path, bundle class index) for every image whose folder names a bundle label."""
-    from training.image_folder import scan_image_folder
+    from catcascade.training.image_folder import scan_image_folder
 
     samples, folders = scan_image_folder(data_dir)
     unknown = [f for f in folders if f not in bundle_labels]
@@ -64,8 +64,8 @@ def _samples(data_dir: Path, bundle_labels: list[str], limit: int | None):
 def _cnn_pass(bundle, items, cfg: ScoreRunConfig):
     from tqdm import tqdm
 
-    from cnn_stage.onnx_runtime import OnnxClassifier
-    from cnn_stage.preprocessing import InvalidImageError, load_and_preprocess
+    from catcascade.cnn_stage.onnx_runtime import OnnxClassifier
+    from catcascade.cnn_stage.preprocessing import InvalidImageError, load_and_preprocess
 
     onnx = OnnxClassifier(bundle.cnn_path, intra_op_threads=cfg.cnn_threads)
     pp = bundle.preprocess
@@ -92,8 +92,8 @@ def _cnn_pass(bundle, items, cfg: ScoreRunConfig):
 async def _vlm_pass(bundle, paths, candidates, cfg: ScoreRunConfig, model: str):
     from tqdm import tqdm
 
-    from cnn_stage.preprocessing import decode_image
-    from vlm_stage.vllm_client import VlmClientConfig, VllmVerifier
+    from catcascade.cnn_stage.preprocessing import decode_image
+    from catcascade.vlm_stage.vllm_client import VlmClientConfig, VllmVerifier
 
     spec = bundle.manifest.vlm
     verifier = VllmVerifier(VlmClientConfig(urls=list(cfg.vlm_urls), model=model, timeout_s=cfg.vlm_timeout_s,
@@ -130,7 +130,7 @@ async def _vlm_pass(bundle, paths, candidates, cfg: ScoreRunConfig, model: str):
 
 def score_image_folder(bundle_dir: str | Path, data_dir: str | Path, cfg: ScoreRunConfig = ScoreRunConfig()) -> ScoreSet:
     """Scores ``data_dir/<label>/<image>`` with the bundle's CNN (and VLM when URLs are given)."""
-    from ensemble.bundle import load_bundle
+    from catcascade.ensemble.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.imbalance import IMBALANCE_STRATEGIES
+from catcascade.training.imbalance import IMBALANCE_STRATEGIES
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +150,9 @@ def _loaders(cfg: CnnTrainConfig, train, val, labels, preprocess_cfg):
     import torch
     from timm.data import create_transform
 
-    from cnn_stage.preprocessing import preprocess
-    from training.image_folder import ImageDataset
-    from training.imbalance import balanced_sampler
+    from catcascade.cnn_stage.preprocessing import preprocess
+    from catcascade.training.image_folder import ImageDataset
+    from catcascade.training.imbalance import balanced_sampler
 
     train_tf = create_transform(input_size=cfg.image_size, is_training=True, scale=cfg.crop_scale, hflip=0.5,
                                 auto_augment=cfg.randaugment, mean=preprocess_cfg.mean, std=preprocess_cfg.std,
@@ -212,12 +212,12 @@ def train_cnn(cfg: CnnTrainConfig, train, val, labels: list[str], metrics_path: 
     from sklearn.metrics import balanced_accuracy_score
     from tqdm import tqdm
 
-    from cnn_stage.model import create_convnext
-    from cnn_stage.preprocessing import PreprocessConfig
-    from training import checkpoint as ckpt
-    from training.imbalance import make_loss
-    from training.schedules import warmup_cosine
-    from training.unfreezing import apply_phase, epoch_plan, freeze_batchnorm_stats, layer_decay_groups
+    from catcascade.cnn_stage.model import create_convnext
+    from catcascade.cnn_stage.preprocessing import PreprocessConfig
+    from catcascade.training import checkpoint as ckpt
+    from catcascade.training.imbalance import make_loss
+    from catcascade.training.schedules import warmup_cosine
+    from catcascade.training.unfreezing import apply_phase, epoch_plan, freeze_batchnorm_stats, layer_decay_groups
 
     if resume and checkpoint_dir is None:
         raise ValueError("resume needs checkpoint_dir")

@@ -16,9 +16,9 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from cnn_stage.quantization import QuantizationConfig
-from training.datasets import DatasetSpec
-from training.train_cnn import CnnTrainConfig
+from catcascade.cnn_stage.quantization import QuantizationConfig
+from catcascade.training.datasets import DatasetSpec
+from catcascade.training.train_cnn import CnnTrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,11 @@ def run_train_cnn(run: TrainCnnRun) -> Path:
     import yaml
     from accelerate import PartialState
 
-    from ensemble.bundle import Bundle, BundleManifest, library_versions
-    from training.cnn_bundle import calibrate_and_export
-    from training.datasets import resolve_split
-    from training.train_cnn import train_cnn
-    from training.training_plots import plot_training
+    from catcascade.ensemble.bundle import Bundle, BundleManifest, library_versions
+    from catcascade.training.cnn_bundle import calibrate_and_export
+    from catcascade.training.datasets import resolve_split
+    from catcascade.training.train_cnn import train_cnn
+    from catcascade.training.training_plots import plot_training
 
     t0 = time.perf_counter()
     out = run.out

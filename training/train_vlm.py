@@ -14,7 +14,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vlm_stage import families
+from catcascade.vlm_stage import families
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def verification_accuracy(model, processor, conversations, progress: bool = Fals
     restricted to the option letters: the served scoring) is the right one."""
     from tqdm import tqdm
 
-    from vlm_stage.transformers_backend import TransformersBackendConfig, TransformersVerifier
+    from catcascade.vlm_stage.transformers_backend import TransformersBackendConfig, TransformersVerifier
     from PIL import Image
 
     scorable = [c for c in map(_conversation, conversations) if c.prompt.choices and c.answer in c.prompt.choices]

@@ -7,7 +7,7 @@ import json
 import random
 from pathlib import Path
 
-from training.train_vlm import DEFAULT_BASE_MODEL, TARGET_PARTS
+from catcascade.training.train_vlm import DEFAULT_BASE_MODEL, TARGET_PARTS
 
 
 def _cli_error(message: str):
@@ -17,9 +17,9 @@ def _cli_error(message: str):
 
 
 def _vlm_data(args) -> int:
-    from ensemble.bundle import BundleError
-    from training.image_folder import scan_image_folder, stratified_split
-    from training.verification_data import bundle_top_k, examples_from_top_k, write_jsonl
+    from catcascade.ensemble.bundle import BundleError
+    from catcascade.training.image_folder import scan_image_folder, stratified_split
+    from catcascade.training.verification_data import bundle_top_k, examples_from_top_k, write_jsonl
 
     try:
         samples, labels = scan_image_folder(args.images)
@@ -48,8 +48,8 @@ def _vlm_data(args) -> int:
 
 
 def _train_vlm(args) -> int:
-    from training.train_vlm import VlmTrainConfig, train_lora
-    from training.verification_data import VerificationDataError, read_jsonl
+    from catcascade.training.train_vlm import VlmTrainConfig, train_lora
+    from catcascade.training.verification_data import VerificationDataError, read_jsonl
 
     try:
         cfg = VlmTrainConfig(base_model=args.base_model, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
@@ -105,7 +105,7 @@ def _attach(bundle_dir: Path, adapter: Path, base_model: str, summary: dict) -> 
     and at the base model (a hub id, or a local folder by absolute path)."""
     import shutil
 
-    from ensemble.bundle import BundleError, VlmSpec, load_bundle
+    from catcascade.ensemble.bundle import BundleError, VlmSpec, load_bundle
 
     try:
         bundle = load_bundle(bundle_dir)

@@ -27,8 +27,8 @@ def plot_training(history: list[dict], val_logits: np.ndarray, val_labels: np.nd
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cnn_stage.topk import softmax
-    from ensemble.metrics import expected_calibration_error
+    from catcascade.cnn_stage.topk import softmax
+    from catcascade.ensemble.metrics import expected_calibration_error
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     epochs = [r["epoch"] for r in history]

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlm_stage.prompts import Prompt, build_multiple_choice
+from catcascade.vlm_stage.prompts import Prompt, build_multiple_choice
 
 log = logging.getLogger(__name__)
 IMAGE_PLACEHOLDER = "<image>"
@@ -88,9 +88,9 @@ def cnn_top_k(onnx_path: str | Path, preprocess_config, labels: list[str], image
     import numpy as np
     from tqdm import tqdm
 
-    from cnn_stage.onnx_runtime import OnnxClassifier
-    from cnn_stage.preprocessing import decode_image, preprocess
-    from cnn_stage.topk import softmax, top_k
+    from catcascade.cnn_stage.onnx_runtime import OnnxClassifier
+    from catcascade.cnn_stage.preprocessing import decode_image, preprocess
+    from catcascade.cnn_stage.topk import softmax, top_k
 
     clf = OnnxClassifier(onnx_path)
     out: list[tuple[str, ...]] = []
@@ -104,7 +104,7 @@ def cnn_top_k(onnx_path: str | Path, preprocess_config, labels: list[str], image
 
 def bundle_top_k(bundle_dir: str | Path, image_paths: list[str | Path], k: int = 3, progress: bool = True):
     """``cnn_top_k`` with the model, preprocessing, labels and temperature of a bundle."""
-    from ensemble.bundle import load_bundle
+    from catcascade.ensemble.bundle import load_bundle
 
     b = load_bundle(bundle_dir)
     return cnn_top_k(b.cnn_path, b.preprocess, b.labels, image_paths, k, b.manifest.cnn.temperature, progress=progress)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlm_stage.families import family_named
-from vlm_stage.families.llava import (CHAT_TEMPLATE, IMAGE_SIZE, SIZES, SPECIAL_TOKENS, TinyLlavaSize,  # noqa: F401
+from catcascade.vlm_stage.families import family_named
+from catcascade.vlm_stage.families.llava import (CHAT_TEMPLATE, IMAGE_SIZE, SIZES, SPECIAL_TOKENS, TinyLlavaSize,  # noqa: F401
                                       build_tiny_llava, to_hub_layout)
 
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from vlm_stage.prompts import Prompt, ScoringMode, build_multiple_choice, build_rationale, build_yes_no
-from vlm_stage.rationale import (DEFAULT_MAX_TOKENS, Rationale, RationaleError, check_max_tokens, clean_text,
+from catcascade.vlm_stage.prompts import Prompt, ScoringMode, build_multiple_choice, build_rationale, build_yes_no
+from catcascade.vlm_stage.rationale import (DEFAULT_MAX_TOKENS, Rationale, RationaleError, check_max_tokens, clean_text,
                                  min_tokens)
-from vlm_stage.scoring import CandidateScores, first_token_ids, letter_distribution, scores_from_letter_logprobs, scores_from_yes_probs
+from catcascade.vlm_stage.scoring import CandidateScores, first_token_ids, letter_distribution, scores_from_letter_logprobs, scores_from_yes_probs
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def load_model(config: TransformersBackendConfig):
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from vlm_stage.families import family_for
+    from catcascade.vlm_stage.families import family_for
 
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,

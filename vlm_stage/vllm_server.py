@@ -125,7 +125,7 @@ class VllmServerConfig:
     @property
     def family(self):
         """The model's family (vlm_stage/families): its image limits and processor bounds."""
-        from vlm_stage.families import family_for
+        from catcascade.vlm_stage.families import family_for
 
         return family_for(self.model)
 

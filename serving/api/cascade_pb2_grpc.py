@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from serving.api import cascade_pb2 as serving_dot_api_dot_cascade__pb2
+from catcascade.serving.api import cascade_pb2 as catcascade_dot_serving_dot_api_dot_cascade__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in serving/api/cascade_pb2_grpc.py depends on'
+        + ' but the generated code in catcascade/serving/api/cascade_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,18 +37,18 @@ class CatClassifierStub:
         """
         self.Classify = channel.unary_unary(
                 '/catcascade.v1.CatClassifier/Classify',
-                request_serializer=serving_dot_api_dot_cascade__pb2.ClassifyRequest.SerializeToString,
-                response_deserializer=serving_dot_api_dot_cascade__pb2.ClassifyResponse.FromString,
+                request_serializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
         self.ClassifyStream = channel.stream_stream(
                 '/catcascade.v1.CatClassifier/ClassifyStream',
-                request_serializer=serving_dot_api_dot_cascade__pb2.ClassifyRequest.SerializeToString,
-                response_deserializer=serving_dot_api_dot_cascade__pb2.ClassifyResponse.FromString,
+                request_serializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/catcascade.v1.CatClassifier/GetModelInfo',
-                request_serializer=serving_dot_api_dot_cascade__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=serving_dot_api_dot_cascade__pb2.ModelInfo.FromString,
+                request_serializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ModelInfo.FromString,
                 _registered_method=True)
 
 
@@ -86,18 +86,18 @@ def add_CatClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Classify': grpc.unary_unary_rpc_method_handler(
                     servicer.Classify,
-                    request_deserializer=serving_dot_api_dot_cascade__pb2.ClassifyRequest.FromString,
-                    response_serializer=serving_dot_api_dot_cascade__pb2.ClassifyResponse.SerializeToString,
+                    request_deserializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ClassifyRequest.FromString,
+                    response_serializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ClassifyResponse.SerializeToString,
             ),
             'ClassifyStream': grpc.stream_stream_rpc_method_handler(
                     servicer.ClassifyStream,
-                    request_deserializer=serving_dot_api_dot_cascade__pb2.ClassifyRequest.FromString,
-                    response_serializer=serving_dot_api_dot_cascade__pb2.ClassifyResponse.SerializeToString,
+                    request_deserializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ClassifyRequest.FromString,
+                    response_serializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ClassifyResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=serving_dot_api_dot_cascade__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=serving_dot_api_dot_cascade__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -126,8 +126,8 @@ class CatClassifier:
             request,
             target,
             '/catcascade.v1.CatClassifier/Classify',
-            serving_dot_api_dot_cascade__pb2.ClassifyRequest.SerializeToString,
-            serving_dot_api_dot_cascade__pb2.ClassifyResponse.FromString,
+            catcascade_dot_serving_dot_api_dot_cascade__pb2.ClassifyRequest.SerializeToString,
+            catcascade_dot_serving_dot_api_dot_cascade__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -153,8 +153,8 @@ class CatClassifier:
             request_iterator,
             target,
             '/catcascade.v1.CatClassifier/ClassifyStream',
-            serving_dot_api_dot_cascade__pb2.ClassifyRequest.SerializeToString,
-            serving_dot_api_dot_cascade__pb2.ClassifyResponse.FromString,
+            catcascade_dot_serving_dot_api_dot_cascade__pb2.ClassifyRequest.SerializeToString,
+            catcascade_dot_serving_dot_api_dot_cascade__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -180,8 +180,8 @@ class CatClassifier:
             request,
             target,
             '/catcascade.v1.CatClassifier/GetModelInfo',
-            serving_dot_api_dot_cascade__pb2.GetModelInfoRequest.SerializeToString,
-            serving_dot_api_dot_cascade__pb2.ModelInfo.FromString,
+            catcascade_dot_serving_dot_api_dot_cascade__pb2.GetModelInfoRequest.SerializeToString,
+            catcascade_dot_serving_dot_api_dot_cascade__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -210,33 +210,33 @@ class ModelAdminStub:
         """
         self.ListModels = channel.unary_unary(
                 '/catcascade.v1.ModelAdmin/ListModels',
-                request_serializer=serving_dot_api_dot_cascade__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=serving_dot_api_dot_cascade__pb2.ModelList.FromString,
+                request_serializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ModelList.FromString,
                 _registered_method=True)
         self.ReloadModels = channel.unary_unary(
                 '/catcascade.v1.ModelAdmin/ReloadModels',
-                request_serializer=serving_dot_api_dot_cascade__pb2.ReloadModelsRequest.SerializeToString,
-                response_deserializer=serving_dot_api_dot_cascade__pb2.ReloadReport.FromString,
+                request_serializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ReloadModelsRequest.SerializeToString,
+                response_deserializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ReloadReport.FromString,
                 _registered_method=True)
         self.SetCandidate = channel.unary_unary(
                 '/catcascade.v1.ModelAdmin/SetCandidate',
-                request_serializer=serving_dot_api_dot_cascade__pb2.SetCandidateRequest.SerializeToString,
-                response_deserializer=serving_dot_api_dot_cascade__pb2.ModelList.FromString,
+                request_serializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.SetCandidateRequest.SerializeToString,
+                response_deserializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ModelList.FromString,
                 _registered_method=True)
         self.Promote = channel.unary_unary(
                 '/catcascade.v1.ModelAdmin/Promote',
-                request_serializer=serving_dot_api_dot_cascade__pb2.PromoteRequest.SerializeToString,
-                response_deserializer=serving_dot_api_dot_cascade__pb2.ModelList.FromString,
+                request_serializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ModelList.FromString,
                 _registered_method=True)
         self.Rollback = channel.unary_unary(
                 '/catcascade.v1.ModelAdmin/Rollback',
-                request_serializer=serving_dot_api_dot_cascade__pb2.RollbackRequest.SerializeToString,
-                response_deserializer=serving_dot_api_dot_cascade__pb2.ModelList.FromString,
+                request_serializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ModelList.FromString,
                 _registered_method=True)
         self.GetAgreementReport = channel.unary_unary(
                 '/catcascade.v1.ModelAdmin/GetAgreementReport',
-                request_serializer=serving_dot_api_dot_cascade__pb2.AgreementReportRequest.SerializeToString,
-                response_deserializer=serving_dot_api_dot_cascade__pb2.AgreementReport.FromString,
+                request_serializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.AgreementReportRequest.SerializeToString,
+                response_deserializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.AgreementReport.FromString,
                 _registered_method=True)
 
 
@@ -300,33 +300,33 @@ def add_ModelAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=serving_dot_api_dot_cascade__pb2.ListModelsRequest.FromString,
-                    response_serializer=serving_dot_api_dot_cascade__pb2.ModelList.SerializeToString,
+                    request_deserializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ListModelsRequest.FromString,
+                    response_serializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ModelList.SerializeToString,
             ),
             'ReloadModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ReloadModels,
-                    request_deserializer=serving_dot_api_dot_cascade__pb2.ReloadModelsRequest.FromString,
-                    response_serializer=serving_dot_api_dot_cascade__pb2.ReloadReport.SerializeToString,
+                    request_deserializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ReloadModelsRequest.FromString,
+                    response_serializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ReloadReport.SerializeToString,
             ),
             'SetCandidate': grpc.unary_unary_rpc_method_handler(
                     servicer.SetCandidate,
-                    request_deserializer=serving_dot_api_dot_cascade__pb2.SetCandidateRequest.FromString,
-                    response_serializer=serving_dot_api_dot_cascade__pb2.ModelList.SerializeToString,
+                    request_deserializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.SetCandidateRequest.FromString,
+                    response_serializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ModelList.SerializeToString,
             ),
             'Promote': grpc.unary_unary_rpc_method_handler(
                     servicer.Promote,
-                    request_deserializer=serving_dot_api_dot_cascade__pb2.PromoteRequest.FromString,
-                    response_serializer=serving_dot_api_dot_cascade__pb2.ModelList.SerializeToString,
+                    request_deserializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.PromoteRequest.FromString,
+                    response_serializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ModelList.SerializeToString,
             ),
             'Rollback': grpc.unary_unary_rpc_method_handler(
                     servicer.Rollback,
-                    request_deserializer=serving_dot_api_dot_cascade__pb2.RollbackRequest.FromString,
-                    response_serializer=serving_dot_api_dot_cascade__pb2.ModelList.SerializeToString,
+                    request_deserializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.RollbackRequest.FromString,
+                    response_serializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.ModelList.SerializeToString,
             ),
             'GetAgreementReport': grpc.unary_unary_rpc_method_handler(
                     servicer.GetAgreementReport,
-                    request_deserializer=serving_dot_api_dot_cascade__pb2.AgreementReportRequest.FromString,
-                    response_serializer=serving_dot_api_dot_cascade__pb2.AgreementReport.SerializeToString,
+                    request_deserializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.AgreementReportRequest.FromString,
+                    response_serializer=catcascade_dot_serving_dot_api_dot_cascade__pb2.AgreementReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -360,8 +360,8 @@ class ModelAdmin:
             request,
             target,
             '/catcascade.v1.ModelAdmin/ListModels',
-            serving_dot_api_dot_cascade__pb2.ListModelsRequest.SerializeToString,
-            serving_dot_api_dot_cascade__pb2.ModelList.FromString,
+            catcascade_dot_serving_dot_api_dot_cascade__pb2.ListModelsRequest.SerializeToString,
+            catcascade_dot_serving_dot_api_dot_cascade__pb2.ModelList.FromString,
             options,
             channel_credentials,
             insecure,
@@ -387,8 +387,8 @@ class ModelAdmin:
             request,
             target,
             '/catcascade.v1.ModelAdmin/ReloadModels',
-            serving_dot_api_dot_cascade__pb2.ReloadModelsRequest.SerializeToString,
-            serving_dot_api_dot_cascade__pb2.ReloadReport.FromString,
+            catcascade_dot_serving_dot_api_dot_cascade__pb2.ReloadModelsRequest.SerializeToString,
+            catcascade_dot_serving_dot_api_dot_cascade__pb2.ReloadReport.FromString,
             options,
             channel_credentials,
             insecure,
@@ -414,8 +414,8 @@ class ModelAdmin:
             request,
             target,
             '/catcascade.v1.ModelAdmin/SetCandidate',
-            serving_dot_api_dot_cascade__pb2.SetCandidateRequest.SerializeToString,
-            serving_dot_api_dot_cascade__pb2.ModelList.FromString,
+            catcascade_dot_serving_dot_api_dot_cascade__pb2.SetCandidateRequest.SerializeToString,
+            catcascade_dot_serving_dot_api_dot_cascade__pb2.ModelList.FromString,
             options,
             channel_credentials,
             insecure,
@@ -441,8 +441,8 @@ class ModelAdmin:
             request,
             target,
             '/catcascade.v1.ModelAdmin/Promote',
-            serving_dot_api_dot_cascade__pb2.PromoteRequest.SerializeToString,
-            serving_dot_api_dot_cascade__pb2.ModelList.FromString,
+            catcascade_dot_serving_dot_api_dot_cascade__pb2.PromoteRequest.SerializeToString,
+            catcascade_dot_serving_dot_api_dot_cascade__pb2.ModelList.FromString,
             options,
             channel_credentials,
             insecure,
@@ -468,8 +468,8 @@ class ModelAdmin:
             request,
             target,
             '/catcascade.v1.ModelAdmin/Rollback',
-            serving_dot_api_dot_cascade__pb2.RollbackRequest.SerializeToString,
-            serving_dot_api_dot_cascade__pb2.ModelList.FromString,
+            catcascade_dot_serving_dot_api_dot_cascade__pb2.RollbackRequest.SerializeToString,
+            catcascade_dot_serving_dot_api_dot_cascade__pb2.ModelList.FromString,
             options,
             channel_credentials,
             insecure,
@@ -495,8 +495,8 @@ class ModelAdmin:
             request,
             target,
             '/catcascade.v1.ModelAdmin/GetAgreementReport',
-            serving_dot_api_dot_cascade__pb2.AgreementReportRequest.SerializeToString,
-            serving_dot_api_dot_cascade__pb2.AgreementReport.FromString,
+            catcascade_dot_serving_dot_api_dot_cascade__pb2.AgreementReportRequest.SerializeToString,
+            catcascade_dot_serving_dot_api_dot_cascade__pb2.AgreementReport.FromString,
             options,
             channel_credentials,
             insecure,

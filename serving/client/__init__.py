@@ -1,6 +1,6 @@
 """The Python client for the CatClassifier gRPC service (``catcascade.client`` re-exports it).
 
-    from serving.client import CatcascadeClient, RetryPolicy
+    from catcascade.serving.client import CatcascadeClient, RetryPolicy
 
     with CatcascadeClient("127.0.0.1:50051", timeout_s=10, token="s3cret") as client:
         r = client.classify("cat.jpg", mode="auto", priority="batch")
@@ -15,13 +15,13 @@ retry, retry UNAVAILABLE and RESOURCE_EXHAUSTED with jittered exponential backof
 bearer ``token``, and with ``propagate_trace=True`` carry the caller's OpenTelemetry trace
 context to the server. Failed calls raise `CatcascadeRpcError`, a ``grpc.RpcError``.
 """
-from serving.client.async_client import AsyncCatcascadeClient
-from serving.client.request import classify_request
-from serving.client.results import (ClassifyResult, EscalationMode, EscalationReason, LabelScore, ModelInfo,
+from catcascade.serving.client.async_client import AsyncCatcascadeClient
+from catcascade.serving.client.request import classify_request
+from catcascade.serving.client.results import (ClassifyResult, EscalationMode, EscalationReason, LabelScore, ModelInfo,
                                     ModelVersions, Priority, Rationale, Timings, TrafficMode, VlmVerdict)
-from serving.client.retry import CatcascadeRpcError, RetryPolicy
-from serving.client.sync_client import CatcascadeClient
-from serving.client.table import results_table
+from catcascade.serving.client.retry import CatcascadeRpcError, RetryPolicy
+from catcascade.serving.client.sync_client import CatcascadeClient
+from catcascade.serving.client.table import results_table
 
 __all__ = ["AsyncCatcascadeClient", "CatcascadeClient", "CatcascadeRpcError", "ClassifyResult", "EscalationMode",
            "EscalationReason", "LabelScore", "ModelInfo", "ModelVersions", "Priority", "Rationale", "RetryPolicy",

@@ -8,14 +8,14 @@ from typing import Iterable
 
 import grpc
 
-from serving.api import cascade_pb2 as pb
-from serving.api import cascade_pb2_grpc as pb_grpc
-from serving.client.bulk import progress_bar
-from serving.client.connection import Connection
-from serving.client.request import ImageInput, classify_request
-from serving.client.results import ClassifyResult, ModelInfo
-from serving.client.retry import Attempts, CatcascadeRpcError, RetryPolicy
-from serving.client.sync_client import OnRetry
+from catcascade.serving.api import cascade_pb2 as pb
+from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
+from catcascade.serving.client.bulk import progress_bar
+from catcascade.serving.client.connection import Connection
+from catcascade.serving.client.request import ImageInput, classify_request
+from catcascade.serving.client.results import ClassifyResult, ModelInfo
+from catcascade.serving.client.retry import Attempts, CatcascadeRpcError, RetryPolicy
+from catcascade.serving.client.sync_client import OnRetry
 
 log = logging.getLogger(__name__)
 

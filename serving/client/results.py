@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from serving.api import cascade_pb2 as pb
+from catcascade.serving.api import cascade_pb2 as pb
 
 
 def _enum_from_proto(name: str, proto_enum, prefix: str) -> type[enum.IntEnum]:

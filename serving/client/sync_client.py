@@ -9,13 +9,13 @@ from typing import Callable, Iterable
 
 import grpc
 
-from serving.api import cascade_pb2 as pb
-from serving.api import cascade_pb2_grpc as pb_grpc
-from serving.client.bulk import progress_bar
-from serving.client.connection import Connection
-from serving.client.request import ImageInput, classify_request
-from serving.client.results import ClassifyResult, ModelInfo
-from serving.client.retry import Attempts, CatcascadeRpcError, RetryPolicy
+from catcascade.serving.api import cascade_pb2 as pb
+from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
+from catcascade.serving.client.bulk import progress_bar
+from catcascade.serving.client.connection import Connection
+from catcascade.serving.client.request import ImageInput, classify_request
+from catcascade.serving.client.results import ClassifyResult, ModelInfo
+from catcascade.serving.client.retry import Attempts, CatcascadeRpcError, RetryPolicy
 
 log = logging.getLogger(__name__)
 OnRetry = Callable[[int, grpc.StatusCode, float], None]

@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from serving.batcher import BatchResult
+from catcascade.serving.batcher import BatchResult
 
 
 class EngineUnavailableError(RuntimeError):

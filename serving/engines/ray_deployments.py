@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.config import ServeConfig
+from catcascade.serving.config import ServeConfig
 
 CNN_DEPLOYMENT = "CnnStage"
 VLM_DEPLOYMENT = "VlmStage"
@@ -45,7 +45,7 @@ class ReplicaAnswer:
 
 def vlm_client_config(cfg: ServeConfig, bundle):
     """The vLLM client settings app.py would use for the same config and bundle."""
-    from vlm_stage.vllm_client import VlmClientConfig
+    from catcascade.vlm_stage.vllm_client import VlmClientConfig
 
     spec = bundle.manifest.vlm
     if spec is None and cfg.vlm.model is None:
@@ -62,9 +62,9 @@ class _CnnReplica:
     def __init__(self, serve_config: dict, vlm=None):
         """``vlm``: the VlmStage handle when the application has one (bound here so that both
         deployments form one application; front doors call it directly)."""
-        from cnn_stage.onnx_runtime import OnnxClassifier, OverlapAwareClassifier, cuda_available
-        from cnn_stage.preprocessing import DecodeLimits
-        from ensemble.bundle import load_bundle
+        from catcascade.cnn_stage.onnx_runtime import OnnxClassifier, OverlapAwareClassifier, cuda_available
+        from catcascade.cnn_stage.preprocessing import DecodeLimits
+        from catcascade.ensemble.bundle import load_bundle
 
         cfg = ServeConfig.model_validate(serve_config)
         bundle = load_bundle(cfg.bundle)
@@ -102,7 +102,7 @@ class _CnnReplica:
 
     async def classify_encoded(self, data: bytes) -> ReplicaAnswer:
         """Encoded image bytes: decode and preprocess here, then batch."""
-        from cnn_stage.preprocessing import InvalidImageError, load_and_preprocess
+        from catcascade.cnn_stage.preprocessing import InvalidImageError, load_and_preprocess
 
         t0 = time.perf_counter()
         try:
@@ -142,15 +142,15 @@ class VlmStage:
     values, so the front door raises the same exception types as with the local engine."""
 
     def __init__(self, serve_config: dict):
-        from ensemble.bundle import load_bundle
-        from vlm_stage.vllm_client import VllmVerifier
+        from catcascade.ensemble.bundle import load_bundle
+        from catcascade.vlm_stage.vllm_client import VllmVerifier
 
         cfg = ServeConfig.model_validate(serve_config)
         self.verifier = VllmVerifier(vlm_client_config(cfg, load_bundle(cfg.bundle)))
 
     async def verify(self, image, candidates: tuple[str, ...]):
-        from vlm_stage.scoring import ScoringError
-        from vlm_stage.vllm_client import VlmUnavailableError
+        from catcascade.vlm_stage.scoring import ScoringError
+        from catcascade.vlm_stage.vllm_client import VlmUnavailableError
 
         try:
             return "ok", await self.verifier.verify(image, tuple(candidates))
@@ -160,8 +160,8 @@ class VlmStage:
             return "unavailable", str(e)
 
     async def explain(self, image, breed: str, max_tokens: int):
-        from vlm_stage.rationale import RationaleError
-        from vlm_stage.vllm_client import VlmUnavailableError
+        from catcascade.vlm_stage.rationale import RationaleError
+        from catcascade.vlm_stage.vllm_client import VlmUnavailableError
 
         try:
             return "ok", await self.verifier.explain(image, breed, max_tokens)

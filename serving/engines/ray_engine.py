@@ -19,10 +19,10 @@ import time
 
 import numpy as np
 
-from serving.batcher import QueueFullError
-from serving.config import ServeConfig
-from serving.engines.cnn_engine import EncodedResult, EngineUnavailableError
-from serving.engines.ray_config import RayEngineConfig
+from catcascade.serving.batcher import QueueFullError
+from catcascade.serving.config import ServeConfig
+from catcascade.serving.engines.cnn_engine import EncodedResult, EngineUnavailableError
+from catcascade.serving.engines.ray_config import RayEngineConfig
 
 log = logging.getLogger(__name__)
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -100,7 +100,7 @@ def deploy_or_attach(cfg: ServeConfig, bundle_version: str):
     serves another bundle."""
     from ray import serve
 
-    from serving.engines.ray_deployments import build_application
+    from catcascade.serving.engines.ray_deployments import build_application
 
     name = cfg.ray.app_name
     _in_thread(lambda: serve.start(proxy_location="Disabled"), cfg.ray.deploy_timeout_s, "starting Ray Serve")
@@ -161,7 +161,7 @@ class RayCnnEngine:
         from ray import exceptions as rex
         from ray.serve.exceptions import BackPressureError
 
-        from cnn_stage.preprocessing import InvalidImageError
+        from catcascade.cnn_stage.preprocessing import InvalidImageError
 
         self.inflight += 1
         try:
@@ -204,8 +204,8 @@ class RayVerifier:
         import grpc
         from ray import exceptions as rex
 
-        from vlm_stage.scoring import ScoringError
-        from vlm_stage.vllm_client import VlmUnavailableError
+        from catcascade.vlm_stage.scoring import ScoringError
+        from catcascade.vlm_stage.vllm_client import VlmUnavailableError
 
         try:
             kind, value = await self.handle.verify.remote(image, tuple(candidates))
@@ -223,8 +223,8 @@ class RayVerifier:
         import grpc
         from ray import exceptions as rex
 
-        from vlm_stage.rationale import RationaleError
-        from vlm_stage.vllm_client import VlmUnavailableError
+        from catcascade.vlm_stage.rationale import RationaleError
+        from catcascade.vlm_stage.vllm_client import VlmUnavailableError
 
         try:
             kind, value = await self.handle.explain.remote(image, breed, max_tokens)
@@ -239,7 +239,7 @@ class RayVerifier:
         return value
 
     async def warm_up(self, candidates: tuple[str, ...]) -> None:
-        from vlm_stage.vllm_client import VlmUnavailableError
+        from catcascade.vlm_stage.vllm_client import VlmUnavailableError
 
         error = await self.handle.warm_up.remote(tuple(candidates))
         if error:
@@ -278,7 +278,7 @@ async def open_ray_stages(cfg: ServeConfig, bundle, on_batch=None) -> RayStages:
                              "is configured with vlm.urls")
         from ray import serve
 
-        from serving.engines.ray_deployments import VLM_DEPLOYMENT, vlm_client_config
+        from catcascade.serving.engines.ray_deployments import VLM_DEPLOYMENT, vlm_client_config
 
         vlm_handle = serve.get_deployment_handle(VLM_DEPLOYMENT, cfg.ray.app_name)
         verifier = RayVerifier(vlm_handle, vlm_client_config(cfg, bundle))

@@ -7,7 +7,7 @@ import contextlib
 import time
 
 from catcascade.errors import CommandError
-from serving.engines.ray_engine import prefer_loopback
+from catcascade.serving.engines.ray_engine import prefer_loopback
 
 
 @contextlib.contextmanager

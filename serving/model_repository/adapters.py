@@ -38,7 +38,7 @@ class AdapterPool:
 
     def __init__(self, urls: list[str], on_change=None, transport=None):
         """``transport`` replaces the network (unit tests only)."""
-        from vlm_stage.vllm_client import VllmAdapterAdmin
+        from catcascade.vlm_stage.vllm_client import VllmAdapterAdmin
 
         self.admin = VllmAdapterAdmin(urls, transport=transport)
         self._refs: dict[str, int] = {}
@@ -57,10 +57,10 @@ class AdapterPool:
         it yet. Raises vlm_stage.vllm_client.AdapterLoadError when vLLM refuses it."""
         folder = Path(folder).resolve()
         if not (folder / "adapter_config.json").is_file():
-            from vlm_stage.vllm_client import AdapterLoadError
+            from catcascade.vlm_stage.vllm_client import AdapterLoadError
 
             raise AdapterLoadError(f"no adapter_config.json in {folder} (expected a PEFT adapter folder)")
-        from vlm_stage.vllm_client import AdapterServersUnreachable
+        from catcascade.vlm_stage.vllm_client import AdapterServersUnreachable
 
         name = f"{base_name}-{adapter_digest(folder)[:12]}"
         async with self._lock:
@@ -93,7 +93,7 @@ class AdapterPool:
     async def reconcile(self) -> list[tuple[str, str]]:
         """Loads every adapter of this pool into each server that lacks it (restarted, or not
         up when it was first loaded); returns the (server, adapter) pairs loaded."""
-        from vlm_stage.vllm_client import AdapterLoadError
+        from catcascade.vlm_stage.vllm_client import AdapterLoadError
 
         loaded = []
         async with self._lock:

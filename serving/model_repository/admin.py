@@ -13,11 +13,11 @@ import grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
-from serving.api import cascade_pb2 as pb
-from serving.api import cascade_pb2_grpc as pb_grpc
-from serving.auth import BearerTokenInterceptor
-from serving.model_repository.loading import VersionRejected
-from serving.model_repository.router import MODES, ModelRouter, ReloadOutcome
+from catcascade.serving.api import cascade_pb2 as pb
+from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
+from catcascade.serving.auth import BearerTokenInterceptor
+from catcascade.serving.model_repository.loading import VersionRejected
+from catcascade.serving.model_repository.router import MODES, ModelRouter, ReloadOutcome
 
 log = logging.getLogger(__name__)
 ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelAdmin"].full_name
@@ -114,7 +114,7 @@ async def run_admin_server(router: ModelRouter, host: str, port: int, tokens: li
     if shared:
         raise ValueError("admin tokens must differ from the client tokens (auth.bearer_tokens): "
                          f"{len(shared)} token(s) appear in both")
-    from serving.server import EXCLUSIVE_PORT, bind_port
+    from catcascade.serving.server import EXCLUSIVE_PORT, bind_port
 
     server = grpc.aio.server(interceptors=[BearerTokenInterceptor(tokens)], options=EXCLUSIVE_PORT)
     pb_grpc.add_ModelAdminServicer_to_server(ModelAdminServicer(router), server)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import grpc
 
-from serving.api import cascade_pb2 as pb
-from serving.api import cascade_pb2_grpc as pb_grpc
+from catcascade.serving.api import cascade_pb2 as pb
+from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
 
 TRAFFIC_MODES = {"canary": pb.TRAFFIC_MODE_CANARY, "shadow": pb.TRAFFIC_MODE_SHADOW}
 

@@ -10,7 +10,7 @@ from catcascade.errors import CommandError
 
 
 def _routing_line(r) -> str:
-    from serving.api import cascade_pb2 as pb
+    from catcascade.serving.api import cascade_pb2 as pb
 
     line = f"live {r.live}"
     if r.candidate:
@@ -43,8 +43,8 @@ def _print_report(rep) -> None:
 
 
 def _stage(args) -> int:
-    from ensemble.bundle import BundleError
-    from serving.model_repository.staging import stage_version
+    from catcascade.ensemble.bundle import BundleError
+    from catcascade.serving.model_repository.staging import stage_version
 
     try:
         path = stage_version(args.bundle, args.repository, args.version, vlm_from=args.vlm_from,
@@ -61,7 +61,7 @@ def _models(args) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
-    from serving.model_repository.admin_client import ModelAdminClient
+    from catcascade.serving.model_repository.admin_client import ModelAdminClient
 
     token = args.token or os.environ.get("CATCASCADE_ADMIN_TOKEN")
     with ModelAdminClient(args.admin, token, tls_ca=args.tls_ca) as client:

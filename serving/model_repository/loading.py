@@ -18,11 +18,11 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from cnn_stage.preprocessing import preprocess
-from ensemble.bundle import BundleError, load_bundle
-from ensemble.escalation_policy import EscalationMode
-from serving.api import cascade_pb2 as pb
-from serving.model_repository.repository import Fingerprint, version_fingerprint
+from catcascade.cnn_stage.preprocessing import preprocess
+from catcascade.ensemble.bundle import BundleError, load_bundle
+from catcascade.ensemble.escalation_policy import EscalationMode
+from catcascade.serving.api import cascade_pb2 as pb
+from catcascade.serving.model_repository.repository import Fingerprint, version_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ async def load_version(name: str, repository: Path, cfg, metrics, factory: Calla
     spinning = cfg.cnn_spinning and live
     update: dict = {"bundle": folder, "cnn_spinning": spinning}
     if adapters is not None and cfg.vlm.backend == "vllm" and cfg.vlm.model is None and spec and adapter_dir:
-        from vlm_stage.vllm_client import AdapterLoadError
+        from catcascade.vlm_stage.vllm_client import AdapterLoadError
 
         try:
             adapter = await adapters.acquire(spec.adapter_name or "adapter", adapter_dir)

@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from ensemble.bundle import MANIFEST
+from catcascade.ensemble.bundle import MANIFEST
 
 Fingerprint = tuple
 

@@ -17,16 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from cnn_stage.preprocessing import InvalidImageError
-from ensemble.escalation_policy import EscalationMode
-from serving.api import cascade_pb2 as pb
-from serving.model_repository.agreement import AgreementWindow
-from serving.model_repository.config import ModelsConfig, Routing, RoutingFileEmpty, read_routing, write_routing
-from serving.model_repository.loading import ServedVersion, VersionRejected, load_version
-from serving.model_repository.metrics import RepositoryMetrics
-from serving.model_repository.repository import Fingerprint, list_versions, version_fingerprint
-from serving.model_repository.traffic_split import in_share
-from serving.pipeline import DeadlineExceededError
+from catcascade.cnn_stage.preprocessing import InvalidImageError
+from catcascade.ensemble.escalation_policy import EscalationMode
+from catcascade.serving.api import cascade_pb2 as pb
+from catcascade.serving.model_repository.agreement import AgreementWindow
+from catcascade.serving.model_repository.config import ModelsConfig, Routing, RoutingFileEmpty, read_routing, write_routing
+from catcascade.serving.model_repository.loading import ServedVersion, VersionRejected, load_version
+from catcascade.serving.model_repository.metrics import RepositoryMetrics
+from catcascade.serving.model_repository.repository import Fingerprint, list_versions, version_fingerprint
+from catcascade.serving.model_repository.traffic_split import in_share
+from catcascade.serving.pipeline import DeadlineExceededError
 
 log = logging.getLogger(__name__)
 MODES = {"canary": pb.TRAFFIC_MODE_CANARY, "shadow": pb.TRAFFIC_MODE_SHADOW}

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 
-from serving.model_repository.router import ModelRouter
+from catcascade.serving.model_repository.router import ModelRouter
 
 log = logging.getLogger(__name__)
 
@@ -16,9 +16,9 @@ async def routed_pipeline(cfg, metrics, factory):
     """Yields a ModelRouter for ``cfg.models`` serving the routing file's live version (and
     candidate). ``factory`` builds one version (serving.app.build_cascade). Raises
     VersionRejected when the live version cannot be loaded: there is nothing to serve."""
-    from serving.model_repository.adapters import AdapterPool
-    from serving.model_repository.admin import run_admin_server
-    from serving.model_repository.watcher import RepositoryWatcher
+    from catcascade.serving.model_repository.adapters import AdapterPool
+    from catcascade.serving.model_repository.admin import run_admin_server
+    from catcascade.serving.model_repository.watcher import RepositoryWatcher
 
     models = cfg.models
     adapters = AdapterPool(cfg.vlm.urls) if cfg.vlm.backend == "vllm" and cfg.vlm.model is None else None

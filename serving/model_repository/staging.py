@@ -12,8 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
-from ensemble.bundle import BundleError, load_bundle
-from ensemble.config import CascadeConfig
+from catcascade.ensemble.bundle import BundleError, load_bundle
+from catcascade.ensemble.config import CascadeConfig
 
 
 def stage_version(source: Path, repository: Path, version: str, *, vlm_from: Path | None = None,

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import signal
 
-from serving.model_repository.repository import repository_fingerprint
+from catcascade.serving.model_repository.repository import repository_fingerprint
 
 log = logging.getLogger(__name__)
 

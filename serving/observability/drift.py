@@ -15,7 +15,7 @@ from collections import deque
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ensemble.confidence_histogram import (ConfidenceHistogram, bin_counts, equal_width_edges,
+from catcascade.ensemble.confidence_histogram import (ConfidenceHistogram, bin_counts, equal_width_edges,
                                            population_stability_index)
 
 

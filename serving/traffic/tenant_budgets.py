@@ -13,7 +13,7 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.auth import bearer_token
+from catcascade.serving.auth import bearer_token
 
 ANONYMOUS = "anonymous"
 

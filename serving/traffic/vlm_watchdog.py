@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from serving.circuit_breaker import BreakerState, CircuitBreaker
+from catcascade.serving.circuit_breaker import BreakerState, CircuitBreaker
 
 log = logging.getLogger(__name__)
 

@@ -76,7 +76,7 @@ class VlmFamily:
 
 
 def _registry() -> dict[str, VlmFamily]:
-    from vlm_stage.families import llava, qwen_vl
+    from catcascade.vlm_stage.families import llava, qwen_vl
 
     return {f.name: f for f in (llava.LLAVA, qwen_vl.QWEN2_VL, qwen_vl.QWEN2_5_VL)}
 

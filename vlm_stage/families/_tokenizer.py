@@ -5,7 +5,7 @@ from __future__ import annotations
 def prompt_corpus(labels: list[str], user: str, assistant: str, end: str) -> list[str]:
     """The verification prompts and answers rendered with a family's turn markers, so the
     options ("A", "yes") become tokens of their own after the assistant marker."""
-    from vlm_stage.prompts import build_multiple_choice, build_yes_no
+    from catcascade.vlm_stage.prompts import build_multiple_choice, build_yes_no
 
     texts = []
     for i in range(0, len(labels), 3):

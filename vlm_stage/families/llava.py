@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlm_stage.families import VlmFamily
+from catcascade.vlm_stage.families import VlmFamily
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 IMAGE_SIZE = 56
@@ -65,7 +65,7 @@ def build_tiny_llava(out_dir: str | Path, labels: list[str], seed: int = 0, size
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
-    from vlm_stage.families._tokenizer import prompt_corpus, train_bpe
+    from catcascade.vlm_stage.families._tokenizer import prompt_corpus, train_bpe
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlm_stage.families import VlmFamily
+from catcascade.vlm_stage.families import VlmFamily
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -39,7 +39,7 @@ def _build_tiny(out_dir: str | Path, labels: list[str], seed: int, version: str)
     import torch
     import transformers as tf
 
-    from vlm_stage.families._tokenizer import prompt_corpus, train_bpe
+    from catcascade.vlm_stage.families._tokenizer import prompt_corpus, train_bpe
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
