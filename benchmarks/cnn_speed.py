@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "oxford-pet-cats-sample"
 
 # Quantization variants compared with --quant-variants. The "ORT int8" rows use the fastest
 # variant (batch 8) that meets the agreement target, or the fastest one when none does.
@@ -45,7 +44,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-sizes", default="1,8,32", help="comma-separated")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch and ORT intra-op threads")
-    parser.add_argument("--data", type=Path, default=SAMPLE_DATA, help="folder of real JPEGs (searched recursively)")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="folder of real JPEGs, searched recursively (e.g. from `catcascade data oxford-pets DIR`)")
     parser.add_argument("--calibration-images", type=int, default=40,
                         help="INT8 calibration images (taken apart from the agreement images)")
     parser.add_argument("--quant-variants", default="qdq,qoperator,qdq-conv-no-dw",

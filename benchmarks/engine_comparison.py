@@ -100,14 +100,12 @@ def plot(results: dict, out_dir: Path) -> None:
     plt.close(fig)
 
 
-def update_readme(readme: Path, md: str, out_dir: Path) -> None:
-    start, end = "<!-- bench:engines:start -->", "<!-- bench:engines:end -->"
-    text = readme.read_text()
-    if start not in text or end not in text:
-        raise SystemExit(f"{readme} has no {start} ... {end} markers")
-    body = md.split("\n", 2)[2].strip() + f"\n\n![engines]({os.path.relpath(out_dir, readme.parent)}/engines.png)"
-    head, rest = text.split(start, 1)
-    readme.write_text(head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1])
+def update_doc(page: Path, md: str, out_dir: Path) -> None:
+    """Swaps the text between the page's bench:engines markers for the new table and plot."""
+    from benchmarks.doc_tables import relative_link, replace_between_markers
+
+    body = md.split("\n", 2)[2].strip() + f"\n\n![engines]({relative_link(out_dir, page)}/engines.png)"
+    replace_between_markers(page, "engines", body)
 
 
 def main(args, server_cls, closed_loop, load_images, make_speed_bundle) -> int:
@@ -188,6 +186,6 @@ def main(args, server_cls, closed_loop, load_images, make_speed_bundle) -> int:
     plot(results, out_dir)
     console.print(md, markup=False)
     console.print(f"written: {out_dir}/engines.json, engines.md, engines.png")
-    if args.update_readme:
-        update_readme(args.update_readme, md, out_dir)
+    if args.update_doc:
+        update_doc(args.update_doc, md, out_dir)
     return 0

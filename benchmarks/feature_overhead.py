@@ -162,6 +162,7 @@ def on_path_costs(image: bytes, sink_endpoint: str, repeats: int = 2000) -> dict
     from catcascade.serving.observability.tracing import OtelTracing, TracingConfig
     from catcascade.serving.traffic.response_cache import ResponseCache, ResponseCacheConfig, cache_key
     from catcascade.serving.traffic.tenant_budgets import TenantBudgets, TenantBudgetsConfig, TokenBucketConfig
+    from catcascade.serving.front_door.authentication import Authenticator
 
     response = pb.ClassifyResponse(request_id="r" * 32, labels=[pb.LabelScore(label="Bengal", probability=0.5)] * 3,
                                    cnn_top_k=[pb.LabelScore(label="Bengal", probability=0.5)] * 3)
@@ -174,11 +175,12 @@ def on_path_costs(image: bytes, sink_endpoint: str, repeats: int = 2000) -> dict
             cache.put(key, response)
 
     budgets = TenantBudgets(TenantBudgetsConfig(default=TokenBucketConfig(rate_per_s=1e9, burst=1e9)),
-                            {"acme": "tok"}, registry=CollectorRegistry())
+                            ["acme"], registry=CollectorRegistry())
+    authenticator = Authenticator(["tok"], {"acme": "tok"})
     metadata = (("authorization", "Bearer tok"), ("user-agent", "grpc-python"))
 
     def tenants_on():
-        tenant = budgets.tenant_of(metadata)
+        tenant = authenticator.identify(metadata)
         budgets.count_request(tenant)
         budgets.allow_escalation(tenant)
 
@@ -304,13 +306,10 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def update_readme(readme: Path, out_dir: Path) -> None:
-    """Swaps the text between the bench:features markers for the new report."""
-    start, end = "<!-- bench:features:start -->", "<!-- bench:features:end -->"
-    text = readme.read_text()
-    if start not in text or end not in text:
-        raise SystemExit(f"{readme} has no {start} ... {end} markers")
+def update_doc(page: Path, out_dir: Path) -> None:
+    """Swaps the text between the page's bench:features markers for the new report."""
+    from benchmarks.doc_tables import relative_link, replace_between_markers
+
     body = (out_dir / "features.md").read_text()
-    body = body.replace("](features.png)", f"]({os.path.relpath(out_dir, readme.parent)}/features.png)")
-    head, rest = text.split(start, 1)
-    readme.write_text(head + start + "\n" + body.strip() + "\n" + end + rest.split(end, 1)[1])
+    body = body.replace("](features.png)", f"]({relative_link(out_dir, page)}/features.png)")
+    replace_between_markers(page, "features", body)

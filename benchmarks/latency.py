@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "oxford-pet-cats-sample"
 STAGES = ("decode_ms", "cnn_queue_ms", "cnn_ms", "vlm_ms", "blend_ms")
 
 
@@ -63,7 +62,6 @@ class RunStats:
 
 
 def load_images(folder: Path | None, n: int = 64, seed: int = 0) -> list[bytes]:
-    folder = folder or (SAMPLE_DATA if SAMPLE_DATA.is_dir() else None)
     if folder is None:
         from catcascade.training.synthetic_data import write_synthetic_dataset
 
@@ -402,7 +400,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", type=Path, help="bundle to serve (default: a 224 px convnext_atto speed bundle, or "
                    "the demo bundle with --vlm)")
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--images", type=Path, help="folder of JPEGs (default: the shared Oxford sample)")
+    p.add_argument("--data", "--images", dest="images", type=Path,
+                   help="folder of photos, searched recursively (default: synthetic images, written to "
+                        "artifacts/bench-images)")
     p.add_argument("--mode", choices=["never", "auto", "always"], default="never")
     p.add_argument("--vlm", action="store_true", help="start vLLM for the bundle's VLM (needed for auto/always)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
@@ -427,8 +427,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--explain-cost", type=int, default=0, metavar="N",
                    help="also classify N images with ClassifyRequest.explain off then on (needs --vlm): the cost "
                         "of a rationale, as a ratio in the same run")
-    p.add_argument("--update-readme", type=Path, default=None,
-                   help="replace the table between the bench:latency markers in this README")
+    p.add_argument("--update-doc", type=Path, default=None, metavar="PAGE",
+                   help="also rewrite this run's table between its bench markers in PAGE (docs/benchmarks.md)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -537,8 +537,8 @@ def main(args: argparse.Namespace) -> int:
     plots(all_runs, out_dir)
     console.print(report(results, out_dir), markup=False)
     console.print(f"written: {out_dir}/latency.json, latency.md, latency_vs_concurrency.png, latency_cdf.png")
-    if args.update_readme:
-        update_readme(args.update_readme, out_dir / "latency.md", out_dir)
+    if args.update_doc:
+        update_doc(args.update_doc, out_dir / "latency.md", out_dir)
     return 0
 
 
@@ -597,23 +597,20 @@ def features_main(args: argparse.Namespace) -> int:
     fo.plot(results, out_dir / "features.png")
     console.print(text, markup=False)
     console.print(f"written: {out_dir}/features.json, features.md, features.png")
-    if args.update_readme:
-        fo.update_readme(args.update_readme, out_dir)
+    if args.update_doc:
+        fo.update_doc(args.update_doc, out_dir)
     return 0
 
 
-def update_readme(readme: Path, report_md: Path, out_dir: Path) -> None:
-    """Swaps the text between the bench:latency markers for the new report (images linked)."""
-    start, end = "<!-- bench:latency:start -->", "<!-- bench:latency:end -->"
-    text = readme.read_text()
-    if start not in text or end not in text:
-        raise SystemExit(f"{readme} has no {start} ... {end} markers")
+def update_doc(page: Path, report_md: Path, out_dir: Path) -> None:
+    """Swaps the text between the page's bench:latency markers for the new report (images linked)."""
+    from benchmarks.doc_tables import relative_link, replace_between_markers
+
     body = report_md.read_text().split("\n", 2)[2]  # drop the report's own title
-    rel = os.path.relpath(out_dir, readme.parent)
+    rel = relative_link(out_dir, page)
     body = body.replace("](latency_vs_concurrency.png)", f"]({rel}/latency_vs_concurrency.png)")
     body = body.replace("](latency_cdf.png)", f"]({rel}/latency_cdf.png)")
-    head, rest = text.split(start, 1)
-    readme.write_text(head + start + "\n" + body.strip() + "\n" + end + rest.split(end, 1)[1])
+    replace_between_markers(page, "latency", body)
 
 
 def _write_config(out_dir: Path, args) -> Path:

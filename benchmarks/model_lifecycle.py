@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     res = run(args)
     (args.out / "lifecycle.json").write_text(json.dumps(res))
-    (args.out / "README.md").write_text(report(res))
+    (args.out / "lifecycle.md").write_text(report(res))
     plot(res, args.out / "lifecycle.png")
     print(report(res))
     return 0

@@ -589,7 +589,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--match", default="", help="hardening: run only the scenarios whose name contains this")
     parser.add_argument("--burst-factor", type=float, default=4.0, help="burst size over what the deadline allows")
     parser.add_argument("--burst-deadline", type=float, default=1.0, help="client deadline of burst calls, s")
-    parser.add_argument("--photos", help="folder of real JPEGs for the decode-speed comparison (optional)")
+    parser.add_argument("--data", "--photos", dest="photos",
+                        help="folder of real JPEGs for the decode-speed comparison (optional)")
     parser.add_argument("--part", choices=["all", "vlm", "input"], default="all",
                         help="input: only the decode-bomb, abandoned-decode and auth-edge scenarios (no vLLM)")
 

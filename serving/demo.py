@@ -10,11 +10,11 @@ import random
 import time
 from pathlib import Path
 
-SAMPLE_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "oxford-pet-cats-sample"
 
-
-def demo_images(bundle_dir: Path, n_synthetic: int = 6, n_real: int = 4, seed: int = 0) -> list[Path]:
-    """Held-out synthetic images from the bundle's split, plus real photos when available."""
+def demo_images(bundle_dir: Path, n_synthetic: int = 6, n_real: int = 4, seed: int = 0,
+                data: Path | None = None) -> list[Path]:
+    """Held-out synthetic images from the bundle's split, plus a few real photos from ``data``
+    (an ImageFolder, ``<breed>/<image>``) when one is given."""
     images: list[Path] = []
     split = bundle_dir / "data" / "split.json"
     if split.is_file():
@@ -22,13 +22,14 @@ def demo_images(bundle_dir: Path, n_synthetic: int = 6, n_real: int = 4, seed: i
 
         test = [s.path for s in load_split(split, bundle_dir / "data").test]
         images += random.Random(seed).sample(test, min(n_synthetic, len(test)))
-    if SAMPLE_DATA.is_dir():
-        real = sorted(SAMPLE_DATA.glob("*/*.jpg"))
+    if data is not None:
+        real = sorted(p for p in Path(data).glob("*/*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
         images += random.Random(seed).sample(real, min(n_real, len(real)))
     return images
 
 
-def run_demo(bundle_dir: Path, use_vlm: bool = True, images: list[Path] | None = None, mode: str = "auto") -> int:
+def run_demo(bundle_dir: Path, use_vlm: bool = True, images: list[Path] | None = None, mode: str = "auto",
+             data: Path | None = None) -> int:
     from rich.console import Console
 
     from catcascade.ensemble.bundle import load_bundle
@@ -44,7 +45,7 @@ def run_demo(bundle_dir: Path, use_vlm: bool = True, images: list[Path] | None =
         console.print(f"[bold]No bundle at {bundle_dir}: building the embedded default[/bold]")
         build_demo_bundle(bundle_dir)
     bundle = load_bundle(bundle_dir)
-    images = images or demo_images(bundle_dir)
+    images = images or demo_images(bundle_dir, data=data)
     if not images:
         console.print("[red]no images to classify[/red]")
         return 2
