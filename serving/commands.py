@@ -123,7 +123,8 @@ def _demo(args) -> int:
     from catcascade.serving.demo import run_demo
 
     images = [Path(p) for p in args.images] if args.images else None
-    return run_demo(Path(args.bundle), use_vlm=not args.no_vlm, images=images, mode=args.mode)
+    return run_demo(Path(args.bundle), use_vlm=not args.no_vlm, images=images, mode=args.mode,
+                    data=Path(args.data) if args.data else None)
 
 
 def _build_demo(args) -> int:
@@ -202,7 +203,10 @@ def register(sub) -> None:
     d.add_argument("--bundle", default=str(DEFAULT_BUNDLE))
     d.add_argument("--no-vlm", action="store_true", help="skip the vLLM server (CNN only)")
     d.add_argument("--mode", choices=["auto", "never", "always"], default="auto")
-    d.add_argument("images", nargs="*", help="images to classify (default: a few held-out + real photos)")
+    d.add_argument("--data", type=Path, help="a labelled image folder (<breed>/<image>): a few of its photos are "
+                   "classified too (e.g. from `catcascade data oxford-pets DIR`)")
+    d.add_argument("images", nargs="*", help="images to classify (default: a few held-out synthetic images, plus "
+                   "real photos from --data)")
     d.set_defaults(func=_demo)
 
     b = sub.add_parser("build-demo", help="build the embedded default bundle")
