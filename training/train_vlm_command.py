@@ -123,6 +123,8 @@ def _attach(bundle_dir: Path, adapter: Path, base_model: str, summary: dict) -> 
                                   scoring_mode=old.scoring_mode if old else "multiple_choice",
                                   max_model_len=max(1024, old.max_model_len if old else 0))
     bundle.manifest.provenance["vlm_train"] = summary
+    if bundle.manifest.files is not None:  # a staged bundle lists every file's sha256: the adapter's changed
+        bundle.record_files()
     bundle.save()
     print(f"attached to {bundle.root}: vlm base {base}, adapter vlm/adapter (served as 'cats')")
 

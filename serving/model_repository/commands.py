@@ -43,15 +43,17 @@ def _print_report(rep) -> None:
 
 
 def _stage(args) -> int:
-    from catcascade.ensemble.bundle import BundleError
+    from catcascade.ensemble.bundle import BundleError, load_bundle
     from catcascade.serving.model_repository.staging import stage_version
 
     try:
         path = stage_version(args.bundle, args.repository, args.version, vlm_from=args.vlm_from,
                              adapter=args.adapter, cascade=args.cascade)
     except BundleError as e:
-        raise CommandError(str(e)) from None
-    print(f"staged {path} (verified); make it a candidate with `catcascade models candidate {args.version}`")
+        raise CommandError(f"cannot stage {args.bundle} as {args.version}: {e}") from None
+    files = load_bundle(path, verify=False).manifest.files
+    print(f"staged {path}: {len(files)} files copied in, each one's sha256 in its manifest (verified); "
+          f"make it a candidate with `catcascade models candidate {args.version}`")
     return 0
 
 
@@ -118,8 +120,9 @@ def register(sub) -> None:
     p.add_argument("version", nargs="?")
     actions.add_parser("rollback", help="make the previous live version live again")
     actions.add_parser("report", help="live against candidate: agreement, escalation rates, latency")
-    st = actions.add_parser("stage", help="copy a bundle into the repository as VERSION, verified and atomically "
-                            "(no server needed)")
+    st = actions.add_parser("stage", help="copy a bundle into the repository as VERSION: every file copied in (no "
+                            "links, no path outside it) and its sha256 listed in the manifest, verified, renamed into "
+                            "place atomically (no server needed)")
     st.add_argument("bundle", type=Path, help="the new bundle (e.g. train-cnn --out)")
     st.add_argument("--repository", type=Path, required=True)
     st.add_argument("--version", required=True, help="the new version's folder name")

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from catcascade.cnn_stage.preprocessing import preprocess
-from catcascade.ensemble.bundle import BundleError, load_bundle
+from catcascade.ensemble.bundle import BundleError, ChecksumMismatch, load_bundle
 from catcascade.ensemble.escalation_policy import EscalationMode
 from catcascade.serving.api import cascade_pb2 as pb
 from catcascade.serving.model_repository.repository import Fingerprint, version_fingerprint
@@ -41,7 +41,7 @@ class VersionRejected(RuntimeError):
 
 def _bundle_reason(e: BundleError) -> str:
     text = str(e)
-    if "sha256" in text:
+    if isinstance(e, ChecksumMismatch) or "sha256" in text:
         return "checksum"
     if "missing" in text or "no manifest" in text:
         return "missing"
