@@ -19,8 +19,10 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from catcascade.errors import CatcascadeError
 
-class InvalidImageError(ValueError):
+
+class InvalidImageError(CatcascadeError, ValueError):
     """The bytes are not an image this service accepts; the message says why. ``reason`` is a
     short label for metrics (format, corrupt, dimensions, aspect, memory, scans, segments...)."""
 

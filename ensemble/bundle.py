@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from catcascade.cnn_stage.preprocessing import PreprocessConfig
 from catcascade.ensemble.confidence_histogram import ConfidenceHistogram
 from catcascade.ensemble.config import CascadeConfig
+from catcascade.errors import CatcascadeError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -148,7 +149,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-class BundleError(RuntimeError):
+class BundleError(CatcascadeError, RuntimeError):
     """The bundle folder is missing, malformed or does not match its manifest."""
 
 

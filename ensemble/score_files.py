@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from catcascade.cnn_stage.topk import softmax
+from catcascade.errors import CatcascadeError
 
 FORMAT = "catcascade-scores"
 FORMAT_VERSION = 1
 _ARRAYS = ("ids", "labels", "label_names", "cnn_logits", "temperature", "vlm_candidates", "vlm_scores", "vlm_none")
 
 
-class ScoreFileError(ValueError):
+class ScoreFileError(CatcascadeError, ValueError):
     """A score file is missing, malformed or incompatible with another."""
 
 

@@ -23,10 +23,11 @@ from typing import Callable
 
 import numpy as np
 
+from catcascade.errors import CatcascadeError
 from catcascade.serving.engines.thread_priority import lower_current_thread
 
 
-class QueueFullError(RuntimeError):
+class QueueFullError(CatcascadeError, RuntimeError):
     """The CNN queue is at capacity; the caller should shed or refuse the request."""
 
 

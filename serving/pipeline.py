@@ -29,6 +29,7 @@ from catcascade.ensemble.blending import Blender
 from catcascade.ensemble.candidate_sets import set_size
 from catcascade.ensemble.config import CandidateSetConfig
 from catcascade.ensemble.escalation_policy import EscalationDecision, EscalationMode, EscalationPolicy, EscalationReason
+from catcascade.errors import CatcascadeError
 from catcascade.serving.batcher import QueueFullError
 from catcascade.serving.circuit_breaker import BreakerState, CircuitBreaker
 from catcascade.serving.engines.cnn_engine import CnnEngine
@@ -116,7 +117,7 @@ class PipelineConfig:
     """malloc_trim after a decode slower than this (a large image), so its memory goes back to the OS."""
 
 
-class DeadlineExceededError(RuntimeError):
+class DeadlineExceededError(CatcascadeError, RuntimeError):
     """The request's deadline passed before its work started; nothing was done for it."""
 
 

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from catcascade.errors import CatcascadeError
 from catcascade.vlm_stage.prompts import Prompt, build_multiple_choice
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ IMAGE_PLACEHOLDER = "<image>"
 _OPTION_LINE = re.compile(r"^\s*([A-T])[.)]\s", re.MULTILINE)
 
 
-class VerificationDataError(ValueError):
+class VerificationDataError(CatcascadeError, ValueError):
     """A JSONL line that is not a usable verification conversation; says which and why."""
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from catcascade.errors import CatcascadeError
+
 DEFAULT_MAX_TOKENS = 48
 MIN_TOKENS = 8
 """End-of-sequence is held back for this many tokens (vLLM's ``min_tokens``, transformers'
@@ -27,7 +29,7 @@ class Rationale:
     latency_ms: float = 0.0
 
 
-class RationaleError(RuntimeError):
+class RationaleError(CatcascadeError, RuntimeError):
     """The VLM produced no usable explanation."""
 
 

@@ -5,8 +5,10 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from catcascade.errors import CatcascadeError
 
-class ScoringError(RuntimeError):
+
+class ScoringError(CatcascadeError, RuntimeError):
     """The model's answer carried no usable scores for the options."""
 
 

@@ -26,6 +26,7 @@ from typing import Callable, Literal, Mapping
 import httpx
 from PIL import Image
 
+from catcascade.errors import CatcascadeError
 from catcascade.vlm_stage.prompts import Prompt, ScoringMode, build_multiple_choice, build_rationale, build_yes_no
 from catcascade.vlm_stage.rationale import (DEFAULT_MAX_TOKENS, Rationale, RationaleError, check_max_tokens, clean_text,
                                  min_tokens)
@@ -33,7 +34,7 @@ from catcascade.vlm_stage.scoring import (CandidateScores, ScoringError, check_c
                                scores_from_letter_logprobs, scores_from_yes_probs)
 
 
-class VlmUnavailableError(RuntimeError):
+class VlmUnavailableError(CatcascadeError, RuntimeError):
     """No server answered usefully within the timeout and retries."""
 
 
@@ -288,7 +289,7 @@ class VllmVerifier:
         await self.verify(img, candidates)
 
 
-class AdapterLoadError(RuntimeError):
+class AdapterLoadError(CatcascadeError, RuntimeError):
     """A vLLM server refused to load (or could not be asked to load) a LoRA adapter."""
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from catcascade.errors import CatcascadeError
+
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
@@ -52,7 +54,7 @@ def is_retryable(error: grpc.RpcError) -> bool:
     return not (code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (error.details() or ""))
 
 
-class CatcascadeRpcError(grpc.RpcError):
+class CatcascadeRpcError(CatcascadeError, grpc.RpcError):
     """A call that failed for good: the last attempt's status, with how many attempts were made.
     A ``grpc.RpcError``, so ``code()`` and ``details()`` work as on grpc's own errors."""
 

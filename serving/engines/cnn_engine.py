@@ -12,10 +12,11 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from catcascade.errors import CatcascadeError
 from catcascade.serving.batcher import BatchResult
 
 
-class EngineUnavailableError(RuntimeError):
+class EngineUnavailableError(CatcascadeError, RuntimeError):
     """The CNN stage cannot be reached (e.g. its replicas died); clients get UNAVAILABLE."""
 
 

@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from catcascade.errors import CatcascadeError
+
 ROUTING_FILE = "routing.yaml"
 
 
@@ -99,7 +101,7 @@ class Routing(BaseModel):
         return self
 
 
-class RoutingFileEmpty(Exception):
+class RoutingFileEmpty(CatcascadeError):
     """The routing file exists but holds nothing: most likely a write in progress (``echo >``
     and most editors truncate the file first), not a wish for the newest version."""
 

@@ -21,6 +21,7 @@ from PIL import Image
 from catcascade.cnn_stage.preprocessing import preprocess
 from catcascade.ensemble.bundle import BundleError, ChecksumMismatch, load_bundle
 from catcascade.ensemble.escalation_policy import EscalationMode
+from catcascade.errors import CatcascadeError
 from catcascade.serving.api import cascade_pb2 as pb
 from catcascade.serving.model_repository.repository import Fingerprint, version_fingerprint
 
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 REASONS = ("checksum", "manifest", "missing", "onnx", "labels", "adapter", "warmup", "routing")
 
 
-class VersionRejected(RuntimeError):
+class VersionRejected(CatcascadeError, RuntimeError):
     """A version that cannot take traffic; ``reason`` is one of REASONS."""
 
     def __init__(self, version: str, reason: str, message: str):

@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from catcascade.errors import CatcascadeError
+
 
 @dataclass(frozen=True)
 class AdmissionConfig:
@@ -59,7 +61,7 @@ class AdmissionConfig:
             raise ValueError(f"invalid admission config {self}")
 
 
-class AdmissionRefused(Exception):
+class AdmissionRefused(CatcascadeError):
     """The request cannot be served in time: answer RESOURCE_EXHAUSTED with this message."""
 
     def __init__(self, message: str, reason: str):
