@@ -16,16 +16,16 @@ from catcascade.cnn_stage.preprocessing import DecodeLimits
 from catcascade.ensemble.blender_registry import make_blender
 from catcascade.ensemble.escalation_policy import EscalationPolicy
 from catcascade.serving.api import cascade_pb2 as pb
-from catcascade.serving.batcher import BatcherConfig, DynamicBatcher
-from catcascade.serving.circuit_breaker import BreakerConfig, CircuitBreaker
+from catcascade.serving.batcher import DynamicBatcher
+from catcascade.serving.circuit_breaker import CircuitBreaker
 from catcascade.serving.metrics import ServiceMetrics
 from catcascade.serving.config import ServeConfig
 from catcascade.serving.engines.thread_priority import build_in_lowered_thread
 from catcascade.serving.observability.tracing import NoTracing, make_tracing
 from catcascade.serving.pipeline import CascadePipeline, PipelineConfig
 from catcascade.serving.server import CatClassifierServicer, run_server
-from catcascade.serving.traffic.admission import AdmissionConfig, AdmissionController
-from catcascade.serving.traffic.vlm_watchdog import VlmWatchdog, WatchdogConfig
+from catcascade.serving.traffic.admission import AdmissionController
+from catcascade.serving.traffic.vlm_watchdog import VlmWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ async def build_service(cfg: ServeConfig, metrics: ServiceMetrics | None = None)
     try:
         async with cascade as built:
             pipeline, versions, info = (built, built.versions, built.model_info) if cfg.models is not None else built
-            admission = AdmissionController(AdmissionConfig(**cfg.admission.model_dump()))
+            admission = AdmissionController(cfg.admission)
             yield CatClassifierServicer(pipeline, versions, info, metrics, max_inflight=cfg.limits.max_inflight_requests,
                                         cache=cache, tracing=tracing, tenants=tenants,
                                         drift=cfg.drift if cfg.drift.enabled else None, admission=admission)
@@ -178,8 +178,7 @@ async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None,
 
         # off the event loop, in a thread below it: ONNX Runtime's pool threads inherit its priority
         onnx = await asyncio.to_thread(build_in_lowered_thread, make_classifier, nice)
-        batcher = DynamicBatcher(onnx.run, BatcherConfig(**cfg.batching.model_dump(), thread_nice=nice),
-                                 on_batch=metrics.batch_size.observe)
+        batcher = DynamicBatcher(onnx.run, cfg.batching, on_batch=metrics.batch_size.observe, thread_nice=nice)
     metrics.queue_depth.set_function(lambda: batcher.depth)
     metrics.batches_running.set_function(lambda: batcher.running)
     lim = cfg.limits
@@ -198,12 +197,9 @@ async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None,
     option_sets = [tuple(m.labels[:n]) for n in counts if n <= len(m.labels)]
     if verifier is not None and not await warm_up_all(verifier, option_sets):
         warm_task = asyncio.create_task(keep_warming_up_all(verifier, option_sets))
-    b = cfg.breaker
     watchdog_probe = _watchdog_probe(verifier, cfg)
-    breaker = CircuitBreaker(BreakerConfig(failure_threshold=b.failure_threshold, cooldown_s=b.cooldown_s,
-                                           probe_timeout_s=b.probe_timeout_s,
-                                           probe_with_requests=watchdog_probe is None),
-                             on_change=lambda state: metrics.breaker_state.set(int(state)))
+    breaker = CircuitBreaker(cfg.breaker, on_change=lambda state: metrics.breaker_state.set(int(state)),
+                             probe_with_requests=watchdog_probe is None)
     pipeline = CascadePipeline(
         labels=m.labels, preprocess_config=preprocess_config, cnn=batcher,
         policy=EscalationPolicy(m.cascade.escalation), blender=make_blender(m.cascade.blend),
@@ -224,8 +220,6 @@ async def build_cascade(cfg: ServeConfig, metrics: ServiceMetrics | None = None,
     if watchdog_probe is not None and option_sets:
         candidates = option_sets[0]
         watchdog = VlmWatchdog(lambda: watchdog_probe.warm_up(candidates), breaker,
-                               WatchdogConfig(period_s=b.health_period_s, timeout_s=b.health_timeout_s,
-                                              idle_period_s=max(b.health_idle_period_s, b.health_period_s)),
                                on_failure=lambda kind: metrics.vlm_errors.labels(kind).inc())
         watchdog_task = asyncio.create_task(watchdog.run(), name="vlm-watchdog")
     vlm_name = (getattr(verifier.config, "model", "") if cfg.vlm.backend == "vllm" else

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from catcascade.errors import CatcascadeError
 from catcascade.serving.engines.thread_priority import lower_current_thread
@@ -35,19 +36,19 @@ class DeadlineUnmeetableError(QueueFullError):
     """Shed from the queue: too little of the request's deadline is left for a batch to run."""
 
 
-@dataclass(frozen=True)
-class BatcherConfig:
-    max_batch_size: int = 16
-    max_queue_delay_ms: float = 0.0
-    max_queue_size: int = 256
-    instances: int = 1
-    thread_nice: int = 0
-    """Nice increment of the threads that run batches (serving/engines/thread_priority.py)."""
+class BatchingConfig(BaseModel):
+    """ServeConfig's ``batching`` section, taken by the batcher as it is (the Ray engine's
+    ``@serve.batch`` reads the same limits)."""
 
-    def __post_init__(self) -> None:
-        if (self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay_ms < 0 or self.instances < 1
-                or not 0 <= self.thread_nice <= 19):
-            raise ValueError(f"invalid batcher config {self}")
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    max_queue_delay_ms: float = Field(0.0, ge=0, le=1000, description="0 = batch what is already queued (Triton "
+                                      "default)")
+    max_queue_size: int = Field(256, ge=1, description="requests waiting; beyond, refused at once (QueueFullError)")
+    instances: int = Field(2, ge=1, le=64, description="batches run at once, each on its own thread (Triton's "
+                           "instance_group count). On a CPU without cnn_threads, a lone batch uses every core and "
+                           "overlapping batches one thread each")
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,14 @@ class _Item:
 
 
 class DynamicBatcher:
-    def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], config: BatcherConfig = BatcherConfig(),
-                 on_batch: Callable[[int], None] | None = None, clock: Callable[[], float] = time.perf_counter):
-        """``clock`` (seconds) times the queue and the batches; tests pass a fake one."""
+    def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], config: BatchingConfig = BatchingConfig(),
+                 on_batch: Callable[[int], None] | None = None, clock: Callable[[], float] = time.perf_counter,
+                 thread_nice: int = 0):
+        """``clock`` (seconds) times the queue and the batches; tests pass a fake one.
+        ``thread_nice``: nice increment of the threads that run batches (ServeConfig.compute_nice;
+        serving/engines/thread_priority.py)."""
+        if not 0 <= thread_nice <= 19:
+            raise ValueError(f"thread_nice must be 0-19 (a Linux nice increment), got {thread_nice}")
         self.run_batch = run_batch
         self.config = config
         self.on_batch = on_batch
@@ -83,7 +89,7 @@ class DynamicBatcher:
         self._arrivals = itertools.count()
         self._workers: list[asyncio.Task] = []
         self._executor = ThreadPoolExecutor(max_workers=config.instances, thread_name_prefix="cnn",
-                                            initializer=lower_current_thread, initargs=(config.thread_nice,))
+                                            initializer=lower_current_thread, initargs=(thread_nice,))
         self.batch_sizes: list[int] = []
         self.running = 0
         """Batches in the model right now (at most ``instances``)."""

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass
 from typing import Callable
+
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class BreakerState(enum.IntEnum):
@@ -25,18 +26,23 @@ class BreakerState(enum.IntEnum):
     HALF_OPEN = 2
 
 
-@dataclass(frozen=True)
-class BreakerConfig:
-    failure_threshold: int = 3
-    cooldown_s: float = 5.0
-    probe_timeout_s: float = 10.0
-    """A half-open probe not settled within this counts as failed (the breaker re-opens)."""
-    probe_with_requests: bool = True
-    """Whether user requests may be the half-open probe; False when a health watchdog probes."""
+class BreakerConfig(BaseModel):
+    """ServeConfig's ``breaker`` section: the breaker's thresholds and the pace of the VLM
+    health probe that feeds it (serving/traffic/vlm_watchdog.py); both take it as it is."""
 
-    def __post_init__(self) -> None:
-        if self.failure_threshold < 1 or self.cooldown_s <= 0 or self.probe_timeout_s <= 0:
-            raise ValueError(f"invalid breaker config {self}")
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    failure_threshold: int = Field(3, ge=1, description="consecutive VLM failures that open the breaker")
+    cooldown_s: float = Field(5.0, gt=0, description="time open before a half-open probe is let through")
+    probe_timeout_s: float = Field(10.0, gt=0, description="a half-open probe not settled within this counts as "
+                                   "failed (the breaker re-opens; it never stays half-open)")
+    health_period_s: float = Field(1.0, ge=0, description="background VLM health probe (a tiny scoring request) "
+                                   "whenever escalations were asked for and none succeeded for this long; 0 = off "
+                                   "(then user requests probe a half-open breaker)")
+    health_idle_period_s: float = Field(30.0, gt=0, description="the probe's pace when no escalation was asked for "
+                                        "(each probe is a real VLM inference); at least health_period_s")
+    health_timeout_s: float = Field(3.0, gt=0, description="a health probe not answered within this opens the "
+                                    "breaker: a hung VLM is detected whatever the clients' deadlines")
 
 
 class BreakerLease:
@@ -83,8 +89,11 @@ class BreakerLease:
 
 class CircuitBreaker:
     def __init__(self, config: BreakerConfig = BreakerConfig(), clock: Callable[[], float] = time.monotonic,
-                 on_change: Callable[[BreakerState], None] | None = None):
+                 on_change: Callable[[BreakerState], None] | None = None, probe_with_requests: bool = True):
+        """``probe_with_requests``: whether user requests may be the half-open probe; False
+        when a health watchdog probes (derived from the setup, not a setting)."""
         self.config = config
+        self.probe_with_requests = probe_with_requests
         self._clock = clock
         self._on_change = on_change
         self._state = BreakerState.CLOSED
@@ -116,14 +125,14 @@ class CircuitBreaker:
 
     def acquire(self, probe: bool | None = None) -> BreakerLease | None:
         """A lease when a call may go ahead, else None. In half-open state only one probe at a
-        time, and only for callers allowed to probe (``probe``; default: the config's
+        time, and only for callers allowed to probe (``probe``; default: the breaker's
         ``probe_with_requests``)."""
         state = self.state
         if probe is None:
             self.last_attempt = self._clock()
         if state == BreakerState.CLOSED:
             return BreakerLease(self, self._epoch, probe=False)
-        may_probe = self.config.probe_with_requests if probe is None else probe
+        may_probe = self.probe_with_requests if probe is None else probe
         if state == BreakerState.HALF_OPEN and self._probe is None and may_probe:
             self._probe = BreakerLease(self, self._epoch, probe=True)
             self._probe_started = self._clock()

@@ -6,23 +6,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from catcascade.serving.batcher import BatchingConfig
+from catcascade.serving.circuit_breaker import BreakerConfig
 from catcascade.serving.engines.ray_config import RayEngineConfig
 from catcascade.serving.model_repository.config import ModelsConfig
 from catcascade.serving.observability.drift import DriftConfig
 from catcascade.serving.observability.tracing import TracingConfig
+from catcascade.serving.traffic.admission import AdmissionConfig
 from catcascade.serving.traffic.response_cache import ResponseCacheConfig
 from catcascade.serving.traffic.tenant_budgets import TenantBudgetsConfig
-
-
-class BatchingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    max_batch_size: int = Field(16, ge=1, le=1024)
-    max_queue_delay_ms: float = Field(0.0, ge=0, le=1000, description="0 = batch what is already queued (Triton default)")
-    max_queue_size: int = Field(256, ge=1)
-    instances: int = Field(2, ge=1, le=64, description="batches run at once, each on its own thread (Triton's "
-                           "instance_group count). On a CPU without cnn_threads, a lone batch uses every core and "
-                           "overlapping batches one thread each")
 
 
 class VlmEndpointConfig(BaseModel):
@@ -106,38 +98,6 @@ class MemoryConfig(BaseModel):
                                                "longer (large images); null = never")
 
 
-class BreakerSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    failure_threshold: int = Field(3, ge=1)
-    cooldown_s: float = Field(5.0, gt=0)
-    probe_timeout_s: float = Field(10.0, gt=0, description="a half-open probe not settled within this counts as "
-                                   "failed (the breaker re-opens; it never stays half-open)")
-    health_period_s: float = Field(1.0, ge=0, description="background VLM health probe (a tiny scoring request) "
-                                   "whenever escalations were asked for and none succeeded for this long; 0 = off "
-                                   "(then user requests probe a half-open breaker)")
-    health_idle_period_s: float = Field(30.0, gt=0, description="the probe's pace when no escalation was asked for "
-                                        "(each probe is a real VLM inference); at least health_period_s")
-    health_timeout_s: float = Field(3.0, gt=0, description="a health probe not answered within this opens the "
-                                    "breaker: a hung VLM is detected whatever the clients' deadlines")
-
-
-class AdmissionSettings(BaseModel):
-    """Queue-delay admission (serving/traffic/admission.py): refuse with RESOURCE_EXHAUSTED at
-    once when the estimated queue wait would miss the request's deadline."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = True
-    safety_factor: float = Field(1.5, ge=1.0, description="multiplies the estimated wait")
-    slack_ms: float = Field(30.0, ge=0, description="time kept for what follows the CNN (answer, jitter)")
-    max_queue_wait_ms: float = Field(10_000.0, gt=0, description="longest estimated wait admitted for requests "
-                                     "without a deadline")
-    initial_service_ms: float = Field(20.0, gt=0, description="cost per request assumed before any is measured")
-    halflife_s: float = Field(0.5, gt=0, description="how fast the measured cost per request adapts, in "
-                              "seconds of busy time")
-
-
 class TlsConfig(BaseModel):
     """Server TLS; with client_ca_file, clients must present a certificate signed by it (mTLS)."""
 
@@ -216,8 +176,8 @@ class ServeConfig(BaseModel):
     batching: BatchingConfig = BatchingConfig()
     vlm: VlmEndpointConfig = VlmEndpointConfig()
     limits: LimitsConfig = LimitsConfig()
-    breaker: BreakerSettings = BreakerSettings()
-    admission: AdmissionSettings = AdmissionSettings()
+    breaker: BreakerConfig = BreakerConfig()
+    admission: AdmissionConfig = AdmissionConfig()
     memory: MemoryConfig = MemoryConfig()
     tls: TlsConfig | None = None
     auth: AuthConfig = AuthConfig()

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from catcascade.serving.batcher import BatcherConfig, DynamicBatcher, QueueFullError
+from catcascade.serving.batcher import BatchingConfig, DynamicBatcher, QueueFullError
 
 
 def test_concurrent_requests_share_batches_and_get_their_own_rows():
@@ -19,7 +19,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_rows():
         return batch.sum(axis=1, keepdims=True)
 
     async def go():
-        b = DynamicBatcher(run, BatcherConfig(max_batch_size=4, max_queue_delay_ms=20))
+        b = DynamicBatcher(run, BatchingConfig(max_batch_size=4, max_queue_delay_ms=20, instances=1))
         await b.start()
         res = await asyncio.gather(*(b.submit(np.full(3, i, dtype=np.float32)) for i in range(10)))
         await b.stop()
@@ -47,7 +47,7 @@ def test_full_queue_refuses_at_once():
         return batch
 
     async def go():
-        b = DynamicBatcher(run, BatcherConfig(max_batch_size=1, max_queue_size=2))
+        b = DynamicBatcher(run, BatchingConfig(max_batch_size=1, max_queue_size=2, instances=1))
         await b.start()
         first = asyncio.create_task(b.submit(np.zeros(1)))
         await _until(lambda: b.running == 1 and b.depth == 0, "the worker holds item 1 in run()")
@@ -72,7 +72,7 @@ def test_failed_batch_fails_its_requests_but_not_the_worker():
         return batch
 
     async def go():
-        b = DynamicBatcher(run, BatcherConfig(max_batch_size=1))
+        b = DynamicBatcher(run, BatchingConfig(max_batch_size=1, instances=1))
         await b.start()
         with pytest.raises(RuntimeError, match="boom"):
             await b.submit(np.ones(2))
@@ -107,7 +107,7 @@ def test_instances_run_that_many_batches_at_once(instances):
     seen_running = []
 
     async def go():
-        b = DynamicBatcher(run, BatcherConfig(max_batch_size=2, instances=instances))
+        b = DynamicBatcher(run, BatchingConfig(max_batch_size=2, instances=instances))
         await b.start()
         pending = asyncio.gather(*(b.submit(np.full(1, i, dtype=np.float32)) for i in range(8)))
 
@@ -129,7 +129,7 @@ def test_instances_run_that_many_batches_at_once(instances):
 
 def test_instances_must_be_positive():
     with pytest.raises(ValueError):
-        BatcherConfig(instances=0)
+        BatchingConfig(instances=0)
 
 
 class StepClock:
@@ -153,7 +153,7 @@ def test_timings_come_from_the_clock():
         return batch + 1
 
     async def go():
-        b = DynamicBatcher(run, BatcherConfig(max_batch_size=1), clock=clock)
+        b = DynamicBatcher(run, BatchingConfig(max_batch_size=1, instances=1), clock=clock)
         await b.start()
         a = asyncio.create_task(b.submit(np.zeros(1)))
         await _until(lambda: b.running == 1 and b.depth == 0, "A is in the model")
@@ -179,7 +179,7 @@ def test_batch_sizes_reach_the_callback_and_a_bounded_history():
         return batch
 
     async def go():
-        b = DynamicBatcher(run, BatcherConfig(max_batch_size=4), on_batch=sizes.append)
+        b = DynamicBatcher(run, BatchingConfig(max_batch_size=4, instances=1), on_batch=sizes.append)
         b.batch_sizes.extend([7] * 10000)
         await b.start()
         tasks = {t.get_name() for t in asyncio.all_tasks()}
@@ -201,7 +201,7 @@ def test_requests_cancelled_while_queued_are_dropped_and_the_worker_goes_on():
         return batch
 
     async def go():
-        b = DynamicBatcher(run, BatcherConfig(max_batch_size=4))
+        b = DynamicBatcher(run, BatchingConfig(max_batch_size=4, instances=1))
         await b.start()
         first = asyncio.create_task(b.submit(np.full(1, 1.0)))
         await _until(lambda: b.running == 1, "batch 1 is in the model")
@@ -228,15 +228,15 @@ def test_submit_before_start_is_a_clear_error():
 
 @pytest.mark.parametrize("field", ["max_batch_size", "max_queue_size", "instances"])
 def test_config_fields_must_be_positive(field):
-    assert getattr(BatcherConfig(**{field: 1}), field) == 1  # the smallest valid value
-    with pytest.raises(ValueError, match=rf"^invalid batcher config BatcherConfig\(.*{field}=0"):
-        BatcherConfig(**{field: 0})
+    assert getattr(BatchingConfig(**{field: 1}), field) == 1  # the smallest valid value
+    with pytest.raises(ValueError, match=rf"^1 validation error for BatchingConfig\n{field}\n"):
+        BatchingConfig(**{field: 0})
 
 
 def test_queue_delay_may_be_zero_but_not_negative():
-    assert BatcherConfig(max_queue_delay_ms=0).max_queue_delay_ms == 0
-    with pytest.raises(ValueError, match="max_queue_delay_ms=-1"):
-        BatcherConfig(max_queue_delay_ms=-1)
+    assert BatchingConfig(max_queue_delay_ms=0).max_queue_delay_ms == 0
+    with pytest.raises(ValueError, match=r"^1 validation error for BatchingConfig\nmax_queue_delay_ms\n"):
+        BatchingConfig(max_queue_delay_ms=-1)
 
 
 def test_queue_delay_waits_for_more_requests_to_fill_a_batch():
@@ -249,7 +249,7 @@ def test_queue_delay_waits_for_more_requests_to_fill_a_batch():
         return batch
 
     async def go():
-        b = DynamicBatcher(run, BatcherConfig(max_batch_size=3, max_queue_delay_ms=60_000))
+        b = DynamicBatcher(run, BatchingConfig(max_batch_size=3, max_queue_delay_ms=1000, instances=1))  # the longest allowed
         await b.start()
         first = asyncio.create_task(b.submit(np.zeros(1)))
         await _until(lambda: b.depth == 0, "the worker holds request 1 and waits for more")
@@ -280,7 +280,7 @@ def test_the_batch_time_estimate_is_a_decayed_mean_and_sheds_what_cannot_make_it
         return batch
 
     async def go():
-        b = DynamicBatcher(run, BatcherConfig(max_batch_size=1), clock=clock)
+        b = DynamicBatcher(run, BatchingConfig(max_batch_size=1, instances=1), clock=clock)
         await b.start()
         await b.submit(np.zeros(1))
         first = b.batch_s
@@ -302,3 +302,16 @@ def test_the_batch_time_estimate_is_a_decayed_mean_and_sheds_what_cannot_make_it
     left = int(re.match(r"shed from the CNN queue: (\d+) ms of the deadline left, a batch takes 12000 ms$",
                         str(errors[0])).group(1))
     assert 1000 <= left <= 5000
+
+
+@pytest.mark.parametrize("nice", [0, 19])
+def test_thread_nice_takes_linux_nice_increments(nice):
+    b = DynamicBatcher(lambda x: x, thread_nice=nice)
+    asyncio.run(b.stop())
+    assert b.running == 0
+
+
+@pytest.mark.parametrize("nice", [-1, 20])
+def test_thread_nice_outside_0_to_19_is_refused(nice):
+    with pytest.raises(ValueError, match=rf"^thread_nice must be 0-19 \(a Linux nice increment\), got {nice}$"):
+        DynamicBatcher(lambda x: x, thread_nice=nice)

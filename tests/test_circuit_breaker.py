@@ -54,9 +54,11 @@ def test_the_record_shims_reset_and_count_failures_like_leases():
     assert b.state == BreakerState.CLOSED and b.last_success == 5.0
 
 
-@pytest.mark.parametrize("field,value", [("failure_threshold", 0), ("cooldown_s", 0.0), ("probe_timeout_s", 0.0)])
+@pytest.mark.parametrize("field,value", [("failure_threshold", 0), ("cooldown_s", 0.0), ("probe_timeout_s", 0.0),
+                                         ("health_period_s", -1.0), ("health_idle_period_s", 0.0),
+                                         ("health_timeout_s", 0.0)])
 def test_breaker_config_is_validated(field, value):
-    with pytest.raises(ValueError, match="invalid breaker config"):
+    with pytest.raises(ValueError, match=rf"^1 validation error for BreakerConfig\n{field}\n"):
         BreakerConfig(**{field: value})
 
 

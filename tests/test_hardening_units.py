@@ -10,7 +10,7 @@ import pytest
 
 from catcascade.serving.circuit_breaker import BreakerConfig, BreakerState, CircuitBreaker
 from catcascade.serving.traffic.admission import AdmissionConfig, AdmissionController, AdmissionRefused
-from catcascade.serving.traffic.vlm_watchdog import VlmWatchdog, WatchdogConfig
+from catcascade.serving.traffic.vlm_watchdog import VlmWatchdog
 
 
 class FakeClock:
@@ -21,8 +21,9 @@ class FakeClock:
         return self.t
 
 
-def _open_breaker(clock, **kw) -> CircuitBreaker:
-    b = CircuitBreaker(BreakerConfig(failure_threshold=1, cooldown_s=5, **kw), clock)
+def _open_breaker(clock, probe_with_requests: bool = True, **kw) -> CircuitBreaker:
+    b = CircuitBreaker(BreakerConfig(failure_threshold=1, cooldown_s=5, **kw), clock,
+                       probe_with_requests=probe_with_requests)
     with b.acquire() as lease:
         lease.failure()
     assert b.state == BreakerState.OPEN
@@ -134,8 +135,9 @@ class ScriptedCheck:
 def test_watchdog_opens_on_a_hang_and_closes_after_cooldown():
     async def main():
         clock, check, kinds = FakeClock(), ScriptedCheck(), []
-        b = CircuitBreaker(BreakerConfig(failure_threshold=3, cooldown_s=5, probe_with_requests=False), clock)
-        dog = VlmWatchdog(check, b, WatchdogConfig(period_s=1, timeout_s=0.05), clock, on_failure=kinds.append)
+        b = CircuitBreaker(BreakerConfig(failure_threshold=3, cooldown_s=5, health_period_s=1, health_timeout_s=0.05),
+                           clock, probe_with_requests=False)
+        dog = VlmWatchdog(check, b, clock, on_failure=kinds.append)
         assert await dog.check_once() is True and b.state == BreakerState.CLOSED
         check.mode = "hang"
         clock.t += 0.1
@@ -158,8 +160,8 @@ def test_watchdog_opens_on_a_hang_and_closes_after_cooldown():
 def test_watchdog_is_quiet_while_traffic_succeeds_and_does_not_reset_failures():
     async def main():
         clock, check = FakeClock(), ScriptedCheck()
-        b = CircuitBreaker(BreakerConfig(failure_threshold=2), clock)
-        dog = VlmWatchdog(check, b, WatchdogConfig(period_s=1, timeout_s=1), clock)
+        b = CircuitBreaker(BreakerConfig(failure_threshold=2, health_period_s=1, health_timeout_s=1), clock)
+        dog = VlmWatchdog(check, b, clock)
         with b.acquire() as lease:
             lease.success()
         assert await dog.check_once() is None and check.calls == 0
@@ -180,8 +182,9 @@ def test_watchdog_probes_at_the_idle_pace_until_escalations_go_unanswered():
     it probes every period_s."""
     async def main():
         clock, check = FakeClock(), ScriptedCheck()
-        b = CircuitBreaker(BreakerConfig(probe_with_requests=False), clock)
-        dog = VlmWatchdog(check, b, WatchdogConfig(period_s=1, timeout_s=1, idle_period_s=30), clock)
+        b = CircuitBreaker(BreakerConfig(health_period_s=1, health_timeout_s=1, health_idle_period_s=30), clock,
+                           probe_with_requests=False)
+        dog = VlmWatchdog(check, b, clock)
         assert await dog.check_once() is True and check.calls == 1  # the first word on start
         for _ in range(29):
             clock.t += 1
@@ -205,9 +208,26 @@ def test_watchdog_probes_at_the_idle_pace_until_escalations_go_unanswered():
     asyncio.run(main())
 
 
-def test_watchdog_idle_period_may_not_be_shorter_than_its_period():
-    with pytest.raises(ValueError):
-        WatchdogConfig(period_s=5, idle_period_s=1)
+def test_watchdog_idle_pace_is_never_faster_than_its_period():
+    """breaker.health_idle_period_s below health_period_s loads (as it always did) and the
+    watchdog probes an idle VLM every health_period_s, not faster."""
+    async def main():
+        clock, check = FakeClock(), ScriptedCheck()
+        b = CircuitBreaker(BreakerConfig(health_period_s=5, health_idle_period_s=1), clock, probe_with_requests=False)
+        dog = VlmWatchdog(check, b, clock)
+        assert await dog.check_once() is True and check.calls == 1
+        for _ in range(4):
+            clock.t += 1
+            assert await dog.check_once() is None
+        clock.t += 1
+        assert await dog.check_once() is True and check.calls == 2
+
+    asyncio.run(main())
+
+
+def test_no_watchdog_with_the_health_probe_off():
+    with pytest.raises(ValueError, match="health_period_s is 0: the health probe is off"):
+        VlmWatchdog(ScriptedCheck(), CircuitBreaker(BreakerConfig(health_period_s=0)))
 
 
 # --- admission --------------------------------------------------------------------------------
@@ -332,7 +352,7 @@ def test_admission_config_is_validated():
     with pytest.raises(ValueError):
         AdmissionConfig(safety_factor=0.5)
     with pytest.raises(ValueError):
-        WatchdogConfig(timeout_s=0)
+        BreakerConfig(health_timeout_s=0)
     with pytest.raises(ValueError):
         BreakerConfig(probe_timeout_s=0)
 
@@ -446,7 +466,7 @@ def test_compute_threads_run_below_the_loop_and_the_loop_does_not():
 
     import numpy as np
 
-    from catcascade.serving.batcher import BatcherConfig, DynamicBatcher
+    from catcascade.serving.batcher import DynamicBatcher
     from catcascade.serving.engines.thread_priority import build_in_lowered_thread, thread_niceness
 
     base = thread_niceness()
@@ -467,7 +487,7 @@ def test_compute_threads_run_below_the_loop_and_the_loop_does_not():
         return x
 
     async def main():
-        b = DynamicBatcher(run_batch, BatcherConfig(thread_nice=2))
+        b = DynamicBatcher(run_batch, thread_nice=2)
         await b.start()
         try:
             await b.submit(np.zeros(2))
@@ -483,14 +503,14 @@ def test_batcher_sheds_what_can_no_longer_meet_its_deadline():
 
     import numpy as np
 
-    from catcascade.serving.batcher import BatcherConfig, DeadlineUnmeetableError, DynamicBatcher, QueueFullError
+    from catcascade.serving.batcher import BatchingConfig, DeadlineUnmeetableError, DynamicBatcher, QueueFullError
 
     def slow(x):
         time.sleep(0.05)
         return x
 
     async def main():
-        b = DynamicBatcher(slow, BatcherConfig(max_batch_size=1))
+        b = DynamicBatcher(slow, BatchingConfig(max_batch_size=1, instances=1))
         await b.start()
         try:
             await b.submit(np.zeros(1))  # a batch takes about 50 ms: the batcher learns it

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from catcascade.serving.batcher import BatcherConfig, DynamicBatcher
+from catcascade.serving.batcher import BatchingConfig, DynamicBatcher
 from catcascade.serving.traffic.priorities import Priority, PrioritySlots
 from catcascade.serving.traffic.response_cache import ResponseCache, ResponseCacheConfig, SingleFlight, cache_key
 from catcascade.serving.traffic.tenant_budgets import ANONYMOUS, TenantBudgets, TenantBudgetsConfig, TokenBucket, TokenBucketConfig
@@ -86,7 +86,7 @@ def test_cnn_queue_takes_interactive_requests_first():
         return x
 
     async def go():
-        b = DynamicBatcher(run_batch, BatcherConfig(max_batch_size=2, instances=1))
+        b = DynamicBatcher(run_batch, BatchingConfig(max_batch_size=2, instances=1))
         await b.start()
         first = asyncio.create_task(b.submit(np.array([0.0], np.float32)))
         while not seen:

@@ -35,30 +35,29 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 from typing import Callable
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from catcascade.errors import CatcascadeError
 
 
-@dataclass(frozen=True)
-class AdmissionConfig:
-    enabled: bool = True
-    safety_factor: float = 1.5
-    """Multiplies the estimated wait: the service rate can drop while a request waits."""
-    slack_ms: float = 30.0
-    """Time a request still needs after the CNN (blend, serialise, send) plus scheduling jitter."""
-    max_queue_wait_ms: float = 10_000.0
-    """For requests without a deadline: the longest estimated wait still admitted."""
-    initial_service_ms: float = 20.0
-    """Cost per request assumed before anything was measured (a prior worth one completion)."""
-    halflife_s: float = 0.5
-    """How fast the measured cost follows changes, in seconds of busy time."""
+class AdmissionConfig(BaseModel):
+    """ServeConfig's ``admission`` section, taken by the controller as it is: refuse with
+    RESOURCE_EXHAUSTED at once when the estimated queue wait would miss the deadline."""
 
-    def __post_init__(self) -> None:
-        if (self.safety_factor < 1.0 or self.slack_ms < 0 or self.max_queue_wait_ms <= 0
-                or self.initial_service_ms <= 0 or self.halflife_s <= 0):
-            raise ValueError(f"invalid admission config {self}")
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    safety_factor: float = Field(1.5, ge=1.0, description="multiplies the estimated wait (the service rate can "
+                                 "drop while a request waits)")
+    slack_ms: float = Field(30.0, ge=0, description="time kept for what follows the CNN (answer, jitter)")
+    max_queue_wait_ms: float = Field(10_000.0, gt=0, description="longest estimated wait admitted for requests "
+                                     "without a deadline")
+    initial_service_ms: float = Field(20.0, gt=0, description="cost per request assumed before any is measured "
+                                      "(a prior worth one completion)")
+    halflife_s: float = Field(0.5, gt=0, description="how fast the measured cost per request adapts, in "
+                              "seconds of busy time")
 
 
 class AdmissionRefused(CatcascadeError):

@@ -4,20 +4,19 @@ Escalations bounded by short client deadlines end as "no verdict", so a VLM that
 connections and never answers (a hung vLLM) would never be seen by the breaker, and every
 escalation would burn its client's whole deadline. The watchdog sends a request of its own
 (a tiny image, the real scoring path) with its own timeout, whenever escalations were asked
-for and none has succeeded for ``period_s``: under healthy traffic it sends nothing. With no
-escalation traffic at all it probes only every ``idle_period_s`` (so that health still reads
-true): each probe is a real inference, and vLLM's CPU worker busy-polls for a second after
-every step, so a probe a second kept a whole core busy on an idle server. A probe that fails or
-times out opens the breaker at once; in half-open state the watchdog is the probe (every
-``period_s``), and its success closes the breaker, so recovery needs no user request to gamble
-on the VLM.
+for and none has succeeded for ``health_period_s``: under healthy traffic it sends nothing.
+With no escalation traffic at all it probes only every ``health_idle_period_s`` (so that
+health still reads true): each probe is a real inference, and vLLM's CPU worker busy-polls
+for a second after every step, so a probe a second kept a whole core busy on an idle server.
+A probe that fails or times out opens the breaker at once; in half-open state the watchdog is
+the probe (every ``health_period_s``), and its success closes the breaker, so recovery needs
+no user request to gamble on the VLM. Its settings are the breaker's (``BreakerConfig``).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from catcascade.serving.circuit_breaker import BreakerState, CircuitBreaker
@@ -25,31 +24,25 @@ from catcascade.serving.circuit_breaker import BreakerState, CircuitBreaker
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class WatchdogConfig:
-    period_s: float = 1.0
-    """How often to check when escalations were asked for and none succeeded within the last
-    period (and how often a half-open breaker is probed)."""
-    timeout_s: float = 3.0
-    """A probe request not answered within this means the VLM hangs."""
-    idle_period_s: float = 30.0
-    """How often to probe when no escalation was asked for since the last success or probe."""
-
-    def __post_init__(self) -> None:
-        if self.period_s <= 0 or self.timeout_s <= 0 or self.idle_period_s < self.period_s:
-            raise ValueError(f"invalid watchdog config {self}")
-
-
 class VlmWatchdog:
     """``check`` is one probe request (e.g. ``VllmVerifier.warm_up`` on a probe client);
-    ``on_failure`` (optional) is told the kind of each failed probe (for metrics)."""
+    ``on_failure`` (optional) is told the kind of each failed probe (for metrics). The pace
+    and timeout come from the breaker's config (``health_*``): ``health_period_s`` is how
+    often to check when escalations were asked for and none succeeded within the last period
+    (and how often a half-open breaker is probed), ``health_idle_period_s`` (never less than
+    the period) how often with no escalation asked for, ``health_timeout_s`` how long a probe
+    may take before the VLM counts as hung."""
 
     def __init__(self, check: Callable[[], Awaitable[object]], breaker: CircuitBreaker,
-                 config: WatchdogConfig = WatchdogConfig(), clock: Callable[[], float] = time.monotonic,
-                 on_failure: Callable[[str], None] | None = None):
+                 clock: Callable[[], float] = time.monotonic, on_failure: Callable[[str], None] | None = None):
+        config = breaker.config
+        if config.health_period_s <= 0:
+            raise ValueError("breaker.health_period_s is 0: the health probe is off, start no watchdog")
         self.check = check
         self.breaker = breaker
-        self.config = config
+        self.period_s = config.health_period_s
+        self.idle_period_s = max(config.health_idle_period_s, config.health_period_s)
+        self.timeout_s = config.health_timeout_s
         self._clock = clock
         self._on_failure = on_failure
         self.probes = 0
@@ -63,10 +56,10 @@ class VlmWatchdog:
             return None  # cooling down
         now, last = self._clock(), self.breaker.last_success
         if state == BreakerState.CLOSED:
-            if last is not None and now - last < self.config.period_s:
+            if last is not None and now - last < self.period_s:
                 return None  # traffic has just shown the VLM answering
             if not self._calls_since_last_word() and self._last_probe is not None \
-                    and now - self._last_probe < self.config.idle_period_s:
+                    and now - self._last_probe < self.idle_period_s:
                 return None  # nobody is waiting on the VLM: probe at the idle pace
         lease = self.breaker.acquire(probe=True)
         if lease is None:
@@ -74,7 +67,7 @@ class VlmWatchdog:
         self.probes += 1
         self._last_probe = now
         try:
-            await asyncio.wait_for(self.check(), self.config.timeout_s)
+            await asyncio.wait_for(self.check(), self.timeout_s)
         except Exception as e:  # a timeout, a transport error, a bad answer: the VLM is not serving
             self.failures += 1
             kind = "health_timeout" if isinstance(e, asyncio.TimeoutError) else "health_check"
@@ -103,4 +96,4 @@ class VlmWatchdog:
     async def run(self) -> None:
         while True:
             await self.check_once()
-            await asyncio.sleep(self.config.period_s)
+            await asyncio.sleep(self.period_s)
