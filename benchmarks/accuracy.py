@@ -75,21 +75,22 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         default="top1", help="deferral rule of the main table's cascade rows (--metric: old name)")
     parser.add_argument("--rules", type=_rules, default=_rules("top1,margin,entropy,learned"),
                         help="deferral rules compared on the same folds (comma-separated)")
-    parser.add_argument("--blender", choices=["log_linear", "stacking"], default="log_linear")
+    parser.add_argument("--blender", choices=["log_linear", "stacking"], default="log_linear",
+                        help="how CNN and VLM scores are combined")
     parser.add_argument("--objective", choices=["rate", "balanced_accuracy"], default="rate",
                         help="fit thresholds to the budget's rate, or to the best balanced accuracy within it")
     parser.add_argument("--minority-boost", type=float, default=1.0,
                         help="minority classes escalate this many times as often (per-class thresholds)")
     parser.add_argument("--conformal-alpha", type=_alpha, default=0.1,
                         help="conformal candidate sets covering the truth with 1 - alpha ('none': off)")
-    parser.add_argument("--conformal-method", choices=["aps", "raps"], default="raps")
+    parser.add_argument("--conformal-method", choices=["aps", "raps"], default="raps", help="conformal score")
     parser.add_argument("--conformal-max-size", type=int, default=5, help="cap on a candidate set's size")
     parser.add_argument("--bootstrap", type=int, default=1000,
                         help="bootstrap resamples for the 95%% intervals (0: off)")
     parser.add_argument("--folds", type=int, default=2, help="cross-fitting folds")
     parser.add_argument("--refit-temperature", action="store_true", help="refit the CNN temperature per fold")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (folds, bootstrap)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _fmt(v, pct: bool = False) -> str:

@@ -399,21 +399,22 @@ def plots(all_runs: dict[str, list[RunStats]], out_dir: Path) -> None:
 def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", type=Path, help="bundle to serve (default: a 224 px convnext_atto speed bundle, or "
                    "the demo bundle with --vlm)")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, default=224, help="input size of the speed bundle built when --bundle is absent")
     p.add_argument("--data", "--images", dest="images", type=Path,
                    help="folder of photos, searched recursively (default: synthetic images, written to "
                         "artifacts/bench-images)")
-    p.add_argument("--mode", choices=["never", "auto", "always"], default="never")
+    p.add_argument("--mode", choices=["never", "auto", "always"], default="never", help="escalation mode of every request")
     p.add_argument("--vlm", action="store_true", help="start vLLM for the bundle's VLM (needed for auto/always)")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32],
+                   help="closed-loop concurrencies to measure")
     p.add_argument("--rates", type=float, nargs="*", default=None,
                    help="open-loop Poisson rates (req/s); default: 25/50/75%% of the best closed-loop throughput")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="measurement windows per configuration")
     p.add_argument("--max-requests", type=int, default=400, help="per measurement window")
     p.add_argument("--max-seconds", type=float, default=4.0, help="per measurement window")
-    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=50, help="requests before measuring")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads in the server (default: all)")
-    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--max-batch-size", type=int, default=16, help="the server's batching.max_batch_size")
     p.add_argument("--no-spinning", action="store_true", help="serve with ONNX Runtime thread spinning off")
     p.add_argument("--instances", type=int, default=2,
                    help="CNN batches run at once in the server (batching.instances, default 2 as in serving)")

@@ -19,16 +19,44 @@ COMMAND_REGISTRARS: list[str] = [
     "catcascade.training.train_cnn_command",
     "catcascade.training.train_vlm_command",
     "catcascade.training.score_command",
+    "catcascade.training.oxford_pets_download",
     "catcascade.ensemble.cli_commands",
     "benchmarks.latency",
     "benchmarks.accuracy",
 ]
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to every flag's help that has a default and does not state it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.default in (None, argparse.SUPPRESS) or "default" in text
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            if isinstance(action.default, (list, tuple)):
+                return text + " (default: " + " ".join(str(v) for v in action.default).replace("%", "%%") + ")"
+            return text + " (default: %(default)s)"
+        return text
+
+
+class CommandParser(argparse.ArgumentParser):
+    """Every parser and subparser of the command line shows its defaults in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="catcascade", description="Two-stage cat breed classification (CNN + VLM) over gRPC.")
+    from catcascade import __version__
+
+    p = CommandParser(prog="catcascade", description="Two-stage cat breed classification (CNN + VLM) over gRPC.")
+    p.add_argument("--version", action="version", version=f"catcascade {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=CommandParser, metavar="COMMAND",
+                           help="one of these; `catcascade COMMAND --help` lists its flags")
     for module in COMMAND_REGISTRARS:
         importlib.import_module(module).register(sub)
     return p

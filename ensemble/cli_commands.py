@@ -95,7 +95,8 @@ def register(subparsers) -> None:
                                                   "writes cascade settings (JSON) for a bundle manifest")
     f.add_argument("scores", type=Path, nargs="+", help="validation score files (the VLM must have run)")
     f.add_argument("--budget", type=float, required=True, help="escalation budget, percent of requests")
-    f.add_argument("--blender", choices=["log_linear", "stacking"], default="log_linear")
+    f.add_argument("--blender", choices=["log_linear", "stacking"], default="log_linear",
+                   help="how CNN and VLM scores are combined")
     f.add_argument("--deferral", "--metric", dest="metric", choices=["top1", "margin", "entropy", "learned"],
                    default="top1", help="deferral rule: a confidence score, or the learned rule (--metric: old name)")
     f.add_argument("--learned-c", type=float, default=1.0, help="learned rule: inverse regularisation strength")
@@ -103,13 +104,15 @@ def register(subparsers) -> None:
                    help="first compare the deferral rules on cross-fitted folds (default: on with --deferral learned)")
     f.add_argument("--folds", type=int, default=2, help="--compare: cross-fitting folds")
     f.add_argument("--bootstrap", type=int, default=200, help="--compare: bootstrap resamples (0: no intervals)")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=int, default=0, help="random seed (folds, bootstrap)")
     f.add_argument("--conformal-alpha", type=_alpha,
                    help="also calibrate conformal candidate sets (1 - alpha coverage)")
-    f.add_argument("--conformal-method", choices=["aps", "raps"], default="raps")
+    f.add_argument("--conformal-method", choices=["aps", "raps"], default="raps", help="conformal score")
     f.add_argument("--conformal-max-size", type=int, default=5, help="cap on a candidate set's size")
-    f.add_argument("--objective", choices=["rate", "balanced_accuracy"], default="rate")
-    f.add_argument("--minority-boost", type=float, default=1.0)
+    f.add_argument("--objective", choices=["rate", "balanced_accuracy"], default="rate",
+                   help="fit thresholds to the budget's rate, or to the best balanced accuracy within it")
+    f.add_argument("--minority-boost", type=float, default=1.0,
+                   help="minority classes escalate this many times as often (per-class thresholds)")
     f.add_argument("--base", type=Path, help="existing cascade settings (JSON/YAML) to start from")
-    f.add_argument("--out", type=Path, default=Path("artifacts/cascade.json"))
+    f.add_argument("--out", type=Path, default=Path("artifacts/cascade.json"), help="cascade settings (JSON) to write")
     f.set_defaults(func=_fit_cascade)

@@ -41,6 +41,15 @@ def serve_config_from_args(args):
         if value:
             vlm[key] = value
     data["vlm"] = vlm
+    if getattr(args, "auth_tokens_env", None):
+        data["auth"] = dict(data.get("auth") or {}, bearer_tokens_env=args.auth_tokens_env)
+    tls_flags = {"cert_file": getattr(args, "tls_cert", None), "key_file": getattr(args, "tls_key", None),
+                 "client_ca_file": getattr(args, "tls_client_ca", None)}
+    if any(tls_flags.values()):
+        tls = dict(data.get("tls") or {}, **{k: str(v) for k, v in tls_flags.items() if v})
+        if not (tls.get("cert_file") and tls.get("key_file")):
+            raise CommandError("TLS needs both --tls-cert and --tls-key (or tls.cert_file and tls.key_file in --config)")
+        data["tls"] = tls
     return ServeConfig.model_validate(data)
 
 
@@ -143,7 +152,9 @@ def _serve_vlm(args) -> int:
 
     try:
         cfg = VllmServerConfig.for_bundle(load_bundle(args.bundle), host=args.host, port=args.port, dtype=args.dtype,
-                                          runtime_lora=not args.no_runtime_lora)
+                                          runtime_lora=not args.no_runtime_lora,
+                                          gpu_memory_utilization=args.gpu_memory_utilization,
+                                          extra_args=list(args.vllm_args))
     except ValueError as e:
         raise CommandError(str(e)) from None
     server = VllmServer(cfg, log_path=args.log)
@@ -162,15 +173,19 @@ def _serve_vlm(args) -> int:
 def register(sub) -> None:
     """Adds this layer's subcommands to the ``catcascade`` parser."""
     s = sub.add_parser("serve", help="run the gRPC server")
-    s.add_argument("--config", type=Path, help="YAML ServeConfig (flags override it)")
-    s.add_argument("--bundle", type=Path)
+    s.add_argument("--config", type=Path, help="YAML ServeConfig (flags override it; without it, every field has "
+                   "its default: docs/reference/configuration.md)")
+    s.add_argument("--bundle", type=Path, help=f"bundle folder to serve (default without --config or --models: "
+                   f"{DEFAULT_BUNDLE})")
     s.add_argument("--models", type=Path, help="a model repository (DIR/<version>/ bundles, DIR/routing.yaml) "
                    "instead of --bundle: reloads, canary, shadow (docs/operations.md)")
     s.add_argument("--admin-port", type=int, help="port of the ModelAdmin service (with --models; admin tokens "
                    "from $CATCASCADE_ADMIN_TOKENS or models.admin_tokens in --config)")
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--precision", choices=["fp32", "int8"], help="CNN model file to serve (default fp32)")
+    s.add_argument("--host", help="address the gRPC server binds (config default 127.0.0.1; 0.0.0.0: every "
+                   "interface)")
+    s.add_argument("--port", type=int, help="gRPC port (config default 50051)")
+    s.add_argument("--precision", choices=["fp32", "int8"], help="CNN model file to serve: cnn.onnx or the bundle's "
+                   "cnn.int8.onnx (config default fp32)")
     s.add_argument("--vlm-url", action="append", help="vLLM base URL (repeatable); none = CNN only")
     s.add_argument("--vlm-model", help="vLLM model name (default: the bundle's adapter)")
     s.add_argument("--vlm-backend", choices=["vllm", "transformers", "none"],
@@ -178,13 +193,21 @@ def register(sub) -> None:
     s.add_argument("--engine", choices=["local", "ray"], help="where the CNN stage runs (default local); ray: "
                    "Ray Serve deployments on a cluster, see docs/scale-out.md")
     s.add_argument("--ray-address", help="the Ray cluster's GCS address host:port (engine ray; default: a local Ray)")
+    s.add_argument("--auth-tokens-env", metavar="NAME", help="require a bearer token on every call: the accepted "
+                   "tokens are read, comma-separated, from environment variable NAME (e.g. CATCASCADE_TOKENS); "
+                   "sets auth.bearer_tokens_env")
+    s.add_argument("--tls-cert", type=Path, help="server certificate (PEM): serve gRPC over TLS (with --tls-key)")
+    s.add_argument("--tls-key", type=Path, help="server private key (PEM), with --tls-cert")
+    s.add_argument("--tls-client-ca", type=Path, help="CA certificate (PEM): clients must present a certificate it "
+                   "signed (mutual TLS)")
     s.set_defaults(func=_serve)
 
     c = sub.add_parser("classify", help="classify image files through a running server")
-    c.add_argument("images", nargs="+")
+    c.add_argument("images", nargs="+", help="image files (JPEG, PNG or WebP)")
     c.add_argument("--target", default="127.0.0.1:50051", help="host:port of the server")
-    c.add_argument("--top-k", type=int, default=0)
-    c.add_argument("--mode", choices=["auto", "never", "always"], default="auto")
+    c.add_argument("--top-k", type=int, default=0, help="ranked labels per image; 0: the server's default (3)")
+    c.add_argument("--mode", choices=["auto", "never", "always"], default="auto",
+                   help="escalation to the VLM: auto (when the CNN is unsure), never (CNN only), always")
     c.add_argument("--priority", choices=["interactive", "batch"], default="interactive",
                    help="batch requests wait behind interactive ones in the server's queues")
     c.add_argument("--timeout", type=float, default=30.0, help="per-image deadline in seconds, retries included")
@@ -200,9 +223,10 @@ def register(sub) -> None:
     c.set_defaults(func=_classify)
 
     d = sub.add_parser("demo", help="build the default bundle if needed, serve it with vLLM, classify a few images")
-    d.add_argument("--bundle", default=str(DEFAULT_BUNDLE))
+    d.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle to serve; built here when missing")
     d.add_argument("--no-vlm", action="store_true", help="skip the vLLM server (CNN only)")
-    d.add_argument("--mode", choices=["auto", "never", "always"], default="auto")
+    d.add_argument("--mode", choices=["auto", "never", "always"], default="auto",
+                   help="escalation to the VLM: auto, never or always")
     d.add_argument("--data", type=Path, help="a labelled image folder (<breed>/<image>): a few of its photos are "
                    "classified too (e.g. from `catcascade data oxford-pets DIR`)")
     d.add_argument("images", nargs="*", help="images to classify (default: a few held-out synthetic images, plus "
@@ -210,17 +234,22 @@ def register(sub) -> None:
     d.set_defaults(func=_demo)
 
     b = sub.add_parser("build-demo", help="build the embedded default bundle")
-    b.add_argument("--out", default=str(DEFAULT_BUNDLE))
+    b.add_argument("--out", default=str(DEFAULT_BUNDLE), help="folder for the bundle")
     b.set_defaults(func=_build_demo)
 
     v = sub.add_parser("serve-vlm", help="run vLLM's OpenAI server for a bundle's VLM and adapter")
-    v.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
-    v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--log", type=Path, default=Path("artifacts/logs/vllm.log"))
+    v.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="bundle whose base VLM and adapter to serve")
+    v.add_argument("--host", default="127.0.0.1", help="address vLLM binds")
+    v.add_argument("--port", type=int, default=8000, help="vLLM's HTTP port")
+    v.add_argument("--log", type=Path, default=Path("artifacts/logs/vllm.log"), help="vLLM's output goes here")
     v.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: float32 on a CPU, vLLM's choice on CUDA; bfloat16 is much faster on CPUs with "
                         "AVX-512 BF16/AMX (scores then differ from the float32 in-process backend by ~1e-2)")
     v.add_argument("--no-runtime-lora", action="store_true",
                    help="refuse runtime LoRA loading (then a model repository cannot bring new adapters)")
+    v.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of the GPU's memory vLLM may take, 0-1 (CUDA only)")
+    v.add_argument("vllm_args", nargs="*", metavar="-- VLLM_ARG",
+                   help="after --: passed to vLLM's server as they are, e.g. -- --tensor-parallel-size 2 "
+                        "--max-num-seqs 64")
     v.set_defaults(func=_serve_vlm)

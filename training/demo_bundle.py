@@ -76,7 +76,8 @@ def build_demo_bundle(out_dir: str | Path, cfg: DemoBundleConfig = DemoBundleCon
                      temperature=scaler.temperature_, progress=False)
     examples = examples_from_top_k([(str(s.path), labels[s.label]) for s in vlm_part], labels, top3, seed=cfg.seed)
     vlm_summary = train_lora(VlmTrainConfig(base_model=str(out / "vlm" / "base"), max_steps=cfg.vlm_train_steps,
-                                            batch_size=cfg.vlm_batch_size, lr=cfg.vlm_lr, seed=cfg.seed),
+                                            batch_size=cfg.vlm_batch_size, lr=cfg.vlm_lr, seed=cfg.seed,
+                                            rank=8, alpha=16, dropout=0.0),  # the tiny demo VLM's adapter
                              examples[: len(vlm_train)], out / "vlm" / "adapter", work_dir=out / "vlm" / "sft-work",
                              eval_examples=examples[len(vlm_train):], progress=progress)
 

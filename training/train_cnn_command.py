@@ -221,8 +221,9 @@ def register(subparsers) -> None:
     q.add_argument("--int8", action="store_true", default=None, help="also write a static INT8 model")
     q.add_argument("--calibration-images", type=int, dest="int8_calibration_images",
                    help="training images used for INT8 calibration (default 256)")
-    q.add_argument("--quant-format", choices=["QDQ", "QOperator"])
-    q.add_argument("--calibration-method", choices=["MinMax", "Entropy", "Percentile"])
+    q.add_argument("--quant-format", choices=["QDQ", "QOperator"], help="INT8 graph format (default QDQ)")
+    q.add_argument("--calibration-method", choices=["MinMax", "Entropy", "Percentile"],
+                   help="how INT8 activation ranges are set from the calibration images (default MinMax)")
     q.add_argument("--reduce-range", action="store_true", default=None, help="7-bit weights (CPUs without VNNI)")
     q.add_argument("--quant-op-types", type=lambda t: tuple(t.split(",")), dest="op_types",
                    help="only quantize these ONNX op types, e.g. Conv,Gemm (default: all)")

@@ -33,9 +33,9 @@ def target_modules_regex(parts: tuple[str, ...] | list[str], base_model: str | N
 class VlmTrainConfig:
     base_model: str = DEFAULT_BASE_MODEL
     """Hub id (e.g. Qwen/Qwen2.5-VL-3B-Instruct) or a local folder."""
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
     target: tuple[str, ...] = ("attention",)
     """Parts to adapt: attention and/or mlp of the language model; vision (not served by vLLM)."""
     target_modules: str | None = None
@@ -45,7 +45,7 @@ class VlmTrainConfig:
     epochs: float = 1.0
     max_steps: int = -1
     batch_size: int = 8
-    lr: float = 2e-3
+    lr: float = 2e-4
     max_length: int = 1024
     gradient_checkpointing: bool = False
     qlora: bool = False

@@ -7,7 +7,7 @@ import json
 import random
 from pathlib import Path
 
-from catcascade.training.train_vlm import DEFAULT_BASE_MODEL, TARGET_PARTS
+from catcascade.training.train_vlm import DEFAULT_BASE_MODEL, TARGET_PARTS, VlmTrainConfig
 
 
 def _cli_error(message: str):
@@ -138,31 +138,32 @@ def register(subparsers) -> None:
     d.add_argument("--k", type=int, default=3, help="candidates per question (plus 'None of these')")
     d.add_argument("--p-none", type=float, default=0.1, help="share of questions whose answer is 'None of these'")
     d.add_argument("--eval-fraction", type=float, default=0.2, help="held-out share (stratified per class)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="random seed (split, candidate order)")
     d.set_defaults(func=_vlm_data)
 
     t = subparsers.add_parser("train-vlm", help="LoRA-tune a VLM on verification conversations (TRL + PEFT)")
     t.add_argument("--data", type=Path, required=True, help="JSONL: chat format (vlm-data) or LLaVA conversations")
     t.add_argument("--eval-data", type=Path, help="held-out JSONL (default: hold out --eval-fraction of --data)")
-    t.add_argument("--eval-fraction", type=float, default=0.1)
+    t.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share of --data without --eval-data")
     t.add_argument("--out", type=Path, required=True, help="adapter folder (PEFT), served by vLLM with --lora-modules")
     t.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="hub id or local folder of an instruct VLM")
-    t.add_argument("--rank", type=int, default=16)
-    t.add_argument("--alpha", type=int, default=32)
-    t.add_argument("--dropout", type=float, default=0.05)
+    defaults = VlmTrainConfig()  # one set of defaults: the config's
+    t.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank")
+    t.add_argument("--alpha", type=int, default=defaults.alpha, help="LoRA alpha (scaling = alpha / rank)")
+    t.add_argument("--dropout", type=float, default=defaults.dropout, help="LoRA dropout")
     t.add_argument("--target", action="append", choices=sorted(TARGET_PARTS),
                    help="parts to adapt (repeatable; default attention). vision: vLLM drops vision-tower LoRA")
     t.add_argument("--target-modules", help="PEFT target_modules regex (overrides --target)")
     t.add_argument("--full-sequence-loss", action="store_true", help="loss on every token, not only the answer")
-    t.add_argument("--epochs", type=float, default=1.0)
-    t.add_argument("--max-steps", type=int, default=-1)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--max-length", type=int, default=1024)
-    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--epochs", type=float, default=defaults.epochs, help="passes over the training data")
+    t.add_argument("--max-steps", type=int, default=defaults.max_steps, help="optimizer steps at most; -1: --epochs")
+    t.add_argument("--batch-size", type=int, default=defaults.batch_size, help="examples per step")
+    t.add_argument("--lr", type=float, default=defaults.lr, help="learning rate")
+    t.add_argument("--max-length", type=int, default=defaults.max_length, help="token limit per example")
+    t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, slower")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
     t.add_argument("--qlora", action="store_true", help="4-bit NF4 base (bitsandbytes; CUDA only)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=defaults.seed, help="random seed")
     t.add_argument("--attach", type=Path, metavar="BUNDLE",
                    help="then copy the adapter into BUNDLE/vlm/adapter and set the manifest's VLM (base + adapter)")
     t.set_defaults(func=_train_vlm)

@@ -47,6 +47,6 @@ def _run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("ray-local-cluster", help="a multi-node Ray cluster on this machine (loopback) for the "
                                                  "ray engine; runs until Ctrl-C")
-    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--nodes", type=int, default=2, help="Ray nodes to start on loopback")
     p.add_argument("--num-cpus", type=float, default=2, help="logical CPUs per node")
     p.set_defaults(func=_run)

@@ -102,29 +102,30 @@ def _models(args) -> int:
 
 def register(sub) -> None:
     """Adds ``catcascade models`` and its actions."""
-    m = sub.add_parser("models", help="administer a model repository served with `serve --models` "
-                       "(list, reload, candidate, promote, rollback, report)")
+    m = sub.add_parser("models", help="stage versions into a model repository, and administer one served with "
+                       "`serve --models` (stage, list, reload, candidate, promote, rollback, report)")
     m.add_argument("--admin", default="127.0.0.1:50052", help="host:port of the ModelAdmin service")
     m.add_argument("--token", help="admin token (default: $CATCASCADE_ADMIN_TOKEN)")
     m.add_argument("--tls-ca", help="CA certificate: connect with TLS")
     m.add_argument("--json", action="store_true", help="the reply as JSON")
-    actions = m.add_subparsers(dest="action", required=True)
+    actions = m.add_subparsers(dest="action", required=True, help="what to do")
     actions.add_parser("list", help="versions, their states and the routing")
     actions.add_parser("reload", help="re-read the repository and routing file now (exit 1 if a version was rejected)")
     c = actions.add_parser("candidate", help="set the candidate (shadow or canary) or --clear it")
-    c.add_argument("version", nargs="?")
-    c.add_argument("--mode", choices=["shadow", "canary"], default="shadow")
-    c.add_argument("--share", type=float, default=0.1, help="share of requests, 0-1 (default 0.1)")
+    c.add_argument("version", nargs="?", help="the version (folder name) to make the candidate")
+    c.add_argument("--mode", choices=["shadow", "canary"], default="shadow",
+                   help="shadow: runs on a copy of --share of the requests; canary: answers --share of them")
+    c.add_argument("--share", type=float, default=0.1, help="share of requests, 0-1")
     c.add_argument("--clear", action="store_true", help="no candidate")
     p = actions.add_parser("promote", help="make the candidate (or VERSION) live")
-    p.add_argument("version", nargs="?")
+    p.add_argument("version", nargs="?", help="the version to make live (default: the candidate)")
     actions.add_parser("rollback", help="make the previous live version live again")
     actions.add_parser("report", help="live against candidate: agreement, escalation rates, latency")
     st = actions.add_parser("stage", help="copy a bundle into the repository as VERSION: every file copied in (no "
                             "links, no path outside it) and its sha256 listed in the manifest, verified, renamed into "
                             "place atomically (no server needed)")
     st.add_argument("bundle", type=Path, help="the new bundle (e.g. train-cnn --out)")
-    st.add_argument("--repository", type=Path, required=True)
+    st.add_argument("--repository", type=Path, required=True, help="the model repository folder")
     st.add_argument("--version", required=True, help="the new version's folder name")
     st.add_argument("--vlm-from", type=Path, help="take the VLM section (base model, adapter) from this bundle")
     st.add_argument("--adapter", type=Path, help="a PEFT adapter folder (train-vlm --out) to serve instead")
