@@ -66,3 +66,21 @@ def test_the_bench_commands_point_at_the_benchmarks_page():
     assert args.update_doc == Path("docs/benchmarks.md") and args.images == Path("photos")
     make = (REPO / "Makefile").read_text()
     assert make.count("--update-doc docs/benchmarks.md") == 3
+
+
+def test_licence_changelog_and_contributing_guide():
+    import tomllib
+
+    licence = (REPO / "LICENSE").read_text()
+    assert "Apache License" in licence and "Version 2.0, January 2004" in licence
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in licence
+    assert "END OF TERMS AND CONDITIONS" in licence and licence.count("\n") > 190  # the full text
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    changelog = (REPO / "CHANGELOG.md").read_text()
+    import catcascade
+
+    assert f"## [{catcascade.__version__}]" in changelog and "## [Unreleased]" in changelog
+    contributing = (REPO / "CONTRIBUTING.md").read_text()
+    for needed in ("make test", "make bench", "docs/architecture.md", "tests/test_layering.py", "serving/"):
+        assert needed in contributing, needed
