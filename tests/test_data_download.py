@@ -94,23 +94,26 @@ def test_oxford_pets_downloads_and_lays_out_the_cat_breeds_as_an_image_folder(mi
     assert main(["data", "oxford-pets", str(out)]) == 0
     assert set(_QuietHandler.requests) == {"/annotations.tar.gz", "/images.tar.gz"}  # torchvision asks twice each
     fetched = len(_QuietHandler.requests)
-    samples, labels = scan_image_folder(out / "cats")
-    assert labels == sorted(CATS)  # the dog breed is left out
-    assert len(samples) == len(CATS) * PER_BREED
-    assert sorted(p.name for p in (out / "cats" / "Bengal").iterdir()) == [f"Bengal_{k}.jpg" for k in (1, 2, 3)]
-    assert (out / "cats" / "Bengal" / "Bengal_2.jpg").read_bytes() == _jpeg(62)
+    train, labels = scan_image_folder(out / "train")
+    test, test_labels = scan_image_folder(out / "test")
+    assert labels == test_labels == sorted(CATS)  # the dog breed is left out
+    # Oxford's split: trainval has rows 0, 2, 4, ... and test rows 1, 3, 5, ... (9 cat rows first)
+    assert len(train) == 5 and len(test) == 4
+    assert sorted(p.name for p in (out / "train" / "Bengal").iterdir()) == ["Bengal_2.jpg"]
+    assert sorted(p.name for p in (out / "test" / "Bengal").iterdir()) == ["Bengal_1.jpg", "Bengal_3.jpg"]
+    assert (out / "test" / "Bengal" / "Bengal_3.jpg").read_bytes() == _jpeg(63)
     # the release stays usable as --format oxford, and the archives are gone unless kept
-    oxford, oxford_labels = scan_oxford_pet(out / "oxford-iiit-pet", cats_only=True, subset="test")
-    assert oxford_labels == sorted(CATS) and len(oxford) == 4  # rows 1, 3, 5, 7 of the 9 cats
+    oxford, oxford_labels = scan_oxford_pet(out / "oxford-iiit-pet", cats_only=True)
+    assert oxford_labels == sorted(CATS) and len(oxford) == len(CATS) * PER_BREED
     assert not list((out / "oxford-iiit-pet").glob("*.tar.gz"))
     text = capsys.readouterr().out
-    assert "9 cat photos, 3 breeds" in text and "train-cnn --data" in text
+    assert "3 cat breeds" in text and "Bengal: 1 / 2" in text and "train-cnn --data" in text
 
     # a second run reuses the extracted release (no download) and rebuilds the folder
-    (out / "cats" / "Bengal" / "stray.jpg").write_bytes(b"x")
+    (out / "train" / "Bengal" / "stray.jpg").write_bytes(b"x")
     assert main(["data", "oxford-pets", str(out)]) == 0
     assert len(_QuietHandler.requests) == fetched
-    assert not (out / "cats" / "Bengal" / "stray.jpg").exists()
+    assert not (out / "train" / "Bengal" / "stray.jpg").exists()
 
 
 def test_keep_archives_keeps_the_downloads(mirror, tmp_path):
@@ -128,7 +131,7 @@ def test_a_corrupted_download_is_refused_by_its_md5(mirror, tmp_path, capsys):
     out = tmp_path / "data"
     assert main(["data", "oxford-pets", str(out)]) == 2
     assert "cannot download Oxford-IIIT Pet" in capsys.readouterr().err
-    assert not (out / "cats").exists()
+    assert not (out / "train").exists()
 
 
 def test_an_unreachable_server_is_a_clear_error(tmp_path, monkeypatch, capsys):

@@ -2,13 +2,15 @@
 
 Downloads the Oxford-IIIT Pet release with torchvision's own downloader (`OxfordIIITPet`: the
 two archives from the Visual Geometry Group's site, md5-checked and extracted), keeps the 12
-cat breeds and lays them out as the ImageFolder the training commands read::
+cat breeds and lays them out as the ImageFolders the training commands read, split as Oxford
+splits them::
 
-    DIR/oxford-iiit-pet/   the release as published: images/, annotations/ (list, trainval, test)
-    DIR/cats/<Breed>/<image>.jpg   the 12 cat breeds, linked (or copied) from images/
+    DIR/oxford-iiit-pet/           the release as published: images/, annotations/
+    DIR/train/<Breed>/<image>.jpg  Oxford's trainval list, cat breeds only (linked or copied)
+    DIR/test/<Breed>/<image>.jpg   Oxford's test list, cat breeds only
 
-`train-cnn --data DIR/cats` trains on the ImageFolder; `train-cnn --format oxford --data
-DIR/oxford-iiit-pet --cats-only --official-split` uses Oxford's own test split instead.
+`train-cnn --data DIR/train` trains on the first (with its own train/val split inside it);
+`score DIR/test ...` and `bench-accuracy --data DIR/test` measure on photos it never saw.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from catcascade.errors import CommandError
 log = logging.getLogger(__name__)
 
 RELEASE_FOLDER = "oxford-iiit-pet"  # where torchvision's OxfordIIITPet extracts under its root
-IMAGE_FOLDER = "cats"
+SPLITS = {"train": "trainval", "test": "test"}  # our folder name: Oxford's list
 
 
 def download_oxford_pets(root: Path) -> Path:
@@ -40,14 +42,15 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def write_cat_image_folder(release: Path, out: Path) -> dict[str, int]:
-    """The release's cat images as ``out/<Breed>/<image>.jpg``; returns images per breed.
+def write_cat_image_folder(release: Path, out: Path, subset: str = "list") -> dict[str, int]:
+    """The release's cat images of one list (list: all; trainval; test) as ``out/<Breed>/<image>.jpg``;
+    returns images per breed.
 
     Rewritten from scratch each time, so a re-run after a partial one leaves no stray files.
     """
     from catcascade.training.datasets import scan_oxford_pet
 
-    samples, labels = scan_oxford_pet(release, cats_only=True)
+    samples, labels = scan_oxford_pet(release, cats_only=True, subset=subset)
     missing = [s.path for s in samples if not s.path.is_file()]
     if missing:
         raise CommandError(f"{len(missing)} image(s) listed in {release / 'annotations' / 'list.txt'} are missing, "
@@ -81,11 +84,13 @@ def _oxford_pets(args) -> int:
         raise CommandError(f"cannot download Oxford-IIIT Pet: {e}") from None
     if not args.keep_archives:
         remove_archives(release)
-    counts = write_cat_image_folder(release, root / IMAGE_FOLDER)
-    print(f"{sum(counts.values())} cat photos, {len(counts)} breeds, in {root / IMAGE_FOLDER}:")
-    for breed, n in counts.items():
-        print(f"  {breed}: {n}")
-    print(f"next: catcascade train-cnn --data {root / IMAGE_FOLDER} --out artifacts/cats ...")
+    counts = {name: write_cat_image_folder(release, root / name, subset) for name, subset in SPLITS.items()}
+    breeds = list(counts["train"])
+    print(f"{len(breeds)} cat breeds; photos in {root / 'train'} / {root / 'test'}:")
+    for breed in breeds:
+        print(f"  {breed}: {counts['train'][breed]} / {counts['test'].get(breed, 0)}")
+    print(f"next: catcascade train-cnn --data {root / 'train'} --out artifacts/cats "
+          f"(docs/guides/train-on-your-data.md)")
     return 0
 
 
@@ -93,8 +98,9 @@ def register(sub) -> None:
     """Adds ``catcascade data`` and its datasets."""
     d = sub.add_parser("data", help="download a dataset and lay it out for training")
     datasets = d.add_subparsers(dest="dataset", required=True, metavar="DATASET", help="the dataset to fetch")
-    o = datasets.add_parser("oxford-pets", help="Oxford-IIIT Pet (CC BY-SA 4.0): the 12 cat breeds as an ImageFolder "
-                            "(DIR/cats/<Breed>/), with the release kept in DIR/oxford-iiit-pet/")
+    o = datasets.add_parser("oxford-pets", help="Oxford-IIIT Pet (CC BY-SA 4.0): the 12 cat breeds as ImageFolders "
+                            "DIR/train/<Breed>/ and DIR/test/<Breed>/ (Oxford's split), the release in "
+                            "DIR/oxford-iiit-pet/")
     o.add_argument("dir", type=Path, metavar="DIR", help="folder to download into")
     o.add_argument("--keep-archives", action="store_true", help="keep the downloaded .tar.gz files after extraction")
     o.set_defaults(func=_oxford_pets)
