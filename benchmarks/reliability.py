@@ -450,7 +450,7 @@ def cancelled_probe(server, vllm_server, call_budget_s: float) -> LoadOutcome:
     from catcascade.serving.client import CatcascadeClient
 
     outcome, lock = LoadOutcome(), threading.Lock()
-    b = server.servicer.pipeline.breaker
+    b = server.servicer.front_door.router.live_engine().breaker
 
     def state():
         return server.on_loop(lambda: b.state)
@@ -549,8 +549,8 @@ def orphaned_streams(server, vllm_server, n_streams: int = 8, per_stream: int = 
 
     from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
 
-    pipeline = server.servicer.pipeline
-    want = min(n_streams * per_stream, pipeline.config.max_concurrent_escalations)
+    pipeline = server.servicer.front_door.router.live_engine()
+    want = min(n_streams * per_stream, pipeline.limits.max_concurrent_escalations)
     hold = threading.Event()
     before = rss_mb()
     channels, calls = [], []

@@ -131,3 +131,20 @@ class OverlapAwareClassifier:
         finally:
             with self._lock:
                 self._running -= 1
+
+
+def make_classifier(path: str | Path, *, instances: int = 1, threads: int | None = None,
+                    spinning: bool = True) -> OnnxClassifier | OverlapAwareClassifier:
+    """The classifier a server with ``instances`` batches at once should run, the one choice
+    every engine makes the same way (local batcher, Ray replicas, offline scoring).
+
+    ``threads`` set: each batch gets that many ONNX Runtime threads. Unset: on a CPU with several
+    instances, a lone batch takes every core and overlapping ones one thread each
+    (OverlapAwareClassifier); otherwise the cores are split between the instances.
+    """
+    if instances < 1:
+        raise ValueError(f"instances must be >= 1, got {instances}")
+    if instances > 1 and threads is None and not cuda_available():
+        return OverlapAwareClassifier(path, allow_spinning=spinning)
+    return OnnxClassifier(path, intra_op_threads=threads or max(1, (os.cpu_count() or 1) // instances),
+                          allow_spinning=spinning)

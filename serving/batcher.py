@@ -73,6 +73,11 @@ class _Item:
 
 
 class DynamicBatcher:
+    """The local CNN engine (serving.engines.cnn_engine.CnnEngine): decoded tensors in."""
+
+    decodes_images = False
+    """The front door decodes; this engine takes tensors (``submit``)."""
+
     def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], config: BatchingConfig = BatchingConfig(),
                  on_batch: Callable[[int], None] | None = None, clock: Callable[[], float] = time.perf_counter,
                  thread_nice: int = 0):
@@ -114,6 +119,10 @@ class DynamicBatcher:
     @property
     def depth(self) -> int:
         return self._queue.qsize() if self._queue else 0
+
+    async def submit_encoded(self, data: bytes, priority: int = 0, deadline: float | None = None):
+        raise NotImplementedError("DynamicBatcher takes decoded tensors (decodes_images is False): "
+                                  "decode on the front door and call submit")
 
     async def submit(self, x: np.ndarray, priority: int = 0, deadline: float | None = None) -> BatchResult:
         """Queues one input; lower ``priority`` values are taken first, then first come.

@@ -37,6 +37,8 @@ class VlmEndpointConfig(BaseModel):
                                  "whatever the client's deadline (a hung VLM is caught even under long deadlines)")
     rationale_max_tokens: int = Field(48, ge=1, le=512, description="token cap of a rationale (ClassifyRequest."
                                       "explain): a sentence or two; also bounds what one costs")
+    image_side: int = Field(448, ge=32, le=4096, description="longest side of the copy of an image kept for the "
+                            "VLM (bounds the memory a request holds while it waits, and the image tokens)")
 
     @field_validator("urls")
     @classmethod
@@ -81,6 +83,16 @@ class LimitsConfig(BaseModel):
     vlm_min_budget_ms: float = Field(50.0, ge=0, description="skip the VLM when less deadline than this remains")
     reply_margin_ms: float = Field(100.0, ge=0, description="deadline kept after the VLM to send the answer; more on "
                                    "a loaded machine, where sending it can take longer")
+
+    def decode_limits(self):
+        """The cnn_stage DecodeLimits these settings mean: the one place they are assembled, so
+        the local engine, Ray replicas and every repository version refuse the same images."""
+        from catcascade.cnn_stage.preprocessing import DecodeLimits
+
+        return DecodeLimits(max_bytes=self.max_message_bytes, max_pixels=self.max_pixels, max_side=self.max_side,
+                            max_aspect_ratio=self.max_aspect_ratio, max_decode_mb=self.max_decode_mb,
+                            max_jpeg_scans=self.max_jpeg_scans, max_jpeg_scan_blocks=self.max_jpeg_scan_blocks,
+                            max_segments=self.max_segments)
 
 
 class MemoryConfig(BaseModel):

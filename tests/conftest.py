@@ -131,7 +131,7 @@ def client(grpc_server):
     from catcascade.serving.circuit_breaker import BreakerState
     from catcascade.serving.client import CatcascadeClient
 
-    breaker = grpc_server.servicer.pipeline.breaker
+    breaker = grpc_server.servicer.front_door.router.live_engine().breaker
     deadline = time.monotonic() + 90
     while (breaker is not None and grpc_server.on_loop(lambda: breaker.state) != BreakerState.CLOSED
            and time.monotonic() < deadline):

@@ -12,7 +12,12 @@ from catcascade.ensemble.blender import LogLinearBlender
 from catcascade.ensemble.config import BlendConfig, EscalationConfig
 from catcascade.ensemble.escalation_policy import EscalationPolicy
 from catcascade.serving.batcher import BatchResult
-from catcascade.serving.pipeline import CascadePipeline, PipelineConfig
+from catcascade.ensemble.config import CandidateSetConfig, CascadeConfig
+from catcascade.ensemble.escalation_policy import EscalationMode
+from catcascade.serving.cascade_engine import ANONYMOUS, ClassifyRequest
+from catcascade.serving.config import LimitsConfig, MemoryConfig, VlmEndpointConfig
+from catcascade.serving.pipeline import CascadePipeline
+from catcascade.serving.traffic.priorities import Priority
 from catcascade.vlm_stage.rationale import Rationale
 from catcascade.vlm_stage.scoring import CandidateScores
 
@@ -24,6 +29,8 @@ float32, as ONNX Runtime returns them."""
 
 class FakeBatcher:
     """Answers every image with fixed logits and fixed timings, like DynamicBatcher.submit."""
+
+    decodes_images = False
 
     def __init__(self, logits: np.ndarray = LOGITS, queue_ms: float = 1.5, compute_ms: float = 2.5,
                  batch_size: int = 3, error: Exception | None = None):
@@ -39,6 +46,9 @@ class FakeBatcher:
         if self.error is not None:
             raise self.error
         return BatchResult(self.logits.copy(), self.queue_ms, self.compute_ms, self.batch_size)
+
+    async def submit_encoded(self, data: bytes, priority: int = 0, deadline: float | None = None):
+        raise NotImplementedError("FakeBatcher takes tensors, like DynamicBatcher")
 
 
 @dataclass
@@ -57,15 +67,19 @@ class FakeVerifier:
     explained: list[tuple[str, int]] = field(default_factory=list)
     explained_images: list = field(default_factory=list)
     priorities: list[int] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    """The extra headers of each call (verify and explain), in order."""
     waiting: int = 0
+    model_name: str = "fake"
 
     def __post_init__(self) -> None:
         self.release = asyncio.Event()
         self.entered = asyncio.Event()
 
-    async def verify(self, image, candidates, *, priority: int = 0) -> CandidateScores:
+    async def verify(self, image, candidates, *, priority: int = 0, headers=None) -> CandidateScores:
         self.calls.append((image.size, tuple(candidates)))
         self.priorities.append(priority)
+        self.headers.append(dict(headers or {}))
         self.waiting += 1
         self.entered.set()
         try:
@@ -76,11 +90,12 @@ class FakeVerifier:
         if self.error is not None:
             raise self.error
         n = len(candidates)
-        return CandidateScores(tuple(candidates), self.probabilities[:n], self.none_probability, "fake",
+        return CandidateScores(tuple(candidates), self.probabilities[:n], self.none_probability, self.model_name,
                                "multiple_choice", latency_ms=1.0)
 
-    async def explain(self, image, breed: str, max_tokens: int) -> Rationale:
+    async def explain(self, image, breed: str, max_tokens: int, *, priority: int = 0, headers=None) -> Rationale:
         self.explained.append((breed, max_tokens))
+        self.headers.append(dict(headers or {}))
         self.explained_images.append(image)
         self.waiting += 1
         try:
@@ -90,7 +105,15 @@ class FakeVerifier:
             self.waiting -= 1
         if self.explain_error is not None:
             raise self.explain_error
-        return Rationale(f"it looks like a {breed}", breed, 7, "fake", 1.0)
+        return Rationale(f"it looks like a {breed}", breed, 7, self.model_name, 1.0)
+
+    async def warm_up(self, candidates) -> None:
+        """Fails like ``verify`` would, without counting as a call."""
+        if self.error is not None:
+            raise self.error
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
 
 
 class FakeClock:
@@ -110,13 +133,48 @@ async def until(condition, what: str, timeout_s: float = 30.0) -> None:
         await asyncio.sleep(0.001)
 
 
+# Settings the pipeline tests name, and the config section each lives in (as section, field).
+_SETTINGS = {"vlm_call_budget_s": ("vlm", "call_budget_s"), "vlm_image_side": ("vlm", "image_side"),
+             "rationale_max_tokens": ("vlm", "rationale_max_tokens"), "candidates": ("cascade", "top_k"),
+             "candidate_sets": ("cascade", "candidate_sets"), "trim_after_decode_ms": ("memory", "trim_after_decode_ms")}
+
+
 def fake_pipeline(verifier=None, threshold: float = 0.6, temperature: float = 2.0, weight: float = 0.5, cnn=None,
                   breaker=None, metrics=None, preprocess: PreprocessConfig | None = None, tenant_budgets=None,
-                  **config) -> CascadePipeline:
+                  default_top_k: int = 3, decode_threads: int = 2, decode_nice: int = 0, tracing=None,
+                  **settings) -> CascadePipeline:
     """The real CascadePipeline over the fake CNN and VLM: a top-1 policy at ``threshold`` and
-    the log-linear blender at ``weight``; ``config`` goes to PipelineConfig."""
+    the log-linear blender at ``weight``; ``settings`` are fields of the ServeConfig's limits
+    section or the names in _SETTINGS (no decode trim unless asked)."""
+    sections: dict[str, dict] = {"limits": {}, "vlm": {}, "memory": {"trim_after_decode_ms": None}, "cascade": {}}
+    for name, value in settings.items():
+        section, field_name = _SETTINGS.get(name, ("limits", name))
+        sections[section][field_name] = value
+    sets = sections["cascade"].get("candidate_sets")
+    if isinstance(sets, CandidateSetConfig):
+        sections["cascade"]["candidate_sets"] = sets.model_dump()
     return CascadePipeline(
         labels=LABELS, preprocess_config=preprocess or PreprocessConfig(image_size=32), cnn=cnn or FakeBatcher(),
         policy=EscalationPolicy(EscalationConfig(metric="top1", threshold=threshold)),
         blender=LogLinearBlender(BlendConfig(weight=weight)), verifier=verifier, temperature=temperature,
-        config=PipelineConfig(**config), breaker=breaker, metrics=metrics, tenant_budgets=tenant_budgets)
+        limits=LimitsConfig(**sections["limits"]), vlm=VlmEndpointConfig(**sections["vlm"]),
+        memory=MemoryConfig(**sections["memory"]), cascade=CascadeConfig(**sections["cascade"]),
+        default_top_k=default_top_k, decode_threads=decode_threads, decode_nice=decode_nice, breaker=breaker,
+        metrics=metrics, tenant_budgets=tenant_budgets, tracing=tracing)
+
+
+def request_for(image: bytes, k: int | None = None, mode: EscalationMode = EscalationMode.AUTO,
+                deadline: float | None = None, explain: bool = False, *, priority: int = Priority.INTERACTIVE,
+                tenant: str | None = ANONYMOUS, on_cnn_done=None) -> ClassifyRequest:
+    """A ClassifyRequest from the arguments the tests pass positionally."""
+    return ClassifyRequest(image, k or 0, mode, deadline, Priority(priority), tenant, explain,
+                           on_cnn_done=on_cnn_done)
+
+
+def fake_front_door(engine, **stages):
+    """The real front door over one engine (``stages``: FrontDoor's keyword arguments)."""
+    from catcascade.serving.front_door.chain import FrontDoor
+    from catcascade.serving.front_door.routing import SingleVersion
+    from catcascade.serving.metrics import ServiceMetrics
+
+    return FrontDoor(SingleVersion(engine), stages.pop("metrics", None) or ServiceMetrics(), **stages)

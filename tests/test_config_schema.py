@@ -19,12 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "configs" / "service.example.yaml"
 
 # Config dataclasses still allowed in serving/, each with why:
-ALLOWED_CONFIG_DATACLASSES = {
-    # Values the pipeline is built with, several derived from the bundle (candidates,
-    # candidate_sets) rather than set by the user; it also copies LimitsConfig fields. It
-    # belongs to the pipeline restructuring of issue 22: drop it from here once that lands.
-    ("serving/pipeline.py", "PipelineConfig"),
-}
+ALLOWED_CONFIG_DATACLASSES: set[tuple[str, str]] = set()  # (file, class) a reason would have to justify
 
 
 def _is_dataclass_decorator(node: ast.expr) -> bool:

@@ -366,7 +366,7 @@ class StandInVerifier:
         self.mode = mode
         self.started = asyncio.Event()
 
-    async def verify(self, image, candidates):
+    async def verify(self, image, candidates, *, priority=0, headers=None):
         from catcascade.vlm_stage.scoring import CandidateScores
 
         self.started.set()
@@ -378,20 +378,21 @@ class StandInVerifier:
         return CandidateScores(tuple(candidates), tuple([0.9 / n] * n), 0.1, "stand-in", "multiple_choice")
 
 
-def _pipeline(verifier, breaker, **config):
-    from catcascade.cnn_stage.preprocessing import PreprocessConfig
-    from catcascade.serving.pipeline import CascadePipeline, PipelineConfig
+def _pipeline(verifier, breaker, **settings):
+    from tests.fakes import fake_pipeline
 
-    return CascadePipeline(["a", "b", "c"], PreprocessConfig(), cnn=None, policy=None, blender=None,
-                           verifier=verifier, breaker=breaker, config=PipelineConfig(**config))
+    return fake_pipeline(verifier, breaker=breaker, **settings)
 
 
 def _ask(p, deadline=None):
     from catcascade.cnn_stage.topk import TopK
     from catcascade.ensemble.escalation_policy import EscalationDecision, EscalationReason
 
+    from tests.fakes import request_for
+
     decision = EscalationDecision(True, EscalationReason.REQUESTED_ALWAYS, 0.5, "")
-    return p._ask_vlm(None, TopK((0, 1, 2), ("a", "b", "c"), (0.5, 0.3, 0.2)), decision, deadline)
+    return p._ask_vlm(None, TopK((0, 1, 2), ("a", "b", "c"), (0.5, 0.3, 0.2)), decision,
+                      request_for(b"", deadline=deadline))
 
 
 def test_cancelled_probe_escalation_leaves_the_breaker_able_to_recover():

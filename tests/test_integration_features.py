@@ -117,7 +117,7 @@ def test_a_new_client_is_not_refused_because_another_saw_the_port_closed():
 def test_stage_spans_carry_the_callers_trace_id_and_vllm_gets_the_traceparent(features_server):
     from opentelemetry.sdk.trace import TracerProvider
 
-    verifier = features_server.servicer.pipeline.verifier
+    verifier = features_server.servicer.front_door.router.live_engine().verifier
     sent: list[dict] = []
 
     async def record(request):
@@ -152,7 +152,7 @@ def test_stage_spans_carry_the_callers_trace_id_and_vllm_gets_the_traceparent(fe
 
 def test_second_identical_request_is_a_cache_hit(features_server):
     image = jpeg_bytes(seed=51)
-    cache = features_server.servicer.cache
+    cache = features_server.servicer.front_door.cache
     hits = cache.hits
     with CatcascadeClient(features_server.target, token=BOB) as client:
         first = client.classify(image, mode="never")
@@ -167,7 +167,7 @@ def test_second_identical_request_is_a_cache_hit(features_server):
 
 
 def test_100_concurrent_identical_requests_run_the_models_once(features_server):
-    pipeline = features_server.servicer.pipeline
+    pipeline = features_server.servicer.front_door.router.live_engine()
     images_before, vlm_before = sum(pipeline.cnn.batch_sizes), pipeline.vlm_calls
     image = jpeg_bytes(seed=52)
 
@@ -187,7 +187,7 @@ def test_interactive_escalations_overtake_batch_ones_queued_earlier(features_ser
     """One VLM slot and a queue behind it: 16 batch escalations queue up, then 3 interactive
     ones arrive; they are answered before most of the batch requests that were already waiting.
     Every answer comes from the real vLLM, and batch escalations carry vLLM's priority field."""
-    pipeline = features_server.servicer.pipeline
+    pipeline = features_server.servicer.front_door.router.live_engine()
     bodies: list[dict] = []
 
     async def record(request):
@@ -269,7 +269,7 @@ def test_drift_index_rises_when_the_confidence_distribution_shifts(features_serv
 
     bundle = load_bundle(demo_bundle)
     assert sum(bundle.manifest.cnn.confidence_histogram.counts) > 0  # the bundle carries its reference
-    drift = features_server.servicer.drift
+    drift = features_server.servicer.front_door.observer.drift(features_server.servicer.front_door.router.live_engine())
     held_out = [s.path for s in load_split(demo_bundle / "data" / "split.json", demo_bundle / "data").test][:30]
     with CatcascadeClient(features_server.target, token=BOB) as client:
         assert not any(r.cached for r in client.classify_many(held_out, concurrency=4, mode="never"))

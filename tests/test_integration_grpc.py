@@ -115,7 +115,7 @@ def test_cnn_probabilities_are_the_bundles_model_at_its_temperature(client, bund
 
 
 def test_never_makes_no_vlm_call(client, grpc_server, demo_bundle):
-    verifier = grpc_server.servicer.pipeline.verifier
+    verifier = grpc_server.servicer.front_door.router.live_engine().verifier
     before = verifier.requests_sent
     for path in _synthetic_jpegs(demo_bundle, 4):
         resp = client.classify(path, mode="never")
@@ -126,7 +126,7 @@ def test_never_makes_no_vlm_call(client, grpc_server, demo_bundle):
 
 
 def test_always_returns_vlm_scores_and_blends_them(client, grpc_server, bundle):
-    verifier = grpc_server.servicer.pipeline.verifier
+    verifier = grpc_server.servicer.front_door.router.live_engine().verifier
     before = verifier.requests_sent
     n = len(bundle.labels)
     resp = client.classify(jpeg_bytes(seed=3), mode="always", top_k=n)
@@ -242,7 +242,7 @@ def test_one_stream_has_at_most_32_requests_in_flight(grpc_server):
 
     def watch():
         while not done.is_set():
-            seen.append(servicer.inflight)
+            seen.append(servicer.front_door.inflight)
             done.wait(0.0005)
 
     image = jpeg_bytes(seed=5)

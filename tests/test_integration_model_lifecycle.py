@@ -82,7 +82,7 @@ def served(repo, vllm_server):
 
 @pytest.fixture
 def admin(served):
-    with ModelAdminClient(f"127.0.0.1:{served.servicer.pipeline.admin_port}", ADMIN_TOKEN) as a:
+    with ModelAdminClient(f"127.0.0.1:{served.servicer.front_door.router.admin_port}", ADMIN_TOKEN) as a:
         # every test starts from v1 live and no candidate
         routing = a.list().routing
         if routing.candidate:
@@ -91,7 +91,7 @@ def admin(served):
             a.promote("v1")
         # versions retired by that are closed in the background (their adapters unloaded from
         # vLLM): a test that lists vLLM's adapters must not see one of them still there
-        router = served.servicer.pipeline
+        router = served.servicer.front_door.router
         _wait_for(lambda: not served.on_loop(lambda: len(router.draining)), "retired versions to be released")
         yield a
 
@@ -124,7 +124,7 @@ def _sample(served, name: str, labels: dict) -> float:
 
 def test_swap_under_load_loses_no_request_and_switches_at_one_point(served, admin, vllm_server):
     images = [jpeg_bytes(size=(48, 48), seed=i) for i in range(64)]
-    v1_labels = set(served.servicer.pipeline.labels)
+    v1_labels = set(served.servicer.front_door.router.labels)
     records, errors, lock, stop = [], [], threading.Lock(), threading.Event()
     from catcascade.serving.client import CatcascadeClient
 
@@ -261,7 +261,7 @@ def test_shadow_answers_never_reach_clients_and_agreement_is_reported(served, ad
     images = [jpeg_bytes(size=(40, 40), seed=500 + i) for i in range(24)]
     baseline = [client.classify(img, mode="auto") for img in images]
     admin.set_candidate("v1t", "shadow", 1.0)
-    router = served.servicer.pipeline
+    router = served.servicer.front_door.router
     shadowed = []
     for img in images:
         # At most shadow_max_concurrency copies run; beyond, copies are dropped (unit-tested in
@@ -291,7 +291,7 @@ def test_admin_service_takes_admin_tokens_only(served, admin, client):
     from catcascade.serving.api import cascade_pb2 as pb
     from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
 
-    target = f"127.0.0.1:{served.servicer.pipeline.admin_port}"
+    target = f"127.0.0.1:{served.servicer.front_door.router.admin_port}"
     for token in (CLIENT_TOKEN, None):
         with ModelAdminClient(target, token) as wrong:
             with pytest.raises(grpc.RpcError) as err:

@@ -15,6 +15,7 @@ from catcascade.serving.model_repository.config import ModelsConfig, Routing, Ro
 from catcascade.serving.model_repository.repository import list_versions, natural_key, repository_fingerprint
 from catcascade.serving.model_repository.traffic_split import in_share
 from catcascade.vlm_stage.vllm_client import AdapterLoadError, VllmAdapterAdmin
+from tests.fakes import request_for
 
 
 def _version(repo, name):
@@ -315,27 +316,37 @@ def test_adapter_pool_loads_on_a_server_that_was_down_or_lost_its_adapters(tmp_p
     asyncio.run(scenario())
 
 
-class _FakeCascade:
-    """What the router calls for a version (serving.app.build_cascade in the server): a
-    pipeline whose requests wait on ``gate`` and answer with the version's first label."""
+class _RemoteCnn:
+    decodes_images = True  # nothing for the loader's CNN warm-up to batch here
 
-    def __init__(self, labels, preprocess_config):
+
+class _FakeCascade:
+    """What the router calls for a version (serving.engine_builder.build_engine in the server):
+    an engine whose requests wait on ``gate`` and answer with the version's first label."""
+
+    def __init__(self, labels, preprocess_config, identity):
         self.labels = labels
         self.preprocess_config = preprocess_config
+        self.identity = identity
+        self.cnn = _RemoteCnn()
         self.gate: asyncio.Event | None = None
         self.started = 0
         self.closed = False
 
-    async def classify(self, data, k=None, mode=None, deadline=None):
+    def vlm_serving(self) -> bool:
+        return False
+
+    async def classify(self, request):
         from catcascade.cnn_stage.topk import TopK
         from catcascade.ensemble.escalation_policy import EscalationReason
-        from catcascade.serving.pipeline import CascadeResult, StageTimings
+        from catcascade.serving.cascade_engine import CascadeResult, StageTimings
 
         self.started += 1
-        if self.gate is not None and data != b"warm-up":
+        if self.gate is not None and request.image != b"warm-up":
             await self.gate.wait()
         top = TopK((0,), (self.labels[0],), (1.0,))
-        return CascadeResult(top, top, None, False, EscalationReason.CONFIDENT, "", StageTimings(total_ms=1.0))
+        return CascadeResult(top, top, None, False, EscalationReason.CONFIDENT, "", StageTimings(total_ms=1.0),
+                             versions=self.identity.versions)
 
 
 def _router_on(tmp_path, **models):
@@ -354,14 +365,14 @@ def _router_on(tmp_path, **models):
     built = {}
 
     @contextlib.asynccontextmanager
-    async def factory(cfg, metrics):
-        from catcascade.ensemble.bundle import load_bundle
+    async def factory(cfg, b, metrics):
+        from catcascade.serving.cascade_engine import EngineIdentity
 
-        b = load_bundle(cfg.bundle)
-        cascade = _FakeCascade(b.labels, b.preprocess)
+        identity = EngineIdentity(pb.ModelVersions(bundle=b.version_string), pb.ModelInfo(labels=b.labels))
+        cascade = _FakeCascade(b.labels, b.preprocess, identity)
         built.setdefault(cfg.bundle.name, []).append(cascade)
         try:
-            yield cascade, pb.ModelVersions(bundle=b.version_string), pb.ModelInfo(labels=b.labels)
+            yield cascade
         finally:
             cascade.closed = True
 
@@ -379,11 +390,11 @@ def test_a_swap_leaves_requests_in_flight_on_their_version_and_releases_it_after
         await router.reload()
         v1 = built["v1"][0]
         v1.gate = asyncio.Event()
-        in_flight = [asyncio.create_task(router.classify(b"img-%d" % i)) for i in range(3)]
+        in_flight = [asyncio.create_task(router.classify(request_for(b"img-%d" % i))) for i in range(3)]
         while v1.started < 4:  # the warm-up request, then the three
             await asyncio.sleep(0)
         await router.promote("v2")  # loads and warms v2, then swaps, while v1's three wait
-        after = await router.classify(b"img-new")
+        after = await router.classify(request_for(b"img-new"))
         assert after.versions.model_version == "v2" and after.labels.labels == ("a2",)
         assert not v1.closed and [v.name for v in router.draining] == ["v1"]
         v1.gate.set()
@@ -395,7 +406,7 @@ def test_a_swap_leaves_requests_in_flight_on_their_version_and_releases_it_after
                 break
             await asyncio.sleep(0.01)
         assert v1.closed and not router.draining
-        assert router.model_info.versions.model_version == "v2" and router.routing.previous == "v1"
+        assert router.model_info().versions.model_version == "v2" and router.routing.previous == "v1"
         await router.aclose()
         assert built["v2"][0].closed
 
@@ -413,8 +424,8 @@ def test_a_shadow_copy_never_holds_up_the_live_answer_and_excess_copies_are_drop
         await router.set_candidate("v2", "shadow", 1.0)
         shadow = built["v2"][0]
         shadow.gate = asyncio.Event()  # shadow copies hang until released
-        first = await asyncio.wait_for(router.classify(b"one"), 5)
-        second = await asyncio.wait_for(router.classify(b"two"), 5)
+        first = await asyncio.wait_for(router.classify(request_for(b"one")), 5)
+        second = await asyncio.wait_for(router.classify(request_for(b"two")), 5)
         assert first.versions.model_version == second.versions.model_version == "v1"
         assert first.versions.route == "live" and first.labels.labels == ("a",)
         assert router.window.shadow_dropped == 1  # one copy was running: the second was not started

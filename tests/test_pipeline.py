@@ -20,7 +20,7 @@ from catcascade.serving.circuit_breaker import BreakerConfig, BreakerState, Circ
 from catcascade.serving.metrics import ServiceMetrics
 from catcascade.serving.pipeline import CascadePipeline
 from tests.conftest import jpeg_bytes
-from tests.fakes import LABELS, LOGITS, FakeBatcher, FakeClock, FakeVerifier, fake_pipeline, until
+from tests.fakes import LABELS, LOGITS, FakeBatcher, FakeClock, FakeVerifier, fake_pipeline, request_for, until
 from catcascade.vlm_stage.scoring import ScoringError
 from catcascade.vlm_stage.vllm_client import VlmClientConfig, VllmVerifier, VlmUnavailableError
 
@@ -37,7 +37,7 @@ def make(verifier=None, **kwargs) -> CascadePipeline:
 def classify(pipeline, image: bytes = IMAGE, k=None, mode=EscalationMode.AUTO, deadline=None):
     async def go():
         try:
-            return await pipeline.classify(image, k, mode, deadline)
+            return await pipeline.classify(request_for(image, k, mode, deadline))
         finally:
             pipeline.close()
 
@@ -214,7 +214,7 @@ def test_vlm_answering_200_with_malformed_logprobs_gives_a_cnn_only_answer():
                                 transport=httpx.MockTransport(handler))
         pipeline = make(verifier)
         try:
-            return await pipeline.classify(IMAGE, None, EscalationMode.ALWAYS)
+            return await pipeline.classify(request_for(IMAGE, None, EscalationMode.ALWAYS))
         finally:
             pipeline.close()
             await verifier.aclose()
@@ -228,13 +228,13 @@ def test_escalations_beyond_the_limit_are_shed():
     async def go():
         verifier = FakeVerifier(hold=True)
         pipeline = make(verifier, max_concurrent_escalations=1)
-        first = asyncio.create_task(pipeline.classify(IMAGE, None, EscalationMode.ALWAYS))
+        first = asyncio.create_task(pipeline.classify(request_for(IMAGE, None, EscalationMode.ALWAYS)))
         await until(lambda: verifier.waiting == 1, "the first escalation waits on the VLM")
         assert pipeline.inflight_escalations == 1
-        second = await pipeline.classify(IMAGE, None, EscalationMode.ALWAYS)
+        second = await pipeline.classify(request_for(IMAGE, None, EscalationMode.ALWAYS))
         verifier.release.set()
         first = await first
-        third = await pipeline.classify(IMAGE, None, EscalationMode.ALWAYS)
+        third = await pipeline.classify(request_for(IMAGE, None, EscalationMode.ALWAYS))
         pipeline.close()
         return first, second, third, verifier, pipeline
 
@@ -252,7 +252,7 @@ def test_breaker_opens_after_failures_then_a_probe_closes_it():
     pipeline = make(verifier, breaker=breaker)
 
     def ask():
-        return asyncio.run(pipeline.classify(IMAGE, None, EscalationMode.ALWAYS))
+        return asyncio.run(pipeline.classify(request_for(IMAGE, None, EscalationMode.ALWAYS)))
 
     assert [ask().reason for _ in range(2)] == [EscalationReason.VLM_UNAVAILABLE] * 2
     assert breaker.state == BreakerState.OPEN and len(verifier.calls) == 2
@@ -273,7 +273,7 @@ def test_success_resets_the_breakers_failure_count():
     pipeline = make(verifier, breaker=breaker)
     for error in (VlmUnavailableError("down"), None, VlmUnavailableError("down"), None):
         verifier.error = error
-        asyncio.run(pipeline.classify(IMAGE, None, EscalationMode.ALWAYS))
+        asyncio.run(pipeline.classify(request_for(IMAGE, None, EscalationMode.ALWAYS)))
     assert breaker.state == BreakerState.CLOSED and len(verifier.calls) == 4
     pipeline.close()
 
@@ -306,7 +306,7 @@ def test_vlm_time_is_measured_around_the_call():
     async def go():
         verifier = FakeVerifier(hold=True)
         pipeline = make(verifier)
-        task = asyncio.create_task(pipeline.classify(IMAGE, None, EscalationMode.ALWAYS))
+        task = asyncio.create_task(pipeline.classify(request_for(IMAGE, None, EscalationMode.ALWAYS)))
         await until(lambda: verifier.waiting == 1, "the VLM call is under way")
         t0 = time.perf_counter()
         await until(lambda: time.perf_counter() - t0 > 0.05, "some time passes inside the VLM call")
@@ -325,7 +325,7 @@ def test_vlm_failure_time_is_measured_too():
     async def go():
         verifier = FakeVerifier(hold=True, error=VlmUnavailableError("down"))
         pipeline = make(verifier)
-        task = asyncio.create_task(pipeline.classify(IMAGE, None, EscalationMode.ALWAYS))
+        task = asyncio.create_task(pipeline.classify(request_for(IMAGE, None, EscalationMode.ALWAYS)))
         await until(lambda: verifier.waiting == 1, "the VLM call is under way")
         t0 = time.perf_counter()
         await until(lambda: time.perf_counter() - t0 > 0.05, "some time passes inside the VLM call")
@@ -393,7 +393,7 @@ def test_a_singleton_set_is_answered_by_the_cnn_unless_asked_otherwise():
 def explain(pipeline, mode=EscalationMode.AUTO, deadline=None):
     async def go():
         try:
-            return await pipeline.classify(IMAGE, None, mode, deadline, explain=True)
+            return await pipeline.classify(request_for(IMAGE, None, mode, deadline, explain=True))
         finally:
             pipeline.close()
 
@@ -422,21 +422,13 @@ def test_no_rationale_unless_asked():
     assert r.rationale is None and r.rationale_error == "" and not verifier.explained and r.timings.rationale_ms == 0.0
 
 
-class ScoringOnly:
-    """A VLM backend that can score but not explain."""
-
-    async def verify(self, image, candidates):
-        return await FakeVerifier().verify(image, candidates)
-
-
 @pytest.mark.parametrize("make_args,mode,why", [
     ({"verifier": FakeVerifier()}, EscalationMode.NEVER,
      "not generated: the client asked for CNN only (escalation NEVER)"),
     ({}, EscalationMode.ALWAYS, "not generated: no VLM stage is configured on this server"),
-    ({"verifier": ScoringOnly()}, EscalationMode.ALWAYS, "not generated: this VLM backend cannot explain"),
     ({"verifier": FakeVerifier(), "max_concurrent_escalations": 0}, EscalationMode.ALWAYS,
      "not generated: the VLM is saturated"),
-], ids=["never", "no verifier", "cannot explain", "saturated"])
+], ids=["never", "no verifier", "saturated"])
 def test_every_reason_for_no_rationale_is_said(make_args, mode, why):
     r = explain(make(**make_args), mode)
     assert r.rationale is None and r.rationale_error == why and r.timings.rationale_ms == 0.0
@@ -483,7 +475,7 @@ def _explain_held_60ms(verifier: FakeVerifier):
     async def go():
         pipeline = make(verifier, threshold=0.3)
         t0 = time.perf_counter()
-        task = asyncio.create_task(pipeline.classify(IMAGE, None, EscalationMode.AUTO, None, True))
+        task = asyncio.create_task(pipeline.classify(request_for(IMAGE, None, EscalationMode.AUTO, None, True)))
         await until(lambda: verifier.waiting == 1, "the rationale is being written")
         await asyncio.sleep(0.06)
         verifier.release.set()
@@ -529,10 +521,10 @@ def test_a_rationale_in_progress_counts_as_a_vlm_call_in_flight():
     async def go():
         verifier = FakeVerifier(hold_explain=True)
         pipeline = make(verifier, threshold=0.3, max_concurrent_escalations=1)
-        task = asyncio.create_task(pipeline.classify(IMAGE, None, EscalationMode.AUTO, None, True))
+        task = asyncio.create_task(pipeline.classify(request_for(IMAGE, None, EscalationMode.AUTO, None, True)))
         await until(lambda: verifier.waiting == 1, "the rationale is being written")
         assert pipeline.inflight_escalations == 1
-        shed = await pipeline.classify(IMAGE, None, EscalationMode.ALWAYS)
+        shed = await pipeline.classify(request_for(IMAGE, None, EscalationMode.ALWAYS))
         verifier.release.set()
         done = await task
         pipeline.close()
@@ -546,8 +538,10 @@ def test_a_rationale_in_progress_counts_as_a_vlm_call_in_flight():
 # --- decode pool, priorities, budgets and queues (the paths admission control added) -------
 
 def test_a_full_decode_queue_refuses_and_a_passed_deadline_skips_the_decode():
-    with pytest.raises(QueueFullError, match=r"^decode queue is full \(0 images waiting\)$"):
-        classify(make(FakeVerifier(), max_decode_queue=0))
+    full = make(FakeVerifier(), max_decode_queue=1)
+    full.decode_waiting = 1  # one image already waits for a decode thread
+    with pytest.raises(QueueFullError, match=r"^decode queue is full \(1 images waiting\)$"):
+        classify(full)
     from catcascade.serving.pipeline import DeadlineExceededError
 
     metrics, cnn = ServiceMetrics(), FakeBatcher()
@@ -567,8 +561,8 @@ def test_priority_and_deadline_reach_the_cnn_and_the_vlm():
 
     async def go():
         try:
-            return await pipeline.classify(IMAGE, None, EscalationMode.ALWAYS, deadline, priority=Priority.BATCH,
-                                           on_cnn_done=lambda: done.append(len(cnn.inputs)))
+            return await pipeline.classify(request_for(IMAGE, None, EscalationMode.ALWAYS, deadline, priority=Priority.BATCH,
+                                           on_cnn_done=lambda: done.append(len(cnn.inputs))))
         finally:
             pipeline.close()
 
@@ -586,7 +580,7 @@ def test_a_tenant_over_its_escalation_budget_gets_a_cnn_answer():
     pipeline = make(verifier, tenant_budgets=budgets)
 
     def ask(tenant):
-        return asyncio.run(pipeline.classify(IMAGE, None, EscalationMode.ALWAYS, tenant=tenant))
+        return asyncio.run(pipeline.classify(request_for(IMAGE, None, EscalationMode.ALWAYS, tenant=tenant)))
 
     assert ask("t").escalated  # the one escalation of its burst
     over = ask("t")
@@ -603,8 +597,8 @@ def test_a_shed_escalation_gives_its_budget_token_back():
     shed = classify(make(FakeVerifier(), tenant_budgets=budgets, max_concurrent_escalations=0),
                     mode=EscalationMode.ALWAYS)
     assert shed.reason == EscalationReason.SHED
-    r = asyncio.run(make(FakeVerifier(), tenant_budgets=budgets).classify(IMAGE, None, EscalationMode.ALWAYS,
-                                                                           tenant="t"))
+    r = asyncio.run(make(FakeVerifier(), tenant_budgets=budgets).classify(
+        request_for(IMAGE, None, EscalationMode.ALWAYS, tenant="t")))
     assert r.escalated  # the token is still there
 
 
@@ -612,11 +606,11 @@ def test_escalations_may_wait_for_a_vlm_slot():
     async def go():
         verifier = FakeVerifier(hold=True)
         pipeline = make(verifier, max_concurrent_escalations=1, escalation_queue_size=1)
-        first = asyncio.create_task(pipeline.classify(IMAGE, None, EscalationMode.ALWAYS))
+        first = asyncio.create_task(pipeline.classify(request_for(IMAGE, None, EscalationMode.ALWAYS)))
         await until(lambda: verifier.waiting == 1, "the first escalation holds the slot")
-        second = asyncio.create_task(pipeline.classify(IMAGE, None, EscalationMode.ALWAYS))
+        second = asyncio.create_task(pipeline.classify(request_for(IMAGE, None, EscalationMode.ALWAYS)))
         await until(lambda: pipeline.waiting_escalations == 1, "the second waits for the slot")
-        third = await pipeline.classify(IMAGE, None, EscalationMode.ALWAYS)  # the queue is full: shed
+        third = await pipeline.classify(request_for(IMAGE, None, EscalationMode.ALWAYS))  # the queue is full: shed
         verifier.release.set()
         out = await asyncio.gather(first, second)
         pipeline.close()
@@ -635,9 +629,9 @@ def test_waiting_for_a_slot_ends_at_the_deadline():
         verifier = FakeVerifier(hold=True)
         pipeline = make(verifier, max_concurrent_escalations=1, escalation_queue_size=4, vlm_min_budget_ms=10.0,
                         reply_margin_ms=10.0)
-        first = asyncio.create_task(pipeline.classify(IMAGE, None, EscalationMode.ALWAYS))
+        first = asyncio.create_task(pipeline.classify(request_for(IMAGE, None, EscalationMode.ALWAYS)))
         await until(lambda: verifier.waiting == 1, "the first escalation holds the slot")
-        late = await pipeline.classify(IMAGE, None, EscalationMode.ALWAYS, time.monotonic() + 0.5)
+        late = await pipeline.classify(request_for(IMAGE, None, EscalationMode.ALWAYS, time.monotonic() + 0.5))
         verifier.release.set()
         await first
         pipeline.close()
@@ -655,12 +649,12 @@ def test_a_half_open_breaker_lets_one_probe_through_and_says_so_to_the_others():
     async def go():
         verifier = FakeVerifier(error=VlmUnavailableError("down"))
         pipeline = make(verifier, breaker=breaker)
-        await pipeline.classify(IMAGE, None, EscalationMode.ALWAYS)  # opens the breaker
+        await pipeline.classify(request_for(IMAGE, None, EscalationMode.ALWAYS))  # opens the breaker
         clock.t = 5.0
         verifier.error, verifier.hold = None, True
-        probe = asyncio.create_task(pipeline.classify(IMAGE, None, EscalationMode.ALWAYS))
+        probe = asyncio.create_task(pipeline.classify(request_for(IMAGE, None, EscalationMode.ALWAYS)))
         await until(lambda: verifier.waiting == 1, "the probe is under way")
-        other = await pipeline.classify(IMAGE, None, EscalationMode.ALWAYS)
+        other = await pipeline.classify(request_for(IMAGE, None, EscalationMode.ALWAYS))
         verifier.release.set()
         probe = await probe
         pipeline.close()
@@ -697,7 +691,7 @@ def test_stage_spans_follow_the_batchers_timings():
 
     async def go():
         with tracing.request_span("catcascade.Classify"):
-            return await pipeline.classify(IMAGE, None, EscalationMode.ALWAYS)
+            return await pipeline.classify(request_for(IMAGE, None, EscalationMode.ALWAYS))
 
     try:
         r = asyncio.run(go())

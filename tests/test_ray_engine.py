@@ -1,7 +1,8 @@
 """The Ray engine on a real two-node Ray cluster on loopback (ray.cluster_utils.Cluster), no mock
 of Ray: answers equal the local engine's (NEVER, and ALWAYS with the real vLLM), batches form,
 the CNN deployment autoscales 1 -> 2 -> 1, a replica killed under load, a second front door
-attaching, an unreachable cluster at start-up. One cluster for the whole module; it is shut
+attaching, an unreachable cluster at start-up; and, on a CNN-only application of its own, the
+configured decode limits and a 5 MB image on replicas that decode, and priority order. One cluster for the whole module; it is shut
 down through Ray's own shutdown and no Ray process may outlive it."""
 from __future__ import annotations
 
@@ -66,11 +67,11 @@ def ray_cluster():
     assert not _ray_processes(), f"Ray processes left behind: {_ray_processes()}"
 
 
-def _config(bundle, address, app=APP, vlm_url=None, **ray_overrides) -> ServeConfig:
+def _config(bundle, address, app=APP, vlm_url=None, limits=None, **ray_overrides) -> ServeConfig:
     ray_cfg = {"address": address, "app_name": app, "cnn": {"num_cpus": 0.5, "autoscaling": AUTOSCALING},
                "vlm": {"num_cpus": 0.25}}
     ray_cfg.update(ray_overrides)
-    return ServeConfig(bundle=bundle, port=0, engine="ray", ray=ray_cfg,
+    return ServeConfig(bundle=bundle, port=0, engine="ray", ray=ray_cfg, limits=limits or {},
                        vlm={"urls": [vlm_url]} if vlm_url else {})
 
 
@@ -259,3 +260,103 @@ def test_unreachable_ray_address_fails_fast(demo_bundle, tmp_path):
     assert f"cannot reach a Ray cluster at 127.0.0.1:{port}" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert took < 60, f"took {took:.0f} s"
+
+
+CNN_APP = "cascade-cnn-only"
+# Decode limits away from their defaults (which take a 3:1 image and 60 scans), and room for a
+# burst of batch requests waiting to be decoded.
+LIMITS = {"max_aspect_ratio": 2.5, "max_jpeg_scans": 50, "max_decode_queue": 256}
+
+
+@pytest.fixture(scope="module")
+def replica_decoding_front_door(ray_cluster, demo_bundle):
+    """A CNN-only front door whose replicas decode (``ray.decode: replica``) under LIMITS, on an
+    application of its own with one replica (so ordering tests see one queue)."""
+    from ray import serve
+
+    cfg = _config(demo_bundle, ray_cluster, app=CNN_APP, limits=LIMITS, decode="replica",
+                  cnn={"num_cpus": 0.5, "num_replicas": 1})
+    with ServiceThread(cfg) as server:
+        yield server
+    serve.delete(CNN_APP)
+
+
+@pytest.fixture(scope="module")
+def front_decoding_front_door(replica_decoding_front_door, ray_cluster, demo_bundle):
+    """A second front door on the same replicas that decodes itself and keeps 2 CNN calls in flight."""
+    cfg = _config(demo_bundle, ray_cluster, app=CNN_APP, limits=LIMITS, decode="front_door", max_calls_in_flight=2,
+                  cnn={"num_cpus": 0.5, "num_replicas": 1})
+    with ServiceThread(cfg) as server:
+        yield server
+
+
+def test_replicas_apply_the_configured_decode_limits(replica_decoding_front_door, photos):
+    from benchmarks.hostile_images import jpeg_many_scans
+    from tests.conftest import jpeg_bytes
+
+    with _client(replica_decoding_front_door) as c:
+        for data, reason in ((jpeg_bytes(size=(300, 100)), "aspect ratio of 3:1"),
+                             (jpeg_many_scans(64, 60), "more than 50 scans")):
+            with pytest.raises(grpc.RpcError) as e:
+                c.classify(data, mode="never")
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and reason in e.value.details()
+        assert len(c.classify(photos[0], mode="never").labels) == 3
+
+
+def test_a_5mb_image_is_classified_on_the_replicas(replica_decoding_front_door, front_decoding_front_door):
+    """Over Serve's default 4 MiB gRPC message: answered, and as the front door's own decode answers it."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(5).integers(0, 256, (1300, 1400, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    data = buf.getvalue()
+    assert 5_000_000 < len(data) < 20 << 20
+    with _client(replica_decoding_front_door) as on_replica, _client(front_decoding_front_door) as here:
+        a = on_replica.classify(data, mode="never")
+        b = here.classify(data, mode="never")
+    assert a.timings.decode_ms > 0 and a.timings.cnn_ms > 0
+    assert [s.label for s in a.labels] == [s.label for s in b.labels]
+    for x, y in zip(a.labels, b.labels):
+        assert x.probability == pytest.approx(y.probability, abs=1e-5)
+
+
+def test_interactive_requests_overtake_a_batch_burst(front_decoding_front_door, photos):
+    """Interactive requests sent while a burst of batch ones waits for the replicas are answered
+    before most of those (the front door orders its 2 calls in flight; Ray's queues are FIFO)."""
+    import asyncio
+
+    from catcascade.serving.client.async_client import AsyncCatcascadeClient
+
+    server = front_decoding_front_door
+    registry = server.servicer.metrics.registry
+
+    def depth() -> float:
+        return server.on_loop(lambda: registry.get_sample_value("catcascade_cnn_queue_depth")) or 0.0
+
+    async def run():
+        done: list[str] = []
+        async with AsyncCatcascadeClient(server.target, timeout_s=120) as c:
+            async def one(kind: str, i: int):
+                await c.classify(photos[i % len(photos)], mode="never", priority=kind)
+                done.append(kind)
+
+            batch = [asyncio.create_task(one("batch", i)) for i in range(64)]
+            deadline = time.monotonic() + 60
+            while await asyncio.to_thread(depth) < 24:
+                assert time.monotonic() < deadline, f"the burst never queued up (depth {depth()})"
+                await asyncio.sleep(0.005)
+            waiting = 64 - len(done)
+            interactive = [asyncio.create_task(one("interactive", i)) for i in range(4)]
+            await asyncio.gather(*interactive)
+            overtaken_by = done.count("batch") - (64 - waiting)
+            await asyncio.gather(*batch)
+        return waiting, overtaken_by
+
+    waiting, overtaken_by = asyncio.run(run())
+    print(f"{waiting} batch requests outstanding; {overtaken_by} of them answered before the last interactive one")
+    assert waiting >= 24
+    assert overtaken_by < waiting / 2, (waiting, overtaken_by)

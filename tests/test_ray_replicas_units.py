@@ -1,11 +1,12 @@
 """The Ray Serve replica classes (serving/engines/ray_deployments.py) run in-process, without a
-cluster: the CNN replica's decode, batch and refusal paths on the real ONNX model, and the VLM
-replica's mapping of errors to values (the front door turns them back into the local engine's
-exception types). The cluster itself is exercised by tests/test_ray_engine.py, where these
+cluster: the CNN replica's decode, batch and refusal paths on the real ONNX model under the
+configured decode limits, and the VLM replica passing priority and trace headers to vLLM and
+raising the client's own errors (the front door raises them again as they are). The cluster itself is exercised by tests/test_ray_engine.py, where these
 classes run inside Ray actors that coverage does not follow."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import numpy as np
@@ -17,10 +18,12 @@ from catcascade.cnn_stage.preprocessing import load_and_preprocess
 from catcascade.cnn_stage.topk import softmax
 from catcascade.ensemble.bundle import load_bundle
 from catcascade.serving.config import ServeConfig
-from catcascade.serving.engines.ray_deployments import (CNN_DEPLOYMENT, ReplicaAnswer, VlmStage, _CnnReplica, _deployment_options,
-                                             vlm_client_config)
+from catcascade.serving.engines.ray_config import GRPC_LIMIT_ENV
+from catcascade.serving.engines.ray_deployments import (CNN_DEPLOYMENT, REPLICA_ENV, ReplicaAnswer, VlmStage, _CnnReplica,
+                                                        _deployment_options, replica_env)
+from catcascade.serving.vlm_backend import vlm_client_config
+from catcascade.vlm_stage.vllm_client import VllmVerifier, VlmUnavailableError
 from tests.conftest import jpeg_bytes
-from catcascade.vlm_stage.vllm_client import VllmVerifier
 
 IMAGE = Image.new("RGB", (90, 70), (180, 90, 30))
 
@@ -70,6 +73,70 @@ def test_cnn_replica_refuses_bad_bytes_as_a_value(demo_bundle):
     assert "image" in answer.error.lower() and not getattr(replica, "batches", [])  # never reached the model
 
 
+# Every decode limit set away from its default, so a limit the replica ignored would show.
+LIMITS = {"max_message_bytes": 6 << 20, "max_pixels": 30_000_000, "max_side": 9000, "max_aspect_ratio": 2.5,
+          "max_decode_mb": 96.0, "max_jpeg_scans": 50, "max_jpeg_scan_blocks": 30_000_000, "max_segments": 10_000}
+
+
+def test_cnn_replica_applies_every_configured_decode_limit(demo_bundle):
+    """The replica decodes under the same limits as the local engine (all eight, from
+    LimitsConfig.decode_limits): a 3:1 image and a 60-scan JPEG are refused there as here,
+    with their reasons, before the model sees them."""
+    from benchmarks.hostile_images import jpeg_many_scans
+
+    cfg = ServeConfig(bundle=demo_bundle, port=0, vlm={"urls": []}, limits=LIMITS)
+    replica = InlineCnnReplica(cfg.model_dump(mode="json"))
+    limits = replica.preprocess_config.limits
+    assert limits == cfg.limits.decode_limits()
+    assert (limits.max_bytes, limits.max_pixels, limits.max_side, limits.max_aspect_ratio, limits.max_decode_mb,
+            limits.max_jpeg_scans, limits.max_jpeg_scan_blocks, limits.max_segments) == tuple(LIMITS.values())
+    wide = asyncio.run(replica.classify_encoded(jpeg_bytes(size=(300, 100))))
+    scans = asyncio.run(replica.classify_encoded(jpeg_many_scans(64, 60)))
+    assert wide.output is None and wide.error_reason == "aspect" and "2.5:1" in wide.error
+    assert scans.output is None and scans.error_reason == "scans" and "50" in scans.error
+    assert not getattr(replica, "batches", [])  # refused before the model
+    default = InlineCnnReplica(_config(demo_bundle, vlm={"urls": []}))  # the defaults take both
+    for data in (jpeg_bytes(size=(300, 100)), jpeg_many_scans(64, 60)):
+        assert asyncio.run(default.classify_encoded(data)).error is None
+
+
+def test_replicas_take_messages_as_large_as_the_front_door_does(demo_bundle):
+    """Serve's replica gRPC refuses messages over 4 MiB unless told otherwise; every replica's
+    environment raises that to the front door's limits.max_message_bytes plus framing."""
+    cfg = ServeConfig(bundle=demo_bundle, port=0, limits={"max_message_bytes": 20 << 20})
+    env = replica_env(cfg)
+    assert REPLICA_ENV.items() <= env.items()
+    assert 20 << 20 < int(env[GRPC_LIMIT_ENV]) < 32 << 20
+    opts = _deployment_options(cfg.ray.cnn, cfg.batching, env)
+    assert opts["ray_actor_options"]["runtime_env"]["env_vars"] == env
+
+
+def test_classifier_choice_is_one_function_for_every_engine(demo_bundle):
+    """make_classifier decides alike for the local engine and the replicas: on a CPU with several
+    instances and no thread count, the overlap-aware pair; else one session, its threads given or
+    the cores split between the instances."""
+    from catcascade.cnn_stage.onnx_runtime import OverlapAwareClassifier, make_classifier
+
+    path = load_bundle(demo_bundle).cnn_path
+
+    def threads(clf) -> int:
+        return clf.session.get_session_options().intra_op_num_threads
+
+    assert isinstance(make_classifier(path, instances=2), OverlapAwareClassifier)
+    one = make_classifier(path, instances=2, threads=1)
+    assert isinstance(one, OnnxClassifier) and threads(one) == 1
+    import os
+
+    assert threads(make_classifier(path, instances=1)) == (os.cpu_count() or 1)
+    with pytest.raises(ValueError, match="instances"):
+        make_classifier(path, instances=0)
+    replica = InlineCnnReplica(_config(demo_bundle, vlm={"urls": []}, batching={"instances": 2},
+                                       ray={"cnn": {"threads": 1}}))
+    assert isinstance(replica.model, OnnxClassifier) and threads(replica.model) == 1
+    assert isinstance(InlineCnnReplica(_config(demo_bundle, vlm={"urls": []}, batching={"instances": 2})).model,
+                      OverlapAwareClassifier)
+
+
 def test_cnn_replica_without_an_int8_model_says_so(demo_bundle, tmp_path):
     import shutil
 
@@ -99,32 +166,52 @@ def _vlm_stage(demo_bundle, handler) -> VlmStage:
     return stage
 
 
-def test_vlm_replica_returns_errors_as_values(demo_bundle):
+def test_vlm_replica_raises_the_clients_own_errors(demo_bundle):
+    from catcascade.vlm_stage.rationale import RationaleError
+    from catcascade.vlm_stage.scoring import ScoringError
+
     def refused(request):
         raise httpx.ConnectError("connection refused", request=request)
 
     stage = _vlm_stage(demo_bundle, refused)
-    kind, message = asyncio.run(stage.verify(IMAGE, ("Persian", "Siamese")))
-    assert kind == "unavailable" and message
-    kind, message = asyncio.run(stage.explain(IMAGE, "Persian", 16))
-    assert kind == "unavailable" and message
+    with pytest.raises(VlmUnavailableError, match="unavailable after 1 attempts"):
+        asyncio.run(stage.verify(IMAGE, ("Persian", "Siamese")))
+    with pytest.raises(VlmUnavailableError):
+        asyncio.run(stage.explain(IMAGE, "Persian", 16))
 
     def malformed(request):  # HTTP 200 with no logprobs: a scoring error, not a crash
-        return httpx.Response(200, json={"choices": [{"message": {"content": "A"}, "logprobs": None}],
+        if request.url.path == "/tokenize":
+            return httpx.Response(200, json={"tokens": [ord(json.loads(request.content)["prompt"][0])]})
+        return httpx.Response(200, json={"choices": [{"message": {"content": ""}, "logprobs": None}],
                                          "usage": {"prompt_tokens": 5}})
 
-    kind, message = asyncio.run(_vlm_stage(demo_bundle, malformed).verify(IMAGE, ("Persian", "Siamese")))
-    assert kind == "scoring" and message
+    with pytest.raises(ScoringError):
+        asyncio.run(_vlm_stage(demo_bundle, malformed).verify(IMAGE, ("Persian", "Siamese")))
+    with pytest.raises(RationaleError, match="no text"):
+        asyncio.run(_vlm_stage(demo_bundle, malformed).explain(IMAGE, "Persian", 16))
 
 
-def test_vlm_replica_warm_up_reports_failure_as_text(demo_bundle):
-    def refused(request):
-        raise httpx.ConnectError("connection refused", request=request)
+def test_vlm_replica_passes_priority_and_trace_headers_to_vllm(demo_bundle):
+    seen = []
 
+    def handler(request):
+        body = json.loads(request.content)
+        if request.url.path == "/tokenize":
+            return httpx.Response(200, json={"tokens": [100 + len(seen)]})
+        seen.append((request.headers.get("traceparent"), body.get("priority")))
+        return httpx.Response(200, json={"choices": [{"message": {"content": "Fluffy."}, "finish_reason": "stop"}],
+                                         "usage": {"prompt_tokens": 5, "completion_tokens": 2}})
+
+    stage = _vlm_stage(demo_bundle, handler)
+    why = asyncio.run(stage.explain(IMAGE, "Persian", 16, priority=1, headers={"traceparent": "00-abc-def-01"}))
+    assert why.text == "Fluffy." and seen == [("00-abc-def-01", 1)]
+
+
+def test_vlm_replica_warm_up_raises_what_failed(demo_bundle):
     stage = VlmStage(ServeConfig(bundle=demo_bundle, port=0, vlm={"urls": ["http://127.0.0.1:9"]}
                                  ).model_dump(mode="json"))
-    report = asyncio.run(stage.warm_up(("Persian", "Siamese"), timeout_s=5.0))
-    assert report is not None and ":" in report
+    with pytest.raises(VlmUnavailableError, match="127.0.0.1:9|unavailable"):
+        asyncio.run(stage.warm_up(("Persian", "Siamese"), timeout_s=5.0))
 
 
 def test_vlm_client_config_needs_a_model(demo_bundle):

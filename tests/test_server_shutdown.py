@@ -12,14 +12,14 @@ from catcascade.serving.api import cascade_pb2 as pb
 from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
 from catcascade.serving.server import CatClassifierServicer, run_server
 from tests.conftest import jpeg_bytes
-from tests.fakes import LABELS, FakeVerifier, fake_pipeline, until
+from tests.fakes import FakeVerifier, fake_front_door, fake_pipeline, until
 
 
 def test_shutdown_drains_requests_in_flight_and_refuses_new_ones():
     async def scenario():
         verifier = FakeVerifier(hold=True)
         pipeline = fake_pipeline(verifier)
-        servicer = CatClassifierServicer(pipeline, pb.ModelVersions(bundle="test"), pb.ModelInfo(labels=LABELS))
+        servicer = CatClassifierServicer(fake_front_door(pipeline))
         ready: asyncio.Future = asyncio.get_running_loop().create_future()
         stop = asyncio.Event()
 
@@ -38,7 +38,7 @@ def test_shutdown_drains_requests_in_flight_and_refuses_new_ones():
                 image=image, request_id=f"r{i}", escalation=pb.ESCALATION_MODE_ALWAYS), timeout=120))
                 for i in range(4)]
             await until(lambda: verifier.waiting == 4, "all four requests wait on the VLM")
-            assert servicer.inflight == 4 and pipeline.inflight_escalations == 4
+            assert servicer.front_door.inflight == 4 and pipeline.inflight_escalations == 4
             stop.set()
 
             refused = []

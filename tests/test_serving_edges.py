@@ -86,7 +86,7 @@ def test_decode_work_for_calls_that_are_gone_is_skipped(make_server):
     admission, serving/traffic/admission.py, would refuse most of them before they queue: it
     is off here, to exercise the decode pool's own defence.)"""
     cnn_server = make_server(admission={"enabled": False})
-    pipeline = cnn_server.servicer.pipeline
+    pipeline = cnn_server.servicer.front_door.router.live_engine()
     registry = cnn_server.servicer.metrics.registry
     heavy = png(5600, 5600)  # ~0.4 s of decode each on this machine
     n = 32
@@ -127,7 +127,7 @@ def test_decode_jobs_of_cancelled_requests_are_dropped_unstarted():
     metrics = ServiceMetrics()
     pipe = CascadePipeline(["a"], PreprocessConfig(), cnn=None, policy=None, blender=None, metrics=metrics)
     release = threading.Event()
-    busy = [pipe._decode_pool.submit(release.wait) for _ in range(pipe.config.decode_threads)]
+    busy = [pipe._decode_pool.submit(release.wait) for _ in range(pipe.decode_threads)]
 
     async def scenario():
         tasks = [asyncio.create_task(pipe.classify(jpeg_bytes(seed=i))) for i in range(5)]
@@ -174,9 +174,9 @@ def test_decode_queue_is_bounded(make_server):
     import threading
 
     server = make_server(limits={"max_decode_queue": 2})
-    pipeline = server.servicer.pipeline
+    pipeline = server.servicer.front_door.router.live_engine()
     release = threading.Event()
-    busy = [pipeline._decode_pool.submit(release.wait) for _ in range(pipeline.config.decode_threads)]
+    busy = [pipeline._decode_pool.submit(release.wait) for _ in range(pipeline.decode_threads)]
     try:
         with grpc.insecure_channel(server.target) as ch:
             stub = pb_grpc.CatClassifierStub(ch)

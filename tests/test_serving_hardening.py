@@ -34,7 +34,7 @@ def make_server(demo_bundle, vllm_server, grpc_server):
     yield make
     for s in started:
         s.stop()
-    breaker = grpc_server.servicer.pipeline.breaker
+    breaker = grpc_server.servicer.front_door.router.live_engine().breaker
     closed = wait_for(lambda: grpc_server.on_loop(lambda: breaker.state) == BreakerState.CLOSED, 90, 0.2)
     assert closed is not None, "the session server's VLM breaker did not close again after vLLM was thawed"
 
@@ -48,8 +48,8 @@ def test_breaker_recovers_after_its_probe_is_cancelled(make_server, vllm_server)
     assert outcome.codes["CANCELLED"] == 1 and outcome.codes["OK"] >= 2, outcome.details
     assert outcome.reasons["VLM_UNAVAILABLE"] >= 1  # the call that opened the breaker (server budget)
     assert outcome.reasons["REQUESTED_ALWAYS"] == 1, outcome.notes  # escalations resumed
-    assert server.on_loop(lambda: server.servicer.pipeline.breaker.state) == BreakerState.CLOSED
-    assert server.servicer.pipeline.inflight_escalations == 0
+    assert server.on_loop(lambda: server.servicer.front_door.router.live_engine().breaker.state) == BreakerState.CLOSED
+    assert server.servicer.front_door.router.live_engine().inflight_escalations == 0
     assert health_status(server.target, VLM_HEALTH_NAME) == "SERVING" or \
         wait_for(lambda: health_status(server.target, VLM_HEALTH_NAME) == "SERVING", 10) is not None
 
@@ -109,7 +109,7 @@ def test_stream_messages_end_with_the_streams_deadline(make_server, vllm_server)
     assert out.codes == {"OK": 4} and out.reasons == {"DEADLINE": 4}, (out.codes, out.reasons, out.notes)
     assert out.notes[0].startswith("stream ended OK"), out.notes
     assert max(out.latencies_ms["OK"]) < 2000.0
-    assert server.servicer.pipeline.inflight_escalations == 0
+    assert server.servicer.front_door.router.live_engine().inflight_escalations == 0
 
 
 def test_cancelled_streams_free_their_escalation_slots(make_server, vllm_server):

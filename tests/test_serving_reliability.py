@@ -92,7 +92,7 @@ def test_deadline_too_short_for_vlm_answers_cnn_only(make_server, vllm_server):
 
 
 def test_vlm_killed_mid_run_every_request_still_answered(make_server, vllm_server):
-    from catcascade.serving.app import warm_up
+    from catcascade.serving.engine_builder import warm_up
     from catcascade.vlm_stage.vllm_client import VlmClientConfig, VllmVerifier
 
     server = make_server(vlm={"urls": [vllm_server.url], "timeout_s": 5, "max_retries": 1},

@@ -107,7 +107,7 @@ def test_vlm_warm_up_is_retried_until_the_vlm_answers():
     """A VLM that is still loading when the server starts gets warmed up once it is up."""
     import asyncio
 
-    from catcascade.serving.app import keep_warming_up
+    from catcascade.serving.engine_builder import keep_warming_up
 
     class LoadingVlm:  # stands in for the VLM the unit calls
         calls = 0
@@ -146,4 +146,4 @@ def test_example_service_config_is_valid():
     from catcascade.serving.config import ServeConfig
 
     cfg = ServeConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "service.example.yaml")
-    assert cfg.vlm.backend == "vllm" and cfg.metrics_port == 9090 and cfg.log_format == "json"
+    assert cfg.vlm.backend == "none" and cfg.metrics_port is None and cfg.log_format == "text"  # the defaults

@@ -344,3 +344,45 @@ def test_malformed_rationale_answer_is_a_rationale_error(body):
     with pytest.raises(RationaleError, match="malformed body"):
         _run(lambda v: v.explain(IMAGE, "Persian"), VlmClientConfig(urls=["http://x:1"]),
              lambda request: httpx.Response(200, json=body))
+
+
+def test_each_call_carries_its_own_headers_and_priority_on_top_of_the_clients():
+    """Per-call headers (a request's W3C trace context) go on every HTTP request of that call,
+    over the constructor's ``request_headers``; priority reaches vLLM for scoring and rationale."""
+    seen = []
+
+    def handler(request):
+        seen.append((request.url.path, dict(request.headers), json.loads(request.content)))
+        if request.url.path == "/v1/chat/completions" and "allowed_token_ids" not in seen[-1][2]:
+            return httpx.Response(200, json={"choices": [{"message": {"content": "Long fur."}, "finish_reason": "stop"}],
+                                             "usage": {"prompt_tokens": 9, "completion_tokens": 3}})
+        return _completion(request)
+
+    async def calls(v: VllmVerifier):
+        await v.verify(IMAGE, CANDIDATES[:2], priority=1, headers={"traceparent": "00-aa-01-01", "x-a": "call"})
+        await v.explain(IMAGE, "Persian", 8, priority=1, headers={"traceparent": "00-bb-02-01"})
+        await v.verify(IMAGE, CANDIDATES[:2])
+
+    cfg = VlmClientConfig(urls=["http://vlm"], scoring_mode="yes_no")
+
+    async def go():
+        v = VllmVerifier(cfg, transport=httpx.MockTransport(handler), request_headers=lambda: {"x-a": "client",
+                                                                                               "x-b": "client"})
+        try:
+            await calls(v)
+        finally:
+            await v.aclose()
+        return v
+
+    v = asyncio.run(go())
+    assert v.model_name == cfg.model
+    chats = [(h, b) for path, h, b in seen if path == "/v1/chat/completions"]
+    assert len(chats) == 2 + 1 + 2  # yes/no: one request per candidate
+    for headers, body in chats[:2]:  # the first verify: its own trace context, its header over the client's
+        assert headers["traceparent"] == "00-aa-01-01" and headers["x-a"] == "call" and headers["x-b"] == "client"
+        assert body["priority"] == 1
+    rationale_headers, rationale_body = chats[2]
+    assert rationale_headers["traceparent"] == "00-bb-02-01" and rationale_headers["x-a"] == "client"
+    assert rationale_body["priority"] == 1 and rationale_body["max_tokens"] == 8
+    for headers, body in chats[3:]:  # a call without headers: the client's only, default priority
+        assert "traceparent" not in headers and headers["x-a"] == "client" and "priority" not in body

@@ -64,10 +64,10 @@ def _samples(data_dir: Path, bundle_labels: list[str], limit: int | None):
 def _cnn_pass(bundle, items, cfg: ScoreRunConfig):
     from tqdm import tqdm
 
-    from catcascade.cnn_stage.onnx_runtime import OnnxClassifier
+    from catcascade.cnn_stage.onnx_runtime import make_classifier
     from catcascade.cnn_stage.preprocessing import InvalidImageError, load_and_preprocess
 
-    onnx = OnnxClassifier(bundle.cnn_path, intra_op_threads=cfg.cnn_threads)
+    onnx = make_classifier(bundle.cnn_path, threads=cfg.cnn_threads)
     pp = bundle.preprocess
     kept, logits, skipped = [], [], []
     bar = tqdm(total=len(items), desc="CNN", unit="img", disable=not cfg.progress)
@@ -89,15 +89,13 @@ def _cnn_pass(bundle, items, cfg: ScoreRunConfig):
     return kept, np.concatenate(logits).astype(np.float32), skipped
 
 
-async def _vlm_pass(bundle, paths, candidates, cfg: ScoreRunConfig, model: str):
+async def _vlm_pass(bundle, paths, candidates, cfg: ScoreRunConfig, client_config):
     from tqdm import tqdm
 
     from catcascade.cnn_stage.preprocessing import decode_image
-    from catcascade.vlm_stage.vllm_client import VlmClientConfig, VllmVerifier
+    from catcascade.vlm_stage.vllm_client import VllmVerifier
 
-    spec = bundle.manifest.vlm
-    verifier = VllmVerifier(VlmClientConfig(urls=list(cfg.vlm_urls), model=model, timeout_s=cfg.vlm_timeout_s,
-                                            scoring_mode=spec.scoring_mode if spec else "multiple_choice"))
+    verifier = VllmVerifier(client_config)
     labels = bundle.labels
     scores = np.full(candidates.shape, np.nan, dtype=np.float32)
     none = np.full(len(paths), np.nan, dtype=np.float32)
@@ -145,15 +143,15 @@ def score_image_folder(bundle_dir: str | Path, data_dir: str | Path, cfg: ScoreR
             "cnn_seconds": round(time.perf_counter() - t0, 2), "vlm_model": None, "vlm_requests_per_image": 0}
     vlm_scores = vlm_none = None
     if cfg.vlm_urls:
-        spec = m.vlm
-        model = cfg.vlm_model or (spec.adapter_name if spec and spec.adapter_name else
-                                  spec.served_model_name if spec else None)
-        if model is None:
+        from catcascade.ensemble.vlm_client_settings import bundle_vlm_client_config
+
+        if m.vlm is None and cfg.vlm_model is None:
             raise ValueError("no VLM model name: pass --vlm-model, or use a bundle with a vlm section")
+        client_config = bundle_vlm_client_config(bundle, cfg.vlm_urls, model=cfg.vlm_model, timeout_s=cfg.vlm_timeout_s)
         t1 = time.perf_counter()
         vlm_scores, vlm_none, failures, requests = asyncio.run(
-            _vlm_pass(bundle, [str(p) for p, _ in kept], candidates, cfg, model))
-        mode = spec.scoring_mode if spec else "multiple_choice"
+            _vlm_pass(bundle, [str(p) for p, _ in kept], candidates, cfg, client_config))
+        model, mode = client_config.model, client_config.scoring_mode.value
         meta.update(vlm_model=model, vlm_urls=list(cfg.vlm_urls), vlm_failures=failures, vlm_scoring_mode=mode,
                     vlm_requests_per_image=k if mode == "yes_no" else 1, vlm_requests_sent=requests,
                     vlm_seconds=round(time.perf_counter() - t1, 2))

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Mapping
 
 from PIL import Image
 
@@ -71,6 +72,10 @@ class TransformersVerifier:
         self._token_ids: dict[tuple[str, ...], list[int]] = {}
         self.requests_sent = 0
         self.prompt_tokens = 0
+
+    @property
+    def model_name(self) -> str:
+        return self.config.name
 
     @property
     def device(self):
@@ -139,9 +144,10 @@ class TransformersVerifier:
                                (time.perf_counter() - t0) * 1000.0, n_requests, n_tokens)
 
     async def verify(self, image: Image.Image, candidates: list[str] | tuple[str, ...], *,
-                     priority: int = 0) -> CandidateScores:
+                     priority: int = 0, headers: Mapping[str, str] | None = None) -> CandidateScores:
         """Probabilities for each candidate (in the given order) and for "none of these".
-        ``priority`` is accepted for interface parity with vLLM and ignored (one model in-process)."""
+        ``priority`` and ``headers`` are accepted for interface parity with vLLM and ignored
+        (one model in-process, no HTTP call to trace)."""
         return await asyncio.to_thread(self.score, image, candidates)
 
     def rationale(self, image: Image.Image, breed: str, max_tokens: int = DEFAULT_MAX_TOKENS) -> Rationale:
@@ -170,8 +176,10 @@ class TransformersVerifier:
             raise RationaleError("the VLM generated no text for the rationale")
         return Rationale(answer, breed, int(len(new)), self.config.name, (time.perf_counter() - t0) * 1000.0)
 
-    async def explain(self, image: Image.Image, breed: str, max_tokens: int = DEFAULT_MAX_TOKENS) -> Rationale:
-        """A sentence or two on why the photo suggests ``breed`` (see ``rationale``)."""
+    async def explain(self, image: Image.Image, breed: str, max_tokens: int = DEFAULT_MAX_TOKENS, *,
+                      priority: int = 0, headers: Mapping[str, str] | None = None) -> Rationale:
+        """A sentence or two on why the photo suggests ``breed`` (see ``rationale``); ``priority``
+        and ``headers`` as for ``verify``."""
         return await asyncio.to_thread(self.rationale, image, breed, max_tokens)
 
     async def warm_up(self, candidates: tuple[str, ...]) -> None:

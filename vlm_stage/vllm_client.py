@@ -10,7 +10,8 @@ least-loaded of several server URLs, with a timeout and bounded, jittered retrie
 transient errors. ``explain`` asks, on request, for a short free-text rationale: a separate,
 unconstrained completion with a token cap, after the scoring (vlm_stage/rationale.py). A
 request's ``priority`` goes into the body for vLLM's priority scheduling (lower first);
-``request_headers`` (e.g. W3C ``traceparent``) go on every HTTP request.
+``request_headers`` (e.g. W3C ``traceparent``) go on every HTTP request, and a call's own
+``headers`` on top of them.
 """
 from __future__ import annotations
 
@@ -136,6 +137,11 @@ class VllmVerifier:
         """Prompt tokens over all answered requests, from vLLM's ``usage`` field."""
         self._option_ids: dict[tuple[str, ...], list[int]] = {}
 
+    @property
+    def model_name(self) -> str:
+        """The name vLLM serves the model under (an adapter's, or the base model's)."""
+        return self.config.model
+
     def latencies_ms(self) -> dict[str, list[float]]:
         """Recent per-call latencies (the last 1,000 per server URL), retries included."""
         return {e.url: list(e.latencies_ms) for e in self._endpoints}
@@ -173,7 +179,8 @@ class VllmVerifier:
             self._option_ids[choices] = first_token_ids(choices, encodings)
         return self._option_ids[choices]
 
-    async def _chat(self, prompt: Prompt, image_url: str, priority: int = 0) -> tuple[list[tuple[str, float]], int]:
+    async def _chat(self, prompt: Prompt, image_url: str, priority: int = 0,
+                    headers: Mapping[str, str] | None = None) -> tuple[list[tuple[str, float]], int]:
         """One constrained, one-token chat completion; returns the options' logprobs and the
         prompt's token count."""
         body = {
@@ -193,7 +200,7 @@ class VllmVerifier:
             body["allowed_token_ids"] = await self._option_token_ids(prompt.choices)
         if priority:
             body["priority"] = priority
-        payload = await self._post("/v1/chat/completions", body)
+        payload = await self._post("/v1/chat/completions", body, headers)
         self.requests_sent += 1
         top, prompt_tokens = answer_logprobs(payload)
         self.prompt_tokens += prompt_tokens
@@ -201,8 +208,9 @@ class VllmVerifier:
             check_constrained(top, prompt.choices)
         return top, prompt_tokens
 
-    async def _post(self, path: str, body: dict) -> dict:
-        """POST to the least-loaded server, retrying transient failures on another one."""
+    async def _post(self, path: str, body: dict, headers: Mapping[str, str] | None = None) -> dict:
+        """POST to the least-loaded server, retrying transient failures on another one, with
+        ``request_headers()`` and this call's ``headers``."""
         last_error: Exception | None = None
         failed: set[str] = set()
         for attempt in range(self.config.max_retries + 1):
@@ -210,8 +218,7 @@ class VllmVerifier:
             endpoint.outstanding += 1
             t0 = time.perf_counter()
             try:
-                headers = self.request_headers() if self.request_headers is not None else None
-                resp = await self._client.post(f"{endpoint.url}{path}", json=body, headers=headers)
+                resp = await self._client.post(f"{endpoint.url}{path}", json=body, headers=self._headers(headers))
                 if resp.status_code in _TRANSIENT_STATUS:
                     raise httpx.HTTPStatusError(f"HTTP {resp.status_code}", request=resp.request, response=resp)
                 if resp.status_code != 200:
@@ -232,30 +239,38 @@ class VllmVerifier:
                 del endpoint.latencies_ms[:-1000]
         raise VlmUnavailableError(f"vLLM unavailable after {self.config.max_retries + 1} attempts: {last_error!r}")
 
+    def _headers(self, headers: Mapping[str, str] | None) -> dict[str, str] | None:
+        merged = dict(self.request_headers()) if self.request_headers is not None else {}
+        merged.update(headers or {})
+        return merged or None
+
     async def verify(self, image: Image.Image, candidates: list[str] | tuple[str, ...], *,
-                     priority: int = 0) -> CandidateScores:
+                     priority: int = 0, headers: Mapping[str, str] | None = None) -> CandidateScores:
         """Probabilities for each candidate (in the given order) and for "none of these".
         ``priority``: vLLM's request priority (lower is scheduled first; needs a server
-        started with ``--scheduling-policy priority``, which `serve-vlm` passes)."""
+        started with ``--scheduling-policy priority``, which `serve-vlm` passes); ``headers``:
+        extra HTTP headers of this call (e.g. its W3C trace context)."""
         t0 = time.perf_counter()
         url = image_to_data_url(image, self.config.max_image_side, self.config.jpeg_quality)
         if self.config.scoring_mode == ScoringMode.MULTIPLE_CHOICE:
             prompt = build_multiple_choice(candidates, self.config.include_none)
-            top, n_tokens = await self._chat(prompt, url, priority)
+            top, n_tokens = await self._chat(prompt, url, priority, headers)
             scores = scores_from_letter_logprobs(top, candidates, prompt.choices, self.config.include_none, self.config.model)
             n_requests = 1
         else:
             prompts = [build_yes_no(c) for c in candidates]
-            answers = await asyncio.gather(*(self._chat(p, url, priority) for p in prompts))
+            answers = await asyncio.gather(*(self._chat(p, url, priority, headers) for p in prompts))
             yes = [letter_distribution(top, p.choices)[p.choices[0]] for (top, _), p in zip(answers, prompts)]
             scores = scores_from_yes_probs(yes, candidates, self.config.model)
             n_requests, n_tokens = len(prompts), sum(n for _, n in answers)
         return CandidateScores(scores.candidates, scores.probabilities, scores.none_probability, scores.model,
                                scores.mode, (time.perf_counter() - t0) * 1000.0, n_requests, n_tokens)
 
-    async def explain(self, image: Image.Image, breed: str, max_tokens: int = DEFAULT_MAX_TOKENS) -> Rationale:
+    async def explain(self, image: Image.Image, breed: str, max_tokens: int = DEFAULT_MAX_TOKENS, *,
+                      priority: int = 0, headers: Mapping[str, str] | None = None) -> Rationale:
         """A sentence or two on why the photo suggests ``breed``: greedy decoding, at most
-        ``max_tokens`` tokens. Raises RationaleError when the model returns no text."""
+        ``max_tokens`` tokens. Raises RationaleError when the model returns no text.
+        ``priority`` and ``headers`` as for ``verify``."""
         t0 = time.perf_counter()
         max_tokens = check_max_tokens(max_tokens)
         url = image_to_data_url(image, self.config.max_image_side, self.config.jpeg_quality)
@@ -266,7 +281,9 @@ class VllmVerifier:
             "min_tokens": min_tokens(max_tokens),
             "temperature": 0.0,
         }
-        payload = await self._post("/v1/chat/completions", body)
+        if priority:
+            body["priority"] = priority
+        payload = await self._post("/v1/chat/completions", body, headers)
         self.requests_sent += 1
         try:  # a 200 of another shape is a RationaleError, like an empty answer
             usage = payload.get("usage") or {}

@@ -29,12 +29,19 @@ class EncodedResult(BatchResult):
 
 @runtime_checkable
 class CnnEngine(Protocol):
-    """``submit(x)``: one preprocessed CHW float32 image in, its logits and timings out;
-    ``priority`` (lower first, serving/traffic/priorities.py) orders the engine's queue where
-    it has one; ``deadline`` (a time.monotonic() instant) lets an engine shed a request that
-    can no longer make it (DeadlineUnmeetableError) where it queues."""
+    """The CNN stage. ``priority`` (lower first, serving/traffic/priorities.py) orders the
+    engine's queue; ``deadline`` (a time.monotonic() instant) lets it shed a request that can no
+    longer make it (DeadlineUnmeetableError) before the model works on it.
+
+    ``decodes_images`` says which of the two calls the caller makes: ``submit`` (False) takes
+    one preprocessed CHW float32 image, ``submit_encoded`` (True) the image's bytes, decoded and
+    preprocessed where the model runs; an engine raises NotImplementedError for the other."""
+
+    decodes_images: bool
 
     async def submit(self, x: np.ndarray, priority: int = 0, deadline: float | None = None) -> BatchResult: ...
+
+    async def submit_encoded(self, data: bytes, priority: int = 0, deadline: float | None = None) -> EncodedResult: ...
 
     @property
     def depth(self) -> int:
@@ -43,12 +50,3 @@ class CnnEngine(Protocol):
     @property
     def running(self) -> int:
         """Batches (local) or calls (remote) in the model right now (a metric)."""
-
-
-@runtime_checkable
-class EncodedCnnEngine(CnnEngine, Protocol):
-    """An engine that decodes and preprocesses where the model runs."""
-
-    decodes_images: bool
-
-    async def submit_encoded(self, data: bytes) -> EncodedResult: ...

@@ -7,6 +7,16 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+def grpc_message_limit(max_message_bytes: int) -> int:
+    """The largest message Serve's replica-to-replica gRPC must take: a request the front door
+    accepted (``limits.max_message_bytes``) plus room for the call's own framing."""
+    return max_message_bytes + max_message_bytes // 8 + (1 << 20)
+
+
+GRPC_LIMIT_ENV = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
+"""Ray Serve reads it once, when ray.serve is first imported in a process (4 MiB unset)."""
+
+
 class AutoscalingSettings(BaseModel):
     """Ray Serve's ``autoscaling_config``: replicas follow the requests each one has in flight."""
 
@@ -74,5 +84,11 @@ class RayEngineConfig(BaseModel):
     deploy_timeout_s: float = Field(180.0, gt=0)
     request_retries: int = Field(1, ge=0, le=5, description="a CNN call whose replica died is retried this often "
                                  "(inference is idempotent); the client's deadline bounds it regardless")
+    max_calls_in_flight: int = Field(32, ge=1, description="CNN calls one front door keeps on the replicas at "
+                                     "once; further callers wait on the front door, interactive before batch "
+                                     "(Ray Serve's queues are first come, first served), and are never sent if "
+                                     "their deadline passes meanwhile. Enough to keep every replica's batches "
+                                     "full (max_batch_size x instances per replica) and no more: calls beyond "
+                                     "that queue on the replicas in arrival order, out of priority's reach")
     cnn: CnnDeploymentSettings = CnnDeploymentSettings()
     vlm: VlmDeploymentSettings = VlmDeploymentSettings()

@@ -2,8 +2,11 @@
 
 ``CnnStage`` replicas each hold one ONNX Runtime session (the CUDA provider where the replica got a
 GPU) and batch with ``@serve.batch`` using the ServeConfig's ``batching`` limits; they decode
-too when the front door sends encoded bytes. ``VlmStage`` wraps the vLLM client and its server
-pool, so its replicas and concurrency are set apart from the CNN's. The CNN stage is the
+too when the front door sends encoded bytes, under the same decode limits as the local engine
+(``LimitsConfig.decode_limits``). ``VlmStage`` wraps the vLLM client and its server pool, so its
+replicas and concurrency are set apart from the CNN's; its errors cross to the front door as the
+client's own exceptions. Replicas take messages up to ``limits.max_message_bytes`` (Serve's
+replica gRPC would refuse anything over 4 MiB). The CNN stage is the
 application's ingress (``describe()`` tells an attaching front door what it serves); front
 doors call both deployments directly through their handles.
 
@@ -14,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,12 +24,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from catcascade.serving.config import ServeConfig
+from catcascade.serving.engines.ray_config import GRPC_LIMIT_ENV, grpc_message_limit
 
 CNN_DEPLOYMENT = "CnnStage"
 VLM_DEPLOYMENT = "VlmStage"
 # Replicas run user code on the replica's own event loop (not a second thread): one thread
 # hop less per call. Model runs and decoding go to thread pools, so the loop never blocks.
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+
+
+def replica_env(cfg: ServeConfig) -> dict[str, str]:
+    """Environment of every replica: REPLICA_ENV, and a gRPC message limit that lets through
+    any request the front door accepts."""
+    return dict(REPLICA_ENV, **{GRPC_LIMIT_ENV: str(grpc_message_limit(cfg.limits.max_message_bytes))})
 
 
 @dataclass(frozen=True)
@@ -40,20 +49,9 @@ class ReplicaAnswer:
     batch_size: int = 0
     decode_ms: float = 0.0
     error: str | None = None
+    error_reason: str = "invalid"
+    """InvalidImageError.reason of a refusal (its metrics label)."""
     replica: str = ""
-
-
-def vlm_client_config(cfg: ServeConfig, bundle):
-    """The vLLM client settings app.py would use for the same config and bundle."""
-    from catcascade.vlm_stage.vllm_client import VlmClientConfig
-
-    spec = bundle.manifest.vlm
-    if spec is None and cfg.vlm.model is None:
-        raise ValueError(f"bundle {bundle.root} has no vlm section: set vlm.model, or serve CNN-only")
-    mode = cfg.vlm.scoring_mode or (spec.scoring_mode if spec else "multiple_choice")
-    return VlmClientConfig(urls=cfg.vlm.urls, model=cfg.vlm.model or spec.adapter_name or spec.served_model_name,
-                           scoring_mode=mode, timeout_s=cfg.vlm.timeout_s, max_retries=cfg.vlm.max_retries,
-                           constraint=cfg.vlm.constraint)
 
 
 class _CnnReplica:
@@ -62,8 +60,7 @@ class _CnnReplica:
     def __init__(self, serve_config: dict, vlm=None):
         """``vlm``: the VlmStage handle when the application has one (bound here so that both
         deployments form one application; front doors call it directly)."""
-        from catcascade.cnn_stage.onnx_runtime import OnnxClassifier, OverlapAwareClassifier, cuda_available
-        from catcascade.cnn_stage.preprocessing import DecodeLimits
+        from catcascade.cnn_stage.onnx_runtime import make_classifier
         from catcascade.ensemble.bundle import load_bundle
 
         cfg = ServeConfig.model_validate(serve_config)
@@ -71,15 +68,10 @@ class _CnnReplica:
         path = bundle.cnn_int8_path if cfg.cnn_precision == "int8" else bundle.cnn_path
         if path is None:
             raise ValueError(f"bundle {bundle.root} has no INT8 model")
-        instances, threads = cfg.batching.instances, cfg.ray.cnn.threads or cfg.cnn_threads
-        if instances > 1 and threads is None and not cuda_available():
-            self.model = OverlapAwareClassifier(path, allow_spinning=cfg.cnn_spinning)
-        else:
-            self.model = OnnxClassifier(path, intra_op_threads=threads or max(1, (os.cpu_count() or 1) // instances),
-                                        allow_spinning=cfg.cnn_spinning)
-        lim = cfg.limits
-        self.preprocess_config = dataclasses.replace(bundle.preprocess, limits=DecodeLimits(
-            max_bytes=lim.max_message_bytes, max_pixels=lim.max_pixels, max_side=lim.max_side))
+        instances = cfg.batching.instances
+        self.model = make_classifier(path, instances=instances, threads=cfg.ray.cnn.threads or cfg.cnn_threads,
+                                     spinning=cfg.cnn_spinning)
+        self.preprocess_config = dataclasses.replace(bundle.preprocess, limits=cfg.limits.decode_limits())
         self.info = {"bundle": bundle.version_string, "labels": list(bundle.manifest.labels), "has_vlm": vlm is not None,
                      "precision": cfg.cnn_precision, "providers": list(getattr(self.model, "providers", []))}
         self._model_pool = ThreadPoolExecutor(instances, thread_name_prefix="cnn")
@@ -109,7 +101,7 @@ class _CnnReplica:
             x = await asyncio.get_running_loop().run_in_executor(self._decode_pool, load_and_preprocess, data,
                                                                  self.preprocess_config)
         except InvalidImageError as e:
-            return ReplicaAnswer(None, error=str(e))
+            return ReplicaAnswer(None, error=str(e), error_reason=e.reason)
         t1 = time.perf_counter()
         answer = await self._run_batch((x, t1))
         return dataclasses.replace(answer, decode_ms=(t1 - t0) * 1000.0)
@@ -138,55 +130,42 @@ def _cnn_class(max_batch_size: int, wait_s: float, instances: int) -> type:
 
 
 class VlmStage:
-    """The vLLM client (and its pool of vLLM servers) as a deployment. Errors come back as
-    values, so the front door raises the same exception types as with the local engine."""
+    """The vLLM client (and its pool of vLLM servers) as a deployment. Its errors (VlmUnavailableError,
+    ScoringError, RationaleError: catcascade.errors.CatcascadeError) cross to the front door,
+    which raises them as the local engine would; ``priority`` and ``headers`` (the request's
+    trace context) go on to vLLM with each call."""
 
     def __init__(self, serve_config: dict):
         from catcascade.ensemble.bundle import load_bundle
+        from catcascade.serving.vlm_backend import vlm_client_config
         from catcascade.vlm_stage.vllm_client import VllmVerifier
 
         cfg = ServeConfig.model_validate(serve_config)
         self.verifier = VllmVerifier(vlm_client_config(cfg, load_bundle(cfg.bundle)))
 
-    async def verify(self, image, candidates: tuple[str, ...]):
-        from catcascade.vlm_stage.scoring import ScoringError
-        from catcascade.vlm_stage.vllm_client import VlmUnavailableError
+    async def verify(self, image, candidates: tuple[str, ...], priority: int = 0,
+                     headers: dict[str, str] | None = None):
+        return await self.verifier.verify(image, tuple(candidates), priority=priority, headers=headers)
 
-        try:
-            return "ok", await self.verifier.verify(image, tuple(candidates))
-        except ScoringError as e:
-            return "scoring", str(e)
-        except (VlmUnavailableError, OSError, ValueError) as e:
-            return "unavailable", str(e)
+    async def explain(self, image, breed: str, max_tokens: int, priority: int = 0,
+                      headers: dict[str, str] | None = None):
+        return await self.verifier.explain(image, breed, max_tokens, priority=priority, headers=headers)
 
-    async def explain(self, image, breed: str, max_tokens: int):
-        from catcascade.vlm_stage.rationale import RationaleError
-        from catcascade.vlm_stage.vllm_client import VlmUnavailableError
-
-        try:
-            return "ok", await self.verifier.explain(image, breed, max_tokens)
-        except RationaleError as e:
-            return "rationale", str(e)
-        except (VlmUnavailableError, OSError, ValueError) as e:
-            return "unavailable", str(e)
-
-    async def warm_up(self, candidates: tuple[str, ...], timeout_s: float = 180.0) -> str | None:
+    async def warm_up(self, candidates: tuple[str, ...], timeout_s: float = 180.0) -> None:
+        """One probe request with a long timeout (the first per option set pays for tokenizing)."""
         probe = self.verifier.probe(timeout_s)
         try:
             await probe.warm_up(tuple(candidates))
-            return None
-        except Exception as e:  # reported to the front door, which keeps serving CNN answers
-            return f"{type(e).__name__}: {e}"
         finally:
             await probe.aclose()
 
 
-def _deployment_options(settings, batching) -> dict:
+def _deployment_options(settings, batching, env: dict[str, str] = REPLICA_ENV) -> dict:
     opts = {"name": CNN_DEPLOYMENT, "max_ongoing_requests": max(settings.max_ongoing_requests,
                                                               batching.max_batch_size * batching.instances),
             "max_queued_requests": settings.max_queued_requests,
             "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus,
-                                  "runtime_env": {"env_vars": REPLICA_ENV}}}
+                                  "runtime_env": {"env_vars": env}}}
     if settings.num_replicas is not None:
         opts["num_replicas"] = settings.num_replicas
     else:
@@ -202,6 +181,7 @@ def build_application(cfg: ServeConfig):
         raise ValueError("engine ray serves the VLM through vLLM (vlm.urls) or not at all; "
                          "the in-process transformers backend is for the local engine")
     vlm = None
+    env = replica_env(cfg)
     # Replicas load the bundle themselves (its path must exist on every node); TLS files and
     # tokens belong to the front door and never travel to the cluster.
     config = cfg.model_dump(mode="json", exclude={"tls", "auth"})
@@ -210,10 +190,10 @@ def build_application(cfg: ServeConfig):
         vlm = serve.deployment(VlmStage, name=VLM_DEPLOYMENT, num_replicas=v.num_replicas,
                                max_ongoing_requests=v.max_ongoing_requests,
                                ray_actor_options={"num_cpus": v.num_cpus,
-                                                  "runtime_env": {"env_vars": REPLICA_ENV}}).bind(config)
+                                                  "runtime_env": {"env_vars": env}}).bind(config)
     b = cfg.batching
     cnn = serve.deployment(_cnn_class(b.max_batch_size, b.max_queue_delay_ms / 1000.0, b.instances),
-                           **_deployment_options(cfg.ray.cnn, b))
+                           **_deployment_options(cfg.ray.cnn, b, env))
     return cnn.bind(config, vlm)
 
 

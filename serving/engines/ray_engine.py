@@ -6,7 +6,10 @@ Calls go straight to each deployment's replicas over Serve's gRPC transport
 (``_by_reference=False``): on this machine that halved the hop against the default object-ref
 path (benchmarks/ray_hop.py). A CNN call whose replica dies is retried (``ray.request_retries``;
 inference is idempotent), then fails with UNAVAILABLE; the client's deadline cancels it
-throughout, so nothing outlives it.
+throughout, so nothing outlives it. Each front door keeps at most ``ray.max_calls_in_flight``
+CNN calls on the replicas; callers beyond wait here, interactive first (Ray Serve's own queues
+are FIFO), and a call whose deadline passes while it waits is never sent. Project errors raised
+on a replica (catcascade.errors.CatcascadeError) are raised again here as themselves.
 """
 from __future__ import annotations
 
@@ -16,13 +19,16 @@ import os
 import socket
 import threading
 import time
+from typing import Callable, Mapping
 
 import numpy as np
 
-from catcascade.serving.batcher import QueueFullError
+from catcascade.errors import CatcascadeError
+from catcascade.serving.batcher import DeadlineUnmeetableError, QueueFullError
 from catcascade.serving.config import ServeConfig
 from catcascade.serving.engines.cnn_engine import EncodedResult, EngineUnavailableError
-from catcascade.serving.engines.ray_config import RayEngineConfig
+from catcascade.serving.engines.ray_config import GRPC_LIMIT_ENV, RayEngineConfig, grpc_message_limit
+from catcascade.serving.traffic.priorities import PrioritySlots
 
 log = logging.getLogger(__name__)
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -73,10 +79,20 @@ def _in_thread(fn, timeout_s: float, what: str):
     return box.get("value")
 
 
-def connect(cfg: RayEngineConfig) -> bool:
+def raise_grpc_message_limit(limit: int) -> None:
+    """This process's Serve handles accept answers up to ``limit`` bytes. Effective only before
+    ray.serve is first imported here; the answers (logits, scores) are small either way. The
+    replicas get theirs from their runtime_env (ray_deployments.replica_env)."""
+    if int(os.environ.get(GRPC_LIMIT_ENV, "0") or 0) < limit:
+        os.environ[GRPC_LIMIT_ENV] = str(limit)
+
+
+def connect(cfg: RayEngineConfig, max_message_bytes: int | None = None) -> bool:
     """Joins the cluster (or starts a local Ray when no address is set); True if this call
     started Ray here, so closing should stop it."""
     prefer_loopback(cfg.address)
+    if max_message_bytes is not None:
+        raise_grpc_message_limit(grpc_message_limit(max_message_bytes))
     try:
         import ray
     except ImportError:
@@ -121,26 +137,54 @@ def deploy_or_attach(cfg: ServeConfig, bundle_version: str):
     return handle, info
 
 
-class RayCnnEngine:
-    """The CNN stage on Ray Serve, with the local batcher's interface (``submit``) and, when the
-    replicas decode, ``submit_encoded``. ``on_batch`` sees each request's batch size (batches
-    form on the replicas, out of sight of any one front door)."""
+def _failure(error: BaseException) -> BaseException | None:
+    """What a failed replica call raises here, or None when the replica died or could not be
+    reached (another may answer). A project error raised on the replica comes back as itself
+    (Ray wraps errors it carries by reference in a RayTaskError; its gRPC transport sends them
+    as they are); a bug in the replica's code stays what Ray made of it: an internal error."""
+    import grpc
+    from ray import exceptions as rex
 
-    def __init__(self, handle, decodes_images: bool, retries: int = 1, on_batch=None):
+    cause = error.cause if isinstance(error, rex.RayTaskError) else error
+    if isinstance(cause, CatcascadeError):
+        return cause
+    if isinstance(error, rex.RayTaskError) or not isinstance(error, (rex.RayError, grpc.aio.AioRpcError,
+                                                                        ConnectionError)):
+        return error
+    return None
+
+
+def _too_large(error: BaseException) -> bool:
+    """Serve's gRPC refused the message for its size: the same call would fail on any replica."""
+    import grpc
+
+    return isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class RayCnnEngine:
+    """The CNN stage on Ray Serve (serving.engines.cnn_engine.CnnEngine): ``submit`` sends a
+    tensor the front door decoded, ``submit_encoded`` the image's bytes for the replica to decode
+    (``decodes_images``). At most ``max_calls_in_flight`` calls are on the replicas at once; the
+    callers beyond wait in ``slots``, lowest priority value first. ``on_batch`` sees each
+    request's batch size (batches form on the replicas, out of sight of any one front door)."""
+
+    def __init__(self, handle, decodes_images: bool, retries: int = 1, on_batch=None,
+                 max_calls_in_flight: int = 32, max_waiting: int = 256):
         self.handle = handle.options(_by_reference=False)
         self.decodes_images = decodes_images
         self.retries = retries
         self.on_batch = on_batch
-        self.inflight = 0
+        self.slots = PrioritySlots(max_calls_in_flight, max_waiting)
         self.retried = 0
 
     @property
     def depth(self) -> int:
-        return self.inflight
+        """Calls waiting here for a slot plus those on the replicas."""
+        return self.slots.waiting + self.slots.in_use
 
     @property
     def running(self) -> int:
-        return self.inflight
+        return self.slots.in_use
 
     async def start(self) -> None:
         """Nothing to start: the replicas live on the cluster."""
@@ -149,41 +193,55 @@ class RayCnnEngine:
         """Nothing to stop: other front doors may share the replicas."""
 
     async def submit(self, x: np.ndarray, priority: int = 0, deadline: float | None = None) -> EncodedResult:
-        """``priority`` and ``deadline`` are accepted for the interface and not used: Ray
-        Serve's queues are FIFO and shed by their own length."""
-        return await self._call("classify_tensor", x)
+        return await self._call("classify_tensor", x, priority, deadline)
 
-    async def submit_encoded(self, data: bytes) -> EncodedResult:
-        return await self._call("classify_encoded", data)
+    async def submit_encoded(self, data: bytes, priority: int = 0, deadline: float | None = None) -> EncodedResult:
+        return await self._call("classify_encoded", data, priority, deadline)
 
-    async def _call(self, method: str, payload) -> EncodedResult:
-        import grpc
-        from ray import exceptions as rex
+    async def _slot(self, priority: int, deadline: float | None) -> None:
+        """Waits for a call slot, or refuses: QueueFullError when too many wait already,
+        DeadlineUnmeetableError when the deadline passes first."""
+        if self.slots.try_acquire():
+            return
+        if self.slots.waiting >= self.slots.max_waiting:
+            raise QueueFullError(f"{self.slots.waiting} CNN calls already wait for the Ray replicas")
+        timeout = None if deadline is None else deadline - time.monotonic()
+        if not await self.slots.acquire(priority, timeout):
+            raise DeadlineUnmeetableError("the deadline passed while waiting for a CNN replica")
+
+    async def _call(self, method: str, payload, priority: int, deadline: float | None) -> EncodedResult:
         from ray.serve.exceptions import BackPressureError
 
         from catcascade.cnn_stage.preprocessing import InvalidImageError
 
-        self.inflight += 1
+        await self._slot(priority, deadline)
         try:
             for attempt in range(self.retries + 1):
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise DeadlineUnmeetableError("the deadline passed before the CNN call was sent")
                 t0 = time.perf_counter()
                 try:
                     answer = await getattr(self.handle, method).remote(payload)
                     break
                 except BackPressureError as e:
                     raise QueueFullError(f"CNN replicas are saturated: {e}") from None
-                except rex.RayTaskError:
-                    raise  # a bug in the replica's code, not an outage: INTERNAL
-                except (rex.RayError, grpc.aio.AioRpcError, ConnectionError) as e:  # replica died or unreachable
+                except Exception as e:
+                    if _too_large(e):  # not an outage: no replica would take it
+                        raise InvalidImageError(f"the request ({len(payload)} bytes) is larger than the CNN "
+                                                "replicas accept (their limit follows limits.max_message_bytes "
+                                                "of the front door that deployed them)", "bytes") from None
+                    failure = _failure(e)
+                    if failure is not None:
+                        raise failure from None
                     if attempt >= self.retries:
                         raise EngineUnavailableError(f"CNN stage unavailable: {type(e).__name__}: "
                                                      f"{str(e)[:200]}") from None
                     self.retried += 1
                     log.warning("CNN replica call failed (%s); retrying on another replica", type(e).__name__)
         finally:
-            self.inflight -= 1
+            self.slots.release()
         if answer.error is not None:
-            raise InvalidImageError(answer.error)
+            raise InvalidImageError(answer.error, answer.error_reason)
         total_ms = (time.perf_counter() - t0) * 1000.0
         if self.on_batch is not None:
             self.on_batch(answer.batch_size)
@@ -192,58 +250,61 @@ class RayCnnEngine:
                              answer.compute_ms, answer.batch_size, answer.decode_ms)
 
 
-class RayVerifier:
-    """The VlmStage deployment behind the pipeline's Verifier interface; raises the same
-    exceptions as the local vLLM client, so breaker and reasons behave alike."""
+def _bounded_for_vlm(image, max_side: int):
+    """The copy the vLLM client would send anyway (it shrinks to ``max_side`` the same way), so
+    the image crossing to the replica stays small whatever was uploaded."""
+    from PIL import Image
 
-    def __init__(self, handle, config):
+    if max(image.size) <= max_side:
+        return image
+    image = image.copy()
+    image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    return image
+
+
+class RayVerifier:
+    """The VlmStage deployment as a Verifier (serving.cascade_engine.Verifier): priority and
+    trace headers travel with each call, and the replica's errors come back as the local vLLM
+    client's own exceptions, so breaker and reasons behave alike. ``request_headers`` is called
+    per call on the front door (the current span's trace context); per-call ``headers`` add to it."""
+
+    def __init__(self, handle, config, request_headers: Callable[[], Mapping[str, str]] | None = None):
         self.handle = handle.options(_by_reference=False)
         self.config = config
+        self.request_headers = request_headers
 
-    async def verify(self, image, candidates):
-        import grpc
-        from ray import exceptions as rex
+    @property
+    def model_name(self) -> str:
+        return self.config.model
 
-        from catcascade.vlm_stage.scoring import ScoringError
+    def _headers(self, headers: Mapping[str, str] | None) -> dict[str, str] | None:
+        merged = dict(self.request_headers()) if self.request_headers is not None else {}
+        merged.update(headers or {})
+        return merged or None
+
+    async def _call(self, method: str, *args, **kwargs):
         from catcascade.vlm_stage.vllm_client import VlmUnavailableError
 
         try:
-            kind, value = await self.handle.verify.remote(image, tuple(candidates))
-        except rex.RayTaskError:
-            raise
-        except (rex.RayError, grpc.aio.AioRpcError, ConnectionError) as e:
+            return await getattr(self.handle, method).remote(*args, **kwargs)
+        except Exception as e:
+            failure = _failure(e)
+            if failure is not None:
+                raise failure from None
             raise VlmUnavailableError(f"VLM deployment unreachable: {type(e).__name__}: {str(e)[:200]}") from None
-        if kind == "scoring":
-            raise ScoringError(value)
-        if kind == "unavailable":
-            raise VlmUnavailableError(value)
-        return value
 
-    async def explain(self, image, breed: str, max_tokens: int):
-        import grpc
-        from ray import exceptions as rex
+    async def verify(self, image, candidates: tuple[str, ...], *, priority: int = 0,
+                     headers: Mapping[str, str] | None = None):
+        return await self._call("verify", _bounded_for_vlm(image, self.config.max_image_side), tuple(candidates),
+                                priority=int(priority), headers=self._headers(headers))
 
-        from catcascade.vlm_stage.rationale import RationaleError
-        from catcascade.vlm_stage.vllm_client import VlmUnavailableError
-
-        try:
-            kind, value = await self.handle.explain.remote(image, breed, max_tokens)
-        except rex.RayTaskError:
-            raise
-        except (rex.RayError, grpc.aio.AioRpcError, ConnectionError) as e:
-            raise VlmUnavailableError(f"VLM deployment unreachable: {type(e).__name__}: {str(e)[:200]}") from None
-        if kind == "rationale":
-            raise RationaleError(value)
-        if kind == "unavailable":
-            raise VlmUnavailableError(value)
-        return value
+    async def explain(self, image, breed: str, max_tokens: int, *, priority: int = 0,
+                      headers: Mapping[str, str] | None = None):
+        return await self._call("explain", _bounded_for_vlm(image, self.config.max_image_side), breed, max_tokens,
+                                priority=int(priority), headers=self._headers(headers))
 
     async def warm_up(self, candidates: tuple[str, ...]) -> None:
-        from catcascade.vlm_stage.vllm_client import VlmUnavailableError
-
-        error = await self.handle.warm_up.remote(tuple(candidates))
-        if error:
-            raise VlmUnavailableError(error)
+        await self._call("warm_up", tuple(candidates))
 
     async def aclose(self) -> None:
         """The deployment outlives this front door."""
@@ -267,9 +328,11 @@ class RayStages:
             await asyncio.to_thread(ray.shutdown)
 
 
-async def open_ray_stages(cfg: ServeConfig, bundle, on_batch=None) -> RayStages:
-    """Joins the cluster, deploys or attaches to the application, returns the stages."""
-    owns = await asyncio.to_thread(connect, cfg.ray)
+async def open_ray_stages(cfg: ServeConfig, bundle, on_batch=None,
+                          request_headers: Callable[[], Mapping[str, str]] | None = None) -> RayStages:
+    """Joins the cluster, deploys or attaches to the application, returns the stages.
+    ``request_headers``: the trace context to send with each VLM call (the tracing's)."""
+    owns = await asyncio.to_thread(connect, cfg.ray, cfg.limits.max_message_bytes)
     handle, info = await asyncio.to_thread(deploy_or_attach, cfg, bundle.version_string)
     verifier = None
     if cfg.vlm.backend == "vllm":
@@ -278,12 +341,15 @@ async def open_ray_stages(cfg: ServeConfig, bundle, on_batch=None) -> RayStages:
                              "is configured with vlm.urls")
         from ray import serve
 
-        from catcascade.serving.engines.ray_deployments import VLM_DEPLOYMENT, vlm_client_config
+        from catcascade.serving.engines.ray_deployments import VLM_DEPLOYMENT
+        from catcascade.serving.vlm_backend import vlm_client_config
 
         vlm_handle = serve.get_deployment_handle(VLM_DEPLOYMENT, cfg.ray.app_name)
-        verifier = RayVerifier(vlm_handle, vlm_client_config(cfg, bundle))
+        verifier = RayVerifier(vlm_handle, vlm_client_config(cfg, bundle), request_headers)
+    queued = cfg.ray.cnn.max_queued_requests
     cnn = RayCnnEngine(handle, decodes_images=cfg.ray.decode == "replica", retries=cfg.ray.request_retries,
-                       on_batch=on_batch)
+                       on_batch=on_batch, max_calls_in_flight=cfg.ray.max_calls_in_flight,
+                       max_waiting=queued if queued >= 0 else 1 << 30)
     log.info("Ray engine ready: application %r, bundle %s, decode on the %s", cfg.ray.app_name, info["bundle"],
              cfg.ray.decode)
     return RayStages(cnn, verifier, info, owns)

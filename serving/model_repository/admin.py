@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from catcascade.serving.api import cascade_pb2 as pb
 from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
-from catcascade.serving.auth import BearerTokenInterceptor
+from catcascade.serving.front_door.authentication import Authenticator, BearerTokenInterceptor
 from catcascade.serving.model_repository.loading import VersionRejected
 from catcascade.serving.model_repository.router import MODES, ModelRouter, ReloadOutcome
 
@@ -116,7 +116,7 @@ async def run_admin_server(router: ModelRouter, host: str, port: int, tokens: li
                          f"{len(shared)} token(s) appear in both")
     from catcascade.serving.server import EXCLUSIVE_PORT, bind_port
 
-    server = grpc.aio.server(interceptors=[BearerTokenInterceptor(tokens)], options=EXCLUSIVE_PORT)
+    server = grpc.aio.server(interceptors=[BearerTokenInterceptor(Authenticator(tokens))], options=EXCLUSIVE_PORT)
     pb_grpc.add_ModelAdminServicer_to_server(ModelAdminServicer(router), server)
     reflection.enable_server_reflection((ADMIN_SERVICE_NAME, reflection.SERVICE_NAME), server)
     bound = bind_port(server, f"{host}:{port}", tls, "the ModelAdmin server")

@@ -23,6 +23,8 @@ from catcascade.ensemble.bundle import BundleError, ChecksumMismatch, load_bundl
 from catcascade.ensemble.escalation_policy import EscalationMode
 from catcascade.errors import CatcascadeError
 from catcascade.serving.api import cascade_pb2 as pb
+from catcascade.serving.cascade_engine import ClassifyRequest
+from catcascade.serving.pipeline import CascadePipeline
 from catcascade.serving.model_repository.repository import Fingerprint, version_fingerprint
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ class ServedVersion:
 
     name: str
     fingerprint: Fingerprint
-    pipeline: Any
+    pipeline: CascadePipeline
     versions: pb.ModelVersions
     info: pb.ModelInfo
     adapter: str | None
@@ -120,8 +122,8 @@ async def warm_up(pipeline, labels: list[str], preprocess_config, batches: int) 
     that the model gives one finite score per label. Raises VersionRejected-ready errors:
     ValueError for outputs that do not match the labels."""
     x = preprocess(Image.new("RGB", (preprocess_config.image_size,) * 2, (128, 128, 128)), preprocess_config)
-    cnn = getattr(pipeline, "cnn", None)
-    if cnn is not None and hasattr(cnn, "submit"):
+    cnn = pipeline.cnn
+    if not cnn.decodes_images:
         for i in range(batches):
             results = await asyncio.gather(*(cnn.submit(x) for _ in range(min(2**i, 16))))
             for res in results:
@@ -131,13 +133,14 @@ async def warm_up(pipeline, labels: list[str], preprocess_config, batches: int) 
                                      f"manifest lists {len(labels)} labels")
                 if not np.all(np.isfinite(out)):
                     raise ValueError("the CNN outputs non-finite scores")
-    await pipeline.classify(_png(preprocess_config.image_size), None, EscalationMode.NEVER, None)
+    await pipeline.classify(ClassifyRequest(_png(preprocess_config.image_size), mode=EscalationMode.NEVER, tenant=None))
 
 
 async def load_version(name: str, repository: Path, cfg, metrics, factory: Callable, adapters=None,
                        warmup_batches: int = 2, live: bool = True) -> ServedVersion:
-    """Loads ``repository/name`` with ``factory`` (serving.app.build_cascade: an async context
-    manager over (config, metrics) yielding (pipeline, versions, info)); raises VersionRejected.
+    """Loads and verifies ``repository/name`` once, then builds it with ``factory``
+    (serving.engine_builder.build_engine: an async context manager over (config, bundle,
+    metrics) yielding the engine); raises VersionRejected.
 
     A candidate (``live=False``) is built with ONNX Runtime's thread spinning off: spinning
     threads of a second session steal the cores the live version needs between its batches
@@ -167,7 +170,7 @@ async def load_version(name: str, repository: Path, cfg, metrics, factory: Calla
     stack = contextlib.AsyncExitStack()
     try:
         try:
-            pipeline, versions, info = await stack.enter_async_context(factory(cfg.model_copy(update=update), metrics))
+            pipeline = await stack.enter_async_context(factory(cfg.model_copy(update=update), bundle, metrics))
         except BundleError as e:
             raise VersionRejected(name, _bundle_reason(e), str(e)) from None
         except Exception as e:
@@ -186,9 +189,9 @@ async def load_version(name: str, repository: Path, cfg, metrics, factory: Calla
             await adapters.release(adapter)
         raise
     v = pb.ModelVersions()
-    v.CopyFrom(versions)
+    v.CopyFrom(pipeline.identity.versions)
     v.model_version = name
     i = pb.ModelInfo()
-    i.CopyFrom(info)
+    i.CopyFrom(pipeline.identity.info)
     i.versions.CopyFrom(v)
     return ServedVersion(name, fingerprint, pipeline, v, i, adapter, stack, spinning)

@@ -1,8 +1,9 @@
 """Routes each request to the live version or the candidate, and swaps versions without
 dropping any.
 
-The router stands where the servicer expects a CascadePipeline. A request picks its version
-once, when it arrives, and finishes on it whatever happens next: a swap only changes which
+The router is the front door's VersionRouter for a repository (and a CascadeEngine itself, for
+callers without a front door). A request picks its version once, when it arrives (``route``),
+and finishes on it whatever happens next: a swap only changes which
 version the *next* request picks, and the replaced version is released after its last
 request (bounded by ``drain_timeout_s``). A new version takes traffic only once it is loaded,
 verified and warmed (serving.model_repository.loading); if it cannot be, the version that
@@ -11,6 +12,8 @@ was serving goes on serving.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,8 +21,9 @@ from pathlib import Path
 from typing import Callable
 
 from catcascade.cnn_stage.preprocessing import InvalidImageError
-from catcascade.ensemble.escalation_policy import EscalationMode
 from catcascade.serving.api import cascade_pb2 as pb
+from catcascade.serving.cascade_engine import CascadeEngine, CascadeResult, ClassifyRequest, EngineIdentity
+from catcascade.serving.front_door.routing import Route
 from catcascade.serving.model_repository.agreement import AgreementWindow
 from catcascade.serving.model_repository.config import ModelsConfig, Routing, RoutingFileEmpty, read_routing, write_routing
 from catcascade.serving.model_repository.loading import ServedVersion, VersionRejected, load_version
@@ -30,20 +34,6 @@ from catcascade.serving.pipeline import DeadlineExceededError
 
 log = logging.getLogger(__name__)
 MODES = {"canary": pb.TRAFFIC_MODE_CANARY, "shadow": pb.TRAFFIC_MODE_SHADOW}
-
-
-class RoutedResult:
-    """A pipeline result tagged with the exact versions that produced it (read by the
-    servicer as ``result.versions``); everything else is the result's own."""
-
-    __slots__ = ("result", "versions")
-
-    def __init__(self, result, versions: pb.ModelVersions):
-        self.result = result
-        self.versions = versions
-
-    def __getattr__(self, name):
-        return getattr(self.result, name)
 
 
 @dataclass
@@ -59,7 +49,7 @@ class ModelRouter:
 
     def __init__(self, models: ModelsConfig, cfg, metrics, factory: Callable, adapters=None):
         """``cfg`` is the ServeConfig each version is built with (its bundle replaced by the
-        version's folder); ``factory`` is serving.app.build_cascade."""
+        version's folder); ``factory`` is serving.engine_builder.build_engine."""
         self.models = models
         self.cfg = cfg
         self.service_metrics = metrics
@@ -82,31 +72,30 @@ class ModelRouter:
         self.watcher = None
         self.admin_port: int | None = None
 
-    # --- what the servicer and the health tracker read from a pipeline -------------------
+    # --- the front door's VersionRouter, and the CascadeEngine interface -----------------
+
+    def live_engine(self) -> CascadeEngine:
+        return self.live.pipeline
 
     @property
     def labels(self) -> list[str]:
         return self.live.pipeline.labels
 
     @property
-    def verifier(self):
-        return self.live.pipeline.verifier
+    def identity(self) -> EngineIdentity:
+        """The live version's, with the candidate in its info."""
+        return EngineIdentity(self.live.routed_versions("live"), self.model_info(), self.live.pipeline.identity.content_key,
+                              self.live.pipeline.identity.confidence_reference)
 
-    @property
-    def breaker(self):
-        return self.live.pipeline.breaker
+    def vlm_serving(self) -> bool:
+        return self.live.pipeline.vlm_serving()
 
-    @property
-    def versions(self) -> pb.ModelVersions:
-        return self.live.routed_versions("live")
-
-    @property
     def model_info(self) -> pb.ModelInfo:
         """The live version's info, with the candidate and its share."""
         if self._model_info is None:
             info = pb.ModelInfo()
             info.CopyFrom(self.live.info)
-            info.versions.CopyFrom(self.versions)
+            info.versions.CopyFrom(self.live.routed_versions("live"))
             if self.candidate is not None:
                 info.candidate.CopyFrom(self.candidate.versions)
                 info.candidate_mode = MODES[self.routing.mode]
@@ -114,36 +103,41 @@ class ModelRouter:
             self._model_info = info
         return self._model_info
 
-    def __getattr__(self, name):
-        # Anything else a pipeline has (config, preprocess_config, counters...) is the live one's.
-        if name.startswith("_") or self.__dict__.get("live") is None:
-            raise AttributeError(name)
-        return getattr(self.live.pipeline, name)
-
     # --- requests ------------------------------------------------------------------------
 
-    async def classify(self, data: bytes, k: int | None = None, mode: EscalationMode = EscalationMode.AUTO,
-                       deadline: float | None = None, **kwargs):
-        """Classifies on the version this request is routed to; in shadow mode, a copy of it
-        then runs on the candidate in the background."""
+    def route(self, request: ClassifyRequest) -> Route:
+        """The version ``request`` runs on: the candidate for a canary's share of the images,
+        else the live version; in shadow mode, the candidate's share also gets a copy."""
         live, candidate, routing = self.live, self.candidate, self.routing
-        version, route = live, "live"
-        picked = candidate is not None and in_share(data, routing.share, routing.seed)
+        version, name = live, "live"
+        picked = candidate is not None and in_share(request.image, routing.share, routing.seed)
         if picked and routing.mode == "canary":
-            version, route = candidate, "canary"
+            version, name = candidate, "canary"
+        shadow = candidate if picked and routing.mode == "shadow" else None
+        return Route(version.pipeline, version.routed_versions(name),
+                     functools.partial(self._run, version, name, shadow))
+
+    async def classify(self, request: ClassifyRequest) -> CascadeResult:
+        return await self.route(request).run(request)
+
+    async def _run(self, version: ServedVersion, route: str, shadow: ServedVersion | None,
+                   request: ClassifyRequest) -> CascadeResult:
         version.enter()
         try:
-            result = await version.pipeline.classify(data, k, mode, deadline, **kwargs)
+            result = await version.pipeline.classify(request)
         except BaseException as e:
             self._count_error(version, route, e)
             raise
         finally:
             version.exit()
         self._count(version, route, result)
-        if picked and routing.mode == "shadow":  # a rationale nobody reads is not worth a VLM call
-            self._shadow(candidate, result, data, k, mode,
-                         {n: v for n, v in kwargs.items() if n not in ("explain", "on_cnn_done")})
-        return RoutedResult(result, version.routed_versions(route))
+        result = dataclasses.replace(result, versions=version.routed_versions(route))
+        if shadow is not None:
+            # No client waits on the copy, and no tenant pays for it: no deadline, no budget, no
+            # rationale nobody reads, no admission ticket.
+            self._shadow(shadow, result, dataclasses.replace(request, deadline=None, tenant=None, explain=False,
+                                                             on_cnn_done=None))
+        return result
 
     def _stats(self, version: ServedVersion):
         """The window's counters for ``version``; None for a version already replaced."""
@@ -170,7 +164,7 @@ class ModelRouter:
         if stats is not None and not isinstance(e, (InvalidImageError, DeadlineExceededError, asyncio.CancelledError)):
             stats.record_error()  # a bad image or a client that gave up says nothing about the version
 
-    def _shadow(self, candidate: ServedVersion, live_result, data: bytes, k, mode, kwargs) -> None:
+    def _shadow(self, candidate: ServedVersion, live_result: CascadeResult, request: ClassifyRequest) -> None:
         if self._shadow_inflight >= self.models.shadow_max_concurrency:
             self.metrics.shadow_dropped.labels(candidate.name).inc()
             if candidate is self.candidate:
@@ -178,16 +172,15 @@ class ModelRouter:
             return
         self._shadow_inflight += 1
         candidate.enter()
-        self._spawn(self._run_shadow(candidate, self.window, live_result, data, k, mode, kwargs), self._shadows)
+        self._spawn(self._run_shadow(candidate, self.window, live_result, request), self._shadows)
 
-    async def _run_shadow(self, candidate: ServedVersion, window: AgreementWindow, live_result, data: bytes, k, mode,
-                          kwargs) -> None:
+    async def _run_shadow(self, candidate: ServedVersion, window: AgreementWindow, live_result: CascadeResult,
+                          request: ClassifyRequest) -> None:
         """The candidate's answer to a copy of a live request: counted and compared (in the
         window it started in, if still open), never returned. No client deadline applies;
         ``shadow_timeout_s`` bounds it."""
         try:
-            result = await asyncio.wait_for(candidate.pipeline.classify(data, k, mode, None, **kwargs),
-                                            self.models.shadow_timeout_s)
+            result = await asyncio.wait_for(candidate.pipeline.classify(request), self.models.shadow_timeout_s)
         except Exception as e:
             self._count_error(candidate, "shadow", e)
             log.debug("shadow copy on %s failed: %r", candidate.name, e)
@@ -350,9 +343,9 @@ class ModelRouter:
     def _point_gauges(self) -> None:
         """The service's CNN and VLM gauges follow the live version."""
         m = self.service_metrics
-        m.queue_depth.set_function(lambda: getattr(getattr(self.live.pipeline, "cnn", None), "depth", 0))
-        m.batches_running.set_function(lambda: getattr(getattr(self.live.pipeline, "cnn", None), "running", 0))
-        m.inflight_escalations.set_function(lambda: getattr(self.live.pipeline, "inflight_escalations", 0))
+        m.queue_depth.set_function(lambda: self.live.pipeline.cnn.depth if self.live else 0)
+        m.batches_running.set_function(lambda: self.live.pipeline.cnn.running if self.live else 0)
+        m.inflight_escalations.set_function(lambda: self.live.pipeline.inflight_escalations if self.live else 0)
 
     async def _retire(self, version: ServedVersion) -> None:
         if not await version.drain(self.models.drain_timeout_s):

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 @contextlib.asynccontextmanager
 async def routed_pipeline(cfg, metrics, factory):
     """Yields a ModelRouter for ``cfg.models`` serving the routing file's live version (and
-    candidate). ``factory`` builds one version (serving.app.build_cascade). Raises
+    candidate). ``factory`` builds one version (serving.engine_builder.build_engine). Raises
     VersionRejected when the live version cannot be loaded: there is nothing to serve."""
     from catcascade.serving.model_repository.adapters import AdapterPool
     from catcascade.serving.model_repository.admin import run_admin_server

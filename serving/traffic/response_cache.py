@@ -1,10 +1,11 @@
-"""A response cache for Classify, and single-flight for identical requests in flight together.
+"""The response cache's parts: the key, a bounded LRU, and single-flight for identical requests
+in flight together (the front door's cache stage, serving/front_door/caching.py, puts them
+together per tenant and version).
 
-The key is the sha256 of the image bytes with the escalation mode, top_k and the served model
-versions, so a new bundle or adapter never answers from an old one's entries. The cache is an
-LRU bounded in entries and in bytes (the serialized size of the stored responses). Only
-complete answers are stored: a CNN-only answer given because the VLM was down, shed, out of
-deadline or out of the tenant's budget is not what the next caller should get.
+The key is the sha256 of the image bytes with the escalation mode, top_k and the answering
+version's content key, so a new bundle, calibration, policy or adapter never answers from an
+old one's entries. The LRU is bounded in entries and in bytes (the serialized size of the
+stored responses).
 
 Single-flight: while one request for a key is being computed, identical requests wait for its
 answer instead of running the models again (100 concurrent copies of one image cost one CNN
@@ -28,8 +29,8 @@ class ResponseCacheConfig(BaseModel):
 
     enabled: bool = Field(False, description="answer repeated images from memory; cached answers say so "
                           "(ClassifyResponse.cached)")
-    max_entries: int = Field(10_000, ge=1)
-    max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="bound on the stored responses' serialized size")
+    max_entries: int = Field(10_000, ge=1, description="per tenant")
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="bound on a tenant's stored responses' serialized size")
 
 
 def cache_key(image: bytes, mode: int, top_k: int, model_version: str) -> bytes:
@@ -42,13 +43,12 @@ def cache_key(image: bytes, mode: int, top_k: int, model_version: str) -> bytes:
 class ResponseCache(Generic[T]):
     """LRU over (value, size) pairs, bounded by entry count and total size."""
 
-    def __init__(self, config: ResponseCacheConfig, size_of: Callable[[T], int], registry=None):
+    def __init__(self, config: ResponseCacheConfig, size_of: Callable[[T], int]):
         self.config = config
         self._size_of = size_of
         self._entries: OrderedDict[Hashable, tuple[T, int]] = OrderedDict()
         self.bytes = 0
         self.hits = self.misses = self.shared = self.evictions = 0
-        self._metrics = _CacheMetrics(registry, self) if registry is not None else None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -57,20 +57,10 @@ class ResponseCache(Generic[T]):
         entry = self._entries.get(key)
         if entry is None:
             self.misses += 1
-            if self._metrics:
-                self._metrics.lookups.labels("miss").inc()
             return None
         self._entries.move_to_end(key)
         self.hits += 1
-        if self._metrics:
-            self._metrics.lookups.labels("hit").inc()
         return entry[0]
-
-    def count_shared(self) -> None:
-        """A request answered by an identical one in flight (single-flight), not by an entry."""
-        self.shared += 1
-        if self._metrics:
-            self._metrics.lookups.labels("shared").inc()
 
     def put(self, key: Hashable, value: T) -> bool:
         """Stores ``value``; False when it alone is larger than the byte bound."""
@@ -86,23 +76,7 @@ class ResponseCache(Generic[T]):
             _, (_, evicted) = self._entries.popitem(last=False)
             self.bytes -= evicted
             self.evictions += 1
-            if self._metrics:
-                self._metrics.evictions.inc()
         return True
-
-
-class _CacheMetrics:
-    def __init__(self, registry, cache: ResponseCache):
-        from prometheus_client import Counter, Gauge
-
-        self.lookups = Counter("catcascade_response_cache_lookups", "Response cache lookups: hit, miss, or "
-                               "shared (answered by an identical request in flight)", ["result"], registry=registry)
-        self.evictions = Counter("catcascade_response_cache_evictions", "Entries dropped to stay within the bounds",
-                                 registry=registry)
-        Gauge("catcascade_response_cache_entries", "Responses in the cache",
-              registry=registry).set_function(lambda: len(cache))
-        Gauge("catcascade_response_cache_bytes", "Serialized size of the cached responses",
-              registry=registry).set_function(lambda: cache.bytes)
 
 
 class SingleFlight(Generic[T]):

@@ -1,6 +1,7 @@
 """Per-tenant VLM budgets: each tenant may escalate at a bounded rate (a token bucket).
 
-Tenants are named by their bearer token (``auth.tenants: {name: token}`` in the ServeConfig).
+Tenants are named by their bearer token (``auth.tenants: {name: token}`` in the ServeConfig;
+serving/front_door/authentication.py reads it).
 An escalation takes one token from its tenant's bucket; with the bucket empty the answer is
 CNN-only with reason TENANT_BUDGET, so one tenant's burst of uncertain images cannot spend the
 VLM that the others share. CNN answers are never limited here (that is admission's job).
@@ -13,9 +14,7 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from catcascade.serving.auth import bearer_token
-
-ANONYMOUS = "anonymous"
+from catcascade.serving.cascade_engine import ANONYMOUS
 
 
 class TokenBucketConfig(BaseModel):
@@ -65,23 +64,18 @@ class TokenBucket:
 class TenantBudgets:
     """Resolves a request's tenant and keeps each tenant's escalation bucket."""
 
-    def __init__(self, config: TenantBudgetsConfig, tenant_tokens: dict[str, str] | None = None, registry=None,
+    def __init__(self, config: TenantBudgetsConfig, tenant_names: list[str] | None = None, registry=None,
                  clock: Callable[[], float] = time.monotonic):
-        """``tenant_tokens``: tenant name -> bearer token (``AuthConfig.tenants``)."""
+        """``tenant_names``: the tenants authentication can name (``AuthConfig.tenants``)."""
         self.config = config
-        self._by_token = {token: name for name, token in (tenant_tokens or {}).items()}
+        self._names = set(tenant_names or ())
         self._clock = clock
         self._buckets: dict[str, TokenBucket | None] = {}
         self._metrics = _TenantMetrics(registry, self) if registry is not None else None
 
     @property
     def tenants(self) -> list[str]:
-        return sorted(set(self._by_token.values()) | set(self.config.tenants) | {ANONYMOUS})
-
-    def tenant_of(self, metadata) -> str:
-        """The tenant named by the request's bearer token, else ``anonymous``."""
-        token = bearer_token(metadata)
-        return self._by_token.get(token, ANONYMOUS) if token is not None else ANONYMOUS
+        return sorted(self._names | set(self.config.tenants) | {ANONYMOUS})
 
     def bucket(self, tenant: str) -> TokenBucket | None:
         if tenant not in self._buckets:
@@ -100,6 +94,12 @@ class TenantBudgets:
         if self._metrics:
             self._metrics.escalations.labels(tenant or ANONYMOUS, "allowed" if ok else "over_budget").inc()
         return ok
+
+    def has_budget(self, tenant: str) -> bool:
+        """Whether ``tenant`` could escalate now, without spending anything (a cached escalated
+        answer is only handed to a tenant that could have paid for it)."""
+        bucket = self.bucket(tenant or ANONYMOUS)
+        return bucket is None or bucket.tokens >= 1.0
 
     def give_back(self, tenant: str) -> None:
         """Returns a token taken for an escalation that did not happen after all."""

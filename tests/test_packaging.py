@@ -1,0 +1,35 @@
+"""An installed wheel puts one top-level package into site-packages, ``catcascade``; the stage
+folders go in as its sub-packages and the benchmarks, tests and tools stay out."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_wheel_installs_one_top_level_package(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(ROOT)], check=True, cwd=tmp_path, timeout=300)
+    wheel = next(tmp_path.glob("catcascade-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"catcascade"}, top
+    for module in ("catcascade/cli.py", "catcascade/serving/pipeline.py", "catcascade/serving/front_door/chain.py",
+                   "catcascade/serving/api/cascade_pb2.py", "catcascade/serving/api/cascade_pb2.pyi",
+                   "catcascade/cnn_stage/preprocessing.py", "catcascade/vlm_stage/families/__init__.py",
+                   "catcascade/ensemble/bundle.py", "catcascade/training/train_cnn.py"):
+        assert module in names, module
+    assert not any(n.startswith(("catcascade/benchmarks/", "catcascade/tests/", "catcascade/tools/")) for n in names)
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "catcascade = catcascade.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_the_source_tree_resolves_the_installed_names():
+    import catcascade
+    import catcascade.serving.pipeline as pipeline
+
+    assert Path(pipeline.__file__).resolve() == ROOT / "serving" / "pipeline.py"
+    assert catcascade.__version__
