@@ -69,7 +69,7 @@ class _Server:
     def wait_ready(self, timeout_s: float = 300) -> None:
         import grpc
 
-        from catcascade.serving.client import CatcascadeClient
+        from catcascade.client import CatcascadeClient
 
         deadline = time.monotonic() + timeout_s
         with CatcascadeClient(self.target, timeout_s=2) as c:
@@ -110,7 +110,7 @@ def load_run(target: str, images: list[bytes], seconds: float, mode: str, concur
     (sent, latency_ms, model_version or error code, top-1 label) per request."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from catcascade.serving.client import CatcascadeClient
+    from catcascade.client import CatcascadeClient
 
     records, lock, stop, local = [], threading.Lock(), threading.Event(), threading.local()
 
@@ -207,7 +207,7 @@ def swap_phase(target: str, admin, images: list[bytes], args, rate: float | None
 
 def run(args) -> dict:
     from benchmarks.reliability import random_jpegs
-    from catcascade.serving.client import CatcascadeClient
+    from catcascade.client import CatcascadeClient
     from catcascade.serving.model_repository.admin_client import ModelAdminClient
 
     token = secrets.token_hex(8)

@@ -69,7 +69,7 @@ def run_load(target: str, images: list[bytes], n_requests: int, concurrency: int
     import grpc
 
     from catcascade.serving.api import cascade_pb2 as pb
-    from catcascade.serving.client import CatcascadeClient
+    from catcascade.client import CatcascadeClient
 
     client_kwargs.setdefault("retry", None)
     outcome = LoadOutcome()
@@ -307,7 +307,7 @@ def timed_load(target: str, images: list[bytes], seconds: float, concurrency: in
 
     import grpc
 
-    from catcascade.serving.client import CatcascadeClient
+    from catcascade.client import CatcascadeClient
 
     outcome, lock = LoadOutcome(), threading.Lock()
     end = time.monotonic() + seconds
@@ -447,7 +447,7 @@ def cancelled_probe(server, vllm_server, call_budget_s: float) -> LoadOutcome:
     from catcascade.serving.api import cascade_pb2 as pb
     from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
     from catcascade.serving.circuit_breaker import BreakerState
-    from catcascade.serving.client import CatcascadeClient
+    from catcascade.client import CatcascadeClient
 
     outcome, lock = LoadOutcome(), threading.Lock()
     b = server.servicer.front_door.router.live_engine().breaker
@@ -636,7 +636,7 @@ def main(args: argparse.Namespace) -> int:
         refuse.stop()
         server = ServiceThread(ServeConfig(bundle=bundle_dir, port=0, vlm={"urls": [vllm.url]},
                                               breaker={"cooldown_s": 1.0})).start()
-        from catcascade.serving.client import CatcascadeClient
+        from catcascade.client import CatcascadeClient
 
         bad = LoadOutcome()
         import grpc
@@ -869,7 +869,7 @@ def _send_all(target: str, payloads: list[tuple[str, bytes]], concurrency: int, 
 def _normal_requests(target: str, n: int = 20) -> list[float]:
     import time
 
-    from catcascade.serving.client import CatcascadeClient
+    from catcascade.client import CatcascadeClient
 
     images = random_jpegs(4, (500, 375), seed=11)
     times = []
@@ -960,7 +960,7 @@ def auth_edges(bundle: str, repeats: int = 50) -> tuple[EdgeOutcome, dict]:
 
 
 def _normal_requests_with_token(target: str) -> None:
-    from catcascade.serving.client import CatcascadeClient
+    from catcascade.client import CatcascadeClient
 
     with CatcascadeClient(target, timeout_s=60, token="tok-a") as c:
         for img in random_jpegs(5, seed=1):

@@ -8,7 +8,7 @@ this package's path is extended to the repository root below. ``benchmarks/``, `
 ``tools/`` are not part of the package.
 
 Here live the cross-cutting pieces: ``errors`` (every layer's base exception; imports nothing),
-``cli`` (the ``catcascade`` command line) and ``client`` (the Python client's public path).
+``cli`` (the ``catcascade`` command line) and ``client`` (the Python client).
 """
 from __future__ import annotations
 

@@ -78,7 +78,7 @@ def _serve(args) -> int:
 def _classify(args) -> int:
     import grpc
 
-    from catcascade.serving.client import CatcascadeClient, RetryPolicy, results_table
+    from catcascade.client import CatcascadeClient, RetryPolicy, results_table
 
     paths = [Path(p) for p in args.images]
     missing = [str(p) for p in paths if not p.is_file()]

@@ -33,7 +33,7 @@ def run_demo(bundle_dir: Path, use_vlm: bool = True, images: list[Path] | None =
     from rich.console import Console
 
     from catcascade.ensemble.bundle import load_bundle
-    from catcascade.serving.client import CatcascadeClient, results_table
+    from catcascade.client import CatcascadeClient, results_table
     from catcascade.serving.config import ServeConfig, VlmEndpointConfig
     from catcascade.serving.service_thread import ServiceThread
 

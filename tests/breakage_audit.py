@@ -5,7 +5,7 @@
 Each breakage listed in issue #18's "Why" is applied to a throw-away git worktree of HEAD, then
 the tests that should notice it run there (``pytest -x``, the worktree first on ``sys.path``);
 a breakage that leaves them green is a hole in the suite. Prints one row per breakage with the
-first failing test. Results: docs/testing.md.
+first failing test. Results: docs/dev/testing.md.
 """
 from __future__ import annotations
 

@@ -129,7 +129,7 @@ def client(grpc_server):
     import time
 
     from catcascade.serving.circuit_breaker import BreakerState
-    from catcascade.serving.client import CatcascadeClient
+    from catcascade.client import CatcascadeClient
 
     breaker = grpc_server.servicer.front_door.router.live_engine().breaker
     deadline = time.monotonic() + 90

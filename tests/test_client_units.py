@@ -8,8 +8,8 @@ import grpc
 import pytest
 
 from catcascade.serving.api import cascade_pb2 as pb
-from catcascade.serving.client import ClassifyResult, EscalationReason, Priority, RetryPolicy, classify_request
-from catcascade.serving.client.retry import Attempts, CatcascadeRpcError, is_retryable
+from catcascade.client import ClassifyResult, EscalationReason, Priority, RetryPolicy, classify_request
+from catcascade.client.retry import Attempts, CatcascadeRpcError, is_retryable
 
 
 class FakeClock:

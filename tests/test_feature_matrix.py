@@ -26,7 +26,7 @@ from benchmarks.hostile_images import jpeg_many_scans
 from catcascade.ensemble.bundle import load_bundle
 from catcascade.serving.api import cascade_pb2 as pb
 from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
-from catcascade.serving.client import CatcascadeClient, EscalationReason
+from catcascade.client import CatcascadeClient, EscalationReason
 from catcascade.serving.config import ServeConfig
 from catcascade.serving.model_repository.admin_client import ModelAdminClient
 from tests.conftest import GrpcServerThread, jpeg_bytes
@@ -278,7 +278,8 @@ class TestEveryFeatureInEveryMode:
         s, pipe = served.server, served.answering()
         refused_before = _sample(s, "catcascade_admission_refusals_total", {"reason": "deadline"})
         release = threading.Event()
-        busy = [pipe._decode_pool.submit(release.wait) for _ in range(pipe.config.decode_threads)]
+        # more blockers than decode threads (2 by default): the extra ones wait in the pool's queue
+        busy = [pipe._decode_pool.submit(release.wait) for _ in range(16)]
         try:
             with grpc.insecure_channel(s.target) as channel:
                 stub = pb_grpc.CatClassifierStub(channel)

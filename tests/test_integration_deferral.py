@@ -86,7 +86,7 @@ def test_served_learned_deferral_and_conformal_candidate_sets(client, demo_bundl
     from catcascade.ensemble.escalation_policy import EscalationMode, EscalationPolicy, confidence_scores
     from catcascade.ensemble.learned_deferral import LearnedDeferral
     from catcascade.ensemble.synthetic_scores import SyntheticScoreConfig, synthetic_score_set
-    from catcascade.serving.client import CatcascadeClient
+    from catcascade.client import CatcascadeClient
     from catcascade.serving.config import ServeConfig
     from tests.conftest import GrpcServerThread
 

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from benchmarks.reliability import random_jpegs
-from catcascade.serving.client import AsyncCatcascadeClient, CatcascadeClient, CatcascadeRpcError, EscalationReason, RetryPolicy
+from catcascade.client import AsyncCatcascadeClient, CatcascadeClient, CatcascadeRpcError, EscalationReason, RetryPolicy
 from catcascade.serving.config import ServeConfig
 from tests.conftest import GrpcServerThread, jpeg_bytes
 

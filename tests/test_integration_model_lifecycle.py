@@ -98,7 +98,7 @@ def admin(served):
 
 @pytest.fixture
 def client(served):
-    from catcascade.serving.client import CatcascadeClient
+    from catcascade.client import CatcascadeClient
 
     with CatcascadeClient(served.target, timeout_s=60, token=CLIENT_TOKEN) as c:
         yield c
@@ -126,7 +126,7 @@ def test_swap_under_load_loses_no_request_and_switches_at_one_point(served, admi
     images = [jpeg_bytes(size=(48, 48), seed=i) for i in range(64)]
     v1_labels = set(served.servicer.front_door.router.labels)
     records, errors, lock, stop = [], [], threading.Lock(), threading.Event()
-    from catcascade.serving.client import CatcascadeClient
+    from catcascade.client import CatcascadeClient
 
     def worker(w: int):
         with CatcascadeClient(served.target, timeout_s=60, token=CLIENT_TOKEN) as c:
@@ -326,7 +326,7 @@ def test_serve_models_command_reloads_on_sighup_and_the_models_command_promotes(
     import sys
 
     from catcascade.cli import main
-    from catcascade.serving.client import CatcascadeClient
+    from catcascade.client import CatcascadeClient
     from catcascade.vlm_stage.vllm_server import free_port
 
     repo = tmp_path / "models"

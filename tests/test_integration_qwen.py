@@ -106,7 +106,7 @@ def test_qwen_adapter_scores_match_the_in_process_backend(qwen_bundle, qwen_vllm
 @pytest.mark.parametrize("scoring_mode", ["multiple_choice", "yes_no"])
 def test_cascade_over_grpc_uses_the_qwen_adapter(qwen_bundle, qwen_vllm, scoring_mode):
     from catcascade.serving.api import cascade_pb2 as pb
-    from catcascade.serving.client import CatcascadeClient
+    from catcascade.client import CatcascadeClient
     from catcascade.serving.config import ServeConfig
 
     cfg = ServeConfig(bundle=qwen_bundle, port=0, vlm={"urls": [qwen_vllm.url], "scoring_mode": scoring_mode})

@@ -12,9 +12,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("catcascade.cnn_stage", "catcascade.vlm_stage"),
     ("catcascade.ensemble",),
     ("catcascade.training",),
-    ("catcascade.serving",),
+    # the client speaks the server's protocol (serving/api) and serving's commands use it: one layer
+    ("catcascade.serving", "catcascade.client"),
     ("benchmarks",),
-    ("catcascade",),  # the command line (assembles every layer's commands) and catcascade.client (re-exports serving.client)
+    ("catcascade",),  # the command line: assembles every layer's commands
 ]
 STAGES = ("cnn_stage", "vlm_stage", "ensemble", "training", "serving")
 PACKAGES = ("catcascade", *STAGES, "benchmarks")

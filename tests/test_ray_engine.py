@@ -102,7 +102,7 @@ def photos() -> list[bytes]:
 
 
 def _client(server, timeout_s=60):
-    from catcascade.serving.client import CatcascadeClient
+    from catcascade.client import CatcascadeClient
 
     return CatcascadeClient(server.target, timeout_s=timeout_s)
 
@@ -329,7 +329,7 @@ def test_interactive_requests_overtake_a_batch_burst(front_decoding_front_door, 
     before most of those (the front door orders its 2 calls in flight; Ray's queues are FIFO)."""
     import asyncio
 
-    from catcascade.serving.client.async_client import AsyncCatcascadeClient
+    from catcascade.client.async_client import AsyncCatcascadeClient
 
     server = front_decoding_front_door
     registry = server.servicer.metrics.registry

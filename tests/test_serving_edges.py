@@ -17,7 +17,7 @@ from PIL import Image
 from benchmarks.hostile_images import hostile_corpus, png
 from catcascade.serving.api import cascade_pb2 as pb
 from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
-from catcascade.serving.client import CatcascadeClient
+from catcascade.client import CatcascadeClient
 from catcascade.serving.config import ServeConfig
 from tests.conftest import GrpcServerThread, jpeg_bytes
 

@@ -82,7 +82,7 @@ def test_hung_vllm_under_long_deadlines_fails_by_the_server_budget(make_server, 
     """Without the watchdog, calls with long deadlines end by the server's own VLM budget,
     count as failures and open the breaker (before: each waited the client's whole deadline)."""
     from catcascade.serving.api import cascade_pb2 as pb
-    from catcascade.serving.client import CatcascadeClient
+    from catcascade.client import CatcascadeClient
 
     server = make_server(breaker={"health_period_s": 0, "failure_threshold": 2, "cooldown_s": 30},
                          vlm={"call_budget_s": 1.0})

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.reliability import bad_inputs, random_jpegs, run_load, vllm_killed_mid_run
 from catcascade.serving.api import cascade_pb2 as pb
-from catcascade.serving.client import CatcascadeClient
+from catcascade.client import CatcascadeClient
 from catcascade.serving.config import ServeConfig
 from catcascade.serving.server import SERVICE_NAME, VLM_HEALTH_NAME
 from tests.conftest import GrpcServerThread, jpeg_bytes

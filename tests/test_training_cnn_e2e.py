@@ -104,7 +104,7 @@ def test_reported_calibration_and_heldout_figures_are_the_bundles_own(trained_bu
 @pytest.mark.integration
 @pytest.mark.needs_sample_data
 def test_trained_bundle_serves_over_grpc(trained_bundle, sample_data):
-    from catcascade.serving.client import CatcascadeClient
+    from catcascade.client import CatcascadeClient
     from catcascade.serving.config import ServeConfig
     from tests.conftest import GrpcServerThread
 

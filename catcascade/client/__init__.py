@@ -1,6 +1,7 @@
-"""The Python client for the CatClassifier gRPC service (``catcascade.client`` re-exports it).
+"""The Python client for the CatClassifier gRPC service. It runs in the caller's process, not the
+server's: it speaks the protocol (serving/api's stubs) and nothing else of serving/.
 
-    from catcascade.serving.client import CatcascadeClient, RetryPolicy
+    from catcascade.client import CatcascadeClient, RetryPolicy
 
     with CatcascadeClient("127.0.0.1:50051", timeout_s=10, token="s3cret") as client:
         r = client.classify("cat.jpg", mode="auto", priority="batch")
@@ -15,13 +16,13 @@ retry, retry UNAVAILABLE and RESOURCE_EXHAUSTED with jittered exponential backof
 bearer ``token``, and with ``propagate_trace=True`` carry the caller's OpenTelemetry trace
 context to the server. Failed calls raise `CatcascadeRpcError`, a ``grpc.RpcError``.
 """
-from catcascade.serving.client.async_client import AsyncCatcascadeClient
-from catcascade.serving.client.request import classify_request
-from catcascade.serving.client.results import (ClassifyResult, EscalationMode, EscalationReason, LabelScore, ModelInfo,
-                                    ModelVersions, Priority, Rationale, Timings, TrafficMode, VlmVerdict)
-from catcascade.serving.client.retry import CatcascadeRpcError, RetryPolicy
-from catcascade.serving.client.sync_client import CatcascadeClient
-from catcascade.serving.client.table import results_table
+from catcascade.client.async_client import AsyncCatcascadeClient
+from catcascade.client.request import classify_request
+from catcascade.client.results import (ClassifyResult, EscalationMode, EscalationReason, LabelScore, ModelInfo,
+                                       ModelVersions, Priority, Rationale, Timings, TrafficMode, VlmVerdict)
+from catcascade.client.retry import CatcascadeRpcError, RetryPolicy
+from catcascade.client.sync_client import CatcascadeClient
+from catcascade.client.table import results_table
 
 __all__ = ["AsyncCatcascadeClient", "CatcascadeClient", "CatcascadeRpcError", "ClassifyResult", "EscalationMode",
            "EscalationReason", "LabelScore", "ModelInfo", "ModelVersions", "Priority", "Rationale", "RetryPolicy",

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from catcascade.serving.api import cascade_pb2 as pb
-from catcascade.serving.client.results import EscalationMode, Priority, parse_enum
+from catcascade.client.results import EscalationMode, Priority, parse_enum
 
 ImageInput = bytes | str | Path
 

@@ -11,11 +11,11 @@ import grpc
 
 from catcascade.serving.api import cascade_pb2 as pb
 from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
-from catcascade.serving.client.bulk import progress_bar
-from catcascade.serving.client.connection import Connection
-from catcascade.serving.client.request import ImageInput, classify_request
-from catcascade.serving.client.results import ClassifyResult, ModelInfo
-from catcascade.serving.client.retry import Attempts, CatcascadeRpcError, RetryPolicy
+from catcascade.client.bulk import progress_bar
+from catcascade.client.connection import Connection
+from catcascade.client.request import ImageInput, classify_request
+from catcascade.client.results import ClassifyResult, ModelInfo
+from catcascade.client.retry import Attempts, CatcascadeRpcError, RetryPolicy
 
 log = logging.getLogger(__name__)
 OnRetry = Callable[[int, grpc.StatusCode, float], None]

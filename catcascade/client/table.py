@@ -1,7 +1,7 @@
 """A rich table of answers, for the command line and the demo."""
 from __future__ import annotations
 
-from catcascade.serving.client.results import ClassifyResult
+from catcascade.client.results import ClassifyResult
 
 
 def results_table(rows: list[tuple[str, ClassifyResult]], title: str = "catcascade"):
