@@ -63,7 +63,7 @@ test-unit: $(STAMP)
 
 # mutmut over the core modules ([tool.mutmut] in pyproject.toml) against fast unit tests only;
 # a fresh run each time (mutmut caches verdicts by source, not by test), then the kill rate per
-# module. Results and the survivors judged equivalent: docs/testing.md. CPU-heavy: niced.
+# module. Results and the survivors judged equivalent: docs/dev/testing.md. CPU-heavy: niced.
 MUTATION_CHILDREN ?= 2
 mutation: $(STAMP)
 	rm -rf mutants && mkdir -p artifacts
