@@ -381,3 +381,24 @@ def test_the_metric_scan_finds_every_metric_the_server_registers():
     registered = {m.name for m in registry.collect()}
     scanned = {m["name"].removesuffix("_total") for m in metric_definitions()}
     assert registered and registered <= scanned
+
+
+# --- no path into the build machine's shared folder -----------------------------------------
+
+PRODUCT = ["catcascade", "serving", "cnn_stage", "vlm_stage", "ensemble", "training", "benchmarks", "tools",
+           "configs", "deploy", "proto"]
+SHARED_PATH = re.compile(r"shared/data|\.\./shared|[\"']shared[\"']\s*/\s*[\"']data[\"']")
+
+
+def test_no_product_code_or_makefile_target_reads_the_build_machines_shared_data():
+    offenders = []
+    files = [REPO / "Makefile", *(p for d in PRODUCT for p in (REPO / d).rglob("*")
+                                  if p.is_file() and p.suffix in (".py", ".yaml", ".yml", ".toml", ".proto", ".txt")
+                                  or p.name.startswith("Dockerfile"))]
+    for path in files:
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if SHARED_PATH.search(line):
+                offenders.append(f"{path.relative_to(REPO)}:{n}")
+    assert len(files) > 100 and offenders == []
+    assert SHARED_PATH.search('SAMPLE = ROOT.parent / "shared" / "data" / "cats"')
+    assert SHARED_PATH.search("--data ../shared/data/oxford-pet-cats-sample")
