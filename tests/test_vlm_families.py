@@ -13,9 +13,61 @@ from catcascade.vlm_stage.families import GENERIC, family_for, family_named
 @pytest.mark.parametrize("model,family", [
     ("Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl"), ("Qwen/Qwen2-VL-2B-Instruct", "qwen2_vl"),
     ("llava-hf/llava-1.5-7b-hf", "llava"), ("some/other-vlm", "generic"),
+    ("mistral-community/pixtral-12b", "pixtral"), ("mistralai/Mistral-Small-3.1-24B-Instruct-2503", "pixtral"),
+    ("google/gemma-3-4b-it", "gemma3"), ("google/gemma-3n-E4B-it", "generic"),
+    ("Qwen/Qwen3-VL-8B-Instruct", "qwen3_vl"), ("meta-llama/Llama-3.2-11B-Vision-Instruct", "mllama"),
 ])
 def test_family_of_a_hub_id(model, family):
     assert family_for(model).name == family
+
+
+# The fields of the real models' config.json that tell the families apart (shapes as published
+# on the hub, trimmed by hand: no weights or configs can be downloaded here).
+REAL_CONFIGS = {
+    "pixtral-12b": ("pixtral", {
+        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "image_token_index": 10,
+        "projector_hidden_act": "gelu", "vision_feature_layer": -1,
+        "text_config": {"model_type": "mistral", "hidden_size": 5120, "head_dim": 128, "vocab_size": 131072},
+        "vision_config": {"model_type": "pixtral", "hidden_size": 1024, "image_size": 1024, "patch_size": 16,
+                          "head_dim": 64, "num_attention_heads": 16, "rope_theta": 10000.0}}),
+    "Mistral-Small-3.1-24B-Instruct-2503": ("pixtral", {
+        "architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3", "image_token_index": 10,
+        "spatial_merge_size": 2, "multimodal_projector_bias": False,
+        "text_config": {"model_type": "mistral", "hidden_size": 5120, "num_hidden_layers": 40},
+        "vision_config": {"model_type": "pixtral", "hidden_size": 1024, "image_size": 1540, "patch_size": 14}}),
+    "gemma-3-4b-it": ("gemma3", {
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "mm_tokens_per_image": 256,
+        "boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144,
+        "text_config": {"model_type": "gemma3_text", "hidden_size": 2560, "head_dim": 256, "sliding_window": 1024},
+        "vision_config": {"model_type": "siglip_vision_model", "image_size": 896, "patch_size": 14,
+                          "vision_use_head": False}}),
+    "Qwen3-VL-8B-Instruct": ("qwen3_vl", {
+        "architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl", "image_token_id": 151655,
+        "text_config": {"model_type": "qwen3_vl_text", "hidden_size": 4096, "head_dim": 128,
+                        "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20],
+                                         "rope_type": "default"}},
+        "vision_config": {"model_type": "qwen3_vl", "depth": 27, "deepstack_visual_indexes": [8, 16, 24],
+                          "patch_size": 16, "spatial_merge_size": 2}}),
+    "Llama-3.2-11B-Vision-Instruct": ("mllama", {
+        "architectures": ["MllamaForConditionalGeneration"], "model_type": "mllama", "image_token_index": 128256,
+        "text_config": {"model_type": "mllama_text_model", "cross_attention_layers": [3, 8, 13, 18, 23, 28, 33, 38]},
+        "vision_config": {"model_type": "mllama_vision_model", "image_size": 560, "max_num_tiles": 4}}),
+    "llava-1.5-7b-hf": ("llava", {
+        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "image_token_index": 32000,
+        "text_config": {"model_type": "llama"},
+        "vision_config": {"model_type": "clip_vision_model", "image_size": 336, "patch_size": 14}}),
+}
+
+
+@pytest.mark.parametrize("folder", sorted(REAL_CONFIGS))
+def test_family_of_a_local_copy_of_a_real_model_comes_from_its_config(folder, tmp_path):
+    """A downloaded model folder (any name) resolves by its config.json: Pixtral-12B is a
+    ``llava`` told from a CLIP LLaVA by its ``pixtral`` vision tower."""
+    family, config = REAL_CONFIGS[folder]
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "config.json").write_text(json.dumps(config))
+    assert family_for(tmp_path / "weights").name == family
+    assert family_for(f"someone/{folder}").name == family  # and the hub id, by name
 
 
 def test_family_of_a_local_folder_comes_from_its_config(tmp_path):
@@ -25,6 +77,8 @@ def test_family_of_a_local_folder_comes_from_its_config(tmp_path):
     assert family_for(tmp_path) is GENERIC
     with pytest.raises(ValueError, match="unknown VLM family 'gemma'"):
         family_named("gemma")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral3"}))  # no vision_config
+    assert family_for(tmp_path) is GENERIC
 
 
 def test_image_bounds_and_vllm_flags_per_family():
@@ -34,6 +88,40 @@ def test_image_bounds_and_vllm_flags_per_family():
     assert json.loads(args[args.index("--mm-processor-kwargs") + 1]) == qwen.processor_kwargs()
     assert json.loads(args[args.index("--limit-mm-per-prompt") + 1]) == {"image": 1, "video": 0}
     assert llava.processor_kwargs() == {} and llava.vllm_args() == ["--limit-mm-per-prompt", '{"image": 1}']
+
+
+def test_image_bounds_of_the_design_documents_families():
+    """Qwen3-VL's bounds are pixel areas (16 px patches, one token per 32x32 px); Pixtral keeps
+    the aspect ratio under a longest edge; Gemma 3 resizes to its fixed square, without pan-and-scan
+    crops (each crop would add 256 tokens on the real models). vLLM gets the same arguments."""
+    qwen3, pixtral, gemma = family_named("qwen3_vl"), family_named("pixtral"), family_named("gemma3")
+    assert qwen3.processor_kwargs() == {"size": {"shortest_edge": 64 * 64, "longest_edge": 448 * 448}}
+    assert pixtral.processor_kwargs() == {"size": {"longest_edge": 448}}
+    assert gemma.processor_kwargs() == {"do_pan_and_scan": False}
+    for fam in (qwen3, pixtral, gemma):
+        args = fam.vllm_args()
+        assert json.loads(args[args.index("--mm-processor-kwargs") + 1]) == fam.processor_kwargs()
+    assert json.loads(qwen3.vllm_args()[1]) == {"image": 1, "video": 0}
+
+
+def test_llama_3_2_vision_is_refused_by_vllm_from_0_10_2_before_a_server_starts(tmp_path):
+    from catcascade.errors import CatcascadeError
+    from catcascade.vlm_stage.families import VllmUnsupportedError
+    from catcascade.vlm_stage.vllm_server import VllmServer, VllmServerConfig
+
+    mllama = family_named("mllama")
+    mllama.check_vllm("0.10.1")  # the last versions that served it
+    with pytest.raises(VllmUnsupportedError, match=r"vLLM 0\.32\.0\+cpu cannot serve the mllama family.*"
+                                                   r"until v0\.10\.2.*_get_num_multimodal_tokens.*--vlm-backend "
+                                                   r"transformers"):
+        mllama.check_vllm("0.32.0+cpu")
+    for name in ("llava", "qwen2_5_vl", "qwen3_vl", "pixtral", "gemma3"):
+        family_named(name).check_vllm("0.32.0")
+    (tmp_path / "config.json").write_text(json.dumps(REAL_CONFIGS["Llama-3.2-11B-Vision-Instruct"][1]))
+    server = VllmServer(VllmServerConfig(model=str(tmp_path)), log_path=tmp_path / "vllm.log")
+    with pytest.raises(CatcascadeError, match="cannot serve the mllama family"):
+        server.start()  # the installed vLLM (0.32): refused at once, no process started
+    assert server.process is None and not (tmp_path / "vllm.log").exists()
 
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])

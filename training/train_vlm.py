@@ -148,6 +148,21 @@ def load_base_model(cfg: VlmTrainConfig):
     return model, processor
 
 
+def answer_loss_rows(cfg: VlmTrainConfig, processor) -> tuple[bool, bool]:
+    """(prompt/completion rows, assistant-marked loss): how the answer-only loss is obtained for
+    the base model's family (``VlmFamily.answer_loss``); (False, False) for whole-sequence loss."""
+    if not cfg.answer_only_loss:
+        return False, False
+    if families.family_for(cfg.base_model).answer_loss != "generation_markers":
+        return True, False
+    template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None) or ""
+    if "generation" not in template:
+        raise ValueError(f"{cfg.base_model}: the answer-only loss of this family needs a chat template that marks the "
+                         "assistant turn with {% generation %} ... {% endgeneration %}; add the markers to the "
+                         "model's template, or train with full-sequence loss")
+    return False, True
+
+
 def verification_accuracy(model, processor, conversations, progress: bool = False, batch_size: int = 16) -> dict:
     """Share of multiple-choice conversations whose most likely option (first answer token,
     restricted to the option letters: the served scoring) is the right one."""
@@ -196,7 +211,8 @@ def train_lora(cfg: VlmTrainConfig, examples, out_dir: str | Path, work_dir: str
     summary: dict = {}
     if eval_examples:
         summary["accuracy_before"] = verification_accuracy(model, processor, eval_examples, progress)
-    rows = [_row(c, cfg.answer_only_loss) for c in convs]
+    split, marked = answer_loss_rows(cfg, processor)
+    rows = [_row(c, split) for c in convs]
     cuda = torch.cuda.is_available()
     bf16 = load_plan(cfg.qlora, cfg.bf16, cuda, cuda and torch.cuda.is_bf16_supported()).bf16_training
     extra = dict(cfg.extra)
@@ -207,7 +223,7 @@ def train_lora(cfg: VlmTrainConfig, examples, out_dir: str | Path, work_dir: str
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, learning_rate=cfg.lr, logging_steps=1,
         save_strategy="no", report_to=[], max_length=cfg.max_length, use_cpu=not cuda, bf16=bf16,
         gradient_checkpointing=cfg.gradient_checkpointing, dataloader_num_workers=0, seed=cfg.seed,
-        completion_only_loss=True if cfg.answer_only_loss else None, disable_tqdm=not progress, **extra,
+        completion_only_loss=True if split else None, assistant_only_loss=marked, disable_tqdm=not progress, **extra,
     )
     peft_cfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                           target_modules=cfg.target_regex)

@@ -2,8 +2,9 @@
 
 No weights can be downloaded on the machines this project is tested on, so the demo and the
 tests use ~1M-parameter models that the project builds itself, one per family
-(vlm_stage/families/): the tiny LLaVA of the demo bundle, and tiny Qwen2.5-VL and Qwen2-VL
-in the layout of the default base model. vLLM loads them from the folder like hub models.
+(vlm_stage/families/): the tiny LLaVA of the demo bundle, tiny Qwen2.5-VL and Qwen2-VL in the
+layout of the default base model, and tiny Qwen3-VL, Pixtral, Gemma 3 and Llama 3.2 Vision in
+their real models' layouts. vLLM loads them from the folder like hub models.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from catcascade.vlm_stage.families.llava import (CHAT_TEMPLATE, IMAGE_SIZE, SIZE
 
 
 def build_tiny_vlm(out_dir: str | Path, labels: list[str], family: str = "llava", seed: int = 0) -> Path:
-    """Writes a loadable tiny model of ``family`` (llava, qwen2_5_vl, qwen2_vl) to ``out_dir``."""
+    """Writes a loadable tiny model of ``family`` (llava, qwen2_5_vl, qwen2_vl, qwen3_vl, pixtral,
+    gemma3, mllama) to ``out_dir``."""
     fam = family_named(family)
     if fam.build_tiny is None:
         raise ValueError(f"no tiny build for the {family} family")

@@ -166,6 +166,7 @@ class VllmServer:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "VllmServer":
+        self.config.family.check_vllm()  # a family this vLLM cannot serve: say so now, not after a minute
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.cpu_kv_cache_gb))
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
