@@ -79,7 +79,7 @@ def start_metrics_server(registry: CollectorRegistry, port: int, host: str = "12
         Server.address_family = socket.AF_INET6
     httpd = make_server(host, port, app, Server, handler_class=_QuietHandler)
     if tls is not None:
-        ctx = tls_context(tls.cert_file, tls.key_file, getattr(tls, "client_ca_file", None))
+        ctx = tls_context(tls.cert_file, tls.key_file, tls.client_ca_file)
         httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
     thread = threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True)
     thread.start()
