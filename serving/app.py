@@ -81,7 +81,8 @@ async def running_service(cfg: ServeConfig, metrics: ServiceMetrics | None = Non
                                         tokens=cfg.metrics_auth.tokens())
         try:
             async with run_server(servicer, cfg.host, cfg.port, max_message_bytes=cfg.limits.max_message_bytes,
-                                  grace_s=cfg.grace_s, tls=cfg.tls) as (_, port, health):
+                                  grace_s=cfg.grace_s, tls=cfg.tls,
+                                  connections=cfg.connections) as (_, port, health):
                 yield servicer, port, health
         finally:
             servicer.metrics.stop_http()

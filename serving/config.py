@@ -95,6 +95,35 @@ class LimitsConfig(BaseModel):
                             max_segments=self.max_segments)
 
 
+class ConnectionsConfig(BaseModel):
+    """HTTP/2 hygiene: dead peers found by keepalive pings, idle and old connections closed, and
+    connections and streams bounded, so that held-open connections cannot exhaust descriptors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keepalive_time_s: float = Field(60.0, gt=0, description="ping a connection after this long without traffic")
+    keepalive_timeout_s: float = Field(20.0, gt=0, description="close it when the ping is not answered within this")
+    max_connection_idle_s: float = Field(300.0, gt=0, description="close a connection with no call for this long")
+    max_connection_age_s: float = Field(3600.0, gt=0, description="ask clients to reconnect after this long (spreads "
+                                        "them over replicas added since)")
+    max_connection_age_grace_s: float = Field(60.0, ge=0, description="calls in flight on an aged connection get "
+                                              "this long to finish before it is closed")
+    max_connections: int = Field(1000, ge=1, description="open connections; beyond, new ones are refused")
+    max_streams_per_connection: int = Field(100, ge=1, description="concurrent calls on one connection; beyond, "
+                                            "the client queues them")
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """The grpc server channel arguments these settings mean."""
+        ms = lambda s: int(s * 1000)  # noqa: E731
+        return [("grpc.keepalive_time_ms", ms(self.keepalive_time_s)),
+                ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout_s)),
+                ("grpc.max_connection_idle_ms", ms(self.max_connection_idle_s)),
+                ("grpc.max_connection_age_ms", ms(self.max_connection_age_s)),
+                ("grpc.max_connection_age_grace_ms", ms(self.max_connection_age_grace_s)),
+                ("grpc.max_allowed_incoming_connections", self.max_connections),
+                ("grpc.max_concurrent_streams", self.max_streams_per_connection)]
+
+
 class MemoryConfig(BaseModel):
     """glibc malloc settings applied at start, so memory a large decode used goes back to the
     OS instead of staying resident (cnn_stage.native_memory; no-ops off glibc)."""
@@ -188,6 +217,7 @@ class ServeConfig(BaseModel):
     batching: BatchingConfig = BatchingConfig()
     vlm: VlmEndpointConfig = VlmEndpointConfig()
     limits: LimitsConfig = LimitsConfig()
+    connections: ConnectionsConfig = ConnectionsConfig()
     breaker: BreakerConfig = BreakerConfig()
     admission: AdmissionConfig = AdmissionConfig()
     memory: MemoryConfig = MemoryConfig()

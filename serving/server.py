@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from catcascade.serving.api import cascade_pb2 as pb
+from catcascade.serving.config import ConnectionsConfig
 from catcascade.serving.front_door.authentication import BearerTokenInterceptor
 from catcascade.serving.front_door.chain import FrontDoor
 from catcascade.serving.front_door.observation import span_attributes
@@ -179,11 +180,12 @@ def bind_port(server, address: str, tls, what: str) -> int:
 
 @contextlib.asynccontextmanager
 async def run_server(servicer: CatClassifierServicer, host: str = "127.0.0.1", port: int = 0,
-                     max_message_bytes: int = 21 * 1024 * 1024, grace_s: float = 5.0, tls=None):
+                     max_message_bytes: int = 21 * 1024 * 1024, grace_s: float = 5.0, tls=None,
+                     connections: ConnectionsConfig = ConnectionsConfig()):
     """Serves on ``host:port`` (0 picks a free port) and yields ``(server, bound_port, health)``.
 
     On exit, health flips to NOT_SERVING, new calls are refused and in-flight calls get
-    ``grace_s`` seconds to finish.
+    ``grace_s`` seconds to finish. ``connections``: keepalive, idle and age limits, bounds.
     """
     refused = servicer.metrics.unauthenticated
     authenticator = servicer.front_door.authenticator
@@ -192,6 +194,7 @@ async def run_server(servicer: CatClassifierServicer, host: str = "127.0.0.1", p
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", max_message_bytes + 64 * 1024),
         ("grpc.max_send_message_length", 4 * 1024 * 1024),
+        *connections.grpc_options(),
         *EXCLUSIVE_PORT,
     ])
     servicer.add_to(server)
