@@ -20,6 +20,7 @@ from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
 from catcascade.client import CatcascadeClient
 from catcascade.serving.config import ServeConfig
 from tests.conftest import GrpcServerThread, jpeg_bytes
+from tests.fakes import FakeBatcher, request_for
 
 pytestmark = pytest.mark.integration
 CLASSIFY = "/catcascade.v1.CatClassifier/Classify"
@@ -125,12 +126,12 @@ def test_decode_jobs_of_cancelled_requests_are_dropped_unstarted():
     from catcascade.serving.pipeline import CascadePipeline
 
     metrics = ServiceMetrics()
-    pipe = CascadePipeline(["a"], PreprocessConfig(), cnn=None, policy=None, blender=None, metrics=metrics)
+    pipe = CascadePipeline(["a"], PreprocessConfig(), cnn=FakeBatcher(), policy=None, blender=None, metrics=metrics)
     release = threading.Event()
     busy = [pipe._decode_pool.submit(release.wait) for _ in range(pipe.decode_threads)]
 
     async def scenario():
-        tasks = [asyncio.create_task(pipe.classify(jpeg_bytes(seed=i))) for i in range(5)]
+        tasks = [asyncio.create_task(pipe.classify(request_for(jpeg_bytes(seed=i)))) for i in range(5)]
         while pipe.decode_waiting < 5:
             await asyncio.sleep(0.01)
         for t in tasks:
@@ -158,10 +159,10 @@ def test_decode_that_would_start_after_its_deadline_is_skipped():
     from catcascade.serving.pipeline import CascadePipeline, DeadlineExceededError
 
     metrics = ServiceMetrics()
-    pipe = CascadePipeline(["a"], PreprocessConfig(), cnn=None, policy=None, blender=None, metrics=metrics)
+    pipe = CascadePipeline(["a"], PreprocessConfig(), cnn=FakeBatcher(), policy=None, blender=None, metrics=metrics)
     try:
         with pytest.raises(DeadlineExceededError, match="deadline passed while the image waited"):
-            asyncio.run(pipe.classify(jpeg_bytes(), deadline=time.monotonic() - 0.001))
+            asyncio.run(pipe.classify(request_for(jpeg_bytes(), deadline=time.monotonic() - 0.001)))
     finally:
         pipe.close()
     assert pipe.decodes_started == 0 and pipe.decode_waiting == 0
@@ -272,7 +273,7 @@ def test_text_log_format_keeps_each_record_on_one_line():
                             (forged, "bad\u2028bytes\x1b"), None)
     line = fmt.format(rec)
     assert "\n" not in line and "\u2028" not in line and "\x1b" not in line
-    assert line == ("INFO serving.server: invalid image request_id=r1\\n2026-01-01 00:00:00 INFO serving.server: "
+    assert line == ("INFO catcascade.serving.server: invalid image request_id=r1\\n2026-01-01 00:00:00 INFO serving.server: "
                     "classified request_id=admin: bad\\u2028bytes\\x1b")
     try:
         raise ValueError("boom\nINFO forged")
