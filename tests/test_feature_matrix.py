@@ -7,8 +7,8 @@ budgets, in-memory tracing, tightened decode limits, a VLM floor that short dead
 one over a bundle, one over a model repository whose routing each test sets. The modes share
 the repository server (its routing changes between them), so every test uses images of its own.
 
-Tests marked ``xfail(strict=True)`` pin a defect of today's code: they turn into a hard failure
-(XPASS) the moment the fix lands, and their marker goes then.
+The tests after the matrix pin the cross-feature defects issue 22 found (their docstrings say
+which): each failed, by its assertion, on the code before the one request path (0c22781).
 """
 from __future__ import annotations
 
@@ -46,12 +46,6 @@ ALWAYS, BUDGET = EscalationReason.REQUESTED_ALWAYS, EscalationReason.TENANT_BUDG
 MODES = ["bundle", "canary", "shadow"]
 SHADOW_OK = {"version": "v1t", "route": "shadow", "outcome": "ok"}  # copies the candidate answered
 DEFECT_MODES = ["bundle", "canary"]  # (a shadow spends budgets of its own: see the shadow test)
-
-
-def pins(defect: str):
-    """Marks a test that pins a defect of today's code: it fails by assertion now, and passing
-    (XPASS) fails the run, so the marker goes when the fix lands."""
-    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=defect)
 
 
 def _config(vllm_url: str, **where) -> ServeConfig:
@@ -98,7 +92,7 @@ def repo_server(model_repo, vllm_server):
 
 @pytest.fixture(scope="module")
 def admin(repo_server):
-    with ModelAdminClient(f"127.0.0.1:{repo_server.servicer.pipeline.admin_port}", ADMIN_TOKEN) as a:
+    with ModelAdminClient(f"127.0.0.1:{repo_server.servicer.front_door.router.admin_port}", ADMIN_TOKEN) as a:
         yield a
 
 
@@ -148,9 +142,10 @@ class Served:
 def served(mode, request, demo_bundle) -> Served:
     if mode == "bundle":
         s = request.getfixturevalue("bundle_server")
-        return Served(mode, s, lambda: s.servicer.pipeline, "", "", load_bundle(demo_bundle).version_string)
+        return Served(mode, s, lambda: s.servicer.front_door.router.live_engine(), "", "",
+                      load_bundle(demo_bundle).version_string)
     s, admin, repo = (request.getfixturevalue(f) for f in ("repo_server", "admin", "model_repo"))
-    router = s.servicer.pipeline
+    router = s.servicer.front_door.router
     if mode == "canary":  # every request to v2
         route(admin, "v1", "v2", "canary", 1.0)
         return Served(mode, s, lambda: router.candidate.pipeline, "canary", "v2",
@@ -211,7 +206,8 @@ class TestEveryFeatureInEveryMode:
         data = _noise_png(1300, served.seed(3))
         assert len(data) > 5_000_000
         if served.mode == "shadow":  # earlier requests' copies have landed
-            _wait_for(lambda: served.server.servicer.pipeline._shadow_inflight == 0, "earlier shadow copies")
+            _wait_for(lambda: served.server.servicer.front_door.router._shadow_inflight == 0,
+                      "earlier shadow copies")
         copies = _sample(served.server, "catcascade_model_requests_total", SHADOW_OK)
         with served.client() as c:
             r = c.classify(data, mode="never")
@@ -309,10 +305,11 @@ class TestEveryFeatureInEveryMode:
 # ================================================= the response cache across versions (repository)
 
 
-@pins("the response cache keys on the live version's display strings "
-      "(bundle name:version, CNN hash, adapter), not on the answering version's content: after a "
-      "promote to a version with the same display strings, the old version's answer comes back cached")
 def test_after_a_promote_a_repeated_image_gets_the_new_versions_probabilities(repo_server, admin):
+    """Defect pinned (issue 22; failed on 0c22781, before the one request path): the response cache keys on the
+    live version's display strings (bundle name:version, CNN hash, adapter), not on the answering version's
+    content: after a promote to a version with the same display strings, the old version's answer comes back
+    cached."""
     route(admin, "v1")
     image = jpeg_bytes(seed=201)
     with CatcascadeClient(repo_server.target, token=TOKENS["bob"], timeout_s=60) as c:
@@ -327,9 +324,9 @@ def test_after_a_promote_a_repeated_image_gets_the_new_versions_probabilities(re
     assert _probs(again) == pytest.approx(_probs(reference)[:3], abs=1e-6)
 
 
-@pins("the response cache keys on the live version's display strings: after a "
-      "rollback, the rolled-back version's answer comes back cached")
 def test_after_a_rollback_a_repeated_image_gets_the_restored_versions_probabilities(repo_server, admin):
+    """Defect pinned (issue 22; failed on 0c22781, before the one request path): the response cache keys on the
+    live version's display strings: after a rollback, the rolled-back version's answer comes back cached."""
     route(admin, "v1")
     image = jpeg_bytes(seed=202)
     with CatcascadeClient(repo_server.target, token=TOKENS["bob"], timeout_s=60) as c:
@@ -345,10 +342,10 @@ def test_after_a_rollback_a_repeated_image_gets_the_restored_versions_probabilit
     assert _probs(again) == pytest.approx(_probs(reference)[:3], abs=1e-6)
 
 
-@pins("the response cache keys on the live version's display strings, whatever "
-      "version answered: the canary's answer is stored under the live key and, after the canary is "
-      "cleared, handed to live traffic labelled canary/v2")
 def test_after_a_canary_is_cleared_live_traffic_never_gets_the_canarys_answer(repo_server, admin):
+    """Defect pinned (issue 22; failed on 0c22781, before the one request path): the response cache keys on the
+    live version's display strings, whatever version answered: the canary's answer is stored under the live
+    key and, after the canary is cleared, handed to live traffic labelled canary/v2."""
     route(admin, "v1", "v2", "canary", 1.0)
     image = jpeg_bytes(seed=203)
     with CatcascadeClient(repo_server.target, token=TOKENS["bob"], timeout_s=60) as c:
@@ -363,9 +360,10 @@ def test_after_a_canary_is_cleared_live_traffic_never_gets_the_canarys_answer(re
 # ========================================================================== tenant budgets
 
 
-@pins("shadow copies run under the live request's tenant and spend its VLM "
-      "budget: the live tenant's third escalation comes back TENANT_BUDGET")
 def test_shadow_copies_do_not_spend_the_live_tenants_vlm_budget(repo_server, admin):
+    """Defect pinned (issue 22; failed on 0c22781, before the one request path): shadow copies run under the
+    live request's tenant and spend its VLM budget: the live tenant's third escalation comes back
+    TENANT_BUDGET."""
     route(admin, "v1", "v1t", "shadow", 1.0)
     shadowed = SHADOW_OK
     answers = []
@@ -381,9 +379,9 @@ def test_shadow_copies_do_not_spend_the_live_tenants_vlm_budget(repo_server, adm
 
 
 @pytest.mark.parametrize("mode", DEFECT_MODES)
-@pins("explain=true reaches the VLM after the tenant's escalation budget is spent "
-      "(the rationale call is not charged to the tenant)")
 def test_explain_does_not_reach_the_vlm_after_the_tenants_budget_is_spent(served):
+    """Defect pinned (issue 22; failed on 0c22781, before the one request path): explain=true reaches the VLM
+    after the tenant's escalation budget is spent (the rationale call is not charged to the tenant)."""
     verifier = served.answering().verifier
     with served.client("carol") as c:
         spent = c.classify(jpeg_bytes(seed=served.seed(400)), mode="always")
@@ -396,9 +394,10 @@ def test_explain_does_not_reach_the_vlm_after_the_tenants_budget_is_spent(served
 
 
 @pytest.mark.parametrize("mode", DEFECT_MODES)
-@pins("the response cache answers before the tenant's budget is checked: an "
-      "over-budget tenant gets another tenant's cached escalated answer")
 def test_a_cache_hit_does_not_give_an_over_budget_tenant_an_escalated_answer(served):
+    """Defect pinned (issue 22; failed on 0c22781, before the one request path): the response cache answers
+    before the tenant's budget is checked: an over-budget tenant gets another tenant's cached escalated
+    answer."""
     image = jpeg_bytes(seed=served.seed(500))
     with served.client("bob") as bob, served.client("dave") as dave:
         escalated = bob.classify(image, mode="always")
@@ -411,10 +410,10 @@ def test_a_cache_hit_does_not_give_an_over_budget_tenant_an_escalated_answer(ser
 
 
 @pytest.mark.parametrize("mode", DEFECT_MODES)
-@pins("the interceptor accepts 'bearer', 'BEARER' and two spaces, but the tenant "
-      "lookup (serving/auth.py bearer_token) needs exactly 'Bearer ': other spellings count as "
-      "anonymous and escape the tenant's budget")
 def test_every_accepted_bearer_spelling_names_the_same_tenant(served):
+    """Defect pinned (issue 22; failed on 0c22781, before the one request path): the interceptor accepts
+    'bearer', 'BEARER' and two spaces, but the tenant lookup (serving/auth.py bearer_token) needs exactly
+    'Bearer ': other spellings count as anonymous and escape the tenant's budget."""
     token = TOKENS["alice"]
     spellings = [f"Bearer {token}", f"bearer {token}", f"BEARER {token}", f"Bearer  {token}", f"bearer {token}",
                  f"BEARER {token}"]
@@ -432,9 +431,9 @@ def test_every_accepted_bearer_spelling_names_the_same_tenant(served):
 
 
 @pytest.mark.parametrize("mode", DEFECT_MODES)
-@pins("the response cache is shared across tenants: cached=true tells one "
-      "tenant what another sent")
 def test_one_tenants_answer_is_not_a_cache_hit_for_another(served):
+    """Defect pinned (issue 22; failed on 0c22781, before the one request path): the response cache is shared
+    across tenants: cached=true tells one tenant what another sent."""
     image = jpeg_bytes(seed=served.seed(700))
     with served.client("bob") as bob, served.client("frank") as frank:
         first, repeat = bob.classify(image, mode="never"), bob.classify(image, mode="never")
@@ -445,9 +444,9 @@ def test_one_tenants_answer_is_not_a_cache_hit_for_another(served):
 
 
 @pytest.mark.parametrize("mode", DEFECT_MODES)
-@pins("the response cache is one LRU for all tenants: one tenant's entries "
-      "evict another's")
 def test_one_tenants_entries_are_not_evicted_by_anothers(served):
+    """Defect pinned (issue 22; failed on 0c22781, before the one request path): the response cache is one LRU
+    for all tenants: one tenant's entries evict another's."""
     image = jpeg_bytes(seed=served.seed(800))
     with served.client("bob") as bob, served.client("frank") as frank:
         assert not bob.classify(image, mode="never").cached
