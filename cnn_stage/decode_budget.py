@@ -261,6 +261,22 @@ def estimated_decode_bytes(img: Image.Image, structure: ImageStructure, scale: i
     return px * (per_px + (4 if rotated else 0)) + held
 
 
+# Files up to this size are walked to predict their decode work; larger ones are judged by size
+# (walking megabytes of entropy data where the prediction is made, the event loop, costs too).
+WALKED_FOR_WORK_BYTES = 2 * 2**20
+
+
+def decode_work(data: bytes, limits: DecodeLimits) -> float:
+    """Predicted CPU cost of decoding ``data``, in units of about one megapixel's decode: the
+    pixels, the compressed bytes (entropy decoding) and the 8x8 blocks a JPEG's scans visit, so
+    that a small progressive JPEG of many scans counts for what it costs, not as one image.
+    Raises InvalidImageError for a structure past ``limits`` (refused before it queues)."""
+    if len(data) > WALKED_FOR_WORK_BYTES:
+        return 2.0 * len(data) / 1e6
+    s = inspect_structure(data, limits)
+    return max(0.1, s.width * s.height / 1e6 + len(data) / 1e6 + s.jpeg_scan_blocks / 2e6)
+
+
 # ---------------------------------------------------------------------------- orientation
 
 _TRANSPOSE = {

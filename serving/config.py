@@ -75,6 +75,9 @@ class LimitsConfig(BaseModel):
     max_segments: int = Field(20_000, ge=16, description="JPEG marker segments or PNG chunks in one image")
     max_decode_queue: int = Field(64, ge=1, description="images waiting for a decode thread; beyond, "
                                   "RESOURCE_EXHAUSTED")
+    max_decode_work: float = Field(48.0, gt=0, description="decode work waiting for a thread, predicted from each "
+                                   "image's pixels, bytes and JPEG scans in units of about a megapixel's decode (tens "
+                                   "of ms); beyond, RESOURCE_EXHAUSTED (an image is admitted when none waits)")
     max_inflight_requests: int = Field(512, ge=1, description="beyond this, RESOURCE_EXHAUSTED")
     max_concurrent_escalations: int = Field(32, ge=0, description="VLM calls in flight; beyond, escalations wait "
                                             "(escalation_queue_size) or are shed")
@@ -109,8 +112,9 @@ class ConnectionsConfig(BaseModel):
     max_connection_age_grace_s: float = Field(60.0, ge=0, description="calls in flight on an aged connection get "
                                               "this long to finish before it is closed")
     max_connections: int = Field(1000, ge=1, description="open connections; beyond, new ones are refused")
-    max_streams_per_connection: int = Field(100, ge=1, description="concurrent calls on one connection; beyond, "
-                                            "the client queues them")
+    max_streams_per_connection: int = Field(1024, ge=1, description="concurrent calls on one connection; beyond, "
+                                            "refused (gRPC's clients do not queue them: keep it above "
+                                            "limits.max_inflight_requests, which refuses with RESOURCE_EXHAUSTED)")
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """The grpc server channel arguments these settings mean."""

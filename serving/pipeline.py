@@ -10,15 +10,18 @@ A rationale is a separate VLM call after the answer is final, so it cannot chang
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Mapping
 
 import numpy as np
 from PIL import Image
 
+from catcascade.cnn_stage.decode_budget import decode_work
 from catcascade.cnn_stage.native_memory import release_free_memory
 from catcascade.cnn_stage.preprocessing import PreprocessConfig, decode_image, preprocess
 from catcascade.cnn_stage.topk import TopK, softmax, top_k
@@ -80,7 +83,10 @@ class CascadePipeline:
         self.tracing = tracing or NoTracing()
         self.tenant_budgets = tenant_budgets
         self.decode_waiting = 0
+        self.decode_work_waiting = 0.0
         self.decodes_started = 0
+        self._decode_jobs: list[tuple[int, int, Future, object]] = []  # heap: (priority, arrival, future, job)
+        self._decode_arrivals = itertools.count()
         self._decode_lock = threading.Lock()
         self.vlm_calls = 0
         self._escalation_slots = PrioritySlots(limits.max_concurrent_escalations, limits.escalation_queue_size)
@@ -101,21 +107,29 @@ class CascadePipeline:
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False)
 
-    async def _decode_in_pool(self, data: bytes, keep_for_vlm: bool,
-                              deadline: float | None) -> tuple[Image.Image | None, np.ndarray]:
-        """Runs ``_decode`` on the decode pool. The pool's queue is bounded; a job whose
+    async def _decode_in_pool(self, data: bytes, keep_for_vlm: bool, deadline: float | None,
+                              priority: int = Priority.INTERACTIVE) -> tuple[Image.Image | None, np.ndarray]:
+        """Runs ``_decode`` on the decode pool, interactive images first: a free thread takes the
+        waiting job of lowest priority value, then the oldest. The queue is bounded in images
+        and in predicted decode work (a many-scan JPEG counts for what it costs); a job whose
         request is cancelled (client gone, deadline passed in gRPC) before a thread picks it
         up is dropped, and a job that starts after its deadline returns at once, so the
         decode threads only ever work for requests someone still waits on."""
+        work = decode_work(data, self.preprocess_config.limits)
         with self._decode_lock:
             if self.decode_waiting >= self.limits.max_decode_queue:
                 raise QueueFullError(f"decode queue is full ({self.decode_waiting} images waiting)")
+            if self.decode_waiting and self.decode_work_waiting + work > self.limits.max_decode_work:
+                raise QueueFullError(f"decode queue is full ({self.decode_work_waiting:.0f} units of decode work "
+                                     f"waiting, limit {self.limits.max_decode_work:g}; this image is {work:.1f})")
             self.decode_waiting += 1
+            self.decode_work_waiting += work
 
         def job():
             late = deadline is not None and time.monotonic() >= deadline
             with self._decode_lock:
                 self.decode_waiting -= 1
+                self.decode_work_waiting -= work
                 self.decodes_started += not late
             if not late and self.metrics is not None:
                 self.metrics.decodes_started.inc()
@@ -124,15 +138,29 @@ class CascadePipeline:
                 raise DeadlineExceededError("the deadline passed while the image waited to be decoded")
             return self._decode(data, keep_for_vlm)
 
-        future = self._decode_pool.submit(job)
+        future: Future = Future()
+        with self._decode_lock:
+            heapq.heappush(self._decode_jobs, (int(priority), next(self._decode_arrivals), future, job))
+        self._decode_pool.submit(self._run_next_decode)  # one pool task per job: every job is taken once
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
             if future.cancel():  # never ran, never will: give its queue slot back
                 with self._decode_lock:
                     self.decode_waiting -= 1
+                    self.decode_work_waiting -= work
                 self._count_skipped_decode("cancelled")
             raise
+
+    def _run_next_decode(self) -> None:
+        """On a decode thread: runs the most urgent waiting job (a cancelled one is skipped)."""
+        with self._decode_lock:
+            _, _, future, job = heapq.heappop(self._decode_jobs)
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(job())
+            except BaseException as e:
+                future.set_exception(e)
 
     def _count_skipped_decode(self, why: str) -> None:
         if self.metrics is not None:
@@ -184,7 +212,7 @@ class CascadePipeline:
             t_decode = t0 + res.decode_ms / 1000.0
         else:
             with tracing.stage("decode"):
-                img, x = await self._decode_in_pool(data, keep, deadline)
+                img, x = await self._decode_in_pool(data, keep, deadline, priority)
             t_decode = time.perf_counter()
             res = await self.cnn.submit(x, priority, deadline)
         if request.on_cnn_done is not None:
@@ -201,7 +229,7 @@ class CascadePipeline:
         decision = self.policy.decide(probs, mode, size, sets.skip_singletons if sets is not None else True)
         final, vlm_scores, vlm_ms, blend_ms = probs, None, 0.0, 0.0
         if img is None and keep and (decision.escalate or request.explain):  # decoded remotely: the VLM's copy
-            img, _ = await self._decode_in_pool(data, True, deadline)
+            img, _ = await self._decode_in_pool(data, True, deadline, priority)
         if decision.escalate:
             with tracing.stage("vlm"):
                 decision, vlm_scores, vlm_ms = await self._ask_vlm(img, cnn_top, decision, request,
