@@ -81,6 +81,8 @@ class LimitsConfig(BaseModel):
     max_inflight_requests: int = Field(512, ge=1, description="beyond this, RESOURCE_EXHAUSTED")
     max_concurrent_escalations: int = Field(32, ge=0, description="VLM calls in flight; beyond, escalations wait "
                                             "(escalation_queue_size) or are shed")
+    max_concurrent_rationales: int = Field(8, ge=0, description="rationale calls (explain) in flight, apart from "
+                                           "the escalations' slots so they never take them; beyond, no rationale")
     escalation_queue_size: int = Field(0, ge=0, description="escalations that may wait for a VLM slot, interactive "
                                        "before batch; 0 = shed at once")
     vlm_min_budget_ms: float = Field(50.0, ge=0, description="skip the VLM when less deadline than this remains")

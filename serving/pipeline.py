@@ -90,14 +90,15 @@ class CascadePipeline:
         self._decode_lock = threading.Lock()
         self.vlm_calls = 0
         self._escalation_slots = PrioritySlots(limits.max_concurrent_escalations, limits.escalation_queue_size)
+        self._rationale_slots = PrioritySlots(limits.max_concurrent_rationales)
 
     def vlm_serving(self) -> bool:
         return self.verifier is not None and (self.breaker is None or self.breaker.state == BreakerState.CLOSED)
 
     @property
     def inflight_escalations(self) -> int:
-        """VLM calls in flight now."""
-        return self._escalation_slots.in_use
+        """VLM calls in flight now (escalations and rationales)."""
+        return self._escalation_slots.in_use + self._rationale_slots.in_use
 
     @property
     def waiting_escalations(self) -> int:
@@ -268,7 +269,8 @@ class CascadePipeline:
                        request: ClassifyRequest) -> tuple[Rationale | None, str, float]:
         """The VLM's rationale for the breed it favours (its best candidate when it scored the
         image, else the answer's top-1); every reason for not giving one is said. A rationale is
-        a VLM call: it needs a slot and the tenant's budget like an escalation."""
+        a VLM call: it spends the tenant's budget like an escalation, but takes one of its own
+        slots, so that explain callers never take plain escalations' slots."""
         if request.mode == EscalationMode.NEVER:
             return None, "not generated: the client asked for CNN only (escalation NEVER)", 0.0
         if self.verifier is None or img is None:
@@ -284,9 +286,9 @@ class CascadePipeline:
             timeout = min(timeout, usable_ms / 1000.0)
         if not self._take_budget(request.tenant):
             return None, f"not generated: tenant {request.tenant!r} has spent its VLM escalation budget", 0.0
-        if not self._escalation_slots.try_acquire():  # a rationale never waits for a VLM slot
+        if not self._rationale_slots.try_acquire():  # a rationale never waits for a slot
             self._give_back_budget(request.tenant)
-            return None, "not generated: the VLM is saturated", 0.0
+            return None, f"not generated: all {self.limits.max_concurrent_rationales} rationale slots are in use", 0.0
         if vlm_scores is not None:
             breed = vlm_scores.candidates[int(np.argmax(vlm_scores.probabilities))]
         else:
@@ -304,7 +306,7 @@ class CascadePipeline:
             log.warning("no rationale: %s", e)
             return None, f"not generated: {e}"[:300], (time.perf_counter() - t) * 1000.0
         finally:
-            self._escalation_slots.release()
+            self._rationale_slots.release()
         return rationale, "", (time.perf_counter() - t) * 1000.0
 
     def _skip(self, reason: EscalationReason, decision: EscalationDecision, detail: str, vlm_ms: float = 0.0):

@@ -426,8 +426,8 @@ def test_no_rationale_unless_asked():
     ({"verifier": FakeVerifier()}, EscalationMode.NEVER,
      "not generated: the client asked for CNN only (escalation NEVER)"),
     ({}, EscalationMode.ALWAYS, "not generated: no VLM stage is configured on this server"),
-    ({"verifier": FakeVerifier(), "max_concurrent_escalations": 0}, EscalationMode.ALWAYS,
-     "not generated: the VLM is saturated"),
+    ({"verifier": FakeVerifier(), "max_concurrent_rationales": 0}, EscalationMode.ALWAYS,
+     "not generated: all 0 rationale slots are in use"),
 ], ids=["never", "no verifier", "saturated"])
 def test_every_reason_for_no_rationale_is_said(make_args, mode, why):
     r = explain(make(**make_args), mode)
@@ -517,21 +517,29 @@ def test_no_rationale_when_the_deadline_leaves_less_than_the_vlm_budget_after_th
     assert re.fullmatch(r"not generated: \d+ ms left of the deadline", r.rationale_error), r.rationale_error
 
 
-def test_a_rationale_in_progress_counts_as_a_vlm_call_in_flight():
+def test_rationales_have_their_own_slots_and_never_take_plain_escalations():
+    """Defect pinned (issue 25: 40 explain callers cut plain ALWAYS escalations from 34.5/s to
+    2.1/s): with explain callers holding every rationale slot, the next explain gets no
+    rationale, and plain ALWAYS escalations still get VLM slots, none shed."""
     async def go():
         verifier = FakeVerifier(hold_explain=True)
-        pipeline = make(verifier, threshold=0.3, max_concurrent_escalations=1)
-        task = asyncio.create_task(pipeline.classify(request_for(IMAGE, None, EscalationMode.AUTO, None, True)))
-        await until(lambda: verifier.waiting == 1, "the rationale is being written")
-        assert pipeline.inflight_escalations == 1
-        shed = await pipeline.classify(request_for(IMAGE, None, EscalationMode.ALWAYS))
+        pipeline = make(verifier, threshold=0.3, max_concurrent_escalations=2, max_concurrent_rationales=2)
+        explaining = [asyncio.create_task(pipeline.classify(request_for(IMAGE, None, EscalationMode.AUTO, None, True)))
+                      for _ in range(2)]
+        await until(lambda: verifier.waiting == 2, "both rationale slots are taken")
+        assert pipeline.inflight_escalations == 2  # rationales are VLM calls in flight too
+        refused = await pipeline.classify(request_for(IMAGE, None, EscalationMode.AUTO, None, True))
+        plain = await asyncio.gather(*(pipeline.classify(request_for(IMAGE, None, EscalationMode.ALWAYS))
+                                       for _ in range(2)))
         verifier.release.set()
-        done = await task
+        done = await asyncio.gather(*explaining)
         pipeline.close()
-        return shed, done, pipeline
+        return refused, plain, done, pipeline
 
-    shed, done, pipeline = asyncio.run(go())
-    assert shed.reason == EscalationReason.SHED and done.rationale.label == "Bengal"
+    refused, plain, done, pipeline = asyncio.run(go())
+    assert refused.rationale is None and refused.rationale_error == "not generated: all 2 rationale slots are in use"
+    assert all(r.escalated and r.reason == EscalationReason.REQUESTED_ALWAYS for r in plain), [r.reason for r in plain]
+    assert all(r.rationale.label == "Bengal" for r in done)
     assert pipeline.inflight_escalations == 0
 
 
