@@ -114,9 +114,12 @@ class ConnectionsConfig(BaseModel):
     max_connection_age_grace_s: float = Field(60.0, ge=0, description="calls in flight on an aged connection get "
                                               "this long to finish before it is closed")
     max_connections: int = Field(1000, ge=1, description="open connections; beyond, new ones are refused")
-    max_streams_per_connection: int = Field(1024, ge=1, description="concurrent calls on one connection; beyond, "
-                                            "refused (gRPC's clients do not queue them: keep it above "
-                                            "limits.max_inflight_requests, which refuses with RESOURCE_EXHAUSTED)")
+    max_streams_per_connection: int | None = Field(None, ge=1, description="concurrent calls on one connection; "
+                                                   "beyond, UNAVAILABLE (gRPC's clients do not queue them); null = no "
+                                                   "bound but max_concurrent_rpcs")
+    max_concurrent_rpcs: int | None = Field(512, ge=1, description="calls in progress, all connections together; "
+                                            "beyond, RESOURCE_EXHAUSTED before the request is read (the cheapest "
+                                            "refusal there is); null = no bound")
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """The grpc server channel arguments these settings mean."""
@@ -127,7 +130,8 @@ class ConnectionsConfig(BaseModel):
                 ("grpc.max_connection_age_ms", ms(self.max_connection_age_s)),
                 ("grpc.max_connection_age_grace_ms", ms(self.max_connection_age_grace_s)),
                 ("grpc.max_allowed_incoming_connections", self.max_connections),
-                ("grpc.max_concurrent_streams", self.max_streams_per_connection)]
+                *([("grpc.max_concurrent_streams", self.max_streams_per_connection)]
+                  if self.max_streams_per_connection else [])]
 
 
 class MemoryConfig(BaseModel):

@@ -191,7 +191,8 @@ async def run_server(servicer: CatClassifierServicer, host: str = "127.0.0.1", p
     authenticator = servicer.front_door.authenticator
     interceptors = ([BearerTokenInterceptor(authenticator, on_refused=lambda method: refused.labels(method).inc())]
                     if authenticator.required else [])
-    server = grpc.aio.server(interceptors=interceptors, options=[
+    limit = connections.max_concurrent_rpcs  # beyond it, RESOURCE_EXHAUSTED before any handler runs
+    server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=limit, options=[
         ("grpc.max_receive_message_length", max_message_bytes + 64 * 1024),
         ("grpc.max_send_message_length", 4 * 1024 * 1024),
         *connections.grpc_options(),

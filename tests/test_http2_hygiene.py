@@ -27,7 +27,10 @@ def test_connection_settings_become_grpc_options():
     assert options["grpc.keepalive_time_ms"] == 30_000
     assert options["grpc.max_allowed_incoming_connections"] == 7
     assert options["grpc.max_concurrent_streams"] == 9
-    assert ServeConfig(bundle="b").connections.max_connection_idle_s == 300.0
+    defaults = ServeConfig(bundle="b").connections
+    assert defaults.max_connection_idle_s == 300.0 and defaults.max_concurrent_rpcs == 512
+    # no per-connection stream bound by default: gRPC's clients do not queue refused streams
+    assert "grpc.max_concurrent_streams" not in dict(defaults.grpc_options())
     with pytest.raises(ValueError):
         ConnectionsConfig(max_connection_idle_s=0)
 
@@ -104,6 +107,31 @@ def test_connections_beyond_the_bound_are_refused():
     codes = asyncio.run(scenario())
     assert codes[:2] == [grpc.StatusCode.OK] * 2
     assert grpc.StatusCode.OK not in codes[2:], codes
+
+
+def test_calls_beyond_max_concurrent_rpcs_are_refused_at_once():
+    """Refusal at the door: with every allowed call in progress, one more is RESOURCE_EXHAUSTED
+    before any handler runs (nothing is parsed, decoded or counted), in milliseconds, and the
+    calls in progress are answered."""
+    async def scenario():
+        verifier = FakeVerifier(hold=True)
+        async with serving(ConnectionsConfig(max_concurrent_rpcs=2), verifier=verifier) as (target, servicer, *_):
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = pb_grpc.CatClassifierStub(channel)
+                held = [asyncio.ensure_future(stub.Classify(pb.ClassifyRequest(
+                    image=IMAGE, escalation=pb.ESCALATION_MODE_ALWAYS), timeout=30)) for _ in range(2)]
+                await until(lambda: verifier.waiting == 2, "both allowed calls wait on the VLM")
+                t0 = asyncio.get_running_loop().time()
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.Classify(CNN_ONLY, timeout=10)
+                elapsed = asyncio.get_running_loop().time() - t0
+                assert servicer.front_door.inflight == 2  # the refused call never reached the front door
+                verifier.release.set()
+                return refused.value, elapsed, await asyncio.gather(*held)
+
+    refused, elapsed, answers = asyncio.run(scenario())
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (refused.code(), refused.details())
+    assert elapsed < 1.0 and all(a.escalated for a in answers)
 
 
 def test_calls_in_flight_at_shutdown_finish():
