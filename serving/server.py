@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import time
 
@@ -199,9 +200,16 @@ async def run_server(servicer: CatClassifierServicer, host: str = "127.0.0.1", p
         *EXCLUSIVE_PORT,
     ])
     servicer.add_to(server)
+    names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    if importlib.util.find_spec("tritonclient") is not None:  # KServe v2 beside v1 (its stubs ship there)
+        from catcascade.serving.open_inference import SERVICE, OpenInferenceServicer
+
+        OpenInferenceServicer(servicer.front_door, servicer.tracing).add_to(server)
+        names += (SERVICE.full_name,)
+    else:
+        log.warning("tritonclient is not installed: no Open Inference Protocol (KServe v2) service")
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     bound = bind_port(server, f"{host}:{port}", tls, "the gRPC server")
     await server.start()

