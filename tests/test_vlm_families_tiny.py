@@ -115,6 +115,25 @@ def test_in_process_backend_scores_each_family(tiny):
     assert yes_no.score(Image.new("RGB", (90, 70), (180, 90, 30)), CANDIDATES).requests == 3
 
 
+def test_a_batch_scores_each_image_as_alone(tiny):
+    """Training's held-out accuracy scores prompts in left-padded batches: each row must be what
+    the image scores alone (Gemma 3 and Llama 3.2 Vision pair images with prompts only when the
+    images come one list per prompt)."""
+    from catcascade.vlm_stage.prompts import build_multiple_choice
+    from catcascade.vlm_stage.transformers_backend import TransformersBackendConfig, TransformersVerifier
+
+    _, path = tiny
+    v = TransformersVerifier(TransformersBackendConfig(model=str(path)))
+    prompts = [build_multiple_choice(CANDIDATES), build_multiple_choice(CANDIDATES[:2])]
+    images = [Image.new("RGB", (90, 70), (180, 90, 30)), Image.new("RGB", (64, 120), (20, 160, 90))]
+    batch = v.answer_logprobs_batch(prompts, images)
+    for (prompt, image), row in zip(zip(prompts, images), batch):
+        alone = v.answer_logprobs(prompt, image)
+        assert [c for c, _ in row] == list(prompt.choices)
+        assert [lp for _, lp in row] == pytest.approx([lp for _, lp in alone], abs=1e-4)
+    assert batch[0] != batch[1]
+
+
 def test_loss_covers_the_answer_only(tiny, examples):
     """Each family's training rows put labels on the answer letter and the end of the turn only;
     Llama 3.2 Vision through its template's {% generation %} markers (its cross-attention mask
@@ -146,9 +165,10 @@ def test_train_lora_on_each_family(tiny, examples, tmp_path):
 
     name, path = tiny
     cfg = VlmTrainConfig(base_model=str(path), rank=4, alpha=8, max_steps=4, batch_size=6, lr=5e-3)
-    summary = train_lora(cfg, examples, tmp_path / "adapter", progress=False)
+    summary = train_lora(cfg, examples, tmp_path / "adapter", eval_examples=examples[:5], progress=False)
     losses = summary["losses"]
     assert summary["steps"] == 4 and losses[-1] < losses[0], losses
+    assert summary["accuracy_before"]["n"] == summary["accuracy_after"]["n"] == 5
     adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert "language_model" in adapter["target_modules"] and "vision" not in adapter["target_modules"]
     img = Image.open(examples[0].image_path).convert("RGB")
@@ -156,3 +176,19 @@ def test_train_lora_on_each_family(tiny, examples, tmp_path):
     tuned = TransformersVerifier(TransformersBackendConfig(model=str(path), adapter=str(tmp_path / "adapter")))
     after = tuned.score(img, examples[0].candidates)
     assert max(abs(a - b) for a, b in zip(base.probabilities, after.probabilities)) > 1e-3
+
+
+def test_qlora_configuration_path_without_cuda(tiny):
+    """QLoRA (4-bit NF4 base, GPU users) goes through the same loader for every family; without
+    CUDA it is a clear refusal before anything is loaded."""
+    import torch
+
+    from catcascade.training.train_vlm import VlmTrainConfig, load_base_model, load_plan
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: QLoRA is allowed here")
+    _, path = tiny
+    with pytest.raises(RuntimeError, match="QLoRA needs a CUDA GPU"):
+        load_base_model(VlmTrainConfig(base_model=str(path), qlora=True))
+    plan = load_plan(qlora=True, bf16=None, cuda=True, bf16_supported=True)  # what a GPU would get
+    assert plan.quantization()["bnb_4bit_quant_type"] == "nf4" and plan.dtype == "bfloat16"

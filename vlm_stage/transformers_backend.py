@@ -105,8 +105,10 @@ class TransformersVerifier:
         images = [img.convert("RGB") if max(img.size) <= side else _bounded(img, side) for img in images]
         texts = [self.processor.apply_chat_template(p.messages({"type": "image"}), add_generation_prompt=True,
                                                     tokenize=False) for p in prompts]
-        inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="left",
-                                add_special_tokens=False)
+        # One list of images per prompt: Gemma 3's and Llama 3.2 Vision's processors need the nesting
+        # to pair images with prompts in a batch; the other families' give the same tensors either way.
+        inputs = self.processor(images=[[img] for img in images], text=texts, return_tensors="pt", padding=True,
+                                padding_side="left", add_special_tokens=False)
         ids = [self._ids_for(p.choices) for p in prompts]
         with self._lock, torch.inference_mode():
             inputs = inputs.to(self.device)
@@ -160,7 +162,7 @@ class TransformersVerifier:
         img = image.convert("RGB") if max(image.size) <= side else _bounded(image, side)
         text = self.processor.apply_chat_template(build_rationale(breed).messages({"type": "image"}),
                                                   add_generation_prompt=True, tokenize=False)
-        inputs = self.processor(images=[img], text=[text], return_tensors="pt", add_special_tokens=False)
+        inputs = self.processor(images=[[img]], text=[text], return_tensors="pt", add_special_tokens=False)
         with self._lock, torch.inference_mode():
             inputs = inputs.to(self.device)
             if "pixel_values" in inputs:
