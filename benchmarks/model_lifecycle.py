@@ -208,7 +208,7 @@ def swap_phase(target: str, admin, images: list[bytes], args, rate: float | None
 def run(args) -> dict:
     from benchmarks.reliability import random_jpegs
     from catcascade.client import CatcascadeClient
-    from catcascade.serving.model_repository.admin_client import ModelAdminClient
+    from catcascade.client.model_admin import ModelAdminClient
 
     token = secrets.token_hex(8)
     images = random_jpegs(64, size=(320, 240), seed=0)

@@ -14,6 +14,7 @@ from catcascade.errors import CommandError
 # inside the handlers); add one line per feature module.
 COMMAND_REGISTRARS: list[str] = [
     "catcascade.serving.commands",
+    "catcascade.client.classify_command",
     "catcascade.serving.engines.ray_local_cluster",
     "catcascade.serving.model_repository.commands",
     "catcascade.training.train_cnn_command",
@@ -21,9 +22,10 @@ COMMAND_REGISTRARS: list[str] = [
     "catcascade.training.score_command",
     "catcascade.training.oxford_pets_download",
     "catcascade.ensemble.cli_commands",
-    "benchmarks.latency",
-    "benchmarks.accuracy",
 ]
+# The benchmarks live in the source tree, not in the installed package: their commands are
+# there in a checkout and absent from a wheel install.
+SOURCE_TREE_REGISTRARS: list[str] = ["benchmarks.latency", "benchmarks.accuracy"]
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -59,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
                            help="one of these; `catcascade COMMAND --help` lists its flags")
     for module in COMMAND_REGISTRARS:
         importlib.import_module(module).register(sub)
+    for module in SOURCE_TREE_REGISTRARS:
+        try:
+            registrar = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module.split(".")[0]:
+                raise
+            continue
+        registrar.register(sub)
     return p
 
 

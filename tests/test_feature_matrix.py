@@ -28,7 +28,7 @@ from catcascade.serving.api import cascade_pb2 as pb
 from catcascade.serving.api import cascade_pb2_grpc as pb_grpc
 from catcascade.client import CatcascadeClient, EscalationReason
 from catcascade.serving.config import ServeConfig
-from catcascade.serving.model_repository.admin_client import ModelAdminClient
+from catcascade.client.model_admin import ModelAdminClient
 from tests.conftest import GrpcServerThread, jpeg_bytes
 from tests.test_integration_model_lifecycle import make_version
 

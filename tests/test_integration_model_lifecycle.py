@@ -16,7 +16,7 @@ import pytest
 
 from catcascade.ensemble.bundle import load_bundle, sha256_file
 from catcascade.serving.config import ServeConfig
-from catcascade.serving.model_repository.admin_client import ModelAdminClient
+from catcascade.client.model_admin import ModelAdminClient
 from tests.conftest import GrpcServerThread, jpeg_bytes
 
 pytestmark = pytest.mark.integration

@@ -37,3 +37,21 @@ def test_the_source_tree_resolves_the_installed_names():
 
     assert Path(pipeline.__file__).resolve() == ROOT / "serving" / "pipeline.py"
     assert catcascade.__version__
+
+
+def test_the_command_line_works_without_the_benchmarks(monkeypatch):
+    """A wheel install has no benchmarks/ package: the CLI builds without their commands."""
+    import importlib
+
+    from catcascade import cli
+
+    real = importlib.import_module
+
+    def import_module(name):
+        if name.split(".")[0] == "benchmarks":
+            raise ModuleNotFoundError(f"No module named {name!r}", name="benchmarks")
+        return real(name)
+
+    monkeypatch.setattr(cli.importlib, "import_module", import_module)
+    commands = cli.build_parser()._subparsers._group_actions[0].choices
+    assert "serve" in commands and "classify" in commands and "bench-latency" not in commands

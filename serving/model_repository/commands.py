@@ -63,7 +63,7 @@ def _models(args) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
-    from catcascade.serving.model_repository.admin_client import ModelAdminClient
+    from catcascade.client.model_admin import ModelAdminClient
 
     token = args.token or os.environ.get("CATCASCADE_ADMIN_TOKEN")
     with ModelAdminClient(args.admin, token, tls_ca=args.tls_ca) as client:
