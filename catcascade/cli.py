@@ -15,6 +15,7 @@ from catcascade.errors import CommandError
 COMMAND_REGISTRARS: list[str] = [
     "catcascade.serving.commands",
     "catcascade.client.classify_command",
+    "catcascade.demo",
     "catcascade.serving.engines.ray_local_cluster",
     "catcascade.serving.model_repository.commands",
     "catcascade.training.train_cnn_command",

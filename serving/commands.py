@@ -1,4 +1,5 @@
-"""The serving layer's commands: serve, demo, build-demo, serve-vlm (``classify`` is the client's)."""
+"""The serving layer's commands: serve and serve-vlm (``classify`` is the client's, ``demo`` and
+``build-demo`` the top layer's: catcascade/demo.py)."""
 from __future__ import annotations
 
 import logging
@@ -72,21 +73,6 @@ def _serve(args) -> int:
     return 0
 
 
-def _demo(args) -> int:
-    from catcascade.serving.demo import run_demo
-
-    images = [Path(p) for p in args.images] if args.images else None
-    return run_demo(Path(args.bundle), use_vlm=not args.no_vlm, images=images, mode=args.mode,
-                    data=Path(args.data) if args.data else None)
-
-
-def _build_demo(args) -> int:
-    from catcascade.training.demo_bundle import build_demo_bundle
-
-    build_demo_bundle(Path(args.out))
-    return 0
-
-
 def _serve_vlm(args) -> int:
     import signal
     import time
@@ -145,21 +131,6 @@ def register(sub) -> None:
     s.add_argument("--tls-client-ca", type=Path, help="CA certificate (PEM): clients must present a certificate it "
                    "signed (mutual TLS)")
     s.set_defaults(func=_serve)
-
-    d = sub.add_parser("demo", help="build the default bundle if needed, serve it with vLLM, classify a few images")
-    d.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle to serve; built here when missing")
-    d.add_argument("--no-vlm", action="store_true", help="skip the vLLM server (CNN only)")
-    d.add_argument("--mode", choices=["auto", "never", "always"], default="auto",
-                   help="escalation to the VLM: auto, never or always")
-    d.add_argument("--data", type=Path, help="a labelled image folder (<breed>/<image>): a few of its photos are "
-                   "classified too (e.g. from `catcascade data oxford-pets DIR`)")
-    d.add_argument("images", nargs="*", help="images to classify (default: a few held-out synthetic images, plus "
-                   "real photos from --data)")
-    d.set_defaults(func=_demo)
-
-    b = sub.add_parser("build-demo", help="build the embedded default bundle")
-    b.add_argument("--out", default=str(DEFAULT_BUNDLE), help="folder for the bundle")
-    b.set_defaults(func=_build_demo)
 
     v = sub.add_parser("serve-vlm", help="run vLLM's OpenAI server for a bundle's VLM and adapter")
     v.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="bundle whose base VLM and adapter to serve")

@@ -312,7 +312,7 @@ def test_classify_command_prints_a_table_and_json(grpc_server, demo_bundle, caps
 
 
 def test_demo_without_the_vlm_classifies_the_given_images(demo_bundle, capsys):
-    from catcascade.serving.demo import demo_images, run_demo
+    from catcascade.demo import demo_images, run_demo
 
     images = _synthetic_jpegs(demo_bundle, 2)
     assert run_demo(demo_bundle, use_vlm=False, images=images, mode="never") == 0

@@ -1,4 +1,6 @@
-"""`catcascade demo`: the whole cascade on this machine, from nothing, in a few minutes.
+"""`catcascade demo` and `build-demo`: the whole cascade on this machine, from nothing, in a few
+minutes. The demo assembles every layer (training builds the bundle, serving serves it, the
+client asks), so it lives at the top, beside the command line.
 
 Builds the embedded default bundle when missing, starts the real vLLM server with the LoRA
 adapter, starts the gRPC server, classifies a handful of images through a real gRPC client,
@@ -9,6 +11,8 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
+
+from catcascade.serving.commands import DEFAULT_BUNDLE
 
 
 def demo_images(bundle_dir: Path, n_synthetic: int = 6, n_real: int = 4, seed: int = 0,
@@ -70,3 +74,32 @@ def run_demo(bundle_dir: Path, use_vlm: bool = True, images: list[Path] | None =
     console.print(f"{escalated}/{len(rows)} escalated to the VLM; finished in {time.perf_counter() - t0:.0f} s")
     return 0
 
+
+def _demo(args) -> int:
+    images = [Path(p) for p in args.images] if args.images else None
+    return run_demo(Path(args.bundle), use_vlm=not args.no_vlm, images=images, mode=args.mode,
+                    data=Path(args.data) if args.data else None)
+
+
+def _build_demo(args) -> int:
+    from catcascade.training.demo_bundle import build_demo_bundle
+
+    build_demo_bundle(Path(args.out))
+    return 0
+
+
+def register(sub) -> None:
+    d = sub.add_parser("demo", help="build the default bundle if needed, serve it with vLLM, classify a few images")
+    d.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle to serve; built here when missing")
+    d.add_argument("--no-vlm", action="store_true", help="skip the vLLM server (CNN only)")
+    d.add_argument("--mode", choices=["auto", "never", "always"], default="auto",
+                   help="escalation to the VLM: auto, never or always")
+    d.add_argument("--data", type=Path, help="a labelled image folder (<breed>/<image>): a few of its photos are "
+                   "classified too (e.g. from `catcascade data oxford-pets DIR`)")
+    d.add_argument("images", nargs="*", help="images to classify (default: a few held-out synthetic images, plus "
+                   "real photos from --data)")
+    d.set_defaults(func=_demo)
+
+    b = sub.add_parser("build-demo", help="build the embedded default bundle")
+    b.add_argument("--out", default=str(DEFAULT_BUNDLE), help="folder for the bundle")
+    b.set_defaults(func=_build_demo)
