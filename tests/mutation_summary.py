@@ -26,7 +26,10 @@ def _mutmut() -> str:
 
 
 def module_of(mutant: str) -> str:
-    """'catcascade.serving.batcher.xǁDynamicBatcherǁsubmit__mutmut_3' -> 'serving/batcher.py'."""
+    """'serving.front_door.chain.xǁFrontDoorǁclassify__mutmut_3' -> 'serving/front_door/chain.py'.
+
+    mutmut names a mutant by its file's path under ``source_paths``, not by the name the code
+    imports it as (``catcascade.serving...``; tests/mutation_aliases.py maps the one to the other)."""
     head = re.split(r"\.x(?:_|ǁ)", mutant, maxsplit=1)[0]
     return head.replace(".", "/") + ".py"
 

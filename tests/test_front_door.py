@@ -234,3 +234,447 @@ def test_explain_spends_the_tenants_budget_and_says_so_when_it_is_spent():
 
 def test_fake_batcher_declares_where_it_decodes():
     assert FakeBatcher().decodes_images is False
+
+
+# --- edges the mutation run found untested (make mutation, docs/dev/testing.md) -----------------
+
+import dataclasses  # noqa: E402
+import logging  # noqa: E402
+
+from catcascade.cnn_stage.preprocessing import InvalidImageError  # noqa: E402
+from catcascade.cnn_stage.topk import TopK  # noqa: E402
+from catcascade.ensemble.escalation_policy import EscalationReason  # noqa: E402
+from catcascade.serving.cascade_engine import CascadeResult, StageTimings  # noqa: E402
+from catcascade.serving.front_door.authentication import BearerTokenInterceptor, TokenSet, bearer_credentials  # noqa: E402
+from catcascade.serving.front_door.caching import reused  # noqa: E402
+from catcascade.serving.front_door.chain import FrontDoor, result_to_proto  # noqa: E402
+from catcascade.serving.front_door.observation import Observer, span_attributes  # noqa: E402
+from catcascade.serving.metrics import ServiceMetrics  # noqa: E402
+from catcascade.serving.observability.drift import DriftConfig  # noqa: E402
+from catcascade.serving.traffic.admission import AdmissionConfig, AdmissionController, AdmissionRefused  # noqa: E402
+from catcascade.vlm_stage.rationale import Rationale  # noqa: E402
+from catcascade.vlm_stage.scoring import CandidateScores  # noqa: E402
+
+TIMINGS = StageTimings(decode_ms=1.5, cnn_queue_ms=2.5, cnn_ms=3.5, vlm_ms=40.5, blend_ms=0.25, total_ms=50.0,
+                       cnn_batch_size=3, rationale_ms=70.0)
+
+
+def _result(escalated=True, rationale=True, vlm=True, bundle="b:1", **changes) -> CascadeResult:
+    """A result with every field set to a value of its own, so a field mapped from the wrong one shows."""
+    return dataclasses.replace(CascadeResult(
+        labels=TopK((1, 0), ("Sphynx", "Bengal"), (0.75, 0.25)), cnn=TopK((0, 1), ("Bengal", "Sphynx"), (0.5, 0.4)),
+        vlm=CandidateScores(("Bengal", "Sphynx"), (0.2, 0.7), 0.1, "qwen", "logprob") if vlm else None,
+        escalated=escalated, reason=EscalationReason.LOW_CONFIDENCE if escalated else EscalationReason.CONFIDENT,
+        detail="top-1 0.50 < 0.80", timings=TIMINGS,
+        rationale=Rationale("the ears", "Sphynx", 17, "qwen-r") if rationale else None,
+        versions=pb.ModelVersions(bundle=bundle, cnn="cnn:2", vlm="qwen", model_version="v3", route="canary")),
+        **changes)
+
+
+class ScriptedEngine:
+    """An engine that answers ``result`` (or raises ``error``) and keeps the requests it got."""
+
+    def __init__(self, result=None, error=None, bundle="b:1", labels=("Bengal", "Sphynx")):
+        self.result, self.error, self.labels = result or _result(bundle=bundle), error, list(labels)
+        self.identity = EngineIdentity(pb.ModelVersions(bundle=bundle), pb.ModelInfo(labels=self.labels), "k")
+        self.requests = []
+        self.gate: asyncio.Event | None = None
+
+    def vlm_serving(self) -> bool:
+        return True
+
+    async def classify(self, request):
+        self.requests.append(request)
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def test_a_result_becomes_a_response_field_by_field():
+    r = result_to_proto("req-1", _result())
+    assert r.request_id == "req-1" and r.escalated and r.escalation_detail == "top-1 0.50 < 0.80"
+    assert r.escalation_reason == pb.ESCALATION_REASON_LOW_CONFIDENCE
+    assert [(s.label, s.probability) for s in r.labels] == [("Sphynx", 0.75), ("Bengal", 0.25)]
+    assert [(s.label, round(s.probability, 6)) for s in r.cnn_top_k] == [("Bengal", 0.5), ("Sphynx", 0.4)]
+    t = r.timings
+    assert (t.decode_ms, t.cnn_queue_ms, t.cnn_ms, t.vlm_ms, t.blend_ms, t.total_ms, t.cnn_batch_size,
+            t.rationale_ms) == (1.5, 2.5, 3.5, 40.5, 0.25, 50.0, 3, 70.0)
+    assert (r.rationale.text, r.rationale.label, r.rationale.tokens, r.rationale.model, r.rationale.error) == (
+        "the ears", "Sphynx", 17, "qwen-r", "")
+    assert [(s.label, round(s.probability, 6)) for s in r.vlm.candidates] == [("Bengal", 0.2), ("Sphynx", 0.7)]
+    assert (round(r.vlm.none_probability, 6), r.vlm.model, r.vlm.scoring_mode) == (0.1, "qwen", "logprob")
+    assert (r.versions.bundle, r.versions.model_version, r.versions.route) == ("b:1", "v3", "canary")
+    failed = result_to_proto("req-2", _result(rationale=False, vlm=False, rationale_error="VLM down"))
+    assert failed.rationale.error == "VLM down" and failed.rationale.text == "" and not failed.HasField("vlm")
+    plain = result_to_proto("req-3", _result(escalated=False, rationale=False, vlm=False))
+    assert not plain.HasField("rationale") and not plain.HasField("vlm")
+
+
+def test_the_chain_hands_the_engine_the_validated_request_and_counts_the_tenant():
+    engine = ScriptedEngine()
+    budgets = TenantBudgets(TenantBudgetsConfig(), ["alice"], registry=CollectorRegistry())
+    door = FrontDoor(SingleVersion(engine), ServiceMetrics(), budgets=budgets)
+    response = run(door.classify(pb.ClassifyRequest(image=b"img", top_k=2, request_id="r-9"), tenant="alice",
+                                 deadline=123.0, trace_headers={"traceparent": "00-t"}))
+    (request,) = engine.requests
+    assert (request.image, request.top_k, request.deadline, request.tenant, request.request_id) == (
+        b"img", 2, 123.0, "alice", "r-9")
+    assert request.trace_headers == {"traceparent": "00-t"}
+    assert response.request_id == "r-9" and response.labels[0].label == "Sphynx"
+    assert budgets._metrics.requests.labels("alice")._value.get() == 1.0
+    assert door.inflight == 0
+
+
+def test_the_chain_names_the_tenant_from_the_authenticating_parse():
+    door = FrontDoor(SingleVersion(ScriptedEngine()), ServiceMetrics(),
+                     authenticator=Authenticator(["tok-a"], {"alice": "tok-a"}))
+    assert door.tenant_of([("authorization", "bearer tok-a")]) == "alice"
+    assert door.tenant_of([("authorization", "Bearer nope")]) == ANONYMOUS
+    assert FrontDoor(SingleVersion(ScriptedEngine()), ServiceMetrics()).tenant_of([]) == ANONYMOUS
+
+
+def test_the_chain_counts_requests_in_flight_and_refuses_past_its_limit():
+    engine = ScriptedEngine()
+    engine.gate = asyncio.Event()
+    metrics = ServiceMetrics()
+    door = FrontDoor(SingleVersion(engine), metrics, max_inflight=1)
+
+    async def go():
+        first = asyncio.create_task(_classify(door))
+        while not engine.requests:
+            await asyncio.sleep(0)
+        assert door.inflight == 1 and metrics.registry.get_sample_value("catcascade_inflight_requests") == 1.0
+        with pytest.raises(OverloadedError, match="1 requests in flight \\(limit 1\\)"):
+            await _classify(door)
+        engine.gate.set()
+        await first
+        assert door.inflight == 0 and metrics.registry.get_sample_value("catcascade_inflight_requests") == 0.0
+        engine.error, engine.gate = RuntimeError("engine broke"), None
+        with pytest.raises(RuntimeError):
+            await _classify(door)
+        assert door.inflight == 0  # released on errors too
+
+    run(go())
+
+
+def test_the_chain_admits_on_the_cnn_answer_and_counts_refusals_by_reason():
+    clock = FakeClock(100.0)
+    admission = AdmissionController(AdmissionConfig(initial_service_ms=1000.0, slack_ms=0.0), clock=clock)
+    engine = ScriptedEngine()
+    engine.gate = asyncio.Event()
+    metrics = ServiceMetrics()
+    door = FrontDoor(SingleVersion(engine), metrics, admission=admission)
+
+    async def go():
+        first = asyncio.create_task(door.classify(pb.ClassifyRequest(image=b"1"), tenant=ANONYMOUS, deadline=None))
+        while not engine.requests:
+            await asyncio.sleep(0)
+        assert admission.pending == 1
+        wait_ms = metrics.registry.get_sample_value("catcascade_admission_wait_estimate_milliseconds")
+        assert wait_ms == pytest.approx(admission.estimated_wait_s() * 1000.0) and wait_ms >= 1000.0
+        with pytest.raises(AdmissionRefused):  # one ahead, 1.5 s estimated, 0.5 s left
+            await door.classify(pb.ClassifyRequest(image=b"2"), tenant=ANONYMOUS, deadline=100.5)
+        assert metrics.registry.get_sample_value("catcascade_admission_refusals_total", {"reason": "deadline"}) == 1.0
+        engine.requests[0].on_cnn_done()  # the CNN answered: the stage is free before the VLM is
+        assert admission.pending == 0
+        engine.gate.set()
+        await first
+        assert admission.pending == 0 and not admission._waiting
+
+    run(go())
+
+
+def test_an_invalid_image_frees_its_admission_place_as_served_and_is_counted_and_logged(caplog):
+    clock = FakeClock(100.0)
+    admission = AdmissionController(AdmissionConfig(), clock=clock)
+    metrics = ServiceMetrics()
+    door = FrontDoor(SingleVersion(ScriptedEngine(error=InvalidImageError("not a JPEG", "format"))), metrics,
+                     admission=admission)
+    completions = admission._completions
+    with caplog.at_level(logging.INFO, logger="catcascade.serving.server"):
+        with pytest.raises(InvalidImageError):
+            run(door.classify(pb.ClassifyRequest(image=b"x", request_id="bad-1"), tenant=ANONYMOUS, deadline=None))
+    assert admission.pending == 0 and admission._completions == pytest.approx(completions + 1.0)  # decoding was the work
+    assert metrics.registry.get_sample_value("catcascade_images_refused_total", {"reason": "format"}) == 1.0
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("invalid image")]
+    assert record.getMessage() == "invalid image request_id=bad-1: not a JPEG" and record.request_id == "bad-1"
+    assert door.inflight == 0
+
+
+def test_the_observer_records_each_stage_the_reason_drift_and_one_log_line(caplog):
+    metrics = ServiceMetrics()
+    observer = Observer(metrics, DriftConfig(window=10))
+    live = ScriptedEngine(bundle="b:1")
+    request = request_for(IMAGE)
+    request = dataclasses.replace(request, request_id="obs-1")
+    with caplog.at_level(logging.INFO, logger="catcascade.serving.server"):
+        observer.computed(request, _result(bundle="b:1"), live)
+    sample = metrics.registry.get_sample_value
+    for stage, ms in (("decode", 1.5), ("cnn_queue", 2.5), ("cnn", 3.5), ("total", 50.0), ("vlm", 40.5),
+                      ("blend", 0.25), ("rationale", 70.0)):
+        assert sample("catcascade_stage_milliseconds_sum", {"stage": stage}) == ms, stage
+        assert sample("catcascade_stage_milliseconds_count", {"stage": stage}) == 1.0, stage
+    assert sample("catcascade_escalation_decisions_total", {"reason": "LOW_CONFIDENCE"}) == 1.0
+    drift = observer.drift(live)
+    assert drift.version == "b:1" and list(drift._confidences) == [0.5] and list(drift._escalated) == [True]
+    assert list(drift._agreed) == [False]  # the VLM's top choice (Sphynx) is not the CNN's (Bengal)
+    assert observer.drift(live) is drift  # one monitor per live version
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("classified")]
+    assert record.getMessage() == ("classified request_id=obs-1 escalated=True reason=LOW_CONFIDENCE total_ms=50.0 "
+                                   "version=v3")
+    assert (record.request_id, record.escalation_reason, record.total_ms, record.model_version, record.route) == (
+        "obs-1", "LOW_CONFIDENCE", 50.0, "v3", "canary")
+
+    observer.computed(request, _result(escalated=False, rationale=False, vlm=False, bundle="b:1"), live)
+    assert sample("catcascade_stage_milliseconds_count", {"stage": "vlm"}) == 1.0  # not escalated: no VLM time
+    assert sample("catcascade_stage_milliseconds_count", {"stage": "rationale"}) == 1.0
+    assert list(drift._escalated) == [True, False] and list(drift._agreed) == [False]  # no VLM, no vote
+    observer.computed(request, _result(bundle="b:0"), live)  # an answer of another version: not this one's drift
+    assert len(drift._confidences) == 2
+    swapped = ScriptedEngine(bundle="b:2")
+    assert observer.drift(swapped) is not drift and observer.drift(swapped).version == "b:2"
+    assert Observer(metrics).drift(live) is None  # drift off
+
+
+def test_the_log_line_names_the_bundle_when_no_repository_version_answered(caplog):
+    observer = Observer(ServiceMetrics())
+    result = _result(versions=pb.ModelVersions(bundle="b:1"))
+    with caplog.at_level(logging.INFO, logger="catcascade.serving.server"):
+        observer.computed(request_for(IMAGE), result, ScriptedEngine())
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("classified")]
+    assert record.getMessage().endswith("version=b:1") and record.model_version == "b:1"
+
+
+def test_span_attributes_name_the_request_the_answer_and_its_versions():
+    request = pb.ClassifyRequest(priority=pb.PRIORITY_BATCH, escalation=pb.ESCALATION_MODE_ALWAYS)
+    response = result_to_proto("span-1", _result())
+    response.cached = True
+    assert span_attributes(request, response) == {
+        "catcascade.request_id": "span-1", "catcascade.escalated": True,
+        "catcascade.escalation_reason": "ESCALATION_REASON_LOW_CONFIDENCE", "catcascade.cached": True,
+        "catcascade.priority": "PRIORITY_BATCH", "catcascade.mode": "ESCALATION_MODE_ALWAYS",
+        "catcascade.version.bundle": "b:1", "catcascade.version.cnn": "cnn:2", "catcascade.version.vlm": "qwen"}
+
+
+# --- authentication: the interceptor and the token's edges --------------------------------------
+
+class _Details:
+    def __init__(self, method, metadata=()):
+        self.method, self.invocation_metadata = method, metadata
+
+
+class _AbortContext:
+    def __init__(self):
+        self.aborted = None
+
+    async def abort(self, code, details):
+        self.aborted = (code, details)
+        raise grpc.RpcError()
+
+
+def _handlers():
+    def des(b):
+        return b
+
+    def ser(m):
+        return m
+
+    async def unary(request, context):
+        return "ok"
+
+    async def streaming(request, context):
+        yield "ok"
+
+    return {
+        "unary_unary": grpc.unary_unary_rpc_method_handler(unary, des, ser),
+        "unary_stream": grpc.unary_stream_rpc_method_handler(streaming, des, ser),
+        "stream_unary": grpc.stream_unary_rpc_method_handler(unary, des, ser),
+        "stream_stream": grpc.stream_stream_rpc_method_handler(streaming, des, ser),
+    }
+
+
+@pytest.mark.parametrize("shape", ["unary_unary", "unary_stream", "stream_unary", "stream_stream"])
+def test_the_interceptor_refuses_unknown_callers_with_a_handler_of_the_same_shape(shape):
+    handler = _handlers()[shape]
+    refused = []
+    interceptor = BearerTokenInterceptor(Authenticator(["tok"]), on_refused=refused.append)
+
+    async def continuation(details):
+        return handler
+
+    async def go():
+        ok = await interceptor.intercept_service(continuation, _Details("/x.Cascade/Classify",
+                                                                        [("authorization", "Bearer tok")]))
+        assert ok is handler and refused == []
+        denied = await interceptor.intercept_service(continuation, _Details("/x.Cascade/Classify"))
+        assert denied is not handler and refused == ["/x.Cascade/Classify"]
+        assert (denied.request_streaming, denied.response_streaming) == (handler.request_streaming,
+                                                                         handler.response_streaming)
+        assert denied.request_deserializer is handler.request_deserializer
+        assert denied.response_serializer is handler.response_serializer
+        behaviour = next(b for b in (denied.unary_unary, denied.unary_stream, denied.stream_unary,
+                                     denied.stream_stream) if b is not None)
+        context = _AbortContext()
+        with pytest.raises(grpc.RpcError):
+            out = behaviour(None, context)
+            if hasattr(out, "__anext__"):
+                await out.__anext__()
+            else:
+                await out
+        assert context.aborted == (grpc.StatusCode.UNAUTHENTICATED,
+                                   "missing or invalid bearer token (metadata 'authorization: Bearer <token>')")
+
+    run(go())
+
+
+def test_the_interceptor_lets_health_checks_and_unknown_methods_through():
+    refused = []
+    interceptor = BearerTokenInterceptor(Authenticator(["tok"]), on_refused=refused.append)
+    handler = _handlers()["unary_unary"]
+
+    async def go():
+        async def found(details):
+            return handler
+
+        async def not_found(details):
+            return None
+
+        health = await interceptor.intercept_service(found, _Details("/grpc.health.v1.Health/Check"))
+        missing = await interceptor.intercept_service(not_found, _Details("/x.Cascade/Nope"))
+        return health, missing
+
+    health, missing = run(go())
+    assert health is handler and missing is None and refused == []
+    quiet = BearerTokenInterceptor(Authenticator(["tok"]))  # no counter: still refuses
+    assert run(quiet.intercept_service(lambda d: _found(handler), _Details("/x.Cascade/Classify"))) is not handler
+
+
+async def _found(handler):
+    return handler
+
+
+def test_only_spaces_and_tabs_around_the_token_are_dropped():
+    assert bearer_credentials("Bearer \t tok-a\t") == "tok-a"
+    assert bearer_credentials("Bearer \x0btok-a") == "\x0btok-a"  # RFC 9110 whitespace is space and tab
+    assert bearer_credentials("Bearer XtokX") == "XtokX"
+    assert bearer_credentials("Bearer") is None and bearer_credentials(None) is None
+    tokens = TokenSet(["tok-a"])
+    assert tokens.accepts("bearer tok-a") and not tokens.accepts("Bearer tok-b") and not tokens.accepts(None)
+    assert not tokens.accepts("Basic tok-a")
+    with pytest.raises(ValueError, match="^a token set needs at least one token$"):
+        TokenSet([])
+    assert Authenticator(["t"]).required is True and Authenticator([]).required is False
+
+
+def test_a_request_id_of_exactly_the_limit_is_accepted():
+    r = validated_request(pb.ClassifyRequest(request_id="x" * MAX_REQUEST_ID), labels=6, deadline=None, tenant=None)
+    assert r.request_id == "x" * MAX_REQUEST_ID
+    with pytest.raises(InvalidRequestError, match="^request_id must be printable characters \\(no control"):
+        validated_request(pb.ClassifyRequest(request_id="a\tb"), labels=6, deadline=None, tenant=None)
+
+
+# --- the cache stage: identical requests in flight, top_k, eviction counts, budgets ------------
+
+def test_identical_requests_in_flight_share_one_computation_and_different_ones_do_not():
+    engine = ScriptedEngine(result=_result(escalated=False, rationale=False, vlm=False))
+    engine.gate = asyncio.Event()
+    registry = CollectorRegistry()
+    cache = CacheStage(ResponseCacheConfig(enabled=True), registry=registry)
+    door = _door(engine, cache=cache)
+
+    def ask(image, request_id, tenant="t"):
+        return door.classify(pb.ClassifyRequest(image=image, request_id=request_id), tenant=tenant, deadline=None)
+
+    async def go():
+        tasks = [asyncio.create_task(ask(b"same", "r1")), asyncio.create_task(ask(b"same", "r2")),
+                 asyncio.create_task(ask(b"other", "r3")), asyncio.create_task(ask(b"same", "r4", tenant="u"))]
+        while len(engine.requests) < 3:
+            await asyncio.sleep(0)
+        engine.gate.set()
+        return await asyncio.gather(*tasks)
+
+    first, second, other, other_tenant = run(go())
+    assert [r.image for r in engine.requests] == [b"same", b"other", b"same"]  # one per (tenant, image)
+    assert not first.cached and second.cached and not other.cached and not other_tenant.cached
+    assert [r.request_id for r in (first, second, other, other_tenant)] == ["r1", "r2", "r3", "r4"]
+    assert second.versions.bundle == "b:1" and second.labels[0].label == "Sphynx"
+    assert registry.get_sample_value("catcascade_response_cache_lookups_total", {"result": "shared"}) == 1.0
+
+
+def test_a_degraded_answer_in_flight_is_not_shared():
+    degraded = _result(escalated=False, rationale=False, vlm=False, reason=EscalationReason.VLM_UNAVAILABLE)
+    engine = ScriptedEngine(result=degraded)
+    engine.gate = asyncio.Event()
+    door = _door(engine, cache=CacheStage(ResponseCacheConfig(enabled=True)))
+
+    async def go():
+        tasks = [asyncio.create_task(_classify(door, "t", image=b"same")) for _ in range(2)]
+        while not engine.requests:
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        engine.gate.set()
+        return await asyncio.gather(*tasks)
+
+    answers = run(go())
+    assert len(engine.requests) == 2 and not any(a.cached for a in answers)  # each computed its own
+
+
+def test_top_k_is_part_of_the_cache_key():
+    engine = Engine("k")
+    door = _door(engine, cache=CacheStage(ResponseCacheConfig(enabled=True)))
+
+    async def go():
+        out = []
+        for k in (1, 0, 2, 0):
+            out.append(await door.classify(pb.ClassifyRequest(image=IMAGE, top_k=k,
+                                                              escalation=pb.ESCALATION_MODE_NEVER),
+                                           tenant="t", deadline=None))
+        return out
+
+    one, default, two, default_again = run(go())
+    assert [r.cached for r in (one, default, two, default_again)] == [False, False, False, True]
+    assert len(one.labels) == 1 and len(two.labels) == 2 and len(default.labels) > 2
+    assert engine.calls == 3
+
+
+def test_evictions_are_counted_one_by_one_and_the_byte_gauge_follows():
+    registry = CollectorRegistry()
+    cache = CacheStage(ResponseCacheConfig(enabled=True, max_entries=1), registry=registry)
+    door = _door(Engine("k"), cache=cache)
+
+    async def go():
+        for seed in range(3):
+            await _classify(door, "t", image=jpeg_bytes((40, 30), seed=200 + seed))
+
+    run(go())
+    assert registry.get_sample_value("catcascade_response_cache_evictions_total") == 2.0
+    assert registry.get_sample_value("catcascade_response_cache_bytes") == cache.partition("t").bytes > 0
+    assert registry.get_sample_value("catcascade_response_cache_entries") == 1.0
+
+
+def test_a_cached_escalation_is_handed_to_a_tenant_with_budget_left_and_costs_it_nothing():
+    budgets = TenantBudgets(TenantBudgetsConfig(tenants={"t": {"rate_per_s": 0.0, "burst": 2}}), ["t"],
+                            clock=FakeClock())
+    engine = Engine("k", verifier=FakeVerifier(), tenant_budgets=budgets)
+    door = _door(engine, cache=CacheStage(ResponseCacheConfig(enabled=True), budgets), budgets=budgets)
+
+    async def go():
+        return [await _classify(door, "t", mode=pb.ESCALATION_MODE_ALWAYS) for _ in range(3)]
+
+    paid, *hits = run(go())
+    assert paid.escalated and not paid.cached
+    assert all(h.cached and h.escalated for h in hits) and engine.calls == 1
+    assert budgets.bucket("t").tokens == 1.0  # the hits spent nothing
+
+
+def test_a_reused_answer_reports_its_own_time():
+    import time
+
+    route = Route(None, pb.ModelVersions(bundle="b:1", route="live"), None)
+    stored = result_to_proto("old", _result())
+    out = reused(stored, "new", route, time.perf_counter() - 0.25)
+    assert out.request_id == "new" and out.cached and out.versions.route == "live"
+    assert 250.0 <= out.timings.total_ms < 5000.0 and out.timings.vlm_ms == 0.0
+    assert out.labels == stored.labels and not stored.cached  # the stored answer is not changed

@@ -318,6 +318,7 @@ def test_adapter_pool_loads_on_a_server_that_was_down_or_lost_its_adapters(tmp_p
 
 class _RemoteCnn:
     decodes_images = True  # nothing for the loader's CNN warm-up to batch here
+    depth = running = 0  # what the service's gauges read
 
 
 class _FakeCascade:
@@ -329,6 +330,7 @@ class _FakeCascade:
         self.preprocess_config = preprocess_config
         self.identity = identity
         self.cnn = _RemoteCnn()
+        self.inflight_escalations = 0
         self.gate: asyncio.Event | None = None
         self.started = 0
         self.closed = False
@@ -440,3 +442,329 @@ def test_a_shadow_copy_never_holds_up_the_live_answer_and_excess_copies_are_drop
         await router.aclose()
 
     asyncio.run(scenario())
+
+
+# --- the router's edges the mutation run found untested (make mutation, docs/dev/testing.md) ----
+
+def _sample(router, name, labels=None):
+    return router.service_metrics.registry.get_sample_value(name, labels or {})
+
+
+def _messages(caplog, prefix):
+    return [r for r in caplog.records if r.getMessage().startswith(prefix)]
+
+
+def test_the_router_reports_loads_swaps_roles_and_releases(tmp_path, monkeypatch, caplog):
+    import logging
+    import re
+
+    import catcascade.serving.model_repository.loading as loading
+    from catcascade.serving.api import cascade_pb2 as pb
+
+    monkeypatch.setattr(loading, "_png", lambda size: b"warm-up")
+    router, built = _router_on(tmp_path)
+    caplog.set_level(logging.INFO)
+
+    async def scenario():
+        outcome = await router.reload()
+        assert outcome.loaded == ["v1"] and outcome.changed and not outcome.rejected
+        (loaded,) = _messages(caplog, "model version v1 loaded")
+        assert re.fullmatch(r"model version v1 loaded, verified and warmed in \d+\.\d s \(cats:2, [^,]*\)",
+                            loaded.getMessage())
+        assert _sample(router, "catcascade_model_loads_total", {"version": "v1", "outcome": "loaded", "reason": ""}) == 1
+        assert _sample(router, "catcascade_model_serving", {"version": "v1", "role": "live"}) == 1
+        assert _sample(router, "catcascade_model_swaps_total") == 1
+        (now,) = _messages(caplog, "models now")
+        assert now.getMessage() == "models now: live v1 (reload; before: live None, candidate None)"
+        assert (now.model_version, now.candidate) == ("v1", None)
+        assert (await router.reload()).changed is False  # nothing changed on disk: nothing reloaded
+        assert _sample(router, "catcascade_model_swaps_total") == 1
+
+        await router.set_candidate("v2", "canary", 1.0)
+        assert _sample(router, "catcascade_model_serving", {"version": "v2", "role": "canary"}) == 1
+        assert _messages(caplog, "models now")[-1].getMessage() == (
+            "models now: live v1, candidate v2 (canary, 100%) (candidate set to v2; before: live v1, candidate None)")
+        assert _messages(caplog, "models now")[-1].candidate == "v2"
+        info = router.model_info()
+        assert (info.versions.model_version, info.versions.route, info.candidate.model_version) == ("v1", "live", "v2")
+        assert info.candidate_mode == pb.TRAFFIC_MODE_CANARY and info.candidate_share == 1.0
+        assert [(name, state) for name, state, _, _ in router.states()] == [("v1", "LIVE"), ("v2", "CANDIDATE")]
+        answer = await router.classify(request_for(b"img"))
+        assert (answer.versions.model_version, answer.versions.route, answer.labels.labels) == ("v2", "canary", ("a2",))
+        assert _sample(router, "catcascade_model_requests_total", {"version": "v2", "route": "canary", "outcome": "ok"}) == 1
+        assert _sample(router, "catcascade_model_latency_milliseconds_count", {"version": "v2", "route": "canary"}) == 1
+        assert router.window.candidate.summary()["requests"] == 1 and router.window.live.summary()["requests"] == 0
+
+        await router.promote()
+        assert router.live.name == "v2" and router.candidate is None and router.routing.previous == "v1"
+        assert _sample(router, "catcascade_model_serving", {"version": "v2", "role": "canary"}) == 0
+        assert _sample(router, "catcascade_model_serving", {"version": "v1", "role": "live"}) == 0
+        assert _sample(router, "catcascade_model_serving", {"version": "v2", "role": "live"}) == 1
+        assert _messages(caplog, "models now")[-1].getMessage() == (
+            "models now: live v2 (the candidate promoted; before: live v1, candidate v2)")
+        for _ in range(200):
+            if _messages(caplog, "model version v1 released"):
+                break
+            await asyncio.sleep(0.01)
+        (released,) = _messages(caplog, "model version v1 released")
+        assert released.model_version == "v1" and built["v1"][0].closed and not router.draining
+        assert [(name, state) for name, state, _, _ in router.states()] == [("v1", "AVAILABLE"), ("v2", "LIVE")]
+
+        with pytest.raises(ValueError, match="^v2 is already live$"):
+            await router.promote("v2")
+        with pytest.raises(ValueError, match=r"^no candidate to promote \(name a version, or set a candidate first\)$"):
+            await router.promote()
+        await router.rollback()
+        assert router.live.name == "v1" and router.routing.previous is None
+        assert _messages(caplog, "models now")[-1].getMessage() == (
+            "models now: live v1 (rolled back; before: live v2, candidate None)")
+        with pytest.raises(ValueError, match=r"^nothing to roll back to \(no previous version recorded; Promote"):
+            await router.rollback()
+        assert read_routing(router.models.routing_path).live == "v1"  # each change is written
+        await router.set_candidate("v2", "shadow", 0.5)
+        await router.set_candidate(None)
+        assert router.candidate is None and _messages(caplog, "models now")[-1].getMessage() == (
+            "models now: live v1 (candidate set to none; before: live v1, candidate v2)")
+        await router.aclose()
+        assert router.live is None and all(c.closed for cs in built.values() for c in cs)
+
+    asyncio.run(scenario())
+
+
+def test_a_rejected_version_is_reported_and_the_serving_one_stays(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import catcascade.serving.model_repository.loading as loading
+    from catcascade.serving.model_repository.loading import VersionRejected
+
+    monkeypatch.setattr(loading, "_png", lambda size: b"warm-up")
+    router, built = _router_on(tmp_path)
+    repo = router.repository
+    _cnn_only_bundle(repo / "v3")
+    (repo / "v3" / "cnn.onnx").write_bytes(b"tampered")
+    caplog.set_level(logging.INFO)
+
+    async def scenario():
+        await router.reload()
+        with pytest.raises(VersionRejected) as refused:
+            await router.set_candidate("v3", "shadow", 0.5)
+        assert refused.value.version == "v3" and refused.value.reason == "checksum"
+        assert router.candidate is None and read_routing(router.models.routing_path).candidate is None
+        (logged,) = _messages(caplog, "model version v3 rejected")
+        assert logged.getMessage() == f"model version v3 rejected (checksum): {refused.value.message}; v1 keeps serving"
+        assert (logged.levelno, logged.model_version, logged.reason) == (logging.ERROR, "v3", "checksum")
+        assert _sample(router, "catcascade_model_loads_total",
+                       {"version": "v3", "outcome": "rejected", "reason": "checksum"}) == 1
+        states = {name: (state, err) for name, state, _, err in router.states()}
+        assert states["v3"] == ("REJECTED", refused.value.message) and states["v1"] == ("LIVE", "")
+        assert states["v2"] == ("AVAILABLE", "")
+
+        router.models.routing_path.write_text("live: v3\n")  # a file change naming it: not strict
+        outcome = await router.reload(cause="repository changed")
+        assert router.live.name == "v1" and not outcome.changed and [e.reason for e in outcome.rejected] == ["checksum"]
+        router.models.routing_path.write_text("live: [v1\n")
+        outcome = await router.reload(cause="repository changed")
+        assert router.live.name == "v1" and [e.reason for e in outcome.rejected] == ["routing"]
+        assert router.rejected[router.models.routing_file][1].reason == "routing"
+        assert _sample(router, "catcascade_model_loads_total",
+                       {"version": "routing.yaml", "outcome": "rejected", "reason": "routing"}) == 1
+        router.models.routing_path.write_text("live: v2\n")
+        await router.reload(cause="repository changed")
+        assert router.live.name == "v2" and router.models.routing_file not in router.rejected
+        assert "v3" in router.rejected  # still the same tampered files
+        (repo / "v3" / "cnn.onnx").write_bytes(b"onnx bytes")  # fixed on disk
+        await router.set_candidate("v3", "shadow", 0.5)
+        assert router.candidate.name == "v3" and "v3" not in router.rejected
+        await router.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_router_that_cannot_start_says_why(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import catcascade.serving.model_repository.loading as loading
+    from catcascade.serving.config import ServeConfig
+    from catcascade.serving.metrics import ServiceMetrics
+    from catcascade.serving.model_repository.loading import VersionRejected
+    from catcascade.serving.model_repository.router import ModelRouter
+
+    monkeypatch.setattr(loading, "_png", lambda size: b"warm-up")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = ServeConfig(models={"repository": str(empty)})
+    router = ModelRouter(cfg.models, cfg, ServiceMetrics(), factory=None)
+    with pytest.raises(VersionRejected, match=r"no bundles in the model repository .*empty \(expected "
+                                              r"DIR/<version>/manifest.json\)") as e:
+        asyncio.run(router.reload())
+    assert e.value.reason == "missing"
+
+    caplog.set_level(logging.INFO)
+    (tmp_path / "b").mkdir()
+    broken, _ = _router_on(tmp_path / "b")
+    broken.models.routing_path.write_text("live: [v1\n")
+    with pytest.raises(VersionRejected, match="not valid YAML"):
+        asyncio.run(broken.reload())
+    (logged,) = _messages(caplog, "model version routing.yaml rejected (routing)")
+    assert not logged.getMessage().endswith("keeps serving")  # nothing serves yet
+    broken.models.routing_path.write_text("live: v9\n")
+    with pytest.raises(VersionRejected) as missing:
+        asyncio.run(broken.reload())
+    assert (missing.value.version, missing.value.reason) == ("v9", "missing")
+
+
+def test_errors_are_counted_by_type_and_only_the_versions_own_count_against_it(tmp_path, monkeypatch):
+    import catcascade.serving.model_repository.loading as loading
+    from catcascade.cnn_stage.preprocessing import InvalidImageError
+    from catcascade.serving.pipeline import DeadlineExceededError
+
+    monkeypatch.setattr(loading, "_png", lambda size: b"warm-up")
+    router, built = _router_on(tmp_path)
+
+    async def scenario():
+        await router.reload()
+        v1 = built["v1"][0]
+        for error in (RuntimeError("broken"), InvalidImageError("not an image", "format"),
+                      DeadlineExceededError("late"), asyncio.CancelledError()):
+            async def fail(request, error=error):
+                raise error
+
+            v1.classify = fail
+            with pytest.raises(type(error)):
+                await router.classify(request_for(b"x"))
+            assert router.live.inflight == 0
+        for outcome in ("RuntimeError", "InvalidImageError", "DeadlineExceededError", "CancelledError"):
+            assert _sample(router, "catcascade_model_requests_total",
+                           {"version": "v1", "route": "live", "outcome": outcome}) == 1, outcome
+        assert router.window.live.summary()["errors"] == 1  # the bad image, the late and the gone client say nothing
+        await router.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_shadow_copies_run_without_tenant_deadline_or_rationale_and_are_compared(tmp_path, monkeypatch):
+    import dataclasses
+
+    import catcascade.serving.model_repository.loading as loading
+
+    monkeypatch.setattr(loading, "_png", lambda size: b"warm-up")
+    router, built = _router_on(tmp_path)
+
+    async def scenario():
+        await router.reload()
+        await router.set_candidate("v2", "shadow", 1.0)
+        candidate = built["v2"][0]
+        seen = []
+        answer = candidate.classify
+
+        async def remember(request):
+            seen.append(request)
+            return await answer(request)
+
+        candidate.classify = remember
+        live = await router.classify(dataclasses.replace(request_for(b"img", deadline=10.0**9, explain=True,
+                                                                     tenant="alice"), on_cnn_done=lambda: None))
+        assert live.versions.route == "live" and live.versions.model_version == "v1"
+        for _ in range(200):
+            if router.window.compared:
+                break
+            await asyncio.sleep(0.01)
+        (copy,) = seen
+        assert (copy.deadline, copy.tenant, copy.explain, copy.on_cnn_done, copy.image) == (None, None, False, None, b"img")
+        assert _sample(router, "catcascade_shadow_comparisons_total",
+                       {"live": "v1", "candidate": "v2", "top1": "disagree"}) == 1
+        assert _sample(router, "catcascade_candidate_top1_agreement", {"live": "v1", "candidate": "v2"}) == 0.0
+        assert _sample(router, "catcascade_model_requests_total",
+                       {"version": "v2", "route": "shadow", "outcome": "ok"}) == 1
+
+        async def broken(request):
+            raise RuntimeError("candidate broke")
+
+        candidate.classify = broken
+        await router.classify(request_for(b"img2"))
+        for _ in range(200):
+            if _sample(router, "catcascade_model_requests_total",
+                       {"version": "v2", "route": "shadow", "outcome": "RuntimeError"}):
+                break
+            await asyncio.sleep(0.01)
+        assert _sample(router, "catcascade_model_requests_total",
+                       {"version": "v2", "route": "shadow", "outcome": "RuntimeError"}) == 1
+        assert router._shadow_inflight == 0 and router.candidate.inflight == 0
+        assert router.window.candidate.summary()["errors"] == 1
+        await router.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_replaced_version_still_busy_after_the_drain_timeout_is_released_with_a_warning(tmp_path, monkeypatch,
+                                                                                          caplog):
+    import logging
+
+    import catcascade.serving.model_repository.loading as loading
+
+    monkeypatch.setattr(loading, "_png", lambda size: b"warm-up")
+    router, built = _router_on(tmp_path, drain_timeout_s=0.05)
+    caplog.set_level(logging.INFO)
+
+    async def scenario():
+        await router.reload()
+        v1 = built["v1"][0]
+        v1.gate = asyncio.Event()
+        stuck = asyncio.create_task(router.classify(request_for(b"slow")))
+        while v1.started < 2:
+            await asyncio.sleep(0)
+        await router.promote("v2")
+        for _ in range(200):
+            if v1.closed:
+                break
+            await asyncio.sleep(0.01)
+        (warning,) = _messages(caplog, "model version v1 still had")
+        assert warning.getMessage() == "model version v1 still had 1 requests after 0 s; releasing it"
+        assert warning.levelno == logging.WARNING and v1.closed and not router.draining
+        v1.gate.set()
+        await stuck
+        await router.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_the_services_cnn_and_vlm_gauges_follow_the_live_version(tmp_path, monkeypatch):
+    import catcascade.serving.model_repository.loading as loading
+
+    monkeypatch.setattr(loading, "_png", lambda size: b"warm-up")
+    router, built = _router_on(tmp_path)
+
+    async def scenario():
+        await router.reload()
+        await router.set_candidate("v2", "canary", 0.5)
+
+        def load(cascade, depth, running, escalations):
+            cascade.cnn.depth, cascade.cnn.running, cascade.inflight_escalations = depth, running, escalations
+
+        load(built["v1"][0], 3, 1, 2)
+        load(built["v2"][0], 9, 9, 9)  # the candidate's are not the service's
+        assert (_sample(router, "catcascade_cnn_queue_depth"), _sample(router, "catcascade_cnn_batches_running"),
+                _sample(router, "catcascade_inflight_escalations")) == (3, 1, 2)
+        await router.promote()
+        load(built["v2"][-1], 7, 2, 5)  # promoted: rebuilt as a live version
+        assert (_sample(router, "catcascade_cnn_queue_depth"), _sample(router, "catcascade_cnn_batches_running"),
+                _sample(router, "catcascade_inflight_escalations")) == (7, 2, 5)
+        await router.aclose()
+        assert (_sample(router, "catcascade_cnn_queue_depth"), _sample(router, "catcascade_cnn_batches_running"),
+                _sample(router, "catcascade_inflight_escalations")) == (0, 0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_the_split_is_the_documented_keyed_hash_so_every_replica_and_release_agrees():
+    """docs/operations.md: a keyed blake2b of the image bytes against the share. Front doors of
+    two releases side by side (a rolling upgrade) must route an image alike, so the function is
+    pinned: 64-bit digest keyed by the seed's 8 little-endian bytes, read little-endian."""
+    import hashlib
+
+    for i in range(300):
+        image = b"image-%d" % i
+        for seed in (0, 7, 2**40 + 3):
+            key = seed.to_bytes(8, "little")
+            point = int.from_bytes(hashlib.blake2b(image, digest_size=8, key=key).digest(), "little")
+            assert in_share(image, 0.3, seed) == (point < 0.3 * 2**64), (i, seed)

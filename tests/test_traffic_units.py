@@ -9,6 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from catcascade.serving.batcher import BatchingConfig, DynamicBatcher
+from catcascade.serving.traffic.admission import AdmissionConfig, AdmissionController, AdmissionRefused
 from catcascade.serving.traffic.priorities import Priority, PrioritySlots
 from catcascade.serving.traffic.response_cache import ResponseCache, ResponseCacheConfig, SingleFlight, cache_key
 from catcascade.serving.traffic.tenant_budgets import ANONYMOUS, TenantBudgets, TenantBudgetsConfig, TokenBucket, TokenBucketConfig
@@ -210,3 +211,206 @@ def test_serve_config_tenants(tmp_path):
     with pytest.raises(ValidationError, match="burst"):
         ServeConfig(bundle=tmp_path, auth={"tenants": {"a": "t"}},
                     tenant_budgets={"tenants": {"a": {"rate_per_s": 1, "burst": 0}}})
+
+
+# --- edges the mutation run found untested (make mutation, docs/dev/testing.md) -----------------
+
+def test_response_cache_replacing_a_key_counts_its_bytes_once_and_fills_to_the_exact_bound():
+    cache = ResponseCache(ResponseCacheConfig(max_entries=10, max_bytes=1024), size_of=len)
+    assert cache.put("a", "x" * 300) is True
+    assert cache.put("a", "y" * 200) is True  # replaced: 200 bytes, not 500 or 100
+    assert cache.bytes == 200 and len(cache) == 1 and cache.get("a") == "y" * 200
+    assert cache.put("b", "z" * 824) is True  # 1024 bytes: exactly the bound, nothing evicted
+    assert cache.bytes == 1024 and cache.evictions == 0 and len(cache) == 2
+    alone = ResponseCache(ResponseCacheConfig(max_entries=10, max_bytes=1024), size_of=len)
+    assert alone.put("full", "f" * 1024) is True and alone.get("full") is not None  # as large as the bound: kept
+
+
+def test_single_flight_tolerates_a_computation_cancelled_under_it():
+    """Cancelling the shared computation itself (server shutdown) must not make its clean-up
+    callback raise into the event loop."""
+    errors = []
+
+    async def go():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+        flights = SingleFlight()
+        gate = asyncio.Event()
+
+        async def compute():
+            await gate.wait()
+
+        caller = asyncio.create_task(flights.run("k", compute))
+        await asyncio.sleep(0)
+        flights._flights["k"].cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await asyncio.sleep(0)  # the done callback runs
+        assert len(flights) == 0
+
+    asyncio.run(go())
+    assert errors == []
+
+
+def test_has_budget_is_true_from_exactly_one_token_and_spends_nothing():
+    clock = FakeClock()
+    budgets = TenantBudgets(TenantBudgetsConfig(default=TokenBucketConfig(rate_per_s=1.0, burst=1)), clock=clock)
+    assert budgets.has_budget("t") and budgets.has_budget("t")  # asking spends nothing
+    assert budgets.allow_escalation("t") and not budgets.has_budget("t")
+    clock.t = 0.5
+    assert not budgets.has_budget("t")  # half a token is not an escalation
+    clock.t = 1.0  # refilled on the budgets' own clock: exactly one token
+    assert budgets.has_budget("t") and budgets.allow_escalation("t")
+    unlimited = TenantBudgets(TenantBudgetsConfig(tenants={"a": TokenBucketConfig(rate_per_s=0, burst=1)}), ["a"])
+    assert unlimited.has_budget("b") and unlimited.has_budget(None)  # no budget of its own: unlimited
+
+
+def test_tenant_requests_are_counted_by_tenant():
+    registry = CollectorRegistry()
+    budgets = TenantBudgets(TenantBudgetsConfig(), ["alice"], registry=registry)
+    for tenant in ("alice", "alice", ANONYMOUS):
+        budgets.count_request(tenant)
+    text = generate_latest(registry).decode()
+    assert 'catcascade_tenant_requests_total{tenant="alice"} 2.0' in text
+    assert f'catcascade_tenant_requests_total{{tenant="{ANONYMOUS}"}} 1.0' in text
+
+
+def _admission(t0: float = 0.0, **config):
+
+    clock = FakeClock()
+    clock.t = t0
+    settings = {"safety_factor": 1.0, "slack_ms": 0.0, "halflife_s": 0.5, **config}
+    return AdmissionController(AdmissionConfig(**settings), clock), clock
+
+
+def test_admission_measures_busy_time_between_every_arrival_and_departure():
+    adm, clock = _admission(initial_service_ms=20)
+    a = adm.admit(None)
+    clock.t = 0.05
+    adm.admit(None)  # the stage was busy from 0 to 0.05 ...
+    clock.t = 0.1
+    a.served()  # ... and from 0.05 to 0.1: 0.1 s busy for one completion
+    d = 0.5 ** (0.1 / 0.5)
+    assert adm.service_s() == pytest.approx((0.020 * d + 0.1) / (d + 1.0), rel=1e-9)
+
+
+def test_a_ticket_departs_once_whatever_is_called_after():
+    adm, clock = _admission(initial_service_ms=20)
+    served, released = adm.admit(None), adm.admit(None)
+    served.served()
+    served.release()
+    served.served()
+    released.release()
+    released.release()
+    released.served()
+    assert adm.pending == 0 and not adm._waiting
+
+
+def test_the_correction_starts_at_a_prediction_of_exactly_100_ms_is_clipped_and_fades():
+    adm, clock = _admission(initial_service_ms=100)
+    a = adm.admit(None)  # predicted: exactly 0.1 s
+    clock.t = 0.3
+    a.served()  # three times the prediction
+    assert adm.correction == pytest.approx(0.8 + 0.2 * 3.0)
+    # fades back to 1 with a half-life of 4 half-lives of busy time, read at any instant given
+    assert adm.estimated_wait_s(now=0.3 + 2.0) == pytest.approx((1 + 0.4 * 0.5) * adm.expected_wait_s())
+    assert adm.estimated_wait_s() == pytest.approx(1.4 * adm.expected_wait_s())  # the clock's own instant
+
+    adm, clock = _admission(initial_service_ms=100)
+    a = adm.admit(None)
+    clock.t = 0.6
+    a.served()  # six times: counts as four
+    assert adm.correction == pytest.approx(0.8 + 0.2 * 4.0)
+
+    adm, clock = _admission(initial_service_ms=200)
+    a = adm.admit(None)
+    clock.t = 0.1
+    a.served()  # faster than predicted: counts as on time
+    assert adm.correction == pytest.approx(1.0)
+
+    adm, clock = _admission(initial_service_ms=200)
+    a = adm.admit(None)
+    clock.t = 0.3
+    a.release()  # abandoned at 1.5 times the prediction: it waited at least that long
+    assert adm.correction == pytest.approx(0.8 + 0.2 * 1.5)
+
+
+def test_lateness_is_measured_against_the_corrected_prediction():
+    adm, clock = _admission(initial_service_ms=100)
+    a = adm.admit(None)
+    clock.t = 0.3
+    a.served()
+    head = adm.admit(None)
+    corrected = head.predicted_s * adm._correction_now(0.3 + 1.0)
+    assert adm.lateness_s(0.3 + 1.0) == pytest.approx(1.0 - corrected)
+    assert adm.lateness_s(0.3 + 0.01) == 0.0
+
+
+def test_admission_admits_a_wait_of_exactly_the_time_left_and_refuses_a_deadline_already_gone():
+    adm, clock = _admission(initial_service_ms=100)
+    with pytest.raises(AdmissionRefused) as gone:
+        adm.admit(0.0)  # nothing ahead, but the deadline is now
+    assert gone.value.reason == "deadline"
+    adm.admit(None)
+    assert adm.estimated_wait_s() == 0.2
+    assert adm.admit(0.2) is not None  # 0.2 s wait, 0.2 s left
+    assert adm.refused == 1
+
+
+def test_admission_refusals_say_how_long_and_how_many_and_are_counted():
+    adm, clock = _admission(t0=10.0, initial_service_ms=750, max_queue_wait_ms=1000)
+    adm.admit(None)
+    with pytest.raises(AdmissionRefused) as late:
+        adm.admit(11.0)
+    assert str(late.value) == ("server overloaded: 1 requests ahead, an estimated 1500 ms wait would miss the deadline "
+                               "(1000 ms left); retry later or elsewhere")
+    with pytest.raises(AdmissionRefused) as long_wait:
+        adm.admit(None)
+    assert str(long_wait.value) == ("server overloaded: 1 requests ahead, an estimated 1500 ms wait exceeds the 1000 ms "
+                                    "limit for requests without a deadline")
+    assert long_wait.value.reason == "queue_wait" and adm.refused == 2
+
+
+def test_the_loop_lag_is_kept_from_the_time_left():
+    adm, clock = _admission(initial_service_ms=100)
+    adm.observe_loop_lag(0.5)
+    adm.admit(None)  # 0.2 s wait for the next
+    with pytest.raises(AdmissionRefused):
+        adm.admit(0.6)  # 0.6 s left, less 0.5 s of loop lag
+    assert adm.admit(0.8) is not None
+
+
+def test_loop_lag_is_a_decayed_maximum():
+    adm, clock = _admission()
+    adm.observe_loop_lag(0.4)
+    assert adm.loop_lag_s == 0.4
+    clock.t = 0.25
+    adm.observe_loop_lag(0.1)  # 0.4 decayed over half a half-life is still larger
+    assert adm.loop_lag_s == pytest.approx(0.4 * 0.5 ** 0.5)
+    clock.t = 1.25
+    adm.observe_loop_lag(0.2)
+    assert adm.loop_lag_s == pytest.approx(0.2)
+
+
+def test_the_loop_lag_watcher_measures_how_late_its_timer_fires(monkeypatch):
+    import types
+
+    import catcascade.serving.traffic.admission as admission
+
+    adm, clock = _admission()
+    readings = iter([5.0, 5.07, 9.0, 9.01, 12.0])  # first sleep 50 ms late, the second on time
+    slept = []
+
+    async def sleep(period_s):
+        slept.append(period_s)
+        if len(slept) == 3:
+            raise asyncio.CancelledError
+
+    monkeypatch.setattr(admission, "time", types.SimpleNamespace(monotonic=lambda: next(readings)))
+    monkeypatch.setattr(admission, "asyncio", types.SimpleNamespace(sleep=sleep))
+    lags = []
+    observe = adm.observe_loop_lag
+    monkeypatch.setattr(adm, "observe_loop_lag", lambda lag: (lags.append(lag), observe(lag)))
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(adm.watch_loop_lag(0.02))
+    assert slept == [0.02, 0.02, 0.02]
+    assert lags == [pytest.approx(0.05), 0.0] and adm.loop_lag_s == pytest.approx(0.05)
