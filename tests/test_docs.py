@@ -67,7 +67,7 @@ def test_the_bench_commands_point_at_the_benchmarks_page():
     args = p.parse_args(["--update-doc", "docs/benchmarks.md", "--data", "photos"])
     assert args.update_doc == Path("docs/benchmarks.md") and args.images == Path("photos")
     make = (REPO / "Makefile").read_text()
-    assert make.count("--update-doc docs/benchmarks.md") == 3
+    assert make.count("--update-doc docs/benchmarks.md") == 4  # bench, bench-features, bench-engines, bench-peers
 
 
 def test_licence_changelog_and_contributing_guide():
