@@ -73,7 +73,7 @@ class _CnnReplica:
                                      spinning=cfg.cnn_spinning)
         self.preprocess_config = dataclasses.replace(bundle.preprocess, limits=cfg.limits.decode_limits())
         self.info = {"bundle": bundle.version_string, "labels": list(bundle.manifest.labels), "has_vlm": vlm is not None,
-                     "precision": cfg.cnn_precision, "providers": list(getattr(self.model, "providers", []))}
+                     "precision": cfg.cnn_precision, "providers": list(self.model.providers)}
         self._model_pool = ThreadPoolExecutor(instances, thread_name_prefix="cnn")
         self._decode_pool = ThreadPoolExecutor(2, thread_name_prefix="decode")
         self._name = ""

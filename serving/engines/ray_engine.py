@@ -193,10 +193,10 @@ class RayCnnEngine:
         """Nothing to stop: other front doors may share the replicas."""
 
     async def submit(self, x: np.ndarray, priority: int = 0, deadline: float | None = None) -> EncodedResult:
-        return await self._call("classify_tensor", x, priority, deadline)
+        return await self._call(self.handle.classify_tensor, x, priority, deadline)
 
     async def submit_encoded(self, data: bytes, priority: int = 0, deadline: float | None = None) -> EncodedResult:
-        return await self._call("classify_encoded", data, priority, deadline)
+        return await self._call(self.handle.classify_encoded, data, priority, deadline)
 
     async def _slot(self, priority: int, deadline: float | None) -> None:
         """Waits for a call slot, or refuses: QueueFullError when too many wait already,
@@ -209,7 +209,8 @@ class RayCnnEngine:
         if not await self.slots.acquire(priority, timeout):
             raise DeadlineUnmeetableError("the deadline passed while waiting for a CNN replica")
 
-    async def _call(self, method: str, payload, priority: int, deadline: float | None) -> EncodedResult:
+    async def _call(self, method, payload, priority: int, deadline: float | None) -> EncodedResult:
+        """``method``: the handle's method for this payload (tensor or encoded bytes)."""
         from ray.serve.exceptions import BackPressureError
 
         from catcascade.cnn_stage.preprocessing import InvalidImageError
@@ -221,7 +222,7 @@ class RayCnnEngine:
                     raise DeadlineUnmeetableError("the deadline passed before the CNN call was sent")
                 t0 = time.perf_counter()
                 try:
-                    answer = await getattr(self.handle, method).remote(payload)
+                    answer = await method.remote(payload)
                     break
                 except BackPressureError as e:
                     raise QueueFullError(f"CNN replicas are saturated: {e}") from None
@@ -282,11 +283,11 @@ class RayVerifier:
         merged.update(headers or {})
         return merged or None
 
-    async def _call(self, method: str, *args, **kwargs):
+    async def _call(self, method, *args, **kwargs):
         from catcascade.vlm_stage.vllm_client import VlmUnavailableError
 
         try:
-            return await getattr(self.handle, method).remote(*args, **kwargs)
+            return await method.remote(*args, **kwargs)
         except Exception as e:
             failure = _failure(e)
             if failure is not None:
@@ -295,16 +296,16 @@ class RayVerifier:
 
     async def verify(self, image, candidates: tuple[str, ...], *, priority: int = 0,
                      headers: Mapping[str, str] | None = None):
-        return await self._call("verify", _bounded_for_vlm(image, self.config.max_image_side), tuple(candidates),
+        return await self._call(self.handle.verify, _bounded_for_vlm(image, self.config.max_image_side), tuple(candidates),
                                 priority=int(priority), headers=self._headers(headers))
 
     async def explain(self, image, breed: str, max_tokens: int, *, priority: int = 0,
                       headers: Mapping[str, str] | None = None):
-        return await self._call("explain", _bounded_for_vlm(image, self.config.max_image_side), breed, max_tokens,
+        return await self._call(self.handle.explain, _bounded_for_vlm(image, self.config.max_image_side), breed, max_tokens,
                                 priority=int(priority), headers=self._headers(headers))
 
     async def warm_up(self, candidates: tuple[str, ...]) -> None:
-        await self._call("warm_up", tuple(candidates))
+        await self._call(self.handle.warm_up, tuple(candidates))
 
     async def aclose(self) -> None:
         """The deployment outlives this front door."""
