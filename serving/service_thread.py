@@ -34,9 +34,10 @@ class ServiceThread:
             self._error = e
             self._ready.set()
 
-    def start(self) -> "ServiceThread":
+    def start(self, timeout_s: float = 300.0) -> "ServiceThread":
         self._thread.start()
-        self._ready.wait(180)
+        if not self._ready.wait(timeout_s):
+            raise TimeoutError(f"the service did not start within {timeout_s:.0f} s")
         if self._error:
             raise self._error
         return self
