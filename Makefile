@@ -50,7 +50,8 @@ PERF_LIBS := $(VENV)/perf-analyzer-libs
 $(PERF_LIBS)/.installed: $(STAMP)
 	rm -rf $(PERF_LIBS) && mkdir -p $(PERF_LIBS)
 	$(PIP) --no-deps --target $(PERF_LIBS)/cudart nvidia-cuda-runtime-cu12==12.9.79
-	cd $(PERF_LIBS) && (apt-get download libb64-0d && dpkg-deb -x libb64-0d_*.deb deb) \
+	cd $(PERF_LIBS) && ((apt-get download libb64-0d || (apt-get update -qq && apt-get download libb64-0d)) \
+	    && dpkg-deb -x libb64-0d_*.deb deb) \
 	    || echo "libb64-0d not fetched: perf_analyzer will not run"
 	touch $@
 

@@ -245,6 +245,21 @@ def test_the_bearer_token_interceptor_guards_v2_too(demo_bundle):
         assert c.infer("catcascade", [_image_input([jpeg_bytes()])], headers=headers).as_numpy("labels").shape == (1, 3)
 
 
+@pytest.mark.integration
+def test_a_call_is_one_span_continuing_the_callers_trace_with_each_images_stages_under_it(demo_bundle):
+    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    with GrpcServerThread(ServeConfig(bundle=demo_bundle, port=0, tracing={"exporter": "memory"})) as s:
+        c = tc.InferenceServerClient(s.target)
+        c.infer("catcascade", [_image_input([jpeg_bytes(seed=3), jpeg_bytes(seed=4)])],
+                headers={"traceparent": f"00-{trace_id}-{parent}-01"}, parameters={"escalation": "never"})
+        spans = [sp for sp in s.servicer.tracing.memory_exporter.get_finished_spans()
+                 if sp.context.trace_id == int(trace_id, 16)]
+    calls = [sp for sp in spans if sp.name == "catcascade.ModelInfer"]
+    assert len(calls) == 1 and calls[0].parent.span_id == int(parent, 16)
+    cnn = [sp for sp in spans if sp.name == "cnn"]
+    assert len(cnn) == 2 and all(sp.parent.span_id == calls[0].context.span_id for sp in cnn)
+
+
 # ------------------------------------------------------------------ perf_analyzer
 
 
