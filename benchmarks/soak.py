@@ -116,7 +116,10 @@ def soak(bundle: str, minutes: float, workers: int = 6, vllm: bool = False, seed
         from catcascade.ensemble.bundle import load_bundle
         from catcascade.vlm_stage.vllm_server import VllmServer, VllmServerConfig
 
-        vllm_server = VllmServer(VllmServerConfig.for_bundle(load_bundle(bundle))).start()
+        import tempfile
+
+        log = Path(tempfile.mkdtemp(prefix="catcascade-soak-")) / "vllm.log"
+        vllm_server = VllmServer(VllmServerConfig.for_bundle(load_bundle(bundle)), log_path=log).start()
         config["vlm"] = {"urls": [vllm_server.url]}
     duration_s, start = minutes * 60.0, time.monotonic()
     try:
