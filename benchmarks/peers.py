@@ -342,6 +342,10 @@ def run(args) -> dict:
         "ray": Process([sys.executable, "-m", "benchmarks.peers", "serve-ray", str(bundle), str(port + 10)],
                        out / "ray.log", env=env),
     }
+    for i, variant in enumerate(args.catcascade_variant):  # other designs of catcascade, beside the default
+        servers[f"variant{i}"] = Process([sys.executable, "-m", "catcascade", "serve", "--config", variant, "--bundle",
+                                          str(bundle), "--port", str(port + 30 + i)], out / f"variant{i}.log",
+                                         ready="catcascade serving")
     if Path(args.pytriton_python).exists():
         servers["triton"] = Process([args.pytriton_python, "-m", "benchmarks.peers", "serve-pytriton", str(bundle),
                                      str(port + 20)], out / "triton.log", env=env)
@@ -367,6 +371,13 @@ def run(args) -> dict:
         }
         if "triton" not in servers:
             runs.pop("Triton/PyTriton (perf_analyzer)")
+        results["baselines"] = dict(BASELINE)
+        for i, variant in enumerate(args.catcascade_variant):
+            name = f"catcascade {Path(variant).stem} (perf_analyzer)"
+            runs[name] = (lambda target: lambda c: run_perf_analyzer(
+                target, "catcascade", c, data, window_ms, ["--request-parameter", "escalation:never:string"], out)
+            )(f"127.0.0.1:{port + 30 + i}")
+            results["baselines"][name] = "catcascade (perf_analyzer)"
         for w in range(args.windows):
             results["ceilings"].append(ceiling.measure(args.window_s))
             print(f"window {w} ceiling: {results['ceilings'][-1]}", flush=True)
@@ -403,7 +414,7 @@ def summarize(results: dict) -> list[dict]:
             row = {"server": name, "concurrency": int(c),
                    **{k: statistics.median(w[k] for w in ws) for k in ("throughput", "p50", "p99", "client_cpu_ms")},
                    "errors": sum(w["errors"] for w in ws)}
-            base = BASELINE.get(name)
+            base = results.get("baselines", BASELINE).get(name)
             if base:
                 ratios = [w[name][c]["throughput"] / w[base][c]["throughput"] for w in results["windows"]]
                 p50s = [w[name][c]["p50"] / w[base][c]["p50"] for w in results["windows"]]
@@ -506,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window-s", type=float, default=3.0, help="seconds per measurement")
     p.add_argument("--port", type=int, default=18500)
     p.add_argument("--pytriton-python", default=str(REPO / ".venv-pytriton" / "bin" / "python"))
+    p.add_argument("--catcascade-variant", action="append", default=[], metavar="YAML",
+                   help="also serve catcascade with this ServeConfig (another design), measured beside the default")
     p.add_argument("--out", default="docs/bench/peers")
     p.add_argument("--update-doc", help="rewrite this page's bench:peers section")
     args = p.parse_args(argv)

@@ -23,6 +23,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as v2
 
 from catcascade import __version__
+from catcascade.errors import CatcascadeError
 from catcascade.serving.api import cascade_pb2 as pb
 from catcascade.serving.front_door.chain import FrontDoor
 from catcascade.serving.front_door.observation import span_attributes
@@ -47,8 +48,9 @@ IMPLEMENTED = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "Mod
 MALFORMED = object()
 
 
-class UnknownModel(Exception):
-    """A model name (or version) this server does not serve: NOT_FOUND, as v2 servers answer."""
+class UnknownModel(CatcascadeError):
+    """A model name (or version) this server does not serve: NOT_FOUND, as v2 servers answer
+    (the servicer maps it; catcascade.v1 has no such error, so status_of's table does not)."""
 
 
 def _lenient(parse):
