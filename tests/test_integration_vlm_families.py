@@ -70,15 +70,13 @@ def family_vllm(family_bundle, tmp_path_factory, session_vllm_stopped):
     from catcascade.vlm_stage.vllm_server import VllmServer, VllmServerConfig
 
     family, root = family_bundle
-    cfg = VllmServerConfig.for_bundle(load_bundle(root), max_num_seqs=4)
-    server = VllmServer(cfg, log_path=tmp_path_factory.mktemp("logs") / f"vllm-{family}.log")
     if family == "mllama":
         with pytest.raises(VllmUnsupportedError, match="until v0.10.2"):
-            server.start()
-        assert server.process is None
+            VllmServerConfig.for_bundle(load_bundle(root), max_num_seqs=4)
         yield None
         return
-    server.start()
+    cfg = VllmServerConfig.for_bundle(load_bundle(root), max_num_seqs=4)
+    server = VllmServer(cfg, log_path=tmp_path_factory.mktemp("logs") / f"vllm-{family}.log").start()
     yield server
     server.stop()
 

@@ -107,7 +107,7 @@ def test_image_bounds_of_the_design_documents_families():
 def test_llama_3_2_vision_is_refused_by_vllm_from_0_10_2_before_a_server_starts(tmp_path):
     from catcascade.errors import CatcascadeError
     from catcascade.vlm_stage.families import VllmUnsupportedError
-    from catcascade.vlm_stage.vllm_server import VllmServer, VllmServerConfig
+    from catcascade.vlm_stage.vllm_server import VllmServerConfig
 
     mllama = family_named("mllama")
     mllama.check_vllm("0.10.1")  # the last versions that served it
@@ -118,10 +118,24 @@ def test_llama_3_2_vision_is_refused_by_vllm_from_0_10_2_before_a_server_starts(
     for name in ("llava", "qwen2_5_vl", "qwen3_vl", "pixtral", "gemma3"):
         family_named(name).check_vllm("0.32.0")
     (tmp_path / "config.json").write_text(json.dumps(REAL_CONFIGS["Llama-3.2-11B-Vision-Instruct"][1]))
-    server = VllmServer(VllmServerConfig(model=str(tmp_path)), log_path=tmp_path / "vllm.log")
-    with pytest.raises(CatcascadeError, match="cannot serve the mllama family"):
-        server.start()  # the installed vLLM (0.32): refused at once, no process started
-    assert server.process is None and not (tmp_path / "vllm.log").exists()
+    with pytest.raises(CatcascadeError, match="cannot serve the mllama family") as refused:
+        VllmServerConfig(model=str(tmp_path))  # the installed vLLM (0.32): refused before any server exists
+    assert isinstance(refused.value, ValueError)  # a configuration error: `serve-vlm` prints it, exit code 2
+
+
+def test_serve_vlm_refuses_a_llama_3_2_vision_bundle_with_the_reason(demo_bundle, tmp_path, capsys):
+    import shutil
+
+    from catcascade.cli import main
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle, bundle, ignore=shutil.ignore_patterns("data"))
+    base = bundle / "vlm" / "base"
+    (base / "config.json").write_text(json.dumps(REAL_CONFIGS["Llama-3.2-11B-Vision-Instruct"][1]))
+    assert main(["serve-vlm", "--bundle", str(bundle), "--log", str(tmp_path / "vllm.log")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot serve the mllama family" in err and "--vlm-backend transformers" in err
+    assert not (tmp_path / "vllm.log").exists()
 
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])

@@ -94,6 +94,7 @@ class VllmServerConfig:
             raise ValueError(f"max_model_len must be >= 64, got {self.max_model_len}")
         if self.max_lora_rank not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS} (vLLM's choices), got {self.max_lora_rank}")
+        self.family.check_vllm()  # a family this vLLM cannot serve: say so now, not after a minute's start-up
         for name, path in self.lora_modules.items():
             if not (Path(path) / "adapter_config.json").is_file():
                 raise ValueError(f"LoRA module {name!r}: no adapter_config.json in {path} (expected a PEFT adapter folder)")
@@ -166,7 +167,6 @@ class VllmServer:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "VllmServer":
-        self.config.family.check_vllm()  # a family this vLLM cannot serve: say so now, not after a minute
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.cpu_kv_cache_gb))
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")

@@ -29,8 +29,9 @@ TARGET_PARTS = (*LANGUAGE_PARTS, "vision")
 _LANGUAGE = r".*language_model.*\.({})"
 
 
-class VllmUnsupportedError(CatcascadeError, RuntimeError):
-    """The installed vLLM cannot serve a model's family (e.g. Llama 3.2 Vision since vLLM 0.10.2)."""
+class VllmUnsupportedError(CatcascadeError, ValueError):
+    """The installed vLLM cannot serve a model's family (e.g. Llama 3.2 Vision since vLLM 0.10.2):
+    a configuration error, refused where the server's configuration is made."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class VlmFamily:
     processor output cannot be cut in two (Llama 3.2 Vision's per-token cross-attention mask)."""
     vllm_removed_in: str | None = None
     """The vLLM version that stopped serving the family (None: vLLM serves it). From that version
-    on, ``VllmServer`` refuses the family before starting, and the in-process transformers
+    on, ``VllmServerConfig`` refuses the family (no server starts), and the in-process transformers
     backend serves it."""
     vllm_failure: str = ""
     """What a newer vLLM does with the family instead (its own message), for the refusal."""
