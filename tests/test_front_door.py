@@ -501,12 +501,16 @@ def test_the_interceptor_refuses_unknown_callers_with_a_handler_of_the_same_shap
     refused = []
     interceptor = BearerTokenInterceptor(Authenticator(["tok"]), on_refused=refused.append)
 
+    asked = []
+
     async def continuation(details):
+        asked.append(details)
         return handler
 
     async def go():
-        ok = await interceptor.intercept_service(continuation, _Details("/x.Cascade/Classify",
-                                                                        [("authorization", "Bearer tok")]))
+        allowed = _Details("/x.Cascade/Classify", [("authorization", "Bearer tok")])
+        ok = await interceptor.intercept_service(continuation, allowed)
+        assert asked == [allowed]  # the handler looked up is the call's own
         assert ok is handler and refused == []
         denied = await interceptor.intercept_service(continuation, _Details("/x.Cascade/Classify"))
         assert denied is not handler and refused == ["/x.Cascade/Classify"]
@@ -678,3 +682,23 @@ def test_a_reused_answer_reports_its_own_time():
     assert out.request_id == "new" and out.cached and out.versions.route == "live"
     assert 250.0 <= out.timings.total_ms < 5000.0 and out.timings.vlm_ms == 0.0
     assert out.labels == stored.labels and not stored.cached  # the stored answer is not changed
+
+
+def test_an_escalated_answer_in_flight_is_shared_with_a_tenant_that_has_budget():
+    budgets = TenantBudgets(TenantBudgetsConfig(tenants={"t": {"rate_per_s": 0.0, "burst": 5}}), ["t"],
+                            clock=FakeClock())
+    engine = ScriptedEngine()  # answers escalated
+    engine.gate = asyncio.Event()
+    door = _door(engine, cache=CacheStage(ResponseCacheConfig(enabled=True), budgets), budgets=budgets)
+
+    async def go():
+        tasks = [asyncio.create_task(_classify(door, "t", mode=pb.ESCALATION_MODE_ALWAYS, image=b"same"))
+                 for _ in range(2)]
+        while not engine.requests:
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        engine.gate.set()
+        return await asyncio.gather(*tasks)
+
+    first, shared = run(go())
+    assert len(engine.requests) == 1 and not first.cached and shared.cached and shared.escalated

@@ -566,6 +566,7 @@ def test_a_rejected_version_is_reported_and_the_serving_one_stays(tmp_path, monk
         outcome = await router.reload(cause="repository changed")
         assert router.live.name == "v1" and [e.reason for e in outcome.rejected] == ["routing"]
         assert router.rejected[router.models.routing_file][1].reason == "routing"
+        assert ("routing.yaml", "REJECTED") in [(name, state) for name, state, _, _ in router.states()]
         assert _sample(router, "catcascade_model_loads_total",
                        {"version": "routing.yaml", "outcome": "rejected", "reason": "routing"}) == 1
         router.models.routing_path.write_text("live: v2\n")
@@ -606,7 +607,8 @@ def test_a_router_that_cannot_start_says_why(tmp_path, monkeypatch, caplog):
     with pytest.raises(VersionRejected, match="not valid YAML"):
         asyncio.run(broken.reload())
     (logged,) = _messages(caplog, "model version routing.yaml rejected (routing)")
-    assert not logged.getMessage().endswith("keeps serving")  # nothing serves yet
+    message = broken.rejected["routing.yaml"][1].message
+    assert logged.getMessage() == f"model version routing.yaml rejected (routing): {message}"  # nothing serves yet
     broken.models.routing_path.write_text("live: v9\n")
     with pytest.raises(VersionRejected) as missing:
         asyncio.run(broken.reload())
@@ -714,6 +716,7 @@ def test_a_replaced_version_still_busy_after_the_drain_timeout_is_released_with_
         while v1.started < 2:
             await asyncio.sleep(0)
         await router.promote("v2")
+        assert [(name, state) for name, state, _, _ in router.states()] == [("v1", "DRAINING"), ("v2", "LIVE")]
         for _ in range(200):
             if v1.closed:
                 break
@@ -768,3 +771,24 @@ def test_the_split_is_the_documented_keyed_hash_so_every_replica_and_release_agr
             key = seed.to_bytes(8, "little")
             point = int.from_bytes(hashlib.blake2b(image, digest_size=8, key=key).digest(), "little")
             assert in_share(image, 0.3, seed) == (point < 0.3 * 2**64), (i, seed)
+
+
+def test_promote_and_rollback_name_their_versions_whatever_is_newest(tmp_path, monkeypatch):
+    import catcascade.serving.model_repository.loading as loading
+
+    monkeypatch.setattr(loading, "_png", lambda size: b"warm-up")
+    router, built = _router_on(tmp_path)
+    _cnn_only_bundle(router.repository / "v3", labels=("a3", "b3"))
+    router.models.routing_path.write_text("live: v3\n")
+
+    async def scenario():
+        await router.reload()
+        await router.set_candidate("v1", "canary", 0.5)
+        await router.promote()  # the candidate, not the newest version
+        assert router.live.name == "v1" and router.candidate is None and router.routing.previous == "v3"
+        await router.set_candidate("v2", "shadow", 0.5)
+        await router.rollback()  # back to v3, and the candidate set since goes too
+        assert router.live.name == "v3" and router.candidate is None and router.routing.previous is None
+        await router.aclose()
+
+    asyncio.run(scenario())
