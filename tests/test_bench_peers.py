@@ -53,3 +53,16 @@ def test_perf_analyzer_data_is_base64_of_tritons_length_prefixed_bytes(tmp_path)
     for photo, step in zip(photos, steps):
         assert base64.b64decode(step["image"]["b64"]) == struct.pack("<I", len(photo)) + photo
         assert step["image"]["shape"] == [1]
+
+
+def test_a_variant_is_compared_with_the_default_and_named_beside_triton():
+    results = _results()
+    variant = "catcascade one-cnn-thread (perf_analyzer)"
+    for w in results["windows"]:
+        w[variant] = {"1": _cell(70, 8.0), "16": _cell(66, 190.0)}
+    results["baselines"] = {**peers.BASELINE, variant: CC}
+    row = next(r for r in peers.summarize(results) if r["server"] == variant and r["concurrency"] == 1)
+    assert row["ratio"][0] == 70 / 50 and row["p50_ratio"][0] == 8.0 / 10.0
+    lines = peers.targets(results, peers.summarize(results))
+    assert lines[-1] == (f"- Another design, {variant}: p50 at c=1 8.0 ms (Triton 12.0 ms, default 10.0 ms); "
+                         "c=16 66.0/s (Triton 60.0/s, default 60.0/s).")
