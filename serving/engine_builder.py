@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 
-from catcascade.cnn_stage.native_memory import tune_malloc  # noqa: F401  (re-exported for app)
 from catcascade.cnn_stage.onnx_runtime import make_classifier
 from catcascade.ensemble.blender_registry import make_blender
 from catcascade.ensemble.bundle import Bundle, BundleError
