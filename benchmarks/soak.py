@@ -139,15 +139,20 @@ def soak(bundle: str, minutes: float, workers: int = 6, vllm: bool = False, seed
             threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(workers)]
             for thread in threads:
                 thread.start()
-            restarts = [duration_s / 3, 2 * duration_s / 3] if vllm_server else []
-            next_sample = 0.0
-            while (elapsed := time.monotonic() - start) < duration_s:
-                if restarts and elapsed >= restarts[0]:
-                    restarts.pop(0)
-                    record.events.append((elapsed, "vLLM stopped"))
+            def restart_vllm_twice():  # beside the sampling below, which a restart (minutes on a CPU) must not stop
+                for at in (duration_s / 3, 2 * duration_s / 3):
+                    if stop.wait(max(0.0, start + at - time.monotonic())):
+                        return
+                    record.events.append((time.monotonic() - start, "vLLM stopped"))
                     vllm_server.stop()
                     vllm_server.start()
                     record.events.append((time.monotonic() - start, "vLLM started again"))
+
+            restarter = threading.Thread(target=restart_vllm_twice, daemon=True)
+            if vllm_server is not None:
+                restarter.start()
+            next_sample = 0.0
+            while (elapsed := time.monotonic() - start) < duration_s:
                 if elapsed >= next_sample:
                     record.rss_mb.append((elapsed, server.status_mb()))
                     if int(elapsed) % 60 < 5:
@@ -156,8 +161,8 @@ def soak(bundle: str, minutes: float, workers: int = 6, vllm: bool = False, seed
                     next_sample = elapsed + max(5.0, duration_s / 60)
                 time.sleep(0.5)
             stop.set()
-            for thread in threads:
-                thread.join(60)
+            for thread in threads + ([restarter] if restarter.is_alive() else []):
+                thread.join(600)
             record.rss_mb.append((time.monotonic() - start, server.status_mb()))
     finally:
         stop.set()
