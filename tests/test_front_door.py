@@ -313,12 +313,19 @@ def test_a_result_becomes_a_response_field_by_field():
 
 
 def test_the_chain_hands_the_engine_the_validated_request_and_counts_the_tenant():
+    class RecordingRouter(SingleVersion):
+        def route(self, request):
+            self.routed = request  # a repository routes on the image: it needs the request itself
+            return super().route(request)
+
     engine = ScriptedEngine()
+    router = RecordingRouter(engine)
     budgets = TenantBudgets(TenantBudgetsConfig(), ["alice"], registry=CollectorRegistry())
-    door = FrontDoor(SingleVersion(engine), ServiceMetrics(), budgets=budgets)
+    door = FrontDoor(router, ServiceMetrics(), budgets=budgets)
     response = run(door.classify(pb.ClassifyRequest(image=b"img", top_k=2, request_id="r-9"), tenant="alice",
                                  deadline=123.0, trace_headers={"traceparent": "00-t"}))
     (request,) = engine.requests
+    assert router.routed.image == b"img" and router.routed.request_id == "r-9"
     assert (request.image, request.top_k, request.deadline, request.tenant, request.request_id) == (
         b"img", 2, 123.0, "alice", "r-9")
     assert request.trace_headers == {"traceparent": "00-t"}
@@ -339,17 +346,17 @@ def test_the_chain_counts_requests_in_flight_and_refuses_past_its_limit():
     engine = ScriptedEngine()
     engine.gate = asyncio.Event()
     metrics = ServiceMetrics()
-    door = FrontDoor(SingleVersion(engine), metrics, max_inflight=1)
+    door = FrontDoor(SingleVersion(engine), metrics, max_inflight=2)
 
     async def go():
-        first = asyncio.create_task(_classify(door))
-        while not engine.requests:
+        first = [asyncio.create_task(_classify(door)) for _ in range(2)]
+        while len(engine.requests) < 2:
             await asyncio.sleep(0)
-        assert door.inflight == 1 and metrics.registry.get_sample_value("catcascade_inflight_requests") == 1.0
-        with pytest.raises(OverloadedError, match="1 requests in flight \\(limit 1\\)"):
+        assert door.inflight == 2 and metrics.registry.get_sample_value("catcascade_inflight_requests") == 2.0
+        with pytest.raises(OverloadedError, match="2 requests in flight \\(limit 2\\)"):
             await _classify(door)
         engine.gate.set()
-        await first
+        await asyncio.gather(*first)
         assert door.inflight == 0 and metrics.registry.get_sample_value("catcascade_inflight_requests") == 0.0
         engine.error, engine.gate = RuntimeError("engine broke"), None
         with pytest.raises(RuntimeError):
@@ -431,6 +438,13 @@ def test_the_observer_records_each_stage_the_reason_drift_and_one_log_line(caplo
     assert sample("catcascade_stage_milliseconds_count", {"stage": "vlm"}) == 1.0  # not escalated: no VLM time
     assert sample("catcascade_stage_milliseconds_count", {"stage": "rationale"}) == 1.0
     assert list(drift._escalated) == [True, False] and list(drift._agreed) == [False]  # no VLM, no vote
+    agreeing = _result(bundle="b:1", vlm=False)
+    agreeing = dataclasses.replace(agreeing, vlm=CandidateScores(("Bengal", "Sphynx"), (0.8, 0.1), 0.1, "qwen", "logprob"))
+    observer.computed(request, agreeing, live)
+    assert list(drift._agreed) == [False, True]
+    observer.computed(request, _result(bundle="b:1"), live)  # back to two confidences for what follows
+    drift._confidences.pop(), drift._confidences.pop(), drift._escalated.pop(), drift._escalated.pop()
+    assert sample("catcascade_drift_answers_total", {"version": "b:1", "escalated": "true"}) == 3.0
     observer.computed(request, _result(bundle="b:0"), live)  # an answer of another version: not this one's drift
     assert len(drift._confidences) == 2
     swapped = ScriptedEngine(bundle="b:2")
@@ -440,11 +454,31 @@ def test_the_observer_records_each_stage_the_reason_drift_and_one_log_line(caplo
 
 def test_the_log_line_names_the_bundle_when_no_repository_version_answered(caplog):
     observer = Observer(ServiceMetrics())
-    result = _result(versions=pb.ModelVersions(bundle="b:1"))
+    result = _result(versions=pb.ModelVersions(bundle="b:1"), timings=StageTimings(total_ms=12.34567))
     with caplog.at_level(logging.INFO, logger="catcascade.serving.server"):
         observer.computed(request_for(IMAGE), result, ScriptedEngine())
     (record,) = [r for r in caplog.records if r.getMessage().startswith("classified")]
-    assert record.getMessage().endswith("version=b:1") and record.model_version == "b:1"
+    assert record.getMessage().endswith("total_ms=12.3 version=b:1") and record.model_version == "b:1"
+    assert record.total_ms == 12.35  # the structured field keeps two decimals
+
+
+def test_the_chain_observes_on_the_live_version_and_drift_knows_its_reference():
+    from catcascade.ensemble.confidence_histogram import ConfidenceHistogram
+
+    reference = ConfidenceHistogram(edges=[0.0, 0.5, 1.0], counts=[3, 7])
+    engine = ScriptedEngine(result=_result(bundle="b:1"))
+    engine.identity = dataclasses.replace(engine.identity, confidence_reference=None)
+    metrics = ServiceMetrics()
+    observer = Observer(metrics, DriftConfig(window=10))
+    door = FrontDoor(SingleVersion(engine), metrics, observer=observer)
+    run(_classify(door))
+    assert list(observer.drift(engine)._confidences) == [0.5]
+    assert metrics.registry.get_sample_value("catcascade_drift_answers_total",
+                                             {"version": "b:1", "escalated": "true"}) == 1.0
+    other = ScriptedEngine(bundle="b:2")
+    other.identity = dataclasses.replace(other.identity, confidence_reference=reference)
+    monitor = observer.drift(other)
+    assert monitor.reference is reference and monitor.edges == [0.0, 0.5, 1.0]
 
 
 def test_span_attributes_name_the_request_the_answer_and_its_versions():

@@ -771,6 +771,7 @@ def test_the_split_is_the_documented_keyed_hash_so_every_replica_and_release_agr
             key = seed.to_bytes(8, "little")
             point = int.from_bytes(hashlib.blake2b(image, digest_size=8, key=key).digest(), "little")
             assert in_share(image, 0.3, seed) == (point < 0.3 * 2**64), (i, seed)
+        assert in_share(image, 0.3) == in_share(image, 0.3, 0)  # the default seed is 0
 
 
 def test_promote_and_rollback_name_their_versions_whatever_is_newest(tmp_path, monkeypatch):

@@ -359,6 +359,8 @@ def test_admission_admits_a_wait_of_exactly_the_time_left_and_refuses_a_deadline
 def test_admission_refusals_say_how_long_and_how_many_and_are_counted():
     adm, clock = _admission(t0=10.0, initial_service_ms=750, max_queue_wait_ms=1000)
     adm.admit(None)
+    with pytest.raises(AdmissionRefused):
+        adm.admit(10.5)
     with pytest.raises(AdmissionRefused) as late:
         adm.admit(11.0)
     assert str(late.value) == ("server overloaded: 1 requests ahead, an estimated 1500 ms wait would miss the deadline "
@@ -367,7 +369,7 @@ def test_admission_refusals_say_how_long_and_how_many_and_are_counted():
         adm.admit(None)
     assert str(long_wait.value) == ("server overloaded: 1 requests ahead, an estimated 1500 ms wait exceeds the 1000 ms "
                                     "limit for requests without a deadline")
-    assert long_wait.value.reason == "queue_wait" and adm.refused == 2
+    assert long_wait.value.reason == "queue_wait" and adm.refused == 3
 
 
 def test_the_loop_lag_is_kept_from_the_time_left():
@@ -380,13 +382,13 @@ def test_the_loop_lag_is_kept_from_the_time_left():
 
 
 def test_loop_lag_is_a_decayed_maximum():
-    adm, clock = _admission()
+    adm, clock = _admission(t0=3.0)
     adm.observe_loop_lag(0.4)
     assert adm.loop_lag_s == 0.4
-    clock.t = 0.25
+    clock.t = 3.25
     adm.observe_loop_lag(0.1)  # 0.4 decayed over half a half-life is still larger
     assert adm.loop_lag_s == pytest.approx(0.4 * 0.5 ** 0.5)
-    clock.t = 1.25
+    clock.t = 4.25
     adm.observe_loop_lag(0.2)
     assert adm.loop_lag_s == pytest.approx(0.2)
 
@@ -411,6 +413,6 @@ def test_the_loop_lag_watcher_measures_how_late_its_timer_fires(monkeypatch):
     observe = adm.observe_loop_lag
     monkeypatch.setattr(adm, "observe_loop_lag", lambda lag: (lags.append(lag), observe(lag)))
     with pytest.raises(asyncio.CancelledError):
-        asyncio.run(adm.watch_loop_lag(0.02))
+        asyncio.run(adm.watch_loop_lag())  # the server's period: a 20 ms timer
     assert slept == [0.02, 0.02, 0.02]
     assert lags == [pytest.approx(0.05), 0.0] and adm.loop_lag_s == pytest.approx(0.05)
