@@ -118,7 +118,7 @@ class ConnectionsConfig(BaseModel):
                                                    "beyond, UNAVAILABLE (gRPC's clients do not queue them); null = no "
                                                    "bound but max_concurrent_rpcs")
     max_concurrent_rpcs: int | None = Field(512, ge=1, description="calls in progress, all connections together; "
-                                            "beyond, RESOURCE_EXHAUSTED before the request is read (the cheapest "
+                                            "beyond, RESOURCE_EXHAUSTED before the request is parsed (the cheapest "
                                             "refusal there is); null = no bound")
 
     def grpc_options(self) -> list[tuple[str, int]]:
