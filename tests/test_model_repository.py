@@ -793,3 +793,70 @@ def test_promote_and_rollback_name_their_versions_whatever_is_newest(tmp_path, m
         await router.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_fractional_split_routes_by_the_seeded_hash_and_shadows_only_the_picked_images(tmp_path, monkeypatch):
+    import catcascade.serving.model_repository.loading as loading
+
+    monkeypatch.setattr(loading, "_png", lambda size: b"warm-up")
+    router, built = _router_on(tmp_path, shadow_max_concurrency=64)  # no copy dropped here
+    images = [b"image-%d" % i for i in range(60)]
+
+    async def scenario():
+        await router.reload()
+        router.models.routing_path.write_text("live: v1\ncandidate: v2\nmode: canary\nshare: 0.5\nseed: 3\n")
+        await router.reload(cause="repository changed")
+        assert (router.window.live.version, router.window.candidate.version) == ("v1", "v2")
+        candidate = built["v2"][0]
+        before = candidate.started
+        for image in images:
+            route = router.route(request_for(image))
+            picked = in_share(image, 0.5, 3)
+            version = router.candidate if picked else router.live
+            assert route.engine is version.pipeline and route.versions.route == ("canary" if picked else "live")
+            assert route.versions.model_version == version.name
+            await route.run(request_for(image))
+        picked = sum(in_share(image, 0.5, 3) for image in images)
+        assert 0 < picked < len(images) and candidate.started - before == picked  # no shadow copies in canary mode
+
+        window = router.window
+        router.models.routing_path.write_text("live: v1\ncandidate: v2\nmode: shadow\nshare: 0.5\nseed: 3\n")
+        await router.reload(cause="repository changed")
+        assert router.window is not window and router.candidate.pipeline is candidate  # the split changed: a new window
+        before = candidate.started
+        for image in images:
+            await router.classify(request_for(image))
+        for _ in range(200):
+            if candidate.started - before == picked and router._shadow_inflight == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert candidate.started - before == picked and router.window.compared == picked
+        assert _sample(router, "catcascade_model_serving", {"version": "v2", "role": "canary"}) == 0
+        assert _sample(router, "catcascade_model_serving", {"version": "v2", "role": "shadow"}) == 1
+        await router.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_dropped_shadow_copies_are_counted_per_candidate(tmp_path, monkeypatch):
+    import catcascade.serving.model_repository.loading as loading
+
+    monkeypatch.setattr(loading, "_png", lambda size: b"warm-up")
+    router, built = _router_on(tmp_path, shadow_max_concurrency=2)
+
+    async def scenario():
+        await router.reload()
+        await router.set_candidate("v2", "shadow", 1.0)
+        built["v2"][0].gate = asyncio.Event()
+        for i in range(5):
+            await router.classify(request_for(b"x%d" % i))
+        assert router._shadow_inflight == 2 and router.window.shadow_dropped == 3
+        assert _sample(router, "catcascade_shadow_dropped_total", {"candidate": "v2"}) == 3
+        built["v2"][0].gate.set()
+        for _ in range(200):
+            if router._shadow_inflight == 0:
+                break
+            await asyncio.sleep(0.01)
+        await router.aclose()
+
+    asyncio.run(scenario())
