@@ -495,8 +495,10 @@ def test_the_router_reports_loads_swaps_roles_and_releases(tmp_path, monkeypatch
         assert _sample(router, "catcascade_model_latency_milliseconds_count", {"version": "v2", "route": "canary"}) == 1
         assert router.window.candidate.summary()["requests"] == 1 and router.window.live.summary()["requests"] == 0
 
+        assert router.live.spinning and not router.candidate.spinning  # only the live build spins its threads
         await router.promote()
         assert router.live.name == "v2" and router.candidate is None and router.routing.previous == "v1"
+        assert router.live.spinning and read_routing(router.models.routing_path).live == "v2"  # rebuilt; written
         assert _sample(router, "catcascade_model_serving", {"version": "v2", "role": "canary"}) == 0
         assert _sample(router, "catcascade_model_serving", {"version": "v1", "role": "live"}) == 0
         assert _sample(router, "catcascade_model_serving", {"version": "v2", "role": "live"}) == 1
