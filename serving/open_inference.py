@@ -18,7 +18,6 @@ import time
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as v2
 
@@ -27,7 +26,7 @@ from catcascade.errors import CatcascadeError
 from catcascade.serving.api import cascade_pb2 as pb
 from catcascade.serving.front_door.chain import FrontDoor
 from catcascade.serving.front_door.observation import span_attributes
-from catcascade.serving.request_errors import InvalidRequestError
+from catcascade.serving.request_errors import MALFORMED, InvalidRequestError, lenient
 from catcascade.serving.status_codes import status_of
 
 log = logging.getLogger(__name__)
@@ -45,21 +44,11 @@ ESCALATION = {"auto": pb.ESCALATION_MODE_AUTO, "never": pb.ESCALATION_MODE_NEVER
 PRIORITY = {"interactive": pb.PRIORITY_INTERACTIVE, "batch": pb.PRIORITY_BATCH}
 IMPLEMENTED = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
                "ModelInfer")
-MALFORMED = object()
 
 
 class UnknownModel(CatcascadeError):
     """A model name (or version) this server does not serve: NOT_FOUND, as v2 servers answer
     (the servicer maps it; catcascade.v1 has no such error, so status_of's table does not)."""
-
-
-def _lenient(parse):
-    def deserialize(data: bytes):
-        try:
-            return parse(data)
-        except DecodeError:
-            return MALFORMED
-    return deserialize
 
 
 def _scalar(p: v2.InferParameter):
@@ -176,7 +165,7 @@ class OpenInferenceServicer:
         handlers = {}
         for method in SERVICE.methods:
             if method.name in IMPLEMENTED:
-                parse = _lenient(getattr(v2, method.input_type.name).FromString)
+                parse = lenient(getattr(v2, method.input_type.name).FromString)
                 handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                     self._guarded(method.name, getattr(self, method.name)), parse,
                     getattr(v2, method.output_type.name).SerializeToString)

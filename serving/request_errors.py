@@ -1,8 +1,23 @@
-"""The errors the front door raises about a request itself, before or instead of running it;
-serving/status_codes.py maps each to the gRPC status the caller gets."""
+"""What is wrong with a request itself: malformed bytes, and the errors the front door raises
+before or instead of running it (serving/status_codes.py maps each to a gRPC status)."""
 from __future__ import annotations
 
+from google.protobuf.message import DecodeError
+
 from catcascade.errors import CatcascadeError
+
+MALFORMED = object()
+"""What a message that is not valid protobuf parses to with ``lenient`` (gRPC would answer UNKNOWN)."""
+
+
+def lenient(parse):
+    """``parse`` (a message's FromString) returning MALFORMED instead of raising on bad bytes."""
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except DecodeError:
+            return MALFORMED
+    return deserialize
 
 
 class InvalidRequestError(CatcascadeError):

@@ -14,7 +14,6 @@ import logging
 import time
 
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -25,23 +24,13 @@ from catcascade.serving.front_door.chain import FrontDoor
 from catcascade.serving.front_door.observation import span_attributes
 from catcascade.serving.front_door.routing import VersionRouter
 from catcascade.serving.observability.tracing import NoTracing
+from catcascade.serving.request_errors import MALFORMED, lenient
 from catcascade.serving.status_codes import status_of
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CatClassifier"].full_name
 VLM_HEALTH_NAME = SERVICE_NAME + ".vlm"
-MALFORMED = object()
-"""What a request that is not valid protobuf deserializes to (gRPC would answer UNKNOWN)."""
 MALFORMED_MESSAGE = "the request is not a valid catcascade.v1.ClassifyRequest message"
-
-
-def _lenient(parse):
-    def deserialize(data: bytes):
-        try:
-            return parse(data)
-        except DecodeError:
-            return MALFORMED
-    return deserialize
 
 
 def _deadline(context) -> float | None:
@@ -57,7 +46,7 @@ class CatClassifierServicer:
 
     def add_to(self, server) -> None:
         """Registers the service; ClassifyRequests are parsed leniently (MALFORMED, not UNKNOWN)."""
-        request = _lenient(pb.ClassifyRequest.FromString)
+        request = lenient(pb.ClassifyRequest.FromString)
         response = pb.ClassifyResponse.SerializeToString
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
             "Classify": grpc.unary_unary_rpc_method_handler(self.Classify, request, response),

@@ -1,9 +1,5 @@
-"""The chain every Classify call runs, in order: validate, name the tenant, route, cache,
-admit, compute, observe (serving/front_door/__init__.py says where each stage lives).
-
-Admission is asked on a cache miss only: a cached answer costs nothing to give, and refusing it
-would turn an overload into refusals of free work.
-"""
+"""The chain every Classify call runs, in the order serving/front_door/__init__.py lists. Admission
+is asked on a cache miss only: refusing a cached answer would refuse free work under overload."""
 from __future__ import annotations
 
 import dataclasses
