@@ -292,8 +292,10 @@ def test_perf_analyzer_drives_the_server_with_real_jpegs(server, photos, tmp_pat
     report, before = tmp_path / "perf.csv", _count(server, "OK")
     out = subprocess.run([*command, "-m", "catcascade", "-u", server.target, "-i", "grpc",
                           "--input-data", str(perf_analyzer_data(photos, tmp_path / "photos.json")),
-                          "--concurrency-range", "2", "--measurement-interval", "1000", "--max-trials", "3",
-                          "--stability-percentage", "100", "-f", str(report)],
+                          "--concurrency-range", "2", "--measurement-interval", "1000", "--max-trials", "10",
+                          # the test asks for answers, not a stable figure: a shared machine's
+                          # windows can differ several-fold (benchmarks/peers.py measures)
+                          "--stability-percentage", "1000", "-f", str(report)],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "error" not in out.stdout.lower()
