@@ -75,12 +75,12 @@ demo: $(STAMP)
 COV := --cov --cov-report=term-missing:skip-covered --cov-report=html:artifacts/coverage
 
 test: $(STAMP) $(PERF_LIBS)/.installed
-	$(BIN)/python -m pytest -m "not vlm_families" $(COV)
+	$(BIN)/python -m pytest $(COV)
 	-@$(BIN)/python -m coverage report --include='serving/*,ensemble/*' --format=total \
 	    | xargs printf 'branch coverage of serving/ and ensemble/: %s%%\n'
 
-# The design documents' VLM families end to end (a vLLM server per family, about 9 min on 2
-# cores): their own group, which CI runs after make test (.ci/run).
+# The design documents' VLM families end to end alone (a vLLM server per family; about 2 min on
+# an idle 2-core machine, also part of make test).
 test-families: $(STAMP)
 	$(BIN)/python -m pytest -m vlm_families
 
