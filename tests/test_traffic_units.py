@@ -407,7 +407,15 @@ def test_the_loop_lag_watcher_measures_how_late_its_timer_fires(monkeypatch):
         if len(slept) == 3:
             raise asyncio.CancelledError
 
-    monkeypatch.setattr(admission, "time", types.SimpleNamespace(monotonic=lambda: next(readings)))
+    import threading
+    import time
+
+    here = threading.current_thread()  # servers other tests left running read the module's clock too
+
+    def monotonic():
+        return next(readings) if threading.current_thread() is here else time.monotonic()
+
+    monkeypatch.setattr(admission, "time", types.SimpleNamespace(monotonic=monotonic))
     monkeypatch.setattr(admission, "asyncio", types.SimpleNamespace(sleep=sleep))
     lags = []
     observe = adm.observe_loop_lag
