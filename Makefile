@@ -105,8 +105,9 @@ fuzz: $(STAMP)
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_RANDOM=1 $(BIN)/python -m pytest tests/test_grpc_fuzz.py -q -p no:cacheprovider
 
 # A soak of mixed traffic (plain, explain, streams, bad inputs, cancellations) against `catcascade
-# serve` in its own process, with two vLLM restarts when VLLM=1: every status code, p50/p99 and
-# the server's RSS per minute (benchmarks/soak.py; SOAK_MINUTES, 30 by default).
+# serve` in its own process, serving the bundle staged as two versions that are swapped through
+# ModelAdmin every 25 s, with two vLLM restarts when VLLM=1: every status code, p50/p99 and the
+# server's RSS per minute (benchmarks/soak.py; SOAK_MINUTES, 30 by default).
 SOAK_MINUTES ?= 30
 VLLM ?= 0
 soak: $(STAMP)
