@@ -53,7 +53,7 @@ class SoakRecord:
     codes: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     latencies_ms: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     rss_mb: list[tuple[float, float]] = field(default_factory=list)
-    """(seconds since the start, server RSS MB)."""
+    """(seconds since the start, server RSS MB), every 5 s."""
     events: list[tuple[float, str]] = field(default_factory=list)
     rss_window_s: float = 0.0
     """How rss_growth compares: the lowest RSS over windows this long (one cycle of version
@@ -246,8 +246,8 @@ def soak(bundle: str, minutes: float, workers: int = 6, vllm: bool = False, seed
 
                 rng = random.Random(seed + 7)
                 with ModelAdminClient(admin_target, ADMIN_TOKEN, timeout_s=120) as admin:
-                    k = 0
-                    while not stop.wait(swap_every_s):
+                    k = 0  # on a fixed grid, so that a cycle of SWAPS takes len(SWAPS) * swap_every_s
+                    while not stop.wait(max(0.0, start + (k + 1) * swap_every_s - time.monotonic())):
                         step, t = SWAPS[k % len(SWAPS)], time.perf_counter()
                         try:
                             what, code = swap_once(admin, step, round(rng.uniform(0.2, 0.8), 2)), "OK"
@@ -264,14 +264,15 @@ def soak(bundle: str, minutes: float, workers: int = 6, vllm: bool = False, seed
                 helpers.append(threading.Thread(target=swap_versions, daemon=True))
             for helper in helpers:
                 helper.start()
-            next_sample = 0.0
+            next_sample, reported_minute = 0.0, -1
             while (elapsed := time.monotonic() - start) < duration_s:
                 if elapsed >= next_sample:
                     record.rss_mb.append((elapsed, server.status_mb()))
-                    if int(elapsed) % 60 < 5:
+                    if int(elapsed // 60) > reported_minute:
+                        reported_minute = int(elapsed // 60)
                         progress(f"{elapsed / 60:.1f} min: RSS {record.rss_mb[-1][1]:.0f} MB, "
                                  f"{sum(sum(c.values()) for c in record.codes.values())} calls")
-                    next_sample = elapsed + max(5.0, duration_s / 60)
+                    next_sample = elapsed + 5.0  # the report's table shows one a minute/60 of the run
                 time.sleep(0.5)
             stop.set()
             for thread in threads + [h for h in helpers if h.is_alive()]:
@@ -305,7 +306,11 @@ def report(record: SoakRecord, minutes: float, warmup_s: float) -> str:
         lines += ["", "Plain calls answered, by model version: "
                   + ", ".join(f"{v} {n}" for v, n in sorted(record.answered_by.items()))]
     lines += ["", "| minute | server RSS MB |", "| --- | --- |"]
-    lines += [f"| {t / 60:.1f} | {mb:.0f} |" for t, mb in record.rss_mb]
+    shown, step = [], max(5.0, minutes)  # about 60 rows: RSS is sampled every 5 s
+    for i, (t, mb) in enumerate(record.rss_mb):
+        if not shown or t - shown[-1][0] >= step - 2.5 or i == len(record.rss_mb) - 1:
+            shown.append((t, mb))
+    lines += [f"| {t / 60:.1f} | {mb:.0f} |" for t, mb in shown]
     lines += [""] + [f"- {t / 60:.1f} min: {what}" for t, what in record.events]
     return "\n".join(lines) + "\n"
 
