@@ -138,7 +138,7 @@ def main(args, server_cls, closed_loop, load_images, make_speed_bundle) -> int:
         if any(e != "local" for e in args.engine):
             from catcascade.serving.engines.ray_local_cluster import local_cluster
 
-            address = stack.enter_context(local_cluster(nodes=2, cpus_per_node=2))
+            address = stack.enter_context(local_cluster(nodes=2, cpus_per_node=2)).address
             console.print(f"Ray cluster (2 nodes, loopback) at {address}")
         for engine in args.engine:
             extra = ["--config", str(_server_config(args, engine, address, out_dir))]

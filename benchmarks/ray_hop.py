@@ -58,11 +58,11 @@ def main(args) -> int:
     payloads = {"30 KB bytes": os.urandom(30_000), "150 KB uint8": np.zeros((3, 224, 224), np.uint8),
                 "600 KB float32": np.zeros((3, 224, 224), np.float32)}
     rows = []
-    with local_cluster(nodes=2, cpus_per_node=2) as address:
+    with local_cluster(nodes=2, cpus_per_node=2) as cluster:
         import ray
         from ray import serve
 
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=cluster.address, log_to_driver=False)
         serve.start(proxy_location="Disabled")
         try:
             for own_loop in (False, True):

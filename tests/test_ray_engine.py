@@ -54,10 +54,10 @@ def ray_cluster():
 
     from catcascade.serving.engines.ray_local_cluster import local_cluster
 
-    with local_cluster(nodes=2, cpus_per_node=2) as address:
-        ray.init(address=address, namespace="catcascade", log_to_driver=False)
+    with local_cluster(nodes=2, cpus_per_node=2) as cluster:
+        ray.init(address=cluster.address, namespace="catcascade", log_to_driver=False)
         try:
-            yield address
+            yield cluster.address
         finally:
             serve.shutdown()
             ray.shutdown()
