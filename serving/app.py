@@ -83,7 +83,15 @@ async def running_service(cfg: ServeConfig, metrics: ServiceMetrics | None = Non
             async with run_server(servicer, cfg.host, cfg.port, max_message_bytes=cfg.limits.max_message_bytes,
                                   grace_s=cfg.grace_s, tls=cfg.tls,
                                   connections=cfg.connections) as (_, port, health):
-                yield servicer, port, health
+                if cfg.http_port is None:
+                    yield servicer, port, health
+                else:
+                    from catcascade.serving.open_inference import OpenInferenceServicer
+                    from catcascade.serving.open_inference_rest import serve_rest
+
+                    async with serve_rest(OpenInferenceServicer(servicer.front_door, servicer.tracing), cfg.host,
+                                          cfg.http_port, cfg.limits.max_message_bytes, cfg.tls) as servicer.http_port:
+                        yield servicer, port, health
         finally:
             servicer.metrics.stop_http()
 
@@ -95,7 +103,7 @@ async def serve_forever(cfg: ServeConfig, ready=None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     metrics = ServiceMetrics()
-    async with running_service(cfg, metrics) as (_, port, _health):
+    async with running_service(cfg, metrics) as (servicer, port, _health):
         if metrics.http_server is not None:
             print(f"Prometheus metrics on {'https' if cfg.metrics_tls else 'http'}://{cfg.metrics_host}:"
                   f"{metrics.http_server.server_port}/metrics"
@@ -103,6 +111,9 @@ async def serve_forever(cfg: ServeConfig, ready=None) -> None:
         log.info("catcascade serving on %s:%d (VLM: %s)", cfg.host, port, cfg.vlm.urls or "off")
         print(f"catcascade serving on {cfg.host}:{port} ({'TLS' if cfg.tls else 'plaintext'}"
               f"{', auth' if cfg.auth.tokens() else ''})", flush=True)
+        if servicer.http_port is not None:
+            print(f"Open Inference REST API on {'https' if cfg.tls else 'http'}://{cfg.host}:{servicer.http_port}/v2",
+                  flush=True)
         if ready:
             ready(port)
         await stop.wait()

@@ -41,6 +41,8 @@ class ClassifyRequest:
     trace_headers: Mapping[str, str] = field(default_factory=dict)
     """W3C trace context to pass on to the VLM."""
     request_id: str = ""
+    model_version: str = ""
+    """A served version this request must run on; empty: the router picks."""
     on_cnn_done: Callable[[], None] | None = None
     """Called once the CNN has answered (admission control's completions)."""
 

@@ -27,7 +27,7 @@ def serve_config_from_args(args):
     if not data.get("models"):
         data.setdefault("bundle", str(DEFAULT_BUNDLE))
     for key, value in (("bundle", args.bundle), ("host", args.host), ("port", args.port),
-                       ("cnn_precision", args.precision)):
+                       ("http_port", args.http_port), ("cnn_precision", args.precision)):
         if value is not None:
             data[key] = str(value) if isinstance(value, Path) else value
     if getattr(args, "engine", None):
@@ -114,6 +114,8 @@ def register(sub) -> None:
     s.add_argument("--host", help="address the gRPC server binds (config default 127.0.0.1; 0.0.0.0: every "
                    "interface)")
     s.add_argument("--port", type=int, help="gRPC port (config default 50051)")
+    s.add_argument("--http-port", type=int, help="also serve the Open Inference Protocol's REST API (KServe v2 "
+                   "HTTP/JSON) on this port (config default: off)")
     s.add_argument("--precision", choices=["fp32", "int8"], help="CNN model file to serve: cnn.onnx or the bundle's "
                    "cnn.int8.onnx (config default fp32)")
     s.add_argument("--vlm-url", action="append", help="vLLM base URL (repeatable); none = CNN only")

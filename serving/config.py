@@ -213,6 +213,9 @@ class ServeConfig(BaseModel):
                                         "one bundle: reloads, canary, shadow (docs/operations.md)")
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
+    http_port: int | None = Field(None, ge=0, le=65535, description="the Open Inference Protocol's REST API (KServe "
+                                  "v2 over HTTP/JSON) on this port, beside its gRPC service on `port`; with `tls`, "
+                                  "over HTTPS; None = off")
     cnn_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads per batch; default: "
                                     "cores / batching.instances, or on a CPU with several instances, all cores "
                                     "for a lone batch and one thread per batch when batches overlap")

@@ -22,11 +22,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as v2
 
 from catcascade import __version__
-from catcascade.errors import CatcascadeError
 from catcascade.serving.api import cascade_pb2 as pb
 from catcascade.serving.front_door.chain import FrontDoor
 from catcascade.serving.front_door.observation import span_attributes
-from catcascade.serving.request_errors import MALFORMED, InvalidRequestError, lenient
+from catcascade.serving.request_errors import MALFORMED, InvalidRequestError, UnknownVersionError, lenient
 from catcascade.serving.status_codes import status_of
 
 log = logging.getLogger(__name__)
@@ -43,12 +42,9 @@ CONFIG_TYPES = {"BYTES": mc.TYPE_STRING, "FP32": mc.TYPE_FP32, "BOOL": mc.TYPE_B
 ESCALATION = {"auto": pb.ESCALATION_MODE_AUTO, "never": pb.ESCALATION_MODE_NEVER, "always": pb.ESCALATION_MODE_ALWAYS}
 PRIORITY = {"interactive": pb.PRIORITY_INTERACTIVE, "batch": pb.PRIORITY_BATCH}
 IMPLEMENTED = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
-               "ModelInfer")
-
-
-class UnknownModel(CatcascadeError):
-    """A model name (or version) this server does not serve: NOT_FOUND, as v2 servers answer
-    (the servicer maps it; catcascade.v1 has no such error, so status_of's table does not)."""
+               "ModelInfer", "RepositoryIndex")
+ONE_BUNDLE = "1"
+"""The version a server of one bundle (``serve --bundle``) reports; it has no others."""
 
 
 def _scalar(p: v2.InferParameter):
@@ -64,7 +60,7 @@ def request_options(parameters) -> tuple[dict, float | None]:
     other unknown names are refused."""
     fields, timeout_s = {}, None
     for name, p in parameters.items():
-        value = _scalar(p)
+        value = _scalar(p) if isinstance(p, v2.InferParameter) else p  # JSON (REST) gives plain values
         if name.startswith("triton_"):
             continue
         if name == "top_k" and isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32:
@@ -150,10 +146,10 @@ def output_tensors(responses: list[pb.ClassifyResponse]) -> dict[str, tuple[list
 
 
 class OpenInferenceServicer:
-    """`inference.GRPCInferenceService` for one model, ``catcascade``, over the front door. The
-    repository's versions are not separate models: a request's ``model_version`` must be empty
-    or the live version, and the ``versions`` output names the version that answered (a canary
-    may)."""
+    """`inference.GRPCInferenceService` for one model, ``catcascade``, over the front door. A
+    model repository's served versions (the live one and the candidate) are the model's
+    versions, as in Triton's repository: an empty ``model_version`` is routed (a canary may
+    answer; the ``versions`` output names who did), a version's name pins the request to it."""
 
     def __init__(self, front_door: FrontDoor, tracing):
         self.front_door = front_door
@@ -179,18 +175,19 @@ class OpenInferenceServicer:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is not a valid v2 protobuf message")
             try:
                 return await handler(request, context)
-            except UnknownModel as e:
+            except UnknownVersionError as e:
                 await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         return call
 
-    def version(self) -> str:
-        info = self.front_door.router.model_info()
-        return info.versions.model_version or "1"
+    def versions(self) -> list[str]:
+        return list(self.front_door.router.served_versions()) or [ONE_BUNDLE]
 
-    def _check(self, name: str, version: str) -> None:
-        if name != MODEL or version not in ("", self.version()):
-            raise UnknownModel(f"unknown model '{name}' version '{version}': this server serves '{MODEL}' "
-                               f"(version '{self.version()}')")
+    def _pin(self, name: str, version: str) -> str:
+        """The ClassifyRequest.model_version for a v2 (name, version); UnknownVersionError if not served."""
+        if name != MODEL or version not in ("", *self.versions()):
+            raise UnknownVersionError(f"unknown model '{name}' version '{version}': this server serves '{MODEL}' "
+                                      f"(versions {', '.join(self.versions())})")
+        return "" if version == ONE_BUNDLE else version
 
     async def ServerLive(self, request, context):
         return v2.ServerLiveResponse(live=True)
@@ -200,8 +197,8 @@ class OpenInferenceServicer:
 
     async def ModelReady(self, request, context):
         try:
-            self._check(request.name, request.version)
-        except UnknownModel:
+            self._pin(request.name, request.version)
+        except UnknownVersionError:
             return v2.ModelReadyResponse(ready=False)
         return v2.ModelReadyResponse(ready=True)
 
@@ -210,54 +207,64 @@ class OpenInferenceServicer:
                                          extensions=["model_configuration", "parameters"])
 
     async def ModelMetadata(self, request, context):
-        self._check(request.name, request.version)
+        self._pin(request.name, request.version)
         tensor = v2.ModelMetadataResponse.TensorMetadata
         return v2.ModelMetadataResponse(
-            name=MODEL, versions=[self.version()], platform="catcascade",
+            name=MODEL, versions=self.versions(), platform="catcascade",
             inputs=[tensor(name="image", datatype="BYTES", shape=[-1])],
             outputs=[tensor(name=name, datatype=t, shape=shape) for name, (t, shape) in OUTPUTS.items()])
 
     async def ModelConfig(self, request, context):
-        self._check(request.name, request.version)
+        self._pin(request.name, request.version)
         return v2.ModelConfigResponse(config=mc.ModelConfig(
             name=MODEL, platform="catcascade", backend="catcascade", max_batch_size=0,
             input=[mc.ModelInput(name="image", data_type=mc.TYPE_STRING, dims=[-1])],
             output=[mc.ModelOutput(name=name, data_type=CONFIG_TYPES[t], dims=shape)
                     for name, (t, shape) in OUTPUTS.items()]))
 
+    async def RepositoryIndex(self, request, context):
+        """Triton's repository extension: one entry per served version."""
+        return v2.RepositoryIndexResponse(models=[v2.RepositoryIndexResponse.ModelIndex(
+            name=MODEL, version=version, state="READY") for version in self.versions()])
+
     async def ModelInfer(self, request, context):
+        try:
+            return await self.infer(request, context.invocation_metadata(), context.time_remaining())
+        except Exception as e:
+            await context.abort(*status_of(e))
+
+    async def infer(self, request: v2.ModelInferRequest, metadata, remaining_s: float | None,
+                    method: str = "ModelInfer") -> v2.ModelInferResponse:
+        """ModelInfer for either transport (gRPC, REST): counted under ``method``; a failure
+        raises, for the transport to answer with ``status_of``'s code."""
         count = self.metrics.requests.labels
         try:
-            self._check(request.model_name, request.model_version)
-            response = await self._infer(request, context)
-        except UnknownModel:
-            count("ModelInfer", "NOT_FOUND").inc()
-            raise
+            response = await self._infer(request, metadata, remaining_s)
         except asyncio.CancelledError:
-            count("ModelInfer", "CANCELLED").inc()
+            count(method, "CANCELLED").inc()
             raise
         except Exception as e:
-            status, message = status_of(e)
+            status, _ = status_of(e)
             if status == grpc.StatusCode.INTERNAL:
-                log.exception("internal error on ModelInfer id=%s", request.id)
-            count("ModelInfer", status.name).inc()  # before abort, which answers the caller at once
-            await context.abort(status, message)
-        count("ModelInfer", "OK").inc()
+                log.exception("internal error on %s id=%s", method, request.id)
+            count(method, status.name).inc()
+            raise
+        count(method, "OK").inc()
         return response
 
-    async def _infer(self, request, context) -> v2.ModelInferResponse:
+    async def _infer(self, request, metadata, remaining_s: float | None) -> v2.ModelInferResponse:
+        pin = self._pin(request.model_name, request.model_version)
         images = images_of(request)
         fields, timeout_s = request_options(request.parameters)
         wanted = [o.name for o in request.outputs] or list(OUTPUTS)
         if unknown := [name for name in wanted if name not in OUTPUTS]:
             raise InvalidRequestError(f"unknown outputs {unknown}; this model has {list(OUTPUTS)}")
-        deadline = _deadline(context, timeout_s)
-        metadata = context.invocation_metadata()
+        deadline = _deadline(remaining_s, timeout_s)
         tenant = self.front_door.tenant_of(metadata)
 
         def message(i: int, image: bytes) -> pb.ClassifyRequest:
             request_id = request.id if len(images) == 1 else (f"{request.id}/{i}" if request.id else "")
-            return pb.ClassifyRequest(image=image, request_id=request_id, **fields)
+            return pb.ClassifyRequest(image=image, request_id=request_id, model_version=pin, **fields)
 
         if self.tracing.enabled:
             with self.tracing.request_span("catcascade.ModelInfer", metadata) as span:
@@ -268,7 +275,8 @@ class OpenInferenceServicer:
         else:
             answers = await self._all([message(i, im) for i, im in enumerate(images)], tenant, deadline, None)
         tensors = output_tensors(answers)
-        response = v2.ModelInferResponse(model_name=MODEL, model_version=self.version(), id=request.id)
+        response = v2.ModelInferResponse(model_name=MODEL, model_version=request.model_version or self.versions()[0],
+                                         id=request.id)
         for name in wanted:
             shape, raw = tensors[name]
             response.outputs.add(name=name, datatype=OUTPUTS[name][0], shape=shape)
@@ -288,8 +296,7 @@ class OpenInferenceServicer:
             raise
 
 
-def _deadline(context, timeout_s: float | None) -> float | None:
-    """The earlier of the call's gRPC deadline and Triton's ``timeout`` parameter."""
-    remaining = context.time_remaining()
-    candidates = [r for r in (remaining, timeout_s) if r is not None]
+def _deadline(remaining_s: float | None, timeout_s: float | None) -> float | None:
+    """The earlier of the call's own deadline (gRPC's time remaining) and Triton's ``timeout``."""
+    candidates = [r for r in (remaining_s, timeout_s) if r is not None]
     return time.monotonic() + min(candidates) if candidates else None

@@ -25,6 +25,10 @@ class InvalidRequestError(CatcascadeError):
     change it (INVALID_ARGUMENT)."""
 
 
+class UnknownVersionError(CatcascadeError):
+    """The request names a model or version this server does not serve (NOT_FOUND)."""
+
+
 class OverloadedError(CatcascadeError):
     """The service cannot take the request now; the same request may succeed later
     (RESOURCE_EXHAUSTED)."""

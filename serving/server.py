@@ -43,6 +43,8 @@ class CatClassifierServicer:
         self.front_door = front_door
         self.metrics = front_door.metrics
         self.tracing = tracing or NoTracing()
+        self.http_port: int | None = None
+        """The Open Inference REST API's bound port, while one is served (ServeConfig.http_port)."""
 
     def add_to(self, server) -> None:
         """Registers the service; ClassifyRequests are parsed leniently (MALFORMED, not UNKNOWN)."""

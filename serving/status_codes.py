@@ -19,7 +19,7 @@ from catcascade.serving.batcher import QueueFullError
 from catcascade.serving.engines.cnn_engine import EngineUnavailableError
 from catcascade.serving.model_repository.loading import VersionRejected
 from catcascade.serving.pipeline import DeadlineExceededError
-from catcascade.serving.request_errors import InvalidRequestError, OverloadedError
+from catcascade.serving.request_errors import InvalidRequestError, OverloadedError, UnknownVersionError
 from catcascade.serving.traffic.admission import AdmissionRefused
 from catcascade.vlm_stage.vllm_client import VlmUnavailableError
 
@@ -27,6 +27,7 @@ STATUS_CODES: dict[type[CatcascadeError], grpc.StatusCode] = {
     CatcascadeError: grpc.StatusCode.INTERNAL,  # a project error nobody expects to reach a caller
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidImageError: grpc.StatusCode.INVALID_ARGUMENT,
+    UnknownVersionError: grpc.StatusCode.NOT_FOUND,
     OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,  # and DeadlineUnmeetableError, its subclass
     AdmissionRefused: grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -1,5 +1,5 @@
 """One exception hierarchy: every exception class the project defines derives from
-CatcascadeError, survives pickling (Ray ships exceptions between processes) and maps to its gRPC
+CatcascadeError, crosses Ray's process boundary typed, with its attributes, and maps to its gRPC
 status through serving/status_codes.py's one table. The classes are found by reading the source,
 so a new class without the base fails here."""
 from __future__ import annotations
@@ -8,7 +8,6 @@ import ast
 import builtins
 import importlib
 import inspect
-import pickle
 from pathlib import Path
 
 import grpc
@@ -34,6 +33,7 @@ EXPECTED_CODES = {
     "DeadlineUnmeetableError": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "AdmissionRefused": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "OverloadedError": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "UnknownVersionError": grpc.StatusCode.NOT_FOUND,
     "DeadlineExceededError": grpc.StatusCode.DEADLINE_EXCEEDED,
     "EngineUnavailableError": grpc.StatusCode.UNAVAILABLE,
     "VlmUnavailableError": grpc.StatusCode.UNAVAILABLE,
@@ -97,7 +97,7 @@ def test_discovery_finds_the_known_classes():
              "AdapterLoadError", "AdapterServersUnreachable", "BundleError", "ScoreFileError",
              "VerificationDataError", "VersionRejected", "RoutingFileEmpty", "EngineUnavailableError",
              "QueueFullError", "DeadlineUnmeetableError", "AdmissionRefused", "DeadlineExceededError",
-             "CatcascadeRpcError", "InvalidRequestError", "OverloadedError", "CatcascadeError"}
+             "CatcascadeRpcError", "InvalidRequestError", "OverloadedError", "UnknownVersionError", "CatcascadeError"}
     assert known <= names, known - names
 
 
@@ -128,7 +128,7 @@ def _sample(param: inspect.Parameter):
 
 def make(cls: type[BaseException]) -> BaseException:
     """An instance built with a value for every parameter, defaults included (so attributes
-    that differ from their default must survive pickling too)."""
+    that differ from their default must cross processes too)."""
     if cls.__init__ is BaseException.__init__:
         return cls(f"a {cls.__name__} happened")
     params = list(inspect.signature(cls.__init__).parameters.values())[1:]
@@ -143,19 +143,13 @@ def _same(a: BaseException, b: BaseException) -> None:
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=IDS)
-def test_pickles_with_type_and_attributes(cls):
-    exc = make(cls)
-    exc.note = "set after raising"  # attributes added later travel too
-    _same(exc, pickle.loads(pickle.dumps(exc)))
-
-
-@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
 def test_crosses_the_ray_boundary_typed(cls):
     """Ray pickles a task's exception into a RayTaskError and raises an instance of both; the
     caller can catch the project class and status_of answers with the cause's status."""
     ray_exceptions = pytest.importorskip("ray.exceptions")
     cloudpickle = pytest.importorskip("ray.cloudpickle")
     cause = make(cls)
+    cause.note = "set after raising"  # attributes added later travel too
     wrapped = ray_exceptions.RayTaskError("classify", "Traceback (most recent call last):\n  secret frame", cause,
                                           proctitle="replica", pid=1, ip="127.0.0.1")
     shipped = cloudpickle.loads(cloudpickle.dumps(wrapped)).as_instanceof_cause()

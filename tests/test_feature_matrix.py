@@ -12,6 +12,7 @@ which): each failed, by its assertion, on the code before the one request path (
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -355,6 +356,62 @@ def test_after_a_canary_is_cleared_live_traffic_never_gets_the_canarys_answer(re
     assert (on_canary.versions.route, on_canary.versions.model_version) == ("canary", "v2")
     assert (after.versions.route, after.versions.model_version) == ("live", "v1"), after.versions
     assert not after.cached and not any(s.label.endswith("_v2") for s in after.labels)
+
+
+# ======================================== a version pinned by name, through both protocols (repository)
+
+
+def test_a_request_pinned_to_a_served_version_runs_there_and_is_never_shadowed(repo_server, admin):
+    """``model_version`` (native) picks the live version or the candidate by name, whatever the
+    routing says; a pinned request makes no shadow copy; an unserved name is NOT_FOUND."""
+    route(admin, "v1", "v1t", "shadow", 1.0)
+    pinned_ok = {"version": "v1t", "route": "pinned", "outcome": "ok"}
+    before, copies = _sample(repo_server, "catcascade_model_requests_total", pinned_ok), \
+        _sample(repo_server, "catcascade_model_requests_total", SHADOW_OK)
+    with CatcascadeClient(repo_server.target, token=TOKENS["bob"], timeout_s=60) as c:
+        on_candidate = c.classify(jpeg_bytes(seed=501), mode="never", model_version="v1t")
+        on_live = c.classify(jpeg_bytes(seed=502), mode="never", model_version="v1")
+        routed = c.classify(jpeg_bytes(seed=503), mode="never")  # answered by v1, copied to v1t
+        with pytest.raises(grpc.RpcError) as unserved:
+            c.classify(jpeg_bytes(seed=504), mode="never", model_version="v2")  # staged, not served
+    assert (on_candidate.versions.route, on_candidate.versions.model_version) == ("pinned", "v1t")
+    assert (on_live.versions.route, on_live.versions.model_version) == ("pinned", "v1")
+    assert (routed.versions.route, routed.versions.model_version) == ("live", "v1")
+    assert unserved.value.code() == grpc.StatusCode.NOT_FOUND and "v1, v1t" in unserved.value.details()
+    assert _sample(repo_server, "catcascade_model_requests_total", pinned_ok) == before + 1
+    _wait_for(lambda: _sample(repo_server, "catcascade_model_requests_total", SHADOW_OK) > copies, "the shadow copy")
+    time.sleep(0.3)  # a copy of a pinned request, were one made, would have run by now too
+    assert _sample(repo_server, "catcascade_model_requests_total", SHADOW_OK) == copies + 1
+
+
+def test_open_inference_serves_each_version_of_the_repository(repo_server, admin):
+    """KServe v2: the served versions are the model's versions (metadata, readiness, Triton's
+    repository index), ``model_version`` pins ModelInfer to one, and an unserved one is NOT_FOUND."""
+    tc = pytest.importorskip("tritonclient.grpc")
+    from tritonclient.utils import InferenceServerException
+
+    route(admin, "v1", "v2", "canary", 1.0)
+    c = tc.InferenceServerClient(repo_server.target)
+    headers = {"authorization": f"Bearer {TOKENS['bob']}"}
+    assert c.get_model_metadata("catcascade", headers=headers).versions == ["v1", "v2"]
+    assert [(m.name, m.version, m.state) for m in c.get_model_repository_index(headers=headers).models] == [
+        ("catcascade", "v1", "READY"), ("catcascade", "v2", "READY")]
+    assert c.is_model_ready("catcascade", "v2", headers=headers)
+    assert not c.is_model_ready("catcascade", "v1t", headers=headers)
+
+    def answer(version: str, seed: int):
+        image = tc.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([jpeg_bytes(seed=seed)], dtype=np.object_))
+        result = c.infer("catcascade", [image], model_version=version, headers=headers)
+        versions = json.loads(result.as_numpy("versions")[0])
+        return result.get_response().model_version, versions, result.as_numpy("labels")[0][0].decode()
+
+    assert answer("v1", 511)[:2] == ("v1", {**answer("v1", 511)[1], "model_version": "v1", "route": "pinned"})
+    version, versions, label = answer("", 512)  # routed: the canary takes every request
+    assert (versions["model_version"], versions["route"]) == ("v2", "canary") and label.endswith("_v2")
+    with pytest.raises(InferenceServerException) as unserved:
+        answer("v1t", 513)
+    assert unserved.value.status() == "StatusCode.NOT_FOUND" and "v1, v2" in unserved.value.message()
 
 
 # ========================================================================== tenant budgets

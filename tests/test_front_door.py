@@ -17,7 +17,7 @@ from catcascade.serving.front_door.authentication import Authenticator
 from catcascade.serving.front_door.caching import CacheStage
 from catcascade.serving.front_door.routing import Route, SingleVersion
 from catcascade.serving.front_door.validation import MAX_REQUEST_ID, validated_request
-from catcascade.serving.request_errors import InvalidRequestError, OverloadedError
+from catcascade.serving.request_errors import InvalidRequestError, OverloadedError, UnknownVersionError
 from catcascade.serving.status_codes import status_of
 from catcascade.serving.traffic.response_cache import ResponseCacheConfig
 from catcascade.serving.traffic.tenant_budgets import TenantBudgets, TenantBudgetsConfig
@@ -39,6 +39,8 @@ def run(coro):
     (pb.ClassifyRequest(top_k=7), "top_k=7 exceeds the 6 known labels"),
     (pb.ClassifyRequest(escalation=9), "unknown escalation mode 9"),
     (pb.ClassifyRequest(priority=5), "unknown priority 5"),
+    (pb.ClassifyRequest(model_version="v\t1"), "model_version must be"),
+    (pb.ClassifyRequest(model_version="v" * (MAX_REQUEST_ID + 1)), "model_version must be"),
 ])
 def test_validation_refuses_what_the_service_cannot_do(message, error):
     with pytest.raises(InvalidRequestError, match=error):
@@ -48,10 +50,11 @@ def test_validation_refuses_what_the_service_cannot_do(message, error):
 
 def test_validation_builds_the_one_request_type():
     r = validated_request(pb.ClassifyRequest(image=b"i", top_k=6, escalation=pb.ESCALATION_MODE_ALWAYS,
-                                             priority=pb.PRIORITY_BATCH, explain=True, request_id="r1"),
+                                             priority=pb.PRIORITY_BATCH, explain=True, request_id="r1",
+                                             model_version="v2"),
                           labels=6, deadline=12.5, tenant="acme", trace_headers={"traceparent": "00-x"})
-    assert (r.image, r.top_k, r.mode, r.deadline, int(r.priority), r.tenant, r.explain, r.request_id) == (
-        b"i", 6, EscalationMode.ALWAYS, 12.5, pb.PRIORITY_BATCH, "acme", True, "r1")
+    assert (r.image, r.top_k, r.mode, r.deadline, int(r.priority), r.tenant, r.explain, r.request_id,
+            r.model_version) == (b"i", 6, EscalationMode.ALWAYS, 12.5, pb.PRIORITY_BATCH, "acme", True, "r1", "v2")
     assert r.trace_headers == {"traceparent": "00-x"}
     assert len(validated_request(pb.ClassifyRequest(), labels=6, deadline=None, tenant=None).request_id) == 32
 
@@ -213,6 +216,10 @@ def test_single_version_routes_everything_to_its_engine():
     route = router.route(request_for(IMAGE))
     assert route.engine is engine and route.versions.bundle == "b:7" and router.live_engine() is engine
     assert router.model_info() is engine.identity.info
+    assert router.served_versions() == ()
+    with pytest.raises(UnknownVersionError, match="serves one bundle") as pinned:
+        router.route(dataclasses.replace(request_for(IMAGE), model_version="v1"))
+    assert status_of(pinned.value) == (grpc.StatusCode.NOT_FOUND, str(pinned.value))
 
 
 def test_a_shadow_like_request_without_a_tenant_spends_no_budget():

@@ -55,10 +55,10 @@ class AsyncCatcascadeClient:
                 await asyncio.sleep(wait)
 
     async def classify(self, image: ImageInput, top_k: int = 0, mode="auto", request_id: str = "", *,
-                       priority="interactive", explain: bool = False, timeout_s: float | None = None,
+                       priority="interactive", explain: bool = False, timeout_s: float | None = None, model_version: str = "",
                        metadata=None) -> ClassifyResult:
         """See `CatcascadeClient.classify`."""
-        req = classify_request(image, top_k, mode, request_id, priority, explain)
+        req = classify_request(image, top_k, mode, request_id, priority, explain, model_version)
         resp, attempts = await self._call(self.stub.Classify, req, timeout_s, metadata)
         return ClassifyResult.from_proto(resp, attempts)
 

@@ -29,7 +29,7 @@ def _classify(args) -> int:
         raise CommandError(str(e)) from None
     with client:
         answers = client.classify_many(paths, concurrency=args.concurrency, top_k=args.top_k, mode=args.mode,
-                                       priority=args.priority, explain=args.explain,
+                                       priority=args.priority, explain=args.explain, model_version=args.model_version,
                                        progress=len(paths) > 1 and sys.stderr.isatty())
     rows, failed = [], 0
     for p, r in zip(paths, answers):
@@ -71,6 +71,8 @@ def register(sub) -> None:
                    help="escalation to the VLM: auto (when the CNN is unsure), never (CNN only), always")
     c.add_argument("--priority", choices=["interactive", "batch"], default="interactive",
                    help="batch requests wait behind interactive ones in the server's queues")
+    c.add_argument("--model-version", default="", help="pin a served version of the server's model repository "
+                   "(the live one or the candidate); empty: the server routes")
     c.add_argument("--timeout", type=float, default=30.0, help="per-image deadline in seconds, retries included")
     c.add_argument("--attempts", type=int, default=4, help="calls per image at most (retries on UNAVAILABLE and "
                    "RESOURCE_EXHAUSTED, with jittered exponential backoff)")

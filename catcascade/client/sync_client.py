@@ -61,13 +61,14 @@ class CatcascadeClient:
                 time.sleep(wait)
 
     def classify(self, image: ImageInput, top_k: int = 0, mode="auto", request_id: str = "", *,
-                 priority="interactive", explain: bool = False, timeout_s: float | None = None,
+                 priority="interactive", explain: bool = False, timeout_s: float | None = None, model_version: str = "",
                  metadata=None) -> ClassifyResult:
         """Classifies one image (a path or encoded bytes). ``mode``: auto, never or always;
         ``priority``: interactive or batch; ``explain`` asks the VLM for a short rationale
         (``result.rationale``); ``timeout_s`` overrides the client's deadline;
-        ``metadata``: extra gRPC metadata (a dict or pairs)."""
-        req = classify_request(image, top_k, mode, request_id, priority, explain)
+        ``metadata``: extra gRPC metadata (a dict or pairs); ``model_version`` pins a model
+        repository's served version (the live one or the candidate; NOT_FOUND for others)."""
+        req = classify_request(image, top_k, mode, request_id, priority, explain, model_version)
         resp, attempts = self._call(self.stub.Classify, req, timeout_s, metadata)
         return ClassifyResult.from_proto(resp, attempts)
 

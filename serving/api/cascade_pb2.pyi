@@ -56,20 +56,22 @@ TRAFFIC_MODE_CANARY: TrafficMode
 TRAFFIC_MODE_SHADOW: TrafficMode
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("image", "top_k", "escalation", "request_id", "explain", "priority")
+    __slots__ = ("image", "top_k", "escalation", "request_id", "explain", "priority", "model_version")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     ESCALATION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     top_k: int
     escalation: EscalationMode
     request_id: str
     explain: bool
     priority: Priority
-    def __init__(self, image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., escalation: _Optional[_Union[EscalationMode, str]] = ..., request_id: _Optional[str] = ..., explain: _Optional[bool] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
+    model_version: str
+    def __init__(self, image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., escalation: _Optional[_Union[EscalationMode, str]] = ..., request_id: _Optional[str] = ..., explain: _Optional[bool] = ..., priority: _Optional[_Union[Priority, str]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "probability")

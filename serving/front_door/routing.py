@@ -7,6 +7,7 @@ from typing import Awaitable, Callable, Protocol
 
 from catcascade.serving.api import cascade_pb2 as pb
 from catcascade.serving.cascade_engine import CascadeEngine, CascadeResult, ClassifyRequest
+from catcascade.serving.request_errors import UnknownVersionError
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class VersionRouter(Protocol):
 
     def model_info(self) -> pb.ModelInfo: ...
 
+    def served_versions(self) -> tuple[str, ...]:
+        """The versions a request may pin by name (``ClassifyRequest.model_version``)."""
+
 
 class SingleVersion:
     """One bundle: every request goes to its engine."""
@@ -39,7 +43,13 @@ class SingleVersion:
         self._route = Route(engine, engine.identity.versions, engine.classify)
 
     def route(self, request: ClassifyRequest) -> Route:
+        if request.model_version:
+            raise UnknownVersionError(f"model_version {request.model_version!r} is not served: this server serves "
+                                      "one bundle; versions are pinned under a model repository (serve --models)")
         return self._route
+
+    def served_versions(self) -> tuple[str, ...]:
+        return ()
 
     def live_engine(self) -> CascadeEngine:
         return self.engine

@@ -26,9 +26,11 @@ def validated_request(message: pb.ClassifyRequest, *, labels: int, deadline: flo
         raise InvalidRequestError(f"top_k={message.top_k} exceeds the {labels} known labels")
     if message.escalation not in pb.EscalationMode.values():
         raise InvalidRequestError(f"unknown escalation mode {message.escalation}")
+    if len(message.model_version) > MAX_REQUEST_ID or not message.model_version.isprintable():
+        raise InvalidRequestError(f"model_version must be at most {MAX_REQUEST_ID} printable characters")
     if message.priority not in pb.Priority.values():
         raise InvalidRequestError(f"unknown priority {message.priority}")
     return ClassifyRequest(image=message.image, top_k=message.top_k, mode=EscalationMode(message.escalation),
                            deadline=deadline, priority=Priority(message.priority), tenant=tenant,
                            explain=message.explain, trace_headers=dict(trace_headers or {}),
-                           request_id=message.request_id or uuid.uuid4().hex)
+                           request_id=message.request_id or uuid.uuid4().hex, model_version=message.model_version)

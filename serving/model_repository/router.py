@@ -31,6 +31,7 @@ from catcascade.serving.model_repository.metrics import RepositoryMetrics
 from catcascade.serving.model_repository.repository import Fingerprint, list_versions, version_fingerprint
 from catcascade.serving.model_repository.traffic_split import in_share
 from catcascade.serving.pipeline import DeadlineExceededError
+from catcascade.serving.request_errors import UnknownVersionError
 
 log = logging.getLogger(__name__)
 MODES = {"canary": pb.TRAFFIC_MODE_CANARY, "shadow": pb.TRAFFIC_MODE_SHADOW}
@@ -109,6 +110,8 @@ class ModelRouter:
         """The version ``request`` runs on: the candidate for a canary's share of the images,
         else the live version; in shadow mode, the candidate's share also gets a copy."""
         live, candidate, routing = self.live, self.candidate, self.routing
+        if request.model_version:
+            return self._pinned(request.model_version)
         version, name = live, "live"
         picked = candidate is not None and in_share(request.image, routing.share, routing.seed)
         if picked and routing.mode == "canary":
@@ -116,6 +119,18 @@ class ModelRouter:
         shadow = candidate if picked and routing.mode == "shadow" else None
         return Route(version.pipeline, version.routed_versions(name),
                      functools.partial(self._run, version, name, shadow))
+
+    def served_versions(self) -> tuple[str, ...]:
+        return tuple(v.name for v in (self.live, self.candidate) if v is not None)
+
+    def _pinned(self, name: str) -> Route:
+        """A request that names its version runs there, and no shadow copy is made of it."""
+        version = next((v for v in (self.live, self.candidate) if v is not None and v.name == name), None)
+        if version is None:
+            raise UnknownVersionError(f"model_version {name!r} is not served; served versions: "
+                                      f"{', '.join(self.served_versions())}")
+        return Route(version.pipeline, version.routed_versions("pinned"),
+                     functools.partial(self._run, version, "pinned", None))
 
     async def classify(self, request: ClassifyRequest) -> CascadeResult:
         return await self.route(request).run(request)
