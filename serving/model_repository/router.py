@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from catcascade.cnn_stage.native_memory import release_free_memory
 from catcascade.cnn_stage.preprocessing import InvalidImageError
 from catcascade.serving.api import cascade_pb2 as pb
 from catcascade.serving.cascade_engine import CascadeEngine, CascadeResult, ClassifyRequest, EngineIdentity
@@ -35,6 +37,16 @@ from catcascade.serving.request_errors import UnknownVersionError
 
 log = logging.getLogger(__name__)
 MODES = {"canary": pb.TRAFFIC_MODE_CANARY, "shadow": pb.TRAFFIC_MODE_SHADOW}
+
+
+def give_back_memory() -> None:
+    """After a version is released: its CNN session, batch buffers and pipeline were native
+    memory that glibc keeps in its arenas once freed (``malloc_trim`` returns it), so without
+    this the server's RSS ratchets up by tens of MB with every few loads of a version
+    (measured with a swap every 10 s: 330 to 500 MB in 4 minutes, Python's own heap flat at
+    60 MB; with the trim, 280 to 340 MB and level)."""
+    gc.collect()
+    release_free_memory()
 
 
 @dataclass
@@ -371,6 +383,8 @@ class ModelRouter:
         finally:
             self.draining.discard(version)
         log.info("model version %s released", version.name, extra={"model_version": version.name})
+        del version  # the last reference, bar cycles: give_back_memory collects those
+        await asyncio.to_thread(give_back_memory)
 
     # --- admin operations (each one change of the routing file) -------------------------
 
