@@ -6,6 +6,7 @@ configured decode limits and a 5 MB image on replicas that decode, and priority 
 down through Ray's own shutdown and no Ray process may outlive it."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on loopback (serving.engines.ray_engine)
@@ -45,19 +46,20 @@ def _ray_processes() -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """Two Ray nodes on loopback (2 logical CPUs each); this process joins as a driver."""
+@contextlib.contextmanager
+def joined_cluster(**cluster_args):
+    """A Ray cluster on loopback (``local_cluster``) that this process joins as a driver; on exit,
+    Serve and Ray are shut down and no Ray process may be left behind."""
     pytest.importorskip("ray")
     import ray
     from ray import serve
 
     from catcascade.serving.engines.ray_local_cluster import local_cluster
 
-    with local_cluster(nodes=2, cpus_per_node=2) as cluster:
+    with local_cluster(**cluster_args) as cluster:
         ray.init(address=cluster.address, namespace="catcascade", log_to_driver=False)
         try:
-            yield cluster.address
+            yield cluster
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -65,6 +67,13 @@ def ray_cluster():
     while _ray_processes() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _ray_processes(), f"Ray processes left behind: {_ray_processes()}"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """Two Ray nodes on loopback (2 logical CPUs each); this process joins as a driver."""
+    with joined_cluster(nodes=2, cpus_per_node=2) as cluster:
+        yield cluster.address
 
 
 def _config(bundle, address, app=APP, vlm_url=None, limits=None, **ray_overrides) -> ServeConfig:

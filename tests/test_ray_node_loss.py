@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from catcascade.serving.service_thread import ServiceThread
-from tests.test_ray_engine import _cnn_replicas, _config, _ray_processes, _wait_for
+from tests.test_ray_engine import _cnn_replicas, _config, _wait_for, joined_cluster
 
 pytestmark = pytest.mark.integration
 APP = "cascade-node-loss"
@@ -31,23 +31,8 @@ APP = "cascade-node-loss"
 def three_nodes():
     """The head and two workers on loopback, one logical CPU each; this process joins as a
     driver (on the head node, which is never removed)."""
-    pytest.importorskip("ray")
-    import ray
-    from ray import serve
-
-    from catcascade.serving.engines.ray_local_cluster import local_cluster
-
-    with local_cluster(nodes=3, cpus_per_node=1, object_store_mb=100) as cluster:
-        ray.init(address=cluster.address, namespace="catcascade", log_to_driver=False)
-        try:
-            yield cluster
-        finally:
-            serve.shutdown()
-            ray.shutdown()
-    deadline = time.monotonic() + 30
-    while _ray_processes() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _ray_processes(), f"Ray processes left behind: {_ray_processes()}"
+    with joined_cluster(nodes=3, cpus_per_node=1, object_store_mb=100) as cluster:
+        yield cluster
 
 
 def _replica_nodes(app: str) -> dict[str, str]:
