@@ -92,9 +92,10 @@ def test_non_retryable_errors_end_at_once():
 def test_classify_request_names_and_errors(tmp_path):
     path = tmp_path / "cat.jpg"
     path.write_bytes(b"\xff\xd8jpeg")
-    req = classify_request(path, top_k=5, mode="always", request_id="r1", priority="batch")
-    assert (req.image, req.top_k, req.escalation, req.priority, req.request_id) == \
-        (b"\xff\xd8jpeg", 5, pb.ESCALATION_MODE_ALWAYS, pb.PRIORITY_BATCH, "r1")
+    req = classify_request(path, top_k=5, mode="always", request_id="r1", priority="batch", model_version="v2")
+    assert (req.image, req.top_k, req.escalation, req.priority, req.request_id, req.model_version) == \
+        (b"\xff\xd8jpeg", 5, pb.ESCALATION_MODE_ALWAYS, pb.PRIORITY_BATCH, "r1", "v2")
+    assert classify_request(b"x").model_version == ""
     assert classify_request(b"x", mode=pb.ESCALATION_MODE_NEVER, priority=Priority.INTERACTIVE).escalation == 1
     with pytest.raises(ValueError, match="auto, never, always"):
         classify_request(b"x", mode="sometimes")
