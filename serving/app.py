@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib.util
 import logging
 import signal
 
 from catcascade.cnn_stage.native_memory import tune_malloc
 from catcascade.ensemble.bundle import load_bundle
+from catcascade.errors import CommandError
 from catcascade.serving.config import ServeConfig
 from catcascade.serving.engine_builder import build_engine
 from catcascade.serving.front_door.authentication import Authenticator
@@ -75,6 +77,9 @@ async def running_service(cfg: ServeConfig, metrics: ServiceMetrics | None = Non
     """The whole service per ``cfg`` (limits, TLS, auth, the metrics endpoint included); yields
     (servicer, port, health). With ``metrics_port`` set, ``servicer.metrics.http_server`` is
     the /metrics server."""
+    if cfg.http_port is not None and not all(importlib.util.find_spec(m) for m in ("tritonclient", "aiohttp")):
+        raise CommandError("http_port needs tritonclient and aiohttp (requirements/open-inference.txt and "
+                           "requirements/project.txt; make setup installs both)")
     async with build_service(cfg, metrics) as servicer:
         if cfg.metrics_port is not None:
             servicer.metrics.serve_http(cfg.metrics_port, cfg.metrics_host, tls=cfg.metrics_tls,

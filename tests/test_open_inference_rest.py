@@ -86,6 +86,24 @@ def test_outputs_come_back_as_json_or_as_binary_tensors():
     assert sizes == [8, 11] and body[split:] == b"".join(response.raw_output_contents)
 
 
+def test_http_port_without_its_packages_is_a_clear_error_before_anything_starts(tmp_path, monkeypatch):
+    import asyncio
+    import importlib.util
+
+    from catcascade.errors import CommandError
+    from catcascade.serving.app import running_service
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "aiohttp" else real(name, *a))
+
+    async def start():
+        async with running_service(ServeConfig(bundle=tmp_path, port=0, http_port=0)):
+            pass
+
+    with pytest.raises(CommandError, match="http_port needs tritonclient and aiohttp"):
+        asyncio.run(start())
+
+
 # ------------------------------------------------------------------ against a running server
 
 @pytest.fixture(scope="module")
