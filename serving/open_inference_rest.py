@@ -17,6 +17,7 @@ import ssl
 
 import grpc
 import numpy as np
+from aiohttp import web
 from tritonclient.grpc import service_pb2 as v2
 
 from catcascade.serving.open_inference import OpenInferenceServicer, serialized_bytes
@@ -128,8 +129,6 @@ class RestFrontDoor:
         self.max_body_bytes = max_body_bytes
 
     def app(self):
-        from aiohttp import web
-
         @web.middleware
         async def errors(request, handler):
             """Every failure as the protocol's ``{"error": message}`` with the HTTP status of its
@@ -158,8 +157,6 @@ class RestFrontDoor:
         return app
 
     def _json(self, doc: dict, status: int = 200):
-        from aiohttp import web
-
         return web.json_response(doc, status=status)
 
     @staticmethod
@@ -190,8 +187,6 @@ class RestFrontDoor:
         return self._json([{"name": m.name, "version": m.version, "state": m.state} for m in reply.models])
 
     async def infer(self, request):
-        from aiohttp import web
-
         message, binary = infer_request(await request.read(), request.headers.get(HEADER_LENGTH),
                                         request.match_info["name"], request.match_info.get("version", ""))
         response = await self.servicer.infer(message, self._metadata(request), None, method="ModelInfer/REST")
@@ -205,8 +200,6 @@ async def serve_rest(servicer: OpenInferenceServicer, host: str, port: int, max_
     """Serves the REST API on ``host:port`` (0 picks one) and yields the bound port; with ``tls``
     (ServeConfig.tls), over HTTPS with the gRPC server's certificate. Bodies over
     ``max_body_bytes`` get 413."""
-    from aiohttp import web
-
     context = None
     if tls is not None:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
